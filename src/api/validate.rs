@@ -1,0 +1,568 @@
+//! Checks what the CRD schema checks (and the cross-field CEL rules), in Rust, so that
+//! `portcullis plan` refuses the same input the API server would, and says how to fix it.
+//! A test in `tests/schema.rs` keeps these checks and the schema's patterns in agreement.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use super::{
+    AIPipeline, AccessGuardrail, Ceiling, EgressRule, IngressRule, NetworkPort, PermissionRule,
+    Stage, StageVault,
+};
+
+/// One thing wrong with an object: where (a field path such as `spec.stages[1].name`) and what
+/// to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_api_group(s: &str) -> bool {
+    s.is_empty() || s == "*" || is_dns_subdomain(s)
+}
+
+fn is_resource(s: &str) -> bool {
+    let part = |p: &str| p == "*" || is_dns_label(p);
+    match s.split_once('/') {
+        Some((resource, sub)) => part(resource) && part(sub),
+        None => part(s),
+    }
+}
+
+fn is_verb(s: &str) -> bool {
+    s == "*" || (!s.is_empty() && s.bytes().all(|c| c.is_ascii_lowercase()))
+}
+
+/// Parses a duration such as `15m`, `1h30m` or `900s` into seconds.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in s.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            'h' | 'm' | 's' if !digits.is_empty() => {
+                let n: u64 = digits.parse().ok()?;
+                let unit = match c {
+                    'h' => 3600,
+                    'm' => 60,
+                    _ => 1,
+                };
+                total = total.checked_add(n.checked_mul(unit)?)?;
+                digits.clear();
+            }
+            _ => return None,
+        }
+    }
+    digits.is_empty().then_some(total)
+}
+
+/// Writes seconds as the shortest duration string: 3600 -> `1h`, 5400 -> `1h30m`.
+pub fn format_duration(secs: u64) -> String {
+    if secs == 0 {
+        return "0s".into();
+    }
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, 'h'), (m, 'm'), (s, 's')] {
+        if n > 0 {
+            out.push_str(&n.to_string());
+            out.push(unit);
+        }
+    }
+    out
+}
+
+/// Parses a CIDR and insists on its canonical form (no host bits), the way a reader expects it.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s.parse().map_err(|_| {
+        format!("{s:?} is not a CIDR; write an address and a prefix length, such as 10.20.0.0/16")
+    })?;
+    if net.network() != net.addr() {
+        return Err(format!(
+            "{s:?} has host bits set; write the network address, {}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn is_vault_acl_path(s: &str) -> bool {
+    let body = s.strip_suffix('*').unwrap_or(s);
+    !s.is_empty()
+        && !s.starts_with('/')
+        && !s.starts_with('*')
+        && !body.contains('*')
+        && !s.chars().any(char::is_whitespace)
+}
+
+fn is_vault_secret_path(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('/')
+        && !s.contains(['*', '+'])
+        && !s.chars().any(char::is_whitespace)
+}
+
+fn check_selector(errors: &mut Errors, field: &str, selector: &LabelSelector) {
+    if let Err(e) = kube::core::Selector::try_from(selector.clone()) {
+        errors.push(
+            field,
+            format!(
+                "{e}; use matchLabels, or matchExpressions with In, NotIn, Exists or DoesNotExist"
+            ),
+        );
+    }
+}
+
+fn check_ports(errors: &mut Errors, field: &str, ports: &[NetworkPort]) {
+    if ports.len() > 16 {
+        errors.push(field, "at most 16 ports; split the rule in two");
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if p.port == 0 {
+            errors.push(
+                format!("{field}[{i}].port"),
+                "port 0 is not a port; use 1 to 65535",
+            );
+        }
+    }
+}
+
+fn check_duration(errors: &mut Errors, field: &str, value: &str) {
+    match parse_duration(value) {
+        Some(0) => errors.push(field, format!("{value:?} is zero; give a lifetime such as 15m")),
+        Some(_) if value.len() <= 16 => {}
+        _ => errors.push(
+            field,
+            format!("{value:?} is not a duration; use hours, minutes and seconds such as 15m, 1h or 1h30m"),
+        ),
+    }
+}
+
+/// Checks an AIPipeline the way its CRD schema and CEL rules would. Empty when valid.
+pub fn validate_pipeline(pipeline: &AIPipeline) -> Vec<FieldError> {
+    let mut errors = Errors(Vec::new());
+    match pipeline.metadata.name.as_deref() {
+        None | Some("") => errors.push("metadata.name", "missing; give the pipeline a name"),
+        Some(name) if !is_dns_subdomain(name) => errors.push(
+            "metadata.name",
+            format!(
+                "{name:?} is not a DNS-1123 subdomain; use lower-case letters, digits, '-' and '.'"
+            ),
+        ),
+        Some(_) => {}
+    }
+    if let Some(ns) = pipeline.metadata.namespace.as_deref()
+        && !is_dns_label(ns)
+    {
+        errors.push(
+            "metadata.namespace",
+            format!("{ns:?} is not a namespace name; use lower-case letters, digits and '-'"),
+        );
+    }
+    let stages = &pipeline.spec.stages;
+    if stages.is_empty() {
+        errors.push("spec.stages", "no stages; list at least one stage");
+    }
+    if stages.len() > 16 {
+        errors.push(
+            "spec.stages",
+            format!("{} stages; at most 16 are allowed", stages.len()),
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut secrets: Vec<(&str, &str)> = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let field = format!("spec.stages[{i}]");
+        if !names.insert(stage.name.as_str()) {
+            errors.push(
+                format!("{field}.name"),
+                format!(
+                    "stage {:?} appears twice; give every stage its own name",
+                    stage.name
+                ),
+            );
+        }
+        check_stage(&mut errors, &field, stage);
+        for (j, c) in stage.vault.iter().flat_map(|v| &v.credentials).enumerate() {
+            if let Some((other, _)) = secrets.iter().find(|(_, s)| *s == c.secret_name) {
+                errors.push(
+                    format!("{field}.vault.credentials[{j}].secretName"),
+                    format!(
+                        "Secret {:?} already receives credentials of stage {other:?}; give each credential its own secretName",
+                        c.secret_name
+                    ),
+                );
+            } else {
+                secrets.push((&stage.name, &c.secret_name));
+            }
+        }
+    }
+    errors.0
+}
+
+fn check_stage(errors: &mut Errors, field: &str, stage: &Stage) {
+    if stage.name.len() > 40 || !is_dns_label(&stage.name) {
+        errors.push(
+            format!("{field}.name"),
+            format!(
+                "{:?} is not a stage name; use at most 40 lower-case letters, digits and '-', starting and ending with a letter or digit",
+                stage.name
+            ),
+        );
+    }
+    if let Some(selector) = &stage.pod_selector {
+        check_selector(errors, &format!("{field}.podSelector"), selector);
+    }
+    if stage.permissions.len() > 32 {
+        errors.push(
+            format!("{field}.permissions"),
+            "at most 32 rules; merge rules that share verbs",
+        );
+    }
+    for (i, rule) in stage.permissions.iter().enumerate() {
+        check_permission(errors, &format!("{field}.permissions[{i}]"), rule);
+    }
+    if let Some(network) = &stage.network {
+        for (i, rule) in network.egress.iter().enumerate() {
+            check_egress(errors, &format!("{field}.network.egress[{i}]"), rule);
+        }
+        for (i, rule) in network.ingress.iter().enumerate() {
+            check_ingress(errors, &format!("{field}.network.ingress[{i}]"), rule);
+        }
+        for (list, len) in [
+            ("egress", network.egress.len()),
+            ("ingress", network.ingress.len()),
+        ] {
+            if len > 32 {
+                errors.push(format!("{field}.network.{list}"), "at most 32 rules");
+            }
+        }
+    }
+    if let Some(vault) = &stage.vault {
+        check_vault(errors, &format!("{field}.vault"), vault);
+    }
+}
+
+fn check_permission(errors: &mut Errors, field: &str, rule: &PermissionRule) {
+    let lists: [(&str, &[String], fn(&str) -> bool, &str); 3] = [
+        (
+            "apiGroups",
+            &rule.api_groups,
+            is_api_group,
+            "an API group such as \"\" (core) or \"apps\"",
+        ),
+        (
+            "resources",
+            &rule.resources,
+            is_resource,
+            "a plural resource name such as \"configmaps\" or \"pods/log\"",
+        ),
+        (
+            "verbs",
+            &rule.verbs,
+            is_verb,
+            "a lower-case verb such as \"get\"",
+        ),
+    ];
+    for (name, values, valid, hint) in lists {
+        if values.is_empty() {
+            errors.push(
+                format!("{field}.{name}"),
+                format!("empty; list at least one, such as {hint}"),
+            );
+        }
+        for (i, v) in values.iter().enumerate() {
+            if !valid(v) {
+                errors.push(
+                    format!("{field}.{name}[{i}]"),
+                    format!("{v:?} is not valid; use {hint}"),
+                );
+            }
+        }
+    }
+    for (i, n) in rule.resource_names.iter().enumerate() {
+        if n.is_empty() || n.len() > 253 || n.contains('/') {
+            errors.push(
+                format!("{field}.resourceNames[{i}]"),
+                format!("{n:?} is not an object name; use the name of one object"),
+            );
+        }
+    }
+}
+
+fn check_egress(errors: &mut Errors, field: &str, rule: &EgressRule) {
+    match (&rule.cidr, &rule.namespace) {
+        (Some(_), Some(_)) | (None, None) => errors.push(
+            field,
+            "set exactly one of cidr or namespace; write two rules for two destinations",
+        ),
+        _ => {}
+    }
+    if let Some(cidr) = &rule.cidr
+        && let Err(e) = parse_cidr(cidr)
+    {
+        errors.push(format!("{field}.cidr"), e);
+    }
+    if let Some(ns) = &rule.namespace
+        && !is_dns_label(ns)
+    {
+        errors.push(
+            format!("{field}.namespace"),
+            format!("{ns:?} is not a namespace name"),
+        );
+    }
+    if let Some(selector) = &rule.pod_selector {
+        if rule.namespace.is_none() {
+            errors.push(
+                format!("{field}.podSelector"),
+                "podSelector narrows a namespace destination; set namespace too, or remove podSelector",
+            );
+        }
+        check_selector(errors, &format!("{field}.podSelector"), selector);
+    }
+    check_ports(errors, &format!("{field}.ports"), &rule.ports);
+}
+
+fn check_ingress(errors: &mut Errors, field: &str, rule: &IngressRule) {
+    let by_labels = rule.from_namespace_selector.is_some() || rule.from_pod_selector.is_some();
+    if rule.from_cidr.is_some() == by_labels {
+        errors.push(
+            field,
+            "set fromCIDR, or fromNamespaceSelector and/or fromPodSelector",
+        );
+    }
+    if let Some(cidr) = &rule.from_cidr
+        && let Err(e) = parse_cidr(cidr)
+    {
+        errors.push(format!("{field}.fromCIDR"), e);
+    }
+    if let Some(s) = &rule.from_namespace_selector {
+        check_selector(errors, &format!("{field}.fromNamespaceSelector"), s);
+    }
+    if let Some(s) = &rule.from_pod_selector {
+        check_selector(errors, &format!("{field}.fromPodSelector"), s);
+    }
+    check_ports(errors, &format!("{field}.ports"), &rule.ports);
+}
+
+fn check_vault(errors: &mut Errors, field: &str, vault: &StageVault) {
+    for (i, rule) in vault.policies.iter().enumerate() {
+        if !is_vault_acl_path(&rule.path) || rule.path.len() > 512 {
+            errors.push(
+                format!("{field}.policies[{i}].path"),
+                format!(
+                    "{:?} is not a Vault path; write it without a leading '/', with '*' only at the end, such as kv/data/team/app/*",
+                    rule.path
+                ),
+            );
+        }
+        if rule.capabilities.is_empty() {
+            errors.push(
+                format!("{field}.policies[{i}].capabilities"),
+                "empty; list at least one, such as read",
+            );
+        }
+    }
+    if let Some(ttl) = &vault.token_ttl {
+        check_duration(errors, &format!("{field}.tokenTTL"), ttl);
+    }
+    let mut names = BTreeSet::new();
+    for (i, c) in vault.credentials.iter().enumerate() {
+        let f = format!("{field}.credentials[{i}]");
+        if !is_dns_label(&c.name) {
+            errors.push(
+                format!("{f}.name"),
+                format!("{:?} is not a DNS-1123 label", c.name),
+            );
+        }
+        if !names.insert(c.name.as_str()) {
+            errors.push(
+                format!("{f}.name"),
+                format!("credential {:?} appears twice in the stage", c.name),
+            );
+        }
+        if !is_vault_secret_path(&c.path) || c.path.len() > 512 {
+            errors.push(
+                format!("{f}.path"),
+                format!(
+                    "{:?} is not a concrete Vault path; name the path that issues credentials, such as database/creds/reader, without '*' or '+'",
+                    c.path
+                ),
+            );
+        }
+        check_duration(errors, &format!("{f}.ttl"), &c.ttl);
+        if !is_dns_subdomain(&c.secret_name) {
+            errors.push(
+                format!("{f}.secretName"),
+                format!("{:?} is not a Secret name", c.secret_name),
+            );
+        }
+        for (j, t) in c.restart_targets.iter().enumerate() {
+            if !is_dns_subdomain(&t.name) {
+                errors.push(
+                    format!("{f}.restartTargets[{j}].name"),
+                    format!("{:?} is not a workload name", t.name),
+                );
+            }
+        }
+    }
+}
+
+/// Checks an AccessGuardrail the way its CRD schema would. Empty when valid.
+pub fn validate_guardrail(guardrail: &AccessGuardrail) -> Vec<FieldError> {
+    let mut errors = Errors(Vec::new());
+    if guardrail.metadata.name.as_deref().unwrap_or("").is_empty() {
+        errors.push("metadata.name", "missing; give the guardrail a name");
+    }
+    check_selector(
+        &mut errors,
+        "spec.namespaceSelector",
+        &guardrail.spec.namespace_selector,
+    );
+    for role in super::StageRole::ALL {
+        if let Some(ceiling) = guardrail.spec.roles.get(role) {
+            check_ceiling(
+                &mut errors,
+                &format!("spec.roles.{}", role.guardrail_field()),
+                ceiling,
+            );
+        }
+    }
+    errors.0
+}
+
+fn check_ceiling(errors: &mut Errors, field: &str, ceiling: &Ceiling) {
+    for (i, k) in ceiling.kubernetes.iter().enumerate() {
+        let f = format!("{field}.kubernetes[{i}]");
+        for (name, values, valid) in [
+            ("apiGroups", &k.api_groups, is_api_group as fn(&str) -> bool),
+            ("resources", &k.resources, is_resource),
+            ("verbs", &k.verbs, is_verb),
+        ] {
+            if values.is_empty() {
+                errors.push(format!("{f}.{name}"), "empty; list at least one");
+            }
+            for (j, v) in values.iter().enumerate() {
+                if !valid(v) {
+                    errors.push(format!("{f}.{name}[{j}]"), format!("{v:?} is not valid"));
+                }
+            }
+        }
+    }
+    for (i, cidr) in ceiling.network.egress_cidrs.iter().enumerate() {
+        if let Err(e) = parse_cidr(cidr) {
+            errors.push(format!("{field}.network.egressCIDRs[{i}]"), e);
+        }
+    }
+    for (i, ns) in ceiling.network.egress_namespaces.iter().enumerate() {
+        if ns != "{namespace}" && !is_dns_label(ns) {
+            errors.push(
+                format!("{field}.network.egressNamespaces[{i}]"),
+                format!("{ns:?} is not a namespace name; use a name or {{namespace}}"),
+            );
+        }
+    }
+    for (i, p) in ceiling.vault.paths.iter().enumerate() {
+        let f = format!("{field}.vault.paths[{i}]");
+        if !is_vault_acl_path(&p.pattern) {
+            errors.push(
+                format!("{f}.pattern"),
+                format!(
+                    "{:?} is not a Vault path pattern; '*' may only end it",
+                    p.pattern
+                ),
+            );
+        }
+        let mut rest = p.pattern.as_str();
+        while let Some(start) = rest.find('{') {
+            let end = rest[start..].find('}').map(|e| start + e);
+            match end.map(|e| &rest[start..=e]) {
+                Some("{namespace}" | "{pipeline}" | "{stage}") => {
+                    rest = &rest[end.unwrap_or(0) + 1..]
+                }
+                _ => {
+                    errors.push(
+                        format!("{f}.pattern"),
+                        "unknown placeholder; only {namespace}, {pipeline} and {stage} are replaced",
+                    );
+                    break;
+                }
+            }
+        }
+        if p.capabilities.is_empty() {
+            errors.push(
+                format!("{f}.capabilities"),
+                "empty; list at least one, such as read",
+            );
+        }
+    }
+    if let Some(ttl) = &ceiling.vault.max_ttl {
+        check_duration(errors, &format!("{field}.vault.maxTTL"), ttl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print_round_trip() {
+        assert_eq!(parse_duration("15m"), Some(900));
+        assert_eq!(parse_duration("1h30m"), Some(5400));
+        assert_eq!(parse_duration("90s"), Some(90));
+        for bad in ["", "15", "m", "1d", "1.5h", "-1m", "1h m"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        for secs in [1, 59, 60, 61, 3600, 5400, 86399] {
+            assert_eq!(parse_duration(&format_duration(secs)), Some(secs));
+        }
+    }
+
+    #[test]
+    fn cidrs_must_be_canonical() {
+        assert!(parse_cidr("10.20.0.0/16").is_ok());
+        assert!(parse_cidr("fd00::/8").is_ok());
+        let err = parse_cidr("10.20.1.0/16").unwrap_err();
+        assert!(err.contains("10.20.0.0/16"), "{err}");
+        assert!(parse_cidr("10.20.0.0/33").is_err());
+        assert!(parse_cidr("example.com").is_err());
+    }
+}

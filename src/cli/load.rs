@@ -1,0 +1,309 @@
+//! Reads AIPipelines, AccessGuardrails and Namespaces from files and folders of YAML or JSON.
+//!
+//! Every error names the file, the document, the object, the field and the fix. Documents of
+//! other kinds are skipped with a note, so a whole GitOps folder can be passed as it is.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::api::validate::{FieldError, validate_guardrail, validate_pipeline};
+use crate::api::{AIPipeline, AccessGuardrail};
+
+const API_VERSION: &str = "portcullis.dev/v1alpha1";
+
+/// Where a document came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based position of the document in its file.
+    pub document: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file.display(), self.document)
+    }
+}
+
+/// Something wrong with the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputError {
+    pub origin: Option<Origin>,
+    /// `Kind namespace/name`, when known.
+    pub object: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(origin) = &self.origin {
+            write!(f, "{origin}")?;
+            if let Some(object) = &self.object {
+                write!(f, " ({object})")?;
+            }
+            write!(f, ": ")?;
+        } else if let Some(object) = &self.object {
+            write!(f, "{object}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// What the files held.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    pub pipelines: Vec<(Origin, AIPipeline)>,
+    pub guardrails: Vec<(Origin, AccessGuardrail)>,
+    /// Labels of the Namespaces found, by name.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Documents that were skipped, and why.
+    pub notes: Vec<String>,
+    pub errors: Vec<InputError>,
+}
+
+/// Which kinds a set of files may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// `-f`: pipelines, guardrails and namespaces.
+    Anything,
+    /// `--guardrails`: guardrails (and namespaces); anything else is skipped with a note.
+    Guardrails,
+}
+
+/// The files under `paths`: files as given, folders searched recursively for .yaml, .yml and
+/// .json files, in name order.
+pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
+    let mut out = Vec::new();
+    for path in paths {
+        collect(path, &mut out, true)?;
+    }
+    Ok(out)
+}
+
+fn collect(path: &Path, out: &mut Vec<PathBuf>, explicit: bool) -> Result<(), InputError> {
+    let io_error = |e: std::io::Error| InputError {
+        origin: None,
+        object: None,
+        field: None,
+        message: format!("cannot read {}: {e}; check the path", path.display()),
+    };
+    let meta = std::fs::metadata(path).map_err(io_error)?;
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io_error)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for entry in entries {
+            collect(&entry, out, false)?;
+        }
+    } else if explicit
+        || path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+    {
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+impl Inputs {
+    /// Reads every document of every file under `paths`.
+    pub fn read(&mut self, paths: &[PathBuf], expect: Expect) {
+        match files(paths) {
+            Ok(files) => {
+                for file in files {
+                    self.read_file(&file, expect);
+                }
+            }
+            Err(e) => self.errors.push(e),
+        }
+    }
+
+    fn read_file(&mut self, file: &Path, expect: Expect) {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                self.errors.push(InputError {
+                    origin: Some(Origin {
+                        file: file.into(),
+                        document: 1,
+                    }),
+                    object: None,
+                    field: None,
+                    message: format!("cannot read the file: {e}"),
+                });
+                return;
+            }
+        };
+        self.read_str(file, &text, expect);
+    }
+
+    /// Reads the documents of one file's text.
+    pub fn read_str(&mut self, file: &Path, text: &str, expect: Expect) {
+        let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
+            Ok(docs) => docs,
+            Err(e) => {
+                self.errors.push(InputError {
+                    origin: Some(Origin {
+                        file: file.into(),
+                        document: 1,
+                    }),
+                    object: None,
+                    field: None,
+                    message: format!("not valid YAML: {e}"),
+                });
+                return;
+            }
+        };
+        let mut position = 0;
+        for doc in documents {
+            if doc.is_null() {
+                continue;
+            }
+            position += 1;
+            let origin = Origin {
+                file: file.into(),
+                document: position,
+            };
+            self.read_document(origin, doc, expect);
+        }
+    }
+
+    fn read_document(&mut self, origin: Origin, doc: Value, expect: Expect) {
+        let Value::Object(map) = &doc else {
+            self.errors.push(InputError {
+                origin: Some(origin),
+                object: None,
+                field: None,
+                message: "not a Kubernetes object; a document needs apiVersion, kind and metadata"
+                    .into(),
+            });
+            return;
+        };
+        let text = |k: &str| {
+            map.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (api_version, kind) = (text("apiVersion"), text("kind"));
+        let name = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let namespace = map
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str);
+        let object = match namespace {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        };
+        let error = |field: Option<String>, message: String| InputError {
+            origin: Some(origin.clone()),
+            object: Some(object.clone()),
+            field,
+            message,
+        };
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "List") => {
+                let items = map.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+                for item in items {
+                    self.read_document(origin.clone(), item, expect);
+                }
+            }
+            ("v1", "Namespace") => {
+                let labels = map
+                    .get("metadata")
+                    .and_then(|m| m.get("labels"))
+                    .and_then(Value::as_object)
+                    .map(|l| {
+                        l.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect()
+                    })
+                    .unwrap_or_default();
+                self.namespaces.insert(name.to_string(), labels);
+            }
+            (API_VERSION, "AIPipeline") if expect == Expect::Anything => match typed::<AIPipeline>(doc) {
+                Ok(p) => {
+                    let problems = validate_pipeline(&p);
+                    if problems.is_empty() {
+                        self.pipelines.push((origin.clone(), p));
+                    }
+                    for p in problems {
+                        self.errors.push(error(Some(p.field), p.message));
+                    }
+                }
+                Err(e) => self.errors.push(error(Some(e.field), e.message)),
+            },
+            (API_VERSION, "AccessGuardrail") => match typed::<AccessGuardrail>(doc) {
+                Ok(g) => {
+                    let problems = validate_guardrail(&g);
+                    if problems.is_empty() {
+                        self.guardrails.push((origin.clone(), g));
+                    }
+                    for p in problems {
+                        self.errors.push(error(Some(p.field), p.message));
+                    }
+                }
+                Err(e) => self.errors.push(error(Some(e.field), e.message)),
+            },
+            (v, "AIPipeline" | "AccessGuardrail") if v != API_VERSION && v.starts_with("portcullis.dev/") => {
+                self.errors.push(error(
+                    Some("apiVersion".into()),
+                    format!("{v} is not served; use {API_VERSION}"),
+                ));
+            }
+            ("", _) | (_, "") => self.errors.push(error(
+                None,
+                "missing apiVersion or kind; every document needs both, such as apiVersion: portcullis.dev/v1alpha1 and kind: AIPipeline".into(),
+            )),
+            _ => self.notes.push(format!("{origin}: skipped {object} ({api_version}): not an input of this command")),
+        }
+    }
+}
+
+/// Deserializes `doc`, naming the field of the first type error and every unknown field.
+fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, FieldError> {
+    let mut unknown = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let result: Result<T, _> =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(doc, &mut note_unknown));
+    match result {
+        Err(e) => {
+            let field = e.path().to_string();
+            let message = e.into_inner().to_string();
+            Err(FieldError { field: if field == "." { "(document)".into() } else { field }, message: fix_hint(&message) })
+        }
+        Ok(value) => match unknown.into_iter().find(|p| !p.starts_with("metadata.") && p != "status" && !p.starts_with("status.")) {
+            Some(path) => Err(FieldError {
+                field: path,
+                message: "unknown field; check its spelling and place against `kubectl explain` (the API server would refuse it under server-side apply)".into(),
+            }),
+            None => Ok(value),
+        },
+    }
+}
+
+/// serde's messages, with what to do added where it is clear.
+fn fix_hint(message: &str) -> String {
+    if message.starts_with("unknown variant") {
+        format!("{message}; use one of the listed values (they are case-sensitive)")
+    } else if message.starts_with("missing field") {
+        format!("{message}; add it")
+    } else if message.starts_with("invalid type") {
+        format!("{message}; check the field's type with `kubectl explain`")
+    } else {
+        message.to_string()
+    }
+}

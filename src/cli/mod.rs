@@ -1,0 +1,235 @@
+//! The `portcullis` command line.
+
+pub mod load;
+pub mod output;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::api::AccessGuardrail;
+use crate::plan::{self, Plan};
+use load::{Expect, InputError, Inputs};
+
+/// Exit code when every requested item is allowed.
+pub const EXIT_ALLOWED: u8 = 0;
+/// Exit code for a failure that is not the input's fault.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for input that is not valid.
+pub const EXIT_INVALID: u8 = 2;
+/// Exit code when anything requested is denied.
+pub const EXIT_DENIED: u8 = 3;
+
+/// Least privilege for the stages of AI pipelines on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what each pipeline stage would be granted and denied, without a cluster.
+    ///
+    /// Exit status: 0 when everything requested is allowed, 3 when anything is denied, 2 when
+    /// the input is not valid. A GitOps repository can gate merges on it.
+    Plan(PlanArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+}
+
+/// Output formats of `plan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Per stage, what is granted and what is denied with the reason.
+    Table,
+    /// The Kubernetes objects, ready for `kubectl apply`, then the Vault policies and roles as comments.
+    Yaml,
+    /// Objects, Vault policies and roles, credentials and every decision.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Files or folders with AIPipelines (and AccessGuardrails and Namespaces). Folders are
+    /// searched for .yaml, .yml and .json files; other kinds of object are skipped.
+    #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+
+    /// Files or folders with the AccessGuardrails that apply.
+    #[arg(long, value_name = "FILE_OR_DIR", num_args = 1..)]
+    pub guardrails: Vec<PathBuf>,
+
+    /// Labels of the pipelines' namespaces, as k=v,k=v (added to those of Namespace objects
+    /// in the input). `kubernetes.io/metadata.name` is always set to the namespace's name.
+    #[arg(long, value_name = "K=V,...", value_parser = parse_labels)]
+    pub namespace_labels: Option<BTreeMap<String, String>>,
+
+    /// The namespace of pipelines that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!(
+                "{pair:?} is not k=v; write labels as tier=ml,team=fraud"
+            )),
+        })
+        .collect()
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Crds => {
+            print!("{}", crate::api::crds_yaml());
+            EXIT_ALLOWED
+        }
+        Command::Plan(args) => run_plan(&args),
+    };
+    ExitCode::from(code)
+}
+
+fn report(errors: &[InputError]) -> u8 {
+    let mut stderr = std::io::stderr().lock();
+    for e in errors {
+        let _ = writeln!(stderr, "error: {e}");
+    }
+    let _ = writeln!(stderr, "{} error(s); nothing was planned.", errors.len());
+    EXIT_INVALID
+}
+
+/// `portcullis plan`: reads, plans, prints, and returns the exit code.
+pub fn run_plan(args: &PlanArgs) -> u8 {
+    let mut inputs = Inputs::default();
+    inputs.read(&args.files, Expect::Anything);
+    inputs.read(&args.guardrails, Expect::Guardrails);
+    for note in &inputs.notes {
+        eprintln!("note: {note}");
+    }
+    if !inputs.errors.is_empty() {
+        return report(&inputs.errors);
+    }
+    let (plans, errors) = plan_all(&inputs, args);
+    if !errors.is_empty() {
+        return report(&errors);
+    }
+    let text = match args.output {
+        Format::Table => output::table(&plans),
+        Format::Yaml => output::yaml(&plans),
+        Format::Json => output::json(&plans),
+    };
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        return EXIT_FAILURE;
+    }
+    if plans.iter().any(|p| p.denied() > 0) {
+        EXIT_DENIED
+    } else {
+        EXIT_ALLOWED
+    }
+}
+
+/// Plans every pipeline read, and checks what only shows across pipelines: the same pipeline
+/// twice, and two pipelines whose stage objects would share a name.
+pub fn plan_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<Plan>, Vec<InputError>) {
+    let mut errors = Vec::new();
+    let guardrails = unique_guardrails(inputs, &mut errors);
+    let mut plans = Vec::new();
+    let mut seen: BTreeMap<(String, String), &load::Origin> = BTreeMap::new();
+    let mut owners: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+    for (origin, pipeline) in &inputs.pipelines {
+        let namespace = pipeline
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| args.namespace.clone());
+        let name = pipeline.metadata.name.clone().unwrap_or_default();
+        let object = format!("AIPipeline {namespace}/{name}");
+        if let Some(first) = seen.insert((namespace.clone(), name.clone()), origin) {
+            errors.push(InputError {
+                origin: Some(origin.clone()),
+                object: Some(object),
+                field: Some("metadata.name".into()),
+                message: format!("the same pipeline is also defined in {first}; keep one of them"),
+            });
+            continue;
+        }
+        let mut labels = inputs
+            .namespaces
+            .get(&namespace)
+            .cloned()
+            .unwrap_or_default();
+        labels.extend(args.namespace_labels.clone().unwrap_or_default());
+        match plan::build(pipeline, &args.namespace, &labels, &guardrails) {
+            Ok(plan) => {
+                for stage in &plan.stages {
+                    let key = (namespace.clone(), stage.service_account.clone());
+                    let this = (name.clone(), stage.name.clone());
+                    if let Some((p, s)) = owners.insert(key, this.clone())
+                        && (p.as_str(), s.as_str()) != (this.0.as_str(), this.1.as_str())
+                    {
+                        errors.push(InputError {
+                            origin: Some(origin.clone()),
+                            object: Some(object.clone()),
+                            field: Some("spec.stages".into()),
+                            message: format!(
+                                "stage {:?} would be named {} like stage {s:?} of pipeline {p:?} in the same namespace; rename a stage or a pipeline",
+                                stage.name, stage.service_account
+                            ),
+                        });
+                    }
+                }
+                plans.push(plan);
+            }
+            Err(problems) => errors.extend(problems.into_iter().map(|p| InputError {
+                origin: Some(origin.clone()),
+                object: Some(object.clone()),
+                field: Some(p.field),
+                message: p.message,
+            })),
+        }
+    }
+    (plans, errors)
+}
+
+/// Guardrails by name. The same guardrail read twice (once with -f, once with --guardrails)
+/// counts once; two different guardrails with one name are an error, as in a cluster.
+fn unique_guardrails(inputs: &Inputs, errors: &mut Vec<InputError>) -> Vec<AccessGuardrail> {
+    let mut by_name: BTreeMap<&str, (&load::Origin, &AccessGuardrail)> = BTreeMap::new();
+    for (origin, g) in &inputs.guardrails {
+        let name = g.metadata.name.as_deref().unwrap_or_default();
+        match by_name.get(name) {
+            Some((first, other)) if other.spec != g.spec => errors.push(InputError {
+                origin: Some(origin.clone()),
+                object: Some(format!("AccessGuardrail {name}")),
+                field: Some("metadata.name".into()),
+                message: format!(
+                    "a different AccessGuardrail {name} is defined in {first}; rename one of them"
+                ),
+            }),
+            Some(_) => {}
+            None => {
+                by_name.insert(name, (origin, g));
+            }
+        }
+    }
+    by_name.into_values().map(|(_, g)| g.clone()).collect()
+}

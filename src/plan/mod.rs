@@ -1,0 +1,508 @@
+//! (pipeline, namespace labels, guardrails) -> [`Plan`]: the Kubernetes objects, the Vault
+//! configuration and the decisions behind them. Pure and deterministic: the same input gives
+//! byte-identical output, whatever the order of the guardrails.
+//!
+//! Objects are built only from allowed decisions, so a denied item can never reach an object,
+//! and every granted item has its allow decision.
+
+pub mod names;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use crate::api::validate::{FieldError, parse_cidr, validate_pipeline};
+use crate::api::{
+    AIPipeline, AccessGuardrail, NetworkPort, StageRole, VaultCapability, WorkloadKind,
+};
+use crate::policy::{self, Decision, Item, Scope, StageContext, floor};
+
+/// A Kubernetes object the plan asks for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Object {
+    ServiceAccount(ServiceAccount),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    NetworkPolicy(NetworkPolicy),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::Role(_) => "Role",
+            Object::RoleBinding(_) => "RoleBinding",
+            Object::NetworkPolicy(_) => "NetworkPolicy",
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::ServiceAccount(o) => &o.metadata,
+            Object::Role(o) => &o.metadata,
+            Object::RoleBinding(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+}
+
+/// A Vault ACL policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VaultPolicy {
+    pub name: String,
+    pub stage: String,
+    pub hcl: String,
+}
+
+/// A role on the workloads' Kubernetes auth mount, with Vault's field names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VaultRole {
+    pub name: String,
+    pub stage: String,
+    pub bound_service_account_names: Vec<String>,
+    pub bound_service_account_namespaces: Vec<String>,
+    pub token_policies: Vec<String>,
+    /// Seconds.
+    pub token_ttl: u64,
+    /// Seconds.
+    pub token_max_ttl: u64,
+}
+
+/// Dynamic credentials the operator issues for a stage and delivers as a Secret.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialRequest {
+    pub stage: String,
+    pub name: String,
+    pub path: String,
+    /// Seconds.
+    pub ttl: u64,
+    pub secret_name: String,
+    pub restart_targets: Vec<RestartRef>,
+}
+
+/// A workload restarted when credentials change.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RestartRef {
+    pub kind: WorkloadKind,
+    pub name: String,
+}
+
+/// One stage's identity and the count of what it was granted and denied.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageSummary {
+    pub name: String,
+    pub role: StageRole,
+    pub service_account: String,
+    pub granted: u32,
+    pub denied: u32,
+    /// Names of the AccessGuardrails that bind the stage; empty when the defaults apply.
+    pub guardrails: Vec<String>,
+}
+
+/// Everything one pipeline turns into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub pipeline: String,
+    pub namespace: String,
+    pub stages: Vec<StageSummary>,
+    pub objects: Vec<Object>,
+    pub vault_policies: Vec<VaultPolicy>,
+    pub vault_roles: Vec<VaultRole>,
+    pub credentials: Vec<CredentialRequest>,
+    pub decisions: Vec<Decision>,
+}
+
+impl Plan {
+    pub fn denied(&self) -> usize {
+        self.decisions.iter().filter(|d| !d.is_allowed()).count()
+    }
+}
+
+/// Plans `pipeline` in its namespace (`metadata.namespace`, else `default_namespace`), whose
+/// labels are `namespace_labels` (the `kubernetes.io/metadata.name` label is added here).
+pub fn build(
+    pipeline: &AIPipeline,
+    default_namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    guardrails: &[AccessGuardrail],
+) -> Result<Plan, Vec<FieldError>> {
+    let errors = validate_pipeline(pipeline);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let name = pipeline.metadata.name.as_deref().unwrap_or_default();
+    let namespace = pipeline
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or(default_namespace);
+    let mut labels = namespace_labels.clone();
+    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+
+    let mut plan = Plan {
+        pipeline: name.into(),
+        namespace: namespace.into(),
+        stages: Vec::new(),
+        objects: Vec::new(),
+        vault_policies: Vec::new(),
+        vault_roles: Vec::new(),
+        credentials: Vec::new(),
+        decisions: Vec::new(),
+    };
+    for (index, stage) in pipeline.spec.stages.iter().enumerate() {
+        let scope = Scope::new(stage.role, &labels, guardrails);
+        let ctx = StageContext {
+            namespace,
+            pipeline: name,
+            index,
+        };
+        let decisions = policy::evaluate_stage(ctx, &pipeline.spec, &scope);
+        let builder = StageBuilder {
+            namespace,
+            pipeline: name,
+            stage: &stage.name,
+            scope: &scope,
+        };
+        let sa = names::stage_object(namespace, name, &stage.name);
+        builder.objects(&sa, stage, &decisions, &mut plan.objects);
+        builder.vault(&sa, &decisions, &mut plan);
+        let granted = decisions.iter().filter(|d| d.is_allowed()).count() as u32;
+        plan.stages.push(StageSummary {
+            name: stage.name.clone(),
+            role: stage.role,
+            service_account: sa,
+            granted,
+            denied: decisions.len() as u32 - granted,
+            guardrails: scope.guardrail_names(),
+        });
+        for cred in stage.vault.iter().flat_map(|v| &v.credentials) {
+            let allowed = decisions.iter().any(|d| {
+                d.is_allowed()
+                    && matches!(&d.item, Item::Credential { name, .. } if *name == cred.name)
+            });
+            if allowed {
+                plan.credentials.push(CredentialRequest {
+                    stage: stage.name.clone(),
+                    name: cred.name.clone(),
+                    path: cred.path.clone(),
+                    ttl: crate::api::validate::parse_duration(&cred.ttl).unwrap_or_default(),
+                    secret_name: cred.secret_name.clone(),
+                    restart_targets: cred
+                        .restart_targets
+                        .iter()
+                        .map(|t| RestartRef {
+                            kind: t.kind,
+                            name: t.name.clone(),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        plan.decisions.extend(decisions);
+    }
+    Ok(plan)
+}
+
+struct StageBuilder<'a> {
+    namespace: &'a str,
+    pipeline: &'a str,
+    stage: &'a str,
+    scope: &'a Scope<'a>,
+}
+
+impl StageBuilder<'_> {
+    fn metadata(&self, name: &str) -> ObjectMeta {
+        let labels = BTreeMap::from([
+            (
+                names::MANAGED_BY.0.to_string(),
+                names::MANAGED_BY.1.to_string(),
+            ),
+            (
+                names::PIPELINE_LABEL.to_string(),
+                names::label_value(self.pipeline),
+            ),
+            (names::STAGE_LABEL.to_string(), self.stage.to_string()),
+        ]);
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(self.namespace.into()),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn objects(
+        &self,
+        sa: &str,
+        stage: &crate::api::Stage,
+        decisions: &[Decision],
+        out: &mut Vec<Object>,
+    ) {
+        out.push(Object::ServiceAccount(ServiceAccount {
+            metadata: self.metadata(sa),
+            automount_service_account_token: Some(
+                stage.automount_service_account_token.unwrap_or(false),
+            ),
+            ..ServiceAccount::default()
+        }));
+        let rules = role_rules(decisions);
+        if !rules.is_empty() {
+            out.push(Object::Role(Role {
+                metadata: self.metadata(sa),
+                rules: Some(rules),
+            }));
+            out.push(Object::RoleBinding(RoleBinding {
+                metadata: self.metadata(sa),
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".into(),
+                    kind: "Role".into(),
+                    name: sa.into(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "ServiceAccount".into(),
+                    name: sa.into(),
+                    namespace: Some(self.namespace.into()),
+                    ..Subject::default()
+                }]),
+            }));
+        }
+        let pod_selector = stage.pod_selector.clone().unwrap_or_else(|| LabelSelector {
+            match_labels: Some(BTreeMap::from([
+                (
+                    names::PIPELINE_LABEL.to_string(),
+                    names::label_value(self.pipeline),
+                ),
+                (names::STAGE_LABEL.to_string(), self.stage.to_string()),
+            ])),
+            ..LabelSelector::default()
+        });
+        out.push(Object::NetworkPolicy(NetworkPolicy {
+            metadata: self.metadata(sa),
+            spec: Some(network_spec(pod_selector, decisions)),
+        }));
+    }
+
+    fn vault(&self, sa: &str, decisions: &[Decision], plan: &mut Plan) {
+        let mut paths: BTreeMap<&str, BTreeSet<VaultCapability>> = BTreeMap::new();
+        let mut token_ttl = None;
+        for d in decisions {
+            match &d.item {
+                Item::VaultPath { path, capability } if d.is_allowed() => {
+                    paths.entry(path).or_default().insert(*capability);
+                }
+                // A token lifetime over the ceiling is denied; tokens then get the ceiling.
+                Item::VaultTokenTtl { seconds } => {
+                    token_ttl = Some(if d.is_allowed() {
+                        *seconds
+                    } else {
+                        self.scope.max_ttl
+                    });
+                }
+                _ => {}
+            }
+        }
+        if paths.is_empty() {
+            return;
+        }
+        let name = names::vault_object(self.namespace, self.pipeline, self.stage);
+        let mut hcl = format!(
+            "# Managed by Portcullis: pipeline {}/{}, stage {}. Do not edit; changes are reverted.\n",
+            self.namespace, self.pipeline, self.stage
+        );
+        for (path, caps) in &paths {
+            let caps: Vec<String> = caps.iter().map(|c| format!("\"{}\"", c.as_str())).collect();
+            hcl.push_str(&format!(
+                "\npath \"{path}\" {{\n  capabilities = [{}]\n}}\n",
+                caps.join(", ")
+            ));
+        }
+        plan.vault_policies.push(VaultPolicy {
+            name: name.clone(),
+            stage: self.stage.into(),
+            hcl,
+        });
+        plan.vault_roles.push(VaultRole {
+            name: name.clone(),
+            stage: self.stage.into(),
+            bound_service_account_names: vec![sa.into()],
+            bound_service_account_namespaces: vec![self.namespace.into()],
+            token_policies: vec![name],
+            token_ttl: token_ttl.unwrap_or(self.scope.max_ttl),
+            token_max_ttl: self.scope.max_ttl,
+        });
+    }
+}
+
+/// The Role's rules from the allowed Kubernetes decisions, merged and sorted: resources of one
+/// group with the same names and verbs share a rule.
+fn role_rules(decisions: &[Decision]) -> Vec<PolicyRule> {
+    // (group, names) -> resource -> verbs
+    let mut by_resource: BTreeMap<(&str, &[String]), BTreeMap<&str, BTreeSet<&str>>> =
+        BTreeMap::new();
+    for d in decisions.iter().filter(|d| d.is_allowed()) {
+        if let Item::Kubernetes {
+            api_group,
+            resource,
+            verb,
+            resource_names,
+        } = &d.item
+        {
+            by_resource
+                .entry((api_group, resource_names))
+                .or_default()
+                .entry(resource)
+                .or_default()
+                .insert(verb);
+        }
+    }
+    let mut rules = Vec::new();
+    for ((group, names), resources) in by_resource {
+        // verbs -> resources
+        let mut by_verbs: BTreeMap<Vec<&str>, Vec<&str>> = BTreeMap::new();
+        for (resource, verbs) in resources {
+            by_verbs
+                .entry(verbs.into_iter().collect())
+                .or_default()
+                .push(resource);
+        }
+        for (verbs, resources) in by_verbs {
+            rules.push(PolicyRule {
+                api_groups: Some(vec![group.to_string()]),
+                resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+                resource_names: (!names.is_empty()).then(|| names.to_vec()),
+                verbs: verbs.iter().map(|v| v.to_string()).collect(),
+                non_resource_urls: None,
+            });
+        }
+    }
+    rules
+}
+
+fn policy_ports(ports: &[NetworkPort]) -> Option<Vec<NetworkPolicyPort>> {
+    (!ports.is_empty()).then(|| {
+        ports
+            .iter()
+            .map(|p| NetworkPolicyPort {
+                port: Some(IntOrString::Int(p.port.into())),
+                protocol: Some(p.protocol.as_str().into()),
+                end_port: None,
+            })
+            .collect()
+    })
+}
+
+fn namespace_by_name(ns: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            ns.to_string(),
+        )])),
+        ..LabelSelector::default()
+    }
+}
+
+/// Default deny in and out, then DNS (when allowed) and the allowed flows.
+fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkPolicySpec {
+    let mut egress = Vec::new();
+    let mut ingress = Vec::new();
+    for d in decisions.iter().filter(|d| d.is_allowed()) {
+        match &d.item {
+            Item::Dns => egress.push(NetworkPolicyEgressRule {
+                to: Some(vec![NetworkPolicyPeer {
+                    namespace_selector: Some(namespace_by_name("kube-system")),
+                    pod_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            "k8s-app".to_string(),
+                            "kube-dns".to_string(),
+                        )])),
+                        ..LabelSelector::default()
+                    }),
+                    ip_block: None,
+                }]),
+                ports: policy_ports(&[
+                    NetworkPort {
+                        port: 53,
+                        protocol: crate::api::Protocol::Udp,
+                    },
+                    NetworkPort {
+                        port: 53,
+                        protocol: crate::api::Protocol::Tcp,
+                    },
+                ]),
+            }),
+            Item::Egress(rule) => {
+                let peer = match (&rule.cidr, &rule.namespace) {
+                    (Some(cidr), _) => {
+                        let except = parse_cidr(cidr)
+                            .map(|n| floor::metadata_excepts(&n))
+                            .unwrap_or_default();
+                        NetworkPolicyPeer {
+                            ip_block: Some(IPBlock {
+                                cidr: cidr.clone(),
+                                except: (!except.is_empty()).then_some(except),
+                            }),
+                            ..NetworkPolicyPeer::default()
+                        }
+                    }
+                    (None, Some(ns)) => NetworkPolicyPeer {
+                        namespace_selector: Some(namespace_by_name(ns)),
+                        pod_selector: rule.pod_selector.clone(),
+                        ip_block: None,
+                    },
+                    (None, None) => continue,
+                };
+                egress.push(NetworkPolicyEgressRule {
+                    to: Some(vec![peer]),
+                    ports: policy_ports(&rule.ports),
+                });
+            }
+            Item::Ingress(rule) => {
+                let peer = match &rule.from_cidr {
+                    Some(cidr) => {
+                        let except = parse_cidr(cidr)
+                            .map(|n| floor::metadata_excepts(&n))
+                            .unwrap_or_default();
+                        NetworkPolicyPeer {
+                            ip_block: Some(IPBlock {
+                                cidr: cidr.clone(),
+                                except: (!except.is_empty()).then_some(except),
+                            }),
+                            ..NetworkPolicyPeer::default()
+                        }
+                    }
+                    None => NetworkPolicyPeer {
+                        namespace_selector: rule.from_namespace_selector.clone(),
+                        pod_selector: rule.from_pod_selector.clone(),
+                        ip_block: None,
+                    },
+                };
+                ingress.push(NetworkPolicyIngressRule {
+                    from: Some(vec![peer]),
+                    ports: policy_ports(&rule.ports),
+                });
+            }
+            _ => {}
+        }
+    }
+    NetworkPolicySpec {
+        pod_selector: Some(pod_selector),
+        policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+        ingress: (!ingress.is_empty()).then_some(ingress),
+        egress: (!egress.is_empty()).then_some(egress),
+    }
+}
