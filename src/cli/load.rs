@@ -276,7 +276,7 @@ impl Inputs {
 /// Deserializes `doc`, naming the field of the first type error and every unknown field.
 fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, FieldError> {
     let mut unknown = Vec::new();
-    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
     let result: Result<T, _> =
         serde_path_to_error::deserialize(serde_ignored::Deserializer::new(doc, &mut note_unknown));
     match result {
@@ -285,7 +285,7 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, FieldError> {
             let message = e.into_inner().to_string();
             Err(FieldError { field: if field == "." { "(document)".into() } else { field }, message: fix_hint(&message) })
         }
-        Ok(value) => match unknown.into_iter().find(|p| !p.starts_with("metadata.") && p != "status" && !p.starts_with("status.")) {
+        Ok(value) => match unknown.into_iter().find(|p| is_schema_field(p)) {
             Some(path) => Err(FieldError {
                 field: path,
                 message: "unknown field; check its spelling and place against `kubectl explain` (the API server would refuse it under server-side apply)".into(),
@@ -293,6 +293,29 @@ fn typed<T: DeserializeOwned>(doc: Value) -> Result<T, FieldError> {
             None => Ok(value),
         },
     }
+}
+
+/// A path as Kubernetes writes it: `spec.stages[0].name`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+/// Whether an ignored field is one the CRD schema would prune or refuse. apiVersion and kind are
+/// read before typing; status is the operator's; metadata is the API server's.
+fn is_schema_field(path: &str) -> bool {
+    let top = path.split(['.', '[']).next().unwrap_or(path);
+    !matches!(top, "apiVersion" | "kind" | "metadata" | "status")
 }
 
 /// serde's messages, with what to do added where it is clear.

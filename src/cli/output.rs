@@ -93,7 +93,11 @@ pub fn yaml(plans: &[Plan]) -> String {
         for policy in &plan.vault_policies {
             let _ = writeln!(out, "# Vault policy sys/policies/acl/{}", policy.name);
             for line in policy.hcl.lines() {
-                let _ = writeln!(out, "#   {line}");
+                if line.is_empty() {
+                    out.push_str("#\n");
+                } else {
+                    let _ = writeln!(out, "#   {line}");
+                }
             }
         }
         for role in &plan.vault_roles {
@@ -136,12 +140,12 @@ pub fn table(plans: &[Plan]) -> String {
             );
             for d in plan.decisions.iter().filter(|d| d.stage == stage.name) {
                 let verdict = if d.is_allowed() { "GRANT" } else { "DENY " };
-                let _ = write!(out, "    {verdict} {:<10} {}", d.item.kind(), d.item);
+                let _ = write!(out, "    {verdict} {}", d.item);
                 if d.is_allowed() {
                     out.push('\n');
                 } else {
                     let _ = writeln!(out, "  [{}]", d.reason);
-                    let _ = writeln!(out, "                     {}", d.message);
+                    let _ = writeln!(out, "          {}", d.message);
                 }
             }
         }

@@ -1,0 +1,298 @@
+//! The command line as a user meets it: exit codes, and errors that name the file, the
+//! document, the object, the field and the fix, with no Rust internals.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn portcullis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("portcullis runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).expect("UTF-8 output")
+}
+
+/// Writes `yaml` to a temporary file and plans it with the example guardrails.
+fn plan_yaml(yaml: &str) -> (i32, String, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "portcullis-cli-{}-{}",
+        std::process::id(),
+        fastrand()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("input.yaml");
+    std::fs::File::create(&file)
+        .and_then(|mut f| f.write_all(yaml.as_bytes()))
+        .expect("input written");
+    let out = portcullis(&[
+        "plan",
+        "-f",
+        file.to_str().expect("UTF-8 path"),
+        "examples/namespaces.yaml",
+        "--guardrails",
+        "examples/guardrails",
+    ]);
+    std::fs::remove_dir_all(&dir).expect("temp dir removed");
+    (
+        out.status.code().expect("exit code"),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn fastrand() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    h.finish()
+}
+
+fn assert_no_internals(stderr: &str) {
+    for leak in ["panicked", "RUST_BACKTRACE", "Error {", "Some(", "\\n"] {
+        assert!(
+            !stderr.contains(leak),
+            "stderr shows Rust internals ({leak}):\n{stderr}"
+        );
+    }
+}
+
+const VALID: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: scorer, namespace: ml-fraud}
+spec:
+  stages:
+    - name: serve
+      role: Deployment
+      permissions:
+        - apiGroups: [""]
+          resources: [configmaps]
+          verbs: [get]
+"#;
+
+#[test]
+fn a_valid_pipeline_exits_0() {
+    let (code, stdout, stderr) = plan_yaml(VALID);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("GRANT get configmaps"), "{stdout}");
+}
+
+#[test]
+fn a_bad_cidr_names_file_document_object_field_and_fix() {
+    let yaml = format!("{VALID}      network:\n        egress:\n          - cidr: 10.20.1.0/16\n");
+    let (code, stdout, stderr) = plan_yaml(&yaml);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stdout.is_empty(),
+        "nothing is planned on invalid input: {stdout}"
+    );
+    assert!(
+        stderr.contains("input.yaml: document 1 (AIPipeline ml-fraud/scorer)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.stages[0].network.egress[0].cidr"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("write the network address, 10.20.0.0/16"),
+        "{stderr}"
+    );
+    assert_no_internals(&stderr);
+}
+
+#[test]
+fn an_unknown_role_and_an_unknown_field_are_named() {
+    let (code, _, stderr) = plan_yaml(&VALID.replace("role: Deployment", "role: Serving"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("spec.stages[0].role"), "{stderr}");
+    assert!(
+        stderr.contains("Ingestion") && stderr.contains("Deployment"),
+        "lists the valid roles: {stderr}"
+    );
+    assert_no_internals(&stderr);
+
+    let (code, _, stderr) = plan_yaml(&VALID.replace("permissions:", "permisions:"));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("spec.stages[0].permisions: unknown field"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_second_document_is_named_and_every_error_is_reported() {
+    let yaml = format!(
+        "{VALID}---\n{}",
+        VALID
+            .replace("name: scorer", "name: other")
+            .replace("name: serve", "name: Serve")
+            .replace("verbs: [get]", "verbs: []")
+    );
+    let (code, _, stderr) = plan_yaml(&yaml);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("document 2 (AIPipeline ml-fraud/other): spec.stages[0].name"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.stages[0].permissions[0].verbs: empty"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+}
+
+#[test]
+fn the_same_pipeline_twice_is_an_error() {
+    let (code, _, stderr) = plan_yaml(&format!("{VALID}---\n{VALID}"));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("document 2") && stderr.contains("also defined in"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn other_kinds_are_skipped_with_a_note() {
+    let yaml = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: ml-fraud}}\n---\n{VALID}"
+    );
+    let (code, stdout, stderr) = plan_yaml(&yaml);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("note:") && stderr.contains("skipped Deployment ml-fraud/web"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("AIPipeline ml-fraud/scorer"));
+}
+
+#[test]
+fn a_wrong_api_version_says_which_is_served() {
+    let (code, _, stderr) = plan_yaml(&VALID.replace("v1alpha1", "v1"));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("portcullis.dev/v1 is not served; use portcullis.dev/v1alpha1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn broken_yaml_is_an_input_error_not_a_crash() {
+    let (code, _, stderr) = plan_yaml("apiVersion: [unclosed\nkind: : :\n");
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("input.yaml: document 1: not valid YAML"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_missing_file_is_an_input_error() {
+    let out = portcullis(&["plan", "-f", "no/such/file.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("cannot read no/such/file.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn namespace_labels_select_guardrails() {
+    // ml-other has no Namespace object: without labels no guardrail applies and the defaults
+    // deny ingress; with the label the deployment guardrail applies and allows it.
+    let yaml = VALID.replace("namespace: ml-fraud", "namespace: ml-other").replace(
+        "      permissions:",
+        "      network:\n        ingress:\n          - fromPodSelector: {matchLabels: {app: web}}\n      permissions:",
+    );
+    let (code, stdout, _) = plan_yaml(&yaml);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(stdout.contains("built-in defaults"), "{stdout}");
+
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-labels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, &yaml).expect("written");
+    let out = portcullis(&[
+        "plan",
+        "-f",
+        file.to_str().expect("path"),
+        "--guardrails",
+        "examples/guardrails",
+        "--namespace-labels",
+        "portcullis.dev/tier=ml",
+    ]);
+    std::fs::remove_dir_all(&dir).expect("removed");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("bound by AccessGuardrail ml-deployment"));
+}
+
+#[test]
+fn help_is_there_for_every_command() {
+    for args in [
+        vec!["--help"],
+        vec!["plan", "--help"],
+        vec!["crds", "--help"],
+    ] {
+        let out = portcullis(&args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(text(&out.stdout).contains("Usage: portcullis"), "{args:?}");
+    }
+    let out = portcullis(&["plan", "--help"]);
+    let help = text(&out.stdout);
+    for flag in [
+        "--filename",
+        "--guardrails",
+        "--namespace-labels",
+        "--output",
+    ] {
+        assert!(help.contains(flag), "plan --help lacks {flag}");
+    }
+}
+
+#[test]
+fn bad_flags_exit_2_with_usage() {
+    let out = portcullis(&["plan", "-f", "examples/pipelines", "-o", "xml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("possible values: table, yaml, json"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = portcullis(&[
+        "plan",
+        "-f",
+        "examples/pipelines",
+        "--namespace-labels",
+        "novalue",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("write labels as tier=ml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn crds_prints_the_committed_crds() {
+    let out = portcullis(&["crds"]);
+    assert_eq!(out.status.code(), Some(0));
+    let committed = std::fs::read_to_string(root().join("crds/portcullis.yaml"))
+        .expect("crds/portcullis.yaml exists");
+    assert_eq!(
+        text(&out.stdout),
+        committed,
+        "crds/ is stale: run `make crds`"
+    );
+}
