@@ -19,17 +19,8 @@ use super::{StageRole, VaultCapability, patterns};
     category = "portcullis",
     derive = "PartialEq",
     doc = "A ceiling on what the AI pipeline stages in the selected namespaces may be granted, per stage role.",
-    printcolumn(
-        name = "DNS",
-        type_ = "boolean",
-        json_path = ".spec.dnsEgress",
-        description = "Whether stages may resolve names through kube-dns"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"DNS","type":"boolean","jsonPath":".spec.dnsEgress","description":"Whether stages may resolve names through kube-dns"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AccessGuardrailSpec {

@@ -22,29 +22,10 @@ use super::patterns;
     status = "AIPipelineStatus",
     derive = "PartialEq",
     doc = "An AI pipeline whose stages Portcullis gives least-privilege identities, RBAC, network policy and Vault access.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
-        description = "Whether every stage's objects are in place"
-    ),
-    printcolumn(
-        name = "Stages",
-        type_ = "string",
-        json_path = ".spec.stages[*].name",
-        description = "The pipeline's stages"
-    ),
-    printcolumn(
-        name = "Denied",
-        type_ = "integer",
-        json_path = ".status.denied",
-        description = "How many requested items the guardrails denied"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether every stage's objects are in place"}"#,
+    printcolumn = r#"{"name":"Stages","type":"string","jsonPath":".spec.stages[*].name","description":"The pipeline's stages"}"#,
+    printcolumn = r#"{"name":"Denied","type":"integer","jsonPath":".status.denied","description":"How many requested items the guardrails denied"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AIPipelineSpec {

@@ -281,8 +281,11 @@ fn check_stage(errors: &mut Errors, field: &str, stage: &Stage) {
     }
 }
 
+/// (field name, values, check, a valid example)
+type ListCheck<'a> = (&'a str, &'a [String], fn(&str) -> bool, &'a str);
+
 fn check_permission(errors: &mut Errors, field: &str, rule: &PermissionRule) {
-    let lists: [(&str, &[String], fn(&str) -> bool, &str); 3] = [
+    let lists: [ListCheck<'_>; 3] = [
         (
             "apiGroups",
             &rule.api_groups,

@@ -348,12 +348,13 @@ impl StageBuilder<'_> {
     }
 }
 
+/// resource -> verbs
+type VerbsByResource<'a> = BTreeMap<&'a str, BTreeSet<&'a str>>;
+
 /// The Role's rules from the allowed Kubernetes decisions, merged and sorted: resources of one
 /// group with the same names and verbs share a rule.
 fn role_rules(decisions: &[Decision]) -> Vec<PolicyRule> {
-    // (group, names) -> resource -> verbs
-    let mut by_resource: BTreeMap<(&str, &[String]), BTreeMap<&str, BTreeSet<&str>>> =
-        BTreeMap::new();
+    let mut by_resource: BTreeMap<(&str, &[String]), VerbsByResource<'_>> = BTreeMap::new();
     for d in decisions.iter().filter(|d| d.is_allowed()) {
         if let Item::Kubernetes {
             api_group,
