@@ -637,7 +637,13 @@ impl Evaluator<'_, '_> {
                 );
             }
         }
-        if !vault.policies.is_empty() {
+        // The token lifetime matters only when the stage gets a Vault role, that is when some
+        // path was allowed.
+        let any_path_allowed = self
+            .decisions
+            .iter()
+            .any(|d| d.is_allowed() && matches!(d.item, Item::VaultPath { .. }));
+        if any_path_allowed {
             let field = format!("spec.stages[{}].vault.tokenTTL", self.ctx.index);
             let seconds = vault
                 .token_ttl
@@ -748,3 +754,6 @@ impl Evaluator<'_, '_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,369 @@
+//! One test per rule and reason, through `evaluate_stage` as the planner calls it.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::api::{AIPipeline, AccessGuardrail};
+
+fn pipeline(yaml: &str) -> AIPipeline {
+    serde_saphyr::from_str(yaml).expect("test pipeline parses")
+}
+
+fn guardrail(yaml: &str) -> AccessGuardrail {
+    serde_saphyr::from_str(yaml).expect("test guardrail parses")
+}
+
+const TIER_ML: &str = "portcullis.dev/tier";
+
+fn labels(tier: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (TIER_ML.to_string(), tier.to_string()),
+        ("kubernetes.io/metadata.name".to_string(), "ml".to_string()),
+    ])
+}
+
+/// Decisions of stage `index`, as (item text, reason).
+fn decide(
+    p: &AIPipeline,
+    index: usize,
+    guardrails: &[AccessGuardrail],
+    tier: &str,
+) -> Vec<(String, Reason)> {
+    let stage = &p.spec.stages[index];
+    let labels = labels(tier);
+    let scope = Scope::new(stage.role, &labels, guardrails);
+    let ctx = StageContext {
+        namespace: "ml",
+        pipeline: "fraud",
+        index,
+    };
+    evaluate_stage(ctx, &p.spec, &scope)
+        .into_iter()
+        .map(|d| (d.item.to_string(), d.reason))
+        .collect()
+}
+
+fn reason_of(decisions: &[(String, Reason)], item: &str) -> Reason {
+    decisions
+        .iter()
+        .find(|(i, _)| i == item)
+        .map(|(_, r)| *r)
+        .unwrap_or_else(|| panic!("no decision for {item:?} in {decisions:#?}"))
+}
+
+const TRAINING_GUARDRAIL: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AccessGuardrail
+metadata: {name: training}
+spec:
+  namespaceSelector: {matchLabels: {portcullis.dev/tier: ml}}
+  roles:
+    training:
+      kubernetes:
+        - apiGroups: [""]
+          resources: [configmaps, secrets, pods]
+          verbs: [get, list]
+      network:
+        egressCIDRs: [10.0.0.0/8, 0.0.0.0/0]
+        egressNamespaces: ["{namespace}"]
+      vault:
+        paths:
+          - pattern: kv/data/{namespace}/{pipeline}/{stage}/*
+            capabilities: [read]
+          - pattern: database/creds/{pipeline}-*
+            capabilities: [read]
+        maxTTL: 1h
+"#;
+
+const TWO_STAGES: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages:
+    - name: train
+      role: Training
+      permissions:
+        - apiGroups: [""]
+          resources: [configmaps, secrets]
+          resourceNames: [train-db, serve-db, nobodys]
+          verbs: [get, delete]
+        - apiGroups: [""]
+          resources: [secrets]
+          verbs: [get]
+      network:
+        egress:
+          - cidr: 10.1.0.0/16
+          - cidr: 172.16.0.0/12
+            ports: [{port: 443}]
+          - cidr: 0.0.0.0/0
+          - namespace: ml
+          - namespace: other
+        ingress:
+          - fromPodSelector: {matchLabels: {app: x}}
+      vault:
+        policies:
+          - path: kv/data/ml/fraud/train/*
+            capabilities: [read, update]
+          - path: database/creds/*
+            capabilities: [read]
+        tokenTTL: 2h
+        credentials:
+          - {name: db, path: database/creds/fraud-train, ttl: 30m, secretName: train-db}
+          - {name: long, path: database/creds/fraud-long, ttl: 3h, secretName: train-long}
+          - {name: shared, path: database/creds/fraud-serve, ttl: 10m, secretName: train-shared}
+    - name: serve
+      role: Training
+      vault:
+        credentials:
+          - {name: db, path: database/creds/fraud-serve, ttl: 10m, secretName: serve-db}
+"#;
+
+#[test]
+fn allowed_items_name_the_guardrail() {
+    let p = pipeline(TWO_STAGES);
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
+        Reason::WithinGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "egress 10.1.0.0/16 all ports"),
+        Reason::WithinGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "egress namespace ml all ports"),
+        Reason::WithinGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "vault read kv/data/ml/fraud/train/*"),
+        Reason::WithinGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "credential db from database/creds/fraud-train ttl 30m"),
+        Reason::WithinGuardrail
+    );
+}
+
+#[test]
+fn outside_the_guardrail_is_denied_per_item() {
+    let p = pipeline(TWO_STAGES);
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(
+        reason_of(&d, "delete configmaps/train-db,serve-db,nobodys"),
+        Reason::OutsideGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "egress 172.16.0.0/12 TCP/443"),
+        Reason::WithinGuardrail,
+        "inside 0.0.0.0/0"
+    );
+    assert_eq!(
+        reason_of(&d, "egress namespace other all ports"),
+        Reason::OutsideGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "ingress from pods app=x all ports"),
+        Reason::OutsideGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "vault update kv/data/ml/fraud/train/*"),
+        Reason::OutsideGuardrail
+    );
+}
+
+#[test]
+fn secrets_are_decided_by_name_and_owner() {
+    let p = pipeline(TWO_STAGES);
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(
+        reason_of(&d, "get secrets/train-db"),
+        Reason::WithinGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "get secrets/serve-db"),
+        Reason::CrossStageCredential
+    );
+    assert_eq!(reason_of(&d, "get secrets/nobodys"), Reason::SecretNotOwned);
+    assert_eq!(reason_of(&d, "get secrets"), Reason::SecretNotOwned);
+}
+
+#[test]
+fn other_stages_credentials_are_out_of_reach() {
+    let p = pipeline(TWO_STAGES);
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    // database/creds/* reaches the serve stage's database/creds/fraud-serve.
+    assert_eq!(
+        reason_of(&d, "vault read database/creds/*"),
+        Reason::CrossStageCredential
+    );
+    // The first stage to declare a credential path owns it: train declares fraud-serve first.
+    assert_eq!(
+        reason_of(
+            &d,
+            "credential shared from database/creds/fraud-serve ttl 10m"
+        ),
+        Reason::WithinGuardrail
+    );
+    let serve = decide(&p, 1, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(
+        reason_of(
+            &serve,
+            "credential db from database/creds/fraud-serve ttl 10m"
+        ),
+        Reason::CrossStageCredential
+    );
+}
+
+#[test]
+fn lifetimes_above_max_ttl_are_too_long() {
+    let p = pipeline(TWO_STAGES);
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(
+        reason_of(&d, "credential long from database/creds/fraud-long ttl 3h"),
+        Reason::TtlTooLong
+    );
+    assert_eq!(reason_of(&d, "vault token ttl 2h"), Reason::TtlTooLong);
+}
+
+#[test]
+fn dns_is_granted_unless_a_guardrail_turns_it_off() {
+    let p = pipeline(TWO_STAGES);
+    let d = decide(&p, 1, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(
+        reason_of(&d, "egress dns kube-system/kube-dns UDP/53,TCP/53"),
+        Reason::DnsByDefault
+    );
+    let no_dns = guardrail(&TRAINING_GUARDRAIL.replace("spec:\n", "spec:\n  dnsEgress: false\n"));
+    let d = decide(&p, 1, &[guardrail(TRAINING_GUARDRAIL), no_dns], "ml");
+    assert!(d.iter().all(|(i, _)| !i.contains("dns")), "{d:#?}");
+}
+
+#[test]
+fn no_applicable_guardrail_means_the_defaults() {
+    let p = pipeline(TWO_STAGES);
+    // The namespace is not selected.
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "web");
+    assert_eq!(
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
+        Reason::WithinDefaults
+    );
+    assert_eq!(
+        reason_of(&d, "egress 10.1.0.0/16 all ports"),
+        Reason::OutsideGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "vault read kv/data/ml/fraud/train/*"),
+        Reason::WithinDefaults
+    );
+    assert_eq!(
+        reason_of(&d, "credential db from database/creds/fraud-train ttl 30m"),
+        Reason::OutsideGuardrail
+    );
+    // A guardrail that selects the namespace but sets no ceiling for Training does not apply.
+    let serving_only = guardrail(&TRAINING_GUARDRAIL.replace("    training:", "    deployment:"));
+    let d = decide(&p, 0, &[serving_only], "ml");
+    assert_eq!(
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
+        Reason::WithinDefaults
+    );
+}
+
+#[test]
+fn several_guardrails_intersect_and_the_refusing_one_is_named() {
+    let p = pipeline(TWO_STAGES);
+    let strict = guardrail(
+        &TRAINING_GUARDRAIL
+            .replace("name: training", "name: strict")
+            .replace("[10.0.0.0/8, 0.0.0.0/0]", "[10.0.0.0/8]")
+            .replace("maxTTL: 1h", "maxTTL: 20m"),
+    );
+    let labels = labels("ml");
+    let guardrails = [guardrail(TRAINING_GUARDRAIL), strict];
+    let scope = Scope::new(StageRole::Training, &labels, &guardrails);
+    assert_eq!(scope.max_ttl, 20 * 60, "the smallest maxTTL wins");
+    let ctx = StageContext {
+        namespace: "ml",
+        pipeline: "fraud",
+        index: 0,
+    };
+    let decisions = evaluate_stage(ctx, &p.spec, &scope);
+    let wide = decisions
+        .iter()
+        .find(|d| d.item.to_string() == "egress 0.0.0.0/0 all ports")
+        .expect("decided");
+    assert_eq!(wide.reason, Reason::OutsideGuardrail);
+    assert!(
+        wide.message
+            .contains("AccessGuardrail strict (spec.roles.training.network.egressCIDRs)"),
+        "{}",
+        wide.message
+    );
+    let db = decisions
+        .iter()
+        .find(|d| d.item.to_string().starts_with("credential db"))
+        .expect("decided");
+    assert_eq!(db.reason, Reason::TtlTooLong);
+    assert!(db.message.contains("maxTTL 20m"), "{}", db.message);
+}
+
+#[test]
+fn every_floor_reason_reaches_the_decisions() {
+    let p = pipeline(
+        r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages:
+    - name: train
+      role: Training
+      permissions:
+        - {apiGroups: ["*"], resources: [pods], verbs: [get]}
+        - {apiGroups: [""], resources: [pods], verbs: [impersonate]}
+        - {apiGroups: [""], resources: [pods/exec], verbs: [create]}
+        - {apiGroups: [""], resources: [nodes], verbs: [get]}
+        - {apiGroups: [rbac.authorization.k8s.io], resources: [roles], verbs: [create]}
+      network:
+        egress:
+          - cidr: 169.254.169.254/32
+      vault:
+        policies:
+          - {path: sys/mounts, capabilities: [read]}
+          - {path: kv/data/ml/fraud/train/x, capabilities: [sudo]}
+          - {path: +/data/x, capabilities: [read]}
+"#,
+    );
+    let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
+    assert_eq!(reason_of(&d, "get pods.*"), Reason::WildcardForbidden);
+    assert_eq!(reason_of(&d, "impersonate pods"), Reason::EscalationVerb);
+    assert_eq!(
+        reason_of(&d, "create pods/exec"),
+        Reason::ForbiddenSubresource
+    );
+    assert_eq!(reason_of(&d, "get nodes"), Reason::ClusterScoped);
+    assert_eq!(
+        reason_of(&d, "create roles.rbac.authorization.k8s.io"),
+        Reason::PrivilegedWrite
+    );
+    assert_eq!(
+        reason_of(&d, "egress 169.254.169.254/32 all ports"),
+        Reason::MetadataEndpoint
+    );
+    assert_eq!(
+        reason_of(&d, "vault read sys/mounts"),
+        Reason::VaultSystemPath
+    );
+    assert_eq!(
+        reason_of(&d, "vault sudo kv/data/ml/fraud/train/x"),
+        Reason::SudoCapability
+    );
+    assert_eq!(
+        reason_of(&d, "vault read +/data/x"),
+        Reason::WildcardForbidden
+    );
+    assert!(
+        d.iter().all(|(i, _)| !i.starts_with("vault token")),
+        "no path allowed, so no token: {d:#?}"
+    );
+}
