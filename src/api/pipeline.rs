@@ -173,8 +173,8 @@ pub struct StageNetwork {
 /// One outbound flow: to an address range, or to pods in a namespace.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.cidr) != has(self.namespace)").message("set exactly one of cidr or namespace"))]
-#[x_kube(validation = kube::core::Rule::new("!has(self.podSelector) || has(self.namespace)").message("podSelector narrows a namespace destination; set namespace too, or remove podSelector"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.cidr) != has(self.__namespace__)").message("set exactly one of cidr or namespace"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.podSelector) || has(self.__namespace__)").message("podSelector narrows a namespace destination; set namespace too, or remove podSelector"))]
 pub struct EgressRule {
     /// Destination address range in CIDR notation, such as 10.20.0.0/16. The cloud metadata
     /// address 169.254.169.254 is always cut out.

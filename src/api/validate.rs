@@ -38,18 +38,24 @@ impl Errors {
     }
 }
 
-pub fn is_dns_label(s: &str) -> bool {
+/// Lower-case letters, digits and '-', starting and ending alphanumeric; any length.
+fn is_label_chars(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
-        && b.len() <= 63
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
 
+/// A DNS-1123 label: at most 63 characters.
+pub fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63 && is_label_chars(s)
+}
+
+/// A DNS-1123 subdomain as Kubernetes checks it: at most 253 characters in all.
 pub fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
+    s.len() <= 253 && s.split('.').all(is_label_chars)
 }
 
 fn is_api_group(s: &str) -> bool {
@@ -57,7 +63,10 @@ fn is_api_group(s: &str) -> bool {
 }
 
 fn is_resource(s: &str) -> bool {
-    let part = |p: &str| p == "*" || is_dns_label(p);
+    let part = |p: &str| p == "*" || is_label_chars(p);
+    if s.len() > 253 {
+        return false;
+    }
     match s.split_once('/') {
         Some((resource, sub)) => part(resource) && part(sub),
         None => part(s),
@@ -65,7 +74,7 @@ fn is_resource(s: &str) -> bool {
 }
 
 fn is_verb(s: &str) -> bool {
-    s == "*" || (!s.is_empty() && s.bytes().all(|c| c.is_ascii_lowercase()))
+    s == "*" || (!s.is_empty() && s.len() <= 32 && s.bytes().all(|c| c.is_ascii_lowercase()))
 }
 
 /// Parses a duration such as `15m`, `1h30m` or `900s` into seconds.
@@ -112,6 +121,11 @@ pub fn format_duration(secs: u64) -> String {
 
 /// Parses a CIDR and insists on its canonical form (no host bits), the way a reader expects it.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if s.len() > 43 {
+        return Err(format!(
+            "{s:?} is longer than a CIDR can be; write it as 10.20.0.0/16 or fd00::/8"
+        ));
+    }
     let net: IpNet = s.parse().map_err(|_| {
         format!("{s:?} is not a CIDR; write an address and a prefix length, such as 10.20.0.0/16")
     })?;
@@ -124,20 +138,19 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
+/// Characters of a Vault path. Quotes, backslashes, braces and `$` are never among them: paths
+/// are written into HCL policies.
+fn is_vault_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-_.@=:,~+/".contains(c)
+}
+
 fn is_vault_acl_path(s: &str) -> bool {
     let body = s.strip_suffix('*').unwrap_or(s);
-    !s.is_empty()
-        && !s.starts_with('/')
-        && !s.starts_with('*')
-        && !body.contains('*')
-        && !s.chars().any(char::is_whitespace)
+    !body.is_empty() && s.len() <= 512 && !body.starts_with('/') && body.chars().all(is_vault_char)
 }
 
 fn is_vault_secret_path(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('/')
-        && !s.contains(['*', '+'])
-        && !s.chars().any(char::is_whitespace)
+    is_vault_acl_path(s) && !s.contains(['*', '+'])
 }
 
 fn check_selector(errors: &mut Errors, field: &str, selector: &LabelSelector) {
@@ -392,7 +405,7 @@ fn check_vault(errors: &mut Errors, field: &str, vault: &StageVault) {
             errors.push(
                 format!("{field}.policies[{i}].path"),
                 format!(
-                    "{:?} is not a Vault path; write it without a leading '/', with '*' only at the end, such as kv/data/team/app/*",
+                    "{:?} is not a Vault path; use letters, digits and -_.@=:,~+/ without a leading '/', with '*' only at the end, such as kv/data/team/app/*",
                     rule.path
                 ),
             );
@@ -426,7 +439,7 @@ fn check_vault(errors: &mut Errors, field: &str, vault: &StageVault) {
             errors.push(
                 format!("{f}.path"),
                 format!(
-                    "{:?} is not a concrete Vault path; name the path that issues credentials, such as database/creds/reader, without '*' or '+'",
+                    "{:?} is not a concrete Vault path; name the path that issues credentials, such as database/creds/reader: letters, digits and -_.@=:,~/ without '*' or '+'",
                     c.path
                 ),
             );
@@ -505,11 +518,16 @@ fn check_ceiling(errors: &mut Errors, field: &str, ceiling: &Ceiling) {
     }
     for (i, p) in ceiling.vault.paths.iter().enumerate() {
         let f = format!("{field}.vault.paths[{i}]");
-        if !is_vault_acl_path(&p.pattern) {
+        let filled = p
+            .pattern
+            .replace("{namespace}", "n")
+            .replace("{pipeline}", "p")
+            .replace("{stage}", "s");
+        if !is_vault_acl_path(&filled) || p.pattern.len() > 512 {
             errors.push(
                 format!("{f}.pattern"),
                 format!(
-                    "{:?} is not a Vault path pattern; '*' may only end it",
+                    "{:?} is not a Vault path pattern; use letters, digits, -_.@=:,~+/ and the placeholders {{namespace}}, {{pipeline}}, {{stage}}, with '*' only at the end",
                     p.pattern
                 ),
             );

@@ -327,7 +327,8 @@ impl StageBuilder<'_> {
         for (path, caps) in &paths {
             let caps: Vec<String> = caps.iter().map(|c| format!("\"{}\"", c.as_str())).collect();
             hcl.push_str(&format!(
-                "\npath \"{path}\" {{\n  capabilities = [{}]\n}}\n",
+                "\npath {} {{\n  capabilities = [{}]\n}}\n",
+                hcl_string(path),
                 caps.join(", ")
             ));
         }
@@ -346,6 +347,18 @@ impl StageBuilder<'_> {
             token_max_ttl: self.scope.max_ttl,
         });
     }
+}
+
+/// `s` as an HCL string literal. Validation already keeps quotes, backslashes and template
+/// markers out of Vault paths; escaping them here as well means no path can ever close the
+/// string and add rules of its own.
+fn hcl_string(s: &str) -> String {
+    let escaped = s
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace("${", "$${")
+        .replace("%{", "%%{");
+    format!("\"{escaped}\"")
 }
 
 /// resource -> verbs
@@ -505,5 +518,21 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
         policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
         ingress: (!ingress.is_empty()).then_some(ingress),
         egress: (!egress.is_empty()).then_some(egress),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hcl_strings_cannot_be_closed_from_inside() {
+        assert_eq!(hcl_string("kv/data/x/*"), "\"kv/data/x/*\"");
+        let hostile = r#"kv/x"{capabilities=["sudo"]}path"sys/*"#;
+        let quoted = hcl_string(hostile);
+        // Every quote inside is escaped, so the literal ends only at the last character.
+        let inner = &quoted[1..quoted.len() - 1];
+        assert!(!inner.replace("\\\"", "").contains('"'), "{quoted}");
+        assert_eq!(hcl_string("a${b}%{c}\\"), "\"a$${b}%%{c}\\\\\"");
     }
 }

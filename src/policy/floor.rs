@@ -11,10 +11,11 @@ type Refusal = (Reason, String);
 pub const ESCALATION_VERBS: [&str; 5] = ["escalate", "bind", "impersonate", "approve", "sign"];
 
 /// Subresources that run code in, or reach into, other workloads, or mint tokens.
-pub const FORBIDDEN_SUBRESOURCES: [&str; 4] = [
+pub const FORBIDDEN_SUBRESOURCES: [&str; 5] = [
     "pods/exec",
     "pods/attach",
     "pods/portforward",
+    "pods/ephemeralcontainers",
     "serviceaccounts/token",
 ];
 
@@ -72,7 +73,12 @@ pub const CLUSTER_SCOPED: [(&str, &str); 24] = [
 ];
 
 /// Cloud instance metadata addresses: credentials of the node live behind them.
-pub const METADATA_ADDRESSES: [&str; 2] = ["169.254.169.254/32", "fd00:ec2::254/128"];
+/// The IPv4 address is also listed in its IPv4-mapped IPv6 form.
+pub const METADATA_ADDRESSES: [&str; 3] = [
+    "169.254.169.254/32",
+    "fd00:ec2::254/128",
+    "::ffff:169.254.169.254/128",
+];
 
 /// Vault mounts that administer Vault itself.
 pub const VAULT_SYSTEM_MOUNTS: [&str; 3] = ["sys", "auth", "identity"];
@@ -232,6 +238,7 @@ mod tests {
             "pods/exec",
             "pods/attach",
             "pods/portforward",
+            "pods/ephemeralcontainers",
             "services/proxy",
             "serviceaccounts/token",
         ] {

@@ -404,10 +404,23 @@ pub fn evaluate_stage(
         stage,
         scope,
         decisions: Vec::new(),
+        delivered: Vec::new(),
     };
+    // Credentials are decided first: only the Secrets of allowed credentials are delivered, and
+    // only those may the stage read. Their decisions still come last, in spec order.
+    let credentials = out.credentials();
+    out.delivered = credentials
+        .iter()
+        .filter(|d| d.is_allowed())
+        .filter_map(|d| match &d.item {
+            Item::Credential { secret_name, .. } => Some(secret_name.clone()),
+            _ => None,
+        })
+        .collect();
     out.permissions();
     out.network();
     out.vault();
+    out.decisions.extend(credentials);
     out.decisions
 }
 
@@ -417,6 +430,8 @@ struct Evaluator<'a, 's> {
     stage: &'a Stage,
     scope: &'a Scope<'s>,
     decisions: Vec<Decision>,
+    /// The Secrets this stage's allowed credentials are delivered to.
+    delivered: Vec<String>,
 }
 
 impl Evaluator<'_, '_> {
@@ -520,7 +535,15 @@ impl Evaluator<'_, '_> {
             }
             let name = &names[0];
             match self.secret_owner(name) {
-                Some(owner) if owner == self.stage.name => {}
+                Some(_) if self.delivered.contains(name) => {}
+                Some(owner) if owner == self.stage.name => {
+                    return Err((
+                        Reason::SecretNotOwned,
+                        format!(
+                            "Secret {name:?} would hold this stage's credentials, but they are denied, so Portcullis does not deliver it; fix the credential's decision first"
+                        ),
+                    ));
+                }
                 Some(owner) => {
                     return Err((
                         Reason::CrossStageCredential,
@@ -653,6 +676,14 @@ impl Evaluator<'_, '_> {
             let outcome = self.decide_ttl(seconds, "the Vault token lifetime");
             self.push(field, Item::VaultTokenTtl { seconds }, outcome);
         }
+    }
+
+    /// The decisions on the stage's credentials.
+    fn credentials(&mut self) -> Vec<Decision> {
+        let Some(vault) = &self.stage.vault else {
+            return Vec::new();
+        };
+        let before = self.decisions.len();
         for (i, cred) in vault.credentials.iter().enumerate() {
             let field = format!("spec.stages[{}].vault.credentials[{i}]", self.ctx.index);
             let ttl_seconds = parse_duration(&cred.ttl).unwrap_or(0);
@@ -665,6 +696,7 @@ impl Evaluator<'_, '_> {
             };
             self.push(field, item, outcome);
         }
+        self.decisions.split_off(before)
     }
 
     /// Credential paths of the other stages, with the stage that declares them first.
@@ -742,6 +774,15 @@ impl Evaluator<'_, '_> {
             ));
         }
         self.decide_ttl(ttl_seconds, "the credential lifetime")?;
+        if self.scope.defaults {
+            return Err((
+                Reason::OutsideGuardrail,
+                format!(
+                    "no AccessGuardrail sets a ceiling for {} stages in this namespace, and the built-in defaults issue no dynamic credentials; ask the platform team for a guardrail that allows reading {path}",
+                    self.stage.role.as_str()
+                ),
+            ));
+        }
         self.guardrail(
             "vault.paths",
             |c| {

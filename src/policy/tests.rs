@@ -367,3 +367,60 @@ spec:
         "no path allowed, so no token: {d:#?}"
     );
 }
+
+#[test]
+fn a_secret_of_a_denied_credential_is_not_readable() {
+    // The credential is denied (no guardrail: the defaults issue none), so its Secret is never
+    // delivered; naming it must not open an existing Secret of that name.
+    let p = pipeline(
+        r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: nb, namespace: ml}
+spec:
+  stages:
+    - name: explore
+      role: Training
+      permissions:
+        - {apiGroups: [""], resources: [secrets], resourceNames: [prod-db-admin], verbs: [get]}
+      vault:
+        credentials:
+          - {name: db, path: database/creds/warehouse-reader, ttl: 30m, secretName: prod-db-admin}
+"#,
+    );
+    let d = decide(&p, 0, &[], "none");
+    assert_eq!(
+        reason_of(
+            &d,
+            "credential db from database/creds/warehouse-reader ttl 30m"
+        ),
+        Reason::OutsideGuardrail
+    );
+    assert_eq!(
+        reason_of(&d, "get secrets/prod-db-admin"),
+        Reason::SecretNotOwned
+    );
+}
+
+#[test]
+fn the_defaults_issue_no_credentials_even_under_the_stages_kv_path() {
+    let p = pipeline(
+        r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages:
+    - name: train
+      role: Training
+      vault:
+        credentials:
+          - {name: kv, path: kv/data/ml/fraud/train/db, ttl: 10m, secretName: train-kv}
+"#,
+    );
+    let d = decide(&p, 0, &[], "none");
+    assert_eq!(
+        reason_of(&d, "credential kv from kv/data/ml/fraud/train/db ttl 10m"),
+        Reason::OutsideGuardrail
+    );
+}
