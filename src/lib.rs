@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod cli;
+pub mod controller;
 pub mod plan;
 pub mod policy;

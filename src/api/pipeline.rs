@@ -416,6 +416,11 @@ pub struct AIPipelineStatus {
     #[serde(default)]
     pub denied: u32,
 
+    /// SHA-256 prefix of the decisions last written to the decision log. The operator records
+    /// a pipeline's decisions again only when they change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_decisions: Option<String>,
+
     /// Per stage: its identity and what it was granted and denied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]

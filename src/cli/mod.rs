@@ -1,7 +1,9 @@
 //! The `portcullis` command line.
 
+pub mod audit;
 pub mod load;
 pub mod output;
+pub mod run;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,6 +42,10 @@ pub enum Command {
     Plan(PlanArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
+    /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
+    Run(run::RunArgs),
+    /// Work with the decision log.
+    Audit(audit::AuditArgs),
 }
 
 /// Output formats of `plan`.
@@ -99,6 +105,8 @@ pub fn main() -> ExitCode {
             EXIT_ALLOWED
         }
         Command::Plan(args) => run_plan(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Audit(args) => audit::run(&args),
     };
     ExitCode::from(code)
 }

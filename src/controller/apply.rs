@@ -1,0 +1,495 @@
+//! Puts a plan's objects in place: server-side apply with field manager `portcullis` and an
+//! owner reference to the AIPipeline, pruning of objects no longer planned, drift detection, and
+//! refusal to take over objects Portcullis does not own.
+//!
+//! Work is split in two so that the decision log is written before anything changes:
+//! [`Applier::intents`] only reads (the metadata caches, and a GET where the cache cannot say),
+//! then the caller records the intents, then [`Applier::execute`] writes.
+//!
+//! Steady state costs no API writes: an object whose cached resourceVersion is the one our last
+//! apply returned, for the same desired content, is left alone. Any other resourceVersion means
+//! someone else wrote it; the live object is then compared with what we want, and re-applied
+//! (a drift revert) only when it differs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::plan::{Object, names};
+
+/// The field manager of every write Portcullis makes.
+pub const FIELD_MANAGER: &str = "portcullis";
+
+/// The metadata caches of the four kinds Portcullis manages (only objects labelled
+/// `app.kubernetes.io/managed-by: portcullis`).
+#[derive(Clone)]
+pub struct ChildStores {
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub roles: Store<PartialObjectMeta<Role>>,
+    pub role_bindings: Store<PartialObjectMeta<RoleBinding>>,
+    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+}
+
+/// (kind, namespace, name)
+pub type ObjectKey = (&'static str, String, String);
+
+/// What we last applied: the resourceVersion the API server returned and the hash of the
+/// content we sent.
+#[derive(Default)]
+pub struct AppliedState(Mutex<HashMap<ObjectKey, (String, String)>>);
+
+impl AppliedState {
+    fn get(&self, key: &ObjectKey) -> Option<(String, String)> {
+        self.0.lock().expect("applied-state lock").get(key).cloned()
+    }
+
+    fn set(&self, key: ObjectKey, rv: String, hash: String) {
+        self.0
+            .lock()
+            .expect("applied-state lock")
+            .insert(key, (rv, hash));
+    }
+
+    fn forget(&self, key: &ObjectKey) {
+        self.0.lock().expect("applied-state lock").remove(key);
+    }
+}
+
+/// What is about to happen to one object, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Intent {
+    /// The object does not exist: create it.
+    Create,
+    /// The plan changed: update it.
+    Update,
+    /// Someone else changed or deleted it: put it back.
+    RevertDrift,
+    /// No longer planned: delete it.
+    Prune { uid: String },
+    /// Exists and is not ours: leave it, and bind nothing of the stage to it.
+    RefuseAdoption { reason: String },
+}
+
+impl Intent {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Intent::Create => "create",
+            Intent::Update => "update",
+            Intent::RevertDrift => "drift-reverted",
+            Intent::Prune { .. } => "prune",
+            Intent::RefuseAdoption { .. } => "adoption-refused",
+        }
+    }
+}
+
+/// One planned change to one object.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// The stage the object belongs to.
+    pub stage: String,
+    pub intent: Intent,
+    /// The full object to apply (with owner reference), for create, update and drift revert.
+    pub desired: Option<Value>,
+    pub hash: String,
+}
+
+impl Change {
+    pub fn object(&self) -> String {
+        format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+
+    fn key(&self) -> ObjectKey {
+        (self.kind, self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// Reads and writes the managed objects.
+pub struct Applier<'a> {
+    pub client: &'a Client,
+    pub stores: &'a ChildStores,
+    pub applied: &'a AppliedState,
+}
+
+fn content_hash(v: &Value) -> String {
+    hex::encode(&Sha256::digest(v.to_string().as_bytes())[..16])
+}
+
+/// Whether every field set in `want` has the same value in `have`. Lists must have the same
+/// length (Portcullis's lists are atomic: a rule someone added is drift). Empty values count
+/// as absent, since the API server drops them.
+pub fn json_subset(want: &Value, have: &Value) -> bool {
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    };
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => w.iter().all(|(k, wv)| match h.get(k) {
+            Some(hv) => json_subset(wv, hv),
+            None => empty(wv),
+        }),
+        (Value::Array(w), Value::Array(h)) => {
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| json_subset(a, b))
+        }
+        (w, h) if empty(w) && empty(h) => true,
+        (w, h) => w == h,
+    }
+}
+
+fn owned_by(refs: &[OwnerReference], uid: &str) -> bool {
+    refs.iter().any(|r| r.uid == uid)
+}
+
+fn stage_of(object: &Object) -> String {
+    object
+        .metadata()
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(names::STAGE_LABEL))
+        .cloned()
+        .unwrap_or_default()
+}
+
+impl Applier<'_> {
+    /// The changes needed to put `objects` in place for the pipeline with `owner`, and to prune
+    /// what the pipeline no longer plans. Reads only.
+    pub async fn intents(
+        &self,
+        namespace: &str,
+        objects: &[Object],
+        owner: &OwnerReference,
+    ) -> kube::Result<Vec<Change>> {
+        let mut changes = Vec::new();
+        for object in objects {
+            let mut value = serde_json::to_value(object).expect("planned objects serialize");
+            value["metadata"]["ownerReferences"] = serde_json::json!([owner]);
+            let hash = content_hash(&value);
+            let stage = stage_of(object);
+            let intent = match object {
+                Object::ServiceAccount(_) => {
+                    self.intent::<ServiceAccount>(
+                        &self.stores.service_accounts,
+                        namespace,
+                        object.name(),
+                        &value,
+                        &hash,
+                        &owner.uid,
+                    )
+                    .await?
+                }
+                Object::Role(_) => {
+                    self.intent::<Role>(
+                        &self.stores.roles,
+                        namespace,
+                        object.name(),
+                        &value,
+                        &hash,
+                        &owner.uid,
+                    )
+                    .await?
+                }
+                Object::RoleBinding(_) => {
+                    self.intent::<RoleBinding>(
+                        &self.stores.role_bindings,
+                        namespace,
+                        object.name(),
+                        &value,
+                        &hash,
+                        &owner.uid,
+                    )
+                    .await?
+                }
+                Object::NetworkPolicy(_) => {
+                    self.intent::<NetworkPolicy>(
+                        &self.stores.network_policies,
+                        namespace,
+                        object.name(),
+                        &value,
+                        &hash,
+                        &owner.uid,
+                    )
+                    .await?
+                }
+            };
+            if let Some(intent) = intent {
+                changes.push(Change {
+                    kind: object.kind(),
+                    namespace: namespace.into(),
+                    name: object.name().into(),
+                    stage,
+                    intent,
+                    desired: Some(value),
+                    hash,
+                });
+            }
+        }
+        // A refused object makes its whole stage unsafe to apply: a RoleBinding must never bind a
+        // Role to a ServiceAccount that someone else controls.
+        let refused: BTreeSet<String> = changes
+            .iter()
+            .filter(|c| matches!(c.intent, Intent::RefuseAdoption { .. }))
+            .map(|c| c.stage.clone())
+            .collect();
+        changes.retain(|c| {
+            !refused.contains(&c.stage) || matches!(c.intent, Intent::RefuseAdoption { .. })
+        });
+
+        let planned: BTreeSet<(&str, &str)> =
+            objects.iter().map(|o| (o.kind(), o.name())).collect();
+        prune_candidates(
+            &self.stores.service_accounts,
+            "ServiceAccount",
+            namespace,
+            &owner.uid,
+            &planned,
+            &mut changes,
+        );
+        prune_candidates(
+            &self.stores.roles,
+            "Role",
+            namespace,
+            &owner.uid,
+            &planned,
+            &mut changes,
+        );
+        prune_candidates(
+            &self.stores.role_bindings,
+            "RoleBinding",
+            namespace,
+            &owner.uid,
+            &planned,
+            &mut changes,
+        );
+        prune_candidates(
+            &self.stores.network_policies,
+            "NetworkPolicy",
+            namespace,
+            &owner.uid,
+            &planned,
+            &mut changes,
+        );
+        Ok(changes)
+    }
+
+    async fn intent<K>(
+        &self,
+        store: &Store<PartialObjectMeta<K>>,
+        namespace: &str,
+        name: &str,
+        desired: &Value,
+        hash: &str,
+        uid: &str,
+    ) -> kube::Result<Option<Intent>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + std::fmt::Debug,
+    {
+        let kind = K::kind(&()).to_string();
+        let key: ObjectKey = (kind_str(&kind), namespace.to_string(), name.to_string());
+        let remembered = self.applied.get(&key);
+        let cached = store.get(&ObjectRef::new(name).within(namespace));
+        if let Some(meta) = &cached {
+            if !owned_by(meta.owner_references(), uid) {
+                return Ok(Some(refuse(&kind, namespace, name)));
+            }
+            let rv = meta.resource_version().unwrap_or_default();
+            if remembered
+                .as_ref()
+                .is_some_and(|(r, h)| *r == rv && h == hash)
+            {
+                return Ok(None);
+            }
+        }
+        // The cache cannot settle it: read the live object.
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let Some(live) = api.get_opt(name).await? else {
+            return Ok(Some(if remembered.is_some() {
+                Intent::RevertDrift
+            } else {
+                Intent::Create
+            }));
+        };
+        if !owned_by(live.owner_references(), uid) {
+            return Ok(Some(refuse(&kind, namespace, name)));
+        }
+        let live_value = serde_json::to_value(&live).expect("objects serialize");
+        let mut want = desired.clone();
+        if let Some(meta) = want.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("name");
+            meta.remove("namespace");
+        }
+        if json_subset(&want, &live_value) {
+            self.applied.set(
+                key,
+                live.resource_version().unwrap_or_default(),
+                hash.to_string(),
+            );
+            return Ok(None);
+        }
+        Ok(Some(match remembered {
+            Some((_, h)) if h == hash => Intent::RevertDrift,
+            _ => Intent::Update,
+        }))
+    }
+
+    /// Makes the changes. Returns, per change, the error if it failed.
+    pub async fn execute(&self, changes: &[Change]) -> Vec<Option<kube::Error>> {
+        let futures = changes.iter().map(|c| self.execute_one(c));
+        futures::future::join_all(futures)
+            .await
+            .into_iter()
+            .map(Result::err)
+            .collect()
+    }
+
+    async fn execute_one(&self, change: &Change) -> kube::Result<()> {
+        match (&change.intent, change.kind) {
+            (Intent::RefuseAdoption { .. }, _) => Ok(()),
+            (_, "ServiceAccount") => self.write::<ServiceAccount>(change).await,
+            (_, "Role") => self.write::<Role>(change).await,
+            (_, "RoleBinding") => self.write::<RoleBinding>(change).await,
+            (_, _) => self.write::<NetworkPolicy>(change).await,
+        }
+    }
+
+    async fn write<K>(&self, change: &Change) -> kube::Result<()>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &change.namespace);
+        match &change.intent {
+            Intent::Prune { uid } => {
+                self.applied.forget(&change.key());
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::background()
+                };
+                match api.delete(&change.name, &params).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                let desired = change.desired.as_ref().expect("applies carry the object");
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let applied = api
+                    .patch(&change.name, &params, &Patch::Apply(desired))
+                    .await?;
+                self.applied.set(
+                    change.key(),
+                    applied.resource_version().unwrap_or_default(),
+                    change.hash.clone(),
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+fn refuse(kind: &str, namespace: &str, name: &str) -> Intent {
+    Intent::RefuseAdoption {
+        reason: format!(
+            "{kind} {namespace}/{name} already exists and is not owned by this AIPipeline; Portcullis does not take over objects it did not create. Delete it if it is stale, or rename the stage"
+        ),
+    }
+}
+
+fn kind_str(kind: &str) -> &'static str {
+    match kind {
+        "ServiceAccount" => "ServiceAccount",
+        "Role" => "Role",
+        "RoleBinding" => "RoleBinding",
+        _ => "NetworkPolicy",
+    }
+}
+
+fn prune_candidates<K>(
+    store: &Store<PartialObjectMeta<K>>,
+    kind: &'static str,
+    namespace: &str,
+    uid: &str,
+    planned: &BTreeSet<(&str, &str)>,
+    out: &mut Vec<Change>,
+) where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let mut stale: Vec<_> = store
+        .state()
+        .into_iter()
+        .filter(|m| {
+            m.namespace().as_deref() == Some(namespace) && owned_by(m.owner_references(), uid)
+        })
+        .filter(|m| !planned.contains(&(kind, m.name_any().as_str())))
+        .collect();
+    stale.sort_by_key(|m| m.name_any());
+    for meta in stale {
+        out.push(Change {
+            kind,
+            namespace: namespace.into(),
+            name: meta.name_any(),
+            stage: meta
+                .labels()
+                .get(names::STAGE_LABEL)
+                .cloned()
+                .unwrap_or_default(),
+            intent: Intent::Prune {
+                uid: meta.uid().unwrap_or_default(),
+            },
+            desired: None,
+            hash: String::new(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn subset_ignores_server_defaults_but_not_changed_or_added_rules() {
+        let want =
+            json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]});
+        let defaulted = json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"], "resourceNames": []}], "extra": 1});
+        assert!(json_subset(&want, &defaulted));
+        let widened = json!({"rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]});
+        assert!(!json_subset(&want, &widened));
+        let added = json!({"rules": [
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+        ]});
+        assert!(!json_subset(&want, &added));
+        assert!(json_subset(&json!({"a": "", "b": []}), &json!({})));
+        assert!(!json_subset(
+            &json!({"automountServiceAccountToken": false}),
+            &json!({"automountServiceAccountToken": true})
+        ));
+    }
+}

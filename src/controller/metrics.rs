@@ -1,0 +1,143 @@
+//! Prometheus metrics, served on `/metrics`. Every name is documented in the README.
+
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok`, or the error's stable label (`Error::metric_label`).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub verdict: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub applied: Family<KindLabels, Counter>,
+    pub pruned: Family<KindLabels, Counter>,
+    pub drift_reverts: Family<KindLabels, Counter>,
+    pub adoptions_refused: Family<KindLabels, Counter>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "AIPipeline reconciles by result",
+            reconciles.clone(),
+        );
+        let reconcile_duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one AIPipeline reconcile takes",
+            reconcile_duration.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Access decisions recorded in the decision log, by verdict and reason",
+            decisions.clone(),
+        );
+        let applied = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "objects_applied",
+            "Objects created or updated, by kind",
+            applied.clone(),
+        );
+        let pruned = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "objects_pruned",
+            "Objects deleted because they are no longer planned",
+            pruned.clone(),
+        );
+        let drift_reverts = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "drift_reverts",
+            "Managed objects changed or deleted by someone else and put back, by kind",
+            drift_reverts.clone(),
+        );
+        let adoptions_refused = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "adoptions_refused",
+            "Existing objects Portcullis would not take over, by kind",
+            adoptions_refused.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_duration,
+            decisions,
+            applied,
+            pruned,
+            drift_reverts,
+            adoptions_refused,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn kind(family: &Family<KindLabels, Counter>, kind: &str) {
+        family
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// Starts timing a reconcile; the duration is observed when the timer is dropped.
+    pub fn time_reconcile(&self) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: &self.reconcile_duration,
+        }
+    }
+}
+
+/// Observes the reconcile duration when dropped, whatever way the reconcile ends.
+pub struct ReconcileTimer<'a> {
+    start: Instant,
+    histogram: &'a Histogram,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}

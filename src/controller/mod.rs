@@ -1,0 +1,453 @@
+//! `portcullis run`: the controller that applies plans to the cluster.
+//!
+//! It watches AIPipelines, AccessGuardrails and Namespaces (their labels), and the metadata of
+//! the objects it manages. A guardrail or namespace change re-reconciles exactly the pipelines
+//! it affects. Only the replica holding the leader Lease watches and writes; a replica that loses
+//! the lease exits, and its restart waits as a standby.
+
+mod apply;
+mod http;
+mod metrics;
+mod reconcile;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tracing::{error, info, warn};
+
+use apply::{AppliedState, ChildStores};
+pub use apply::{FIELD_MANAGER, json_subset};
+use metrics::{Metrics, ResultLabels};
+
+use crate::api::{AIPipeline, AccessGuardrail};
+use crate::audit::{AuditLog, Entry};
+use crate::plan::names;
+
+/// Everything a reconcile can fail with. Each has a stable label for metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("decision log: {0}")]
+    Audit(String),
+    #[error("applying the plan: {0}")]
+    Apply(String),
+    #[error("the AIPipeline has no namespace")]
+    NotNamespaced,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short, stable label for the `result` of `portcullis_reconciles_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_error",
+            Error::Audit(_) => "audit_error",
+            Error::Apply(_) => "apply_error",
+            Error::NotNamespaced => "not_namespaced",
+        }
+    }
+
+    /// How long to wait before retrying. A decision log that cannot be written stops all
+    /// changes (nothing may change unrecorded), and is retried slowly.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Error::Audit(_) => Duration::from_secs(30),
+            Error::NotNamespaced => Duration::from_secs(300),
+            Error::Kube(_) | Error::Apply(_) => Duration::from_secs(5),
+        }
+    }
+}
+
+/// Settings of `portcullis run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub audit_log: PathBuf,
+    pub audit_key: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub leader_election: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub concurrency: u16,
+    /// Watch and manage only this namespace.
+    pub watch_namespace: Option<String>,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub guardrails: Store<AccessGuardrail>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    children: ChildStores,
+    applied: AppliedState,
+    pub metrics: Arc<Metrics>,
+    audit: Arc<Mutex<AuditLog>>,
+    reporter: Reporter,
+}
+
+impl Context {
+    fn recorder(&self) -> Recorder {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+    }
+
+    /// A namespace's labels, with `kubernetes.io/metadata.name` (which clusters before 1.21 do
+    /// not set).
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .get(&ObjectRef::new(namespace))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+        labels
+    }
+
+    /// Appends to the decision log and waits until the records are on disk.
+    async fn record(&self, entries: Vec<Entry>) -> Result<()> {
+        let audit = self.audit.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut log = audit
+                .lock()
+                .map_err(|_| Error::Audit("the decision log lock is poisoned".into()))?;
+            log.append(&entries, chrono::Utc::now())
+                .map(|_| ())
+                .map_err(|e| Error::Audit(e.to_string()))
+        })
+        .await
+        .map_err(|e| Error::Audit(format!("the decision log writer stopped: {e}")))?
+    }
+}
+
+fn managed() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{}={}", names::MANAGED_BY.0, names::MANAGED_BY.1))
+}
+
+/// An Api over every namespace, or over the one being watched.
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
+pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
+    let key = crate::audit::load_key(&config.audit_key).map_err(|e| run_error(e.to_string()))?;
+    let audit = AuditLog::open(&config.audit_log, &key)
+        .map_err(|e| run_error(e.to_string()))?
+        .with_echo(Box::new(std::io::stdout()));
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(http::Health::default());
+    let listener = http::bind(config.metrics_addr).await.map_err(|e| {
+        run_error(format!(
+            "cannot listen on {} for /healthz, /readyz and /metrics: {e}",
+            config.metrics_addr
+        ))
+    })?;
+    info!(address = %config.metrics_addr, "serving /healthz, /readyz and /metrics");
+    tokio::spawn(http::serve(listener, health.clone(), metrics.clone()));
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    // Leader election: only the holder of the Lease watches and writes.
+    let mut lease = None;
+    if config.leader_election {
+        let manager =
+            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+                .with_namespace(&config.lease_namespace)
+                .with_identity(&config.identity)
+                .with_duration(15)
+                .with_grace(5)
+                .with_field_manager(FIELD_MANAGER)
+                .build()
+                .await
+                .map_err(|e| run_error(format!("leader election: {e}")))?;
+        let (mut is_leader, task) = manager.watch().await;
+        health.ready.store(true, Ordering::Relaxed);
+        info!(lease = %config.lease_name, namespace = %config.lease_namespace, identity = %config.identity, "waiting to become the leader");
+        loop {
+            if *is_leader.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                changed = is_leader.changed() => if changed.is_err() {
+                    return Err(run_error("leader election stopped"));
+                },
+                () = &mut shutdown => {
+                    info!("shutting down before becoming the leader");
+                    drop(is_leader);
+                    if let Ok(Ok(manager)) = task.await { let _ = manager.release().await; }
+                    return Ok(());
+                }
+            }
+        }
+        info!(identity = %config.identity, "became the leader");
+        metrics.leader.set(1);
+        lease = Some((is_leader, task));
+    }
+    health.ready.store(false, Ordering::Relaxed);
+
+    // Caches.
+    let namespace_config = match &config.watch_namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    let (guardrails, guardrail_writer) = reflector::store::<AccessGuardrail>();
+    let guardrail_events = reflector::reflector(
+        guardrail_writer,
+        watcher(
+            Api::<AccessGuardrail>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (namespaces, namespace_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let namespace_events = reflector::reflector(
+        namespace_writer,
+        watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            namespace_config,
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    macro_rules! child {
+        ($kind:ty) => {{
+            let (store, writer) = reflector::store::<PartialObjectMeta<$kind>>();
+            let stream = reflector::reflector(
+                writer,
+                watcher(
+                    scoped::<PartialObjectMeta<$kind>>(&client, &config.watch_namespace),
+                    managed(),
+                ),
+            )
+            .default_backoff()
+            .touched_objects();
+            (store, stream)
+        }};
+    }
+    let (service_accounts, sa_events) = child!(ServiceAccount);
+    let (roles, role_events) = child!(Role);
+    let (role_bindings, rb_events) = child!(RoleBinding);
+    let (network_policies, np_events) = child!(NetworkPolicy);
+    let children = ChildStores {
+        service_accounts,
+        roles,
+        role_bindings,
+        network_policies,
+    };
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        guardrails: guardrails.clone(),
+        namespaces: namespaces.clone(),
+        children: children.clone(),
+        applied: AppliedState::default(),
+        metrics: metrics.clone(),
+        audit: Arc::new(Mutex::new(audit)),
+        reporter: Reporter {
+            controller: "portcullis".into(),
+            instance: Some(config.identity.clone()),
+        },
+    });
+
+    let controller = Controller::new(
+        scoped::<AIPipeline>(&client, &config.watch_namespace),
+        watcher::Config::default(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
+    let pipelines = controller.store();
+    let guardrail_mapper = guardrail_mapper(pipelines.clone(), namespaces.clone());
+    let namespace_mapper = namespace_mapper(pipelines.clone());
+
+    let ready = {
+        let (g, n, c, health) = (
+            guardrails.clone(),
+            namespaces.clone(),
+            children.clone(),
+            health.clone(),
+        );
+        let pipelines = pipelines.clone();
+        async move {
+            let synced = async {
+                g.wait_until_ready().await?;
+                n.wait_until_ready().await?;
+                c.service_accounts.wait_until_ready().await?;
+                c.roles.wait_until_ready().await?;
+                c.role_bindings.wait_until_ready().await?;
+                c.network_policies.wait_until_ready().await?;
+                pipelines.wait_until_ready().await
+            };
+            if synced.await.is_ok() {
+                health.ready.store(true, Ordering::Relaxed);
+                info!("caches synced");
+            }
+        }
+    };
+    tokio::spawn(ready);
+
+    let lost_leadership = async move {
+        match lease {
+            Some((mut is_leader, _task)) => loop {
+                if is_leader.changed().await.is_err() || !*is_leader.borrow_and_update() {
+                    return;
+                }
+            },
+            None => futures::future::pending::<()>().await,
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+
+    let run = controller
+        .owns_stream(sa_events)
+        .owns_stream(role_events)
+        .owns_stream(rb_events)
+        .owns_stream(np_events)
+        .watches_stream(guardrail_events, guardrail_mapper)
+        .watches_stream(namespace_events, namespace_mapper)
+        .graceful_shutdown_on(stop)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|result| {
+            if result.is_ok() {
+                metrics
+                    .reconciles
+                    .get_or_create(&ResultLabels {
+                        result: "ok".into(),
+                    })
+                    .inc();
+            }
+            futures::future::ready(())
+        });
+    tokio::pin!(run);
+
+    let reason = tokio::select! {
+        () = &mut run => "the controller stopped",
+        () = &mut shutdown => "shutdown requested",
+        () = lost_leadership => "lost the leader Lease",
+    };
+    info!(reason, "stopping: finishing the reconciles in flight");
+    let _ = stop_tx.send(reason);
+    if tokio::time::timeout(Duration::from_secs(20), &mut run)
+        .await
+        .is_err()
+    {
+        warn!("reconciles did not finish within 20 s");
+    }
+    metrics.leader.set(0);
+    if reason == "lost the leader Lease" {
+        error!(
+            "another replica holds the leader Lease now; exiting so that this one restarts as a standby"
+        );
+        return Err(run_error("lost the leader Lease"));
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The pipelines a guardrail change affects: those in namespaces its old or new selector
+/// matches, with a stage of a role its old or new version sets a ceiling for.
+fn guardrail_mapper(
+    pipelines: Store<AIPipeline>,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+) -> impl Fn(AccessGuardrail) -> Vec<ObjectRef<AIPipeline>> + Send + Sync + 'static {
+    let last_seen: Mutex<HashMap<String, AccessGuardrail>> = Mutex::default();
+    move |guardrail| {
+        let previous = last_seen
+            .lock()
+            .expect("guardrail map lock")
+            .insert(guardrail.name_any(), guardrail.clone());
+        let versions: Vec<&AccessGuardrail> = std::iter::once(&guardrail)
+            .chain(previous.as_ref())
+            .collect();
+        pipelines
+            .state()
+            .iter()
+            .filter(|p| {
+                let ns = p.namespace().unwrap_or_default();
+                let mut labels = namespaces
+                    .get(&ObjectRef::new(&ns))
+                    .map(|n| n.labels().clone())
+                    .unwrap_or_default();
+                labels.insert("kubernetes.io/metadata.name".into(), ns);
+                versions.iter().any(|g| {
+                    crate::policy::selects(&g.spec.namespace_selector, &labels)
+                        && p.spec
+                            .stages
+                            .iter()
+                            .any(|s| g.spec.roles.get(s.role).is_some())
+                })
+            })
+            .map(|p| ObjectRef::from_obj(&**p))
+            .collect()
+    }
+}
+
+/// The pipelines a namespace change affects: those in the namespace, when its labels changed.
+fn namespace_mapper(
+    pipelines: Store<AIPipeline>,
+) -> impl Fn(PartialObjectMeta<Namespace>) -> Vec<ObjectRef<AIPipeline>> + Send + Sync + 'static {
+    let last_seen: Mutex<HashMap<String, BTreeMap<String, String>>> = Mutex::default();
+    move |namespace| {
+        let name = namespace.name_any();
+        let labels = namespace.labels().clone();
+        let previous = last_seen
+            .lock()
+            .expect("namespace map lock")
+            .insert(name.clone(), labels.clone());
+        if previous.as_ref() == Some(&labels) {
+            return Vec::new();
+        }
+        pipelines
+            .state()
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(name.as_str()))
+            .map(|p| ObjectRef::from_obj(&**p))
+            .collect()
+    }
+}
+
+/// Why `portcullis run` could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RunError(pub String);
+
+fn run_error(message: impl Into<String>) -> RunError {
+    RunError(message.into())
+}

@@ -1,0 +1,251 @@
+//! The AIPipeline's status, built from the plan and what applying it did. Pure.
+//!
+//! Conditions follow the Kubernetes API conventions: `lastTransitionTime` changes only when a
+//! condition's status changes, so an unchanged pipeline's status is byte-identical and is not
+//! written again.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{AIPipelineStatus, DeniedItem, StageStatus};
+use crate::plan::Plan;
+
+/// Denied items listed per stage in the status; the rest are counted, and all are in the
+/// decision log.
+pub const MAX_DENIED_ITEMS: usize = 50;
+
+/// What applying the plan came to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    /// Objects Portcullis refused to take over, as `Kind namespace/name`, with the stage.
+    pub refused: Vec<(String, String)>,
+    /// Errors while applying or pruning, as messages.
+    pub errors: Vec<String>,
+}
+
+/// The condition types Portcullis sets.
+pub mod types {
+    pub const READY: &str = "Ready";
+    pub const GUARDRAILS_SATISFIED: &str = "GuardrailsSatisfied";
+    pub const DEGRADED: &str = "Degraded";
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// Keeps `lastTransitionTime` of conditions whose status did not change; stamps `now` on the
+/// others.
+pub fn carry_transitions(new: &mut [Condition], old: &[Condition], now: Time) {
+    for c in new.iter_mut() {
+        c.last_transition_time = match old.iter().find(|o| o.type_ == c.type_) {
+            Some(o) if o.status == c.status => o.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+    }
+}
+
+/// The status for a plan that was applied with `outcome`.
+pub fn for_plan(
+    plan: &Plan,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    old: Option<&AIPipelineStatus>,
+    now: Time,
+) -> AIPipelineStatus {
+    let denied = plan.denied() as u32;
+    let stages = plan
+        .stages
+        .iter()
+        .map(|s| {
+            let denied_items: Vec<DeniedItem> = plan
+                .decisions
+                .iter()
+                .filter(|d| d.stage == s.name && !d.is_allowed())
+                .take(MAX_DENIED_ITEMS)
+                .map(|d| DeniedItem {
+                    item: d.item.to_string(),
+                    reason: d.reason.as_str().into(),
+                    message: d.message.clone(),
+                })
+                .collect();
+            let refused = outcome.refused.iter().any(|(stage, _)| *stage == s.name);
+            StageStatus {
+                name: s.name.clone(),
+                service_account: (!refused).then(|| s.service_account.clone()),
+                granted: s.granted,
+                denied: s.denied,
+                denied_items,
+                credentials: Vec::new(),
+            }
+        })
+        .collect();
+
+    let ready = outcome.refused.is_empty() && outcome.errors.is_empty();
+    let ready_condition = if !outcome.refused.is_empty() {
+        let objects: Vec<String> = outcome
+            .refused
+            .iter()
+            .map(|(stage, o)| format!("{o} (stage {stage})"))
+            .collect();
+        condition(
+            types::READY,
+            false,
+            "AdoptionRefused",
+            format!(
+                "{} already exist and are not Portcullis's; nothing of those stages is bound to them. Delete or rename them, or rename the stage",
+                objects.join(", ")
+            ),
+            generation,
+        )
+    } else if !outcome.errors.is_empty() {
+        condition(
+            types::READY,
+            false,
+            "ApplyFailed",
+            outcome.errors.join("; "),
+            generation,
+        )
+    } else {
+        condition(
+            types::READY,
+            true,
+            "Reconciled",
+            format!(
+                "{} stages have their identities, RBAC and network policies",
+                plan.stages.len()
+            ),
+            generation,
+        )
+    };
+    let guardrails = if denied == 0 {
+        condition(
+            types::GUARDRAILS_SATISFIED,
+            true,
+            "AllAllowed",
+            "everything requested is allowed".into(),
+            generation,
+        )
+    } else {
+        let first = plan
+            .decisions
+            .iter()
+            .find(|d| !d.is_allowed())
+            .map(|d| format!("; first: stage {} {} [{}]", d.stage, d.item, d.reason))
+            .unwrap_or_default();
+        condition(
+            types::GUARDRAILS_SATISFIED,
+            false,
+            "ItemsDenied",
+            format!(
+                "{denied} requested items are denied and not granted{first}; see status.stages[].deniedItems"
+            ),
+            generation,
+        )
+    };
+    let degraded = condition(
+        types::DEGRADED,
+        !ready,
+        if ready {
+            "Healthy"
+        } else if outcome.refused.is_empty() {
+            "ApplyFailed"
+        } else {
+            "AdoptionRefused"
+        },
+        if ready {
+            "nothing is wrong".into()
+        } else {
+            "see the Ready condition".into()
+        },
+        generation,
+    );
+    let mut conditions = vec![ready_condition, guardrails, degraded];
+    carry_transitions(
+        &mut conditions,
+        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+        now,
+    );
+    AIPipelineStatus {
+        observed_generation: generation,
+        conditions,
+        denied,
+        stages,
+        recorded_decisions: None,
+    }
+}
+
+/// The status of a pipeline whose spec is invalid: nothing was applied.
+pub fn invalid(
+    errors: &[String],
+    generation: Option<i64>,
+    old: Option<&AIPipelineStatus>,
+    now: Time,
+) -> AIPipelineStatus {
+    let message = format!(
+        "the spec is invalid, nothing was changed: {}",
+        errors.join("; ")
+    );
+    let mut conditions = vec![
+        condition(
+            types::READY,
+            false,
+            "InvalidSpec",
+            message.clone(),
+            generation,
+        ),
+        condition(types::DEGRADED, true, "InvalidSpec", message, generation),
+    ];
+    carry_transitions(
+        &mut conditions,
+        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+        now,
+    );
+    AIPipelineStatus {
+        observed_generation: generation,
+        conditions,
+        denied: old.map(|s| s.denied).unwrap_or_default(),
+        stages: old.map(|s| s.stages.clone()).unwrap_or_default(),
+        recorded_decisions: old.and_then(|s| s.recorded_decisions.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid time"))
+    }
+
+    #[test]
+    fn transition_time_is_kept_while_status_is_unchanged() {
+        let old = vec![condition("Ready", true, "Reconciled", "a".into(), Some(1))];
+        let mut old = old;
+        old[0].last_transition_time = t(100);
+        let mut same = vec![condition("Ready", true, "Reconciled", "b".into(), Some(2))];
+        carry_transitions(&mut same, &old, t(200));
+        assert_eq!(same[0].last_transition_time, t(100));
+        let mut flipped = vec![condition(
+            "Ready",
+            false,
+            "ApplyFailed",
+            "c".into(),
+            Some(2),
+        )];
+        carry_transitions(&mut flipped, &old, t(300));
+        assert_eq!(flipped[0].last_transition_time, t(300));
+    }
+}
