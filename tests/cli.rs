@@ -23,6 +23,11 @@ fn text(bytes: &[u8]) -> String {
 
 /// Writes `yaml` to a temporary file and plans it with the example guardrails.
 fn plan_yaml(yaml: &str) -> (i32, String, String) {
+    plan_yaml_with(yaml, &[])
+}
+
+/// [`plan_yaml`] with more arguments, such as `-o yaml`.
+fn plan_yaml_with(yaml: &str, more: &[&str]) -> (i32, String, String) {
     let dir = std::env::temp_dir().join(format!(
         "portcullis-cli-{}-{}",
         std::process::id(),
@@ -33,14 +38,16 @@ fn plan_yaml(yaml: &str) -> (i32, String, String) {
     std::fs::File::create(&file)
         .and_then(|mut f| f.write_all(yaml.as_bytes()))
         .expect("input written");
-    let out = portcullis(&[
+    let mut args = vec![
         "plan",
         "-f",
         file.to_str().expect("UTF-8 path"),
         "examples/namespaces.yaml",
         "--guardrails",
         "examples/guardrails",
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let out = portcullis(&args);
     std::fs::remove_dir_all(&dir).expect("temp dir removed");
     (
         out.status.code().expect("exit code"),
@@ -159,6 +166,32 @@ fn the_same_pipeline_twice_is_an_error() {
         stderr.contains("document 2") && stderr.contains("also defined in"),
         "{stderr}"
     );
+}
+
+#[test]
+fn problems_across_pipelines_stop_every_format_before_anything_is_printed() {
+    // A valid pipeline, two whose stage objects would share a name, then the first again. The
+    // table and the YAML are written pipeline by pipeline, but only once every check passed.
+    let a = VALID
+        .replace("name: scorer", "name: a")
+        .replace("name: serve", "name: b-c");
+    let b = VALID
+        .replace("name: scorer", "name: a-b")
+        .replace("name: serve", "name: c");
+    let yaml = format!("{VALID}---\n{a}---\n{b}---\n{VALID}");
+    for format in ["table", "yaml", "json"] {
+        let (code, stdout, stderr) = plan_yaml_with(&yaml, &["-o", format]);
+        assert_eq!(code, 2, "-o {format}: {stdout}{stderr}");
+        assert!(stdout.is_empty(), "-o {format} printed: {stdout}");
+        assert_no_internals(&stderr);
+        for expected in [
+            "document 3 (AIPipeline ml-fraud/a-b): spec.stages: stage \"c\" would be named a-b-c like stage \"b-c\" of pipeline \"a\" in the same namespace",
+            "document 4 (AIPipeline ml-fraud/scorer): metadata.name: the same pipeline is also defined in",
+            "2 error(s); nothing was planned.",
+        ] {
+            assert!(stderr.contains(expected), "-o {format}: {stderr}");
+        }
+    }
 }
 
 #[test]

@@ -30,11 +30,63 @@ impl fmt::Display for FieldError {
 struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    fn push(&mut self, field: impl fmt::Display, message: impl Into<String>) {
         self.0.push(FieldError {
-            field: field.into(),
+            field: field.to_string(),
             message: message.into(),
         });
+    }
+}
+
+/// A field path such as `spec.stages[1].name`, written out only when an error names it: valid
+/// input, the common case, costs no strings.
+#[derive(Clone, Copy)]
+struct Field<'a> {
+    parent: Option<&'a Field<'a>>,
+    part: Part<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+impl<'a> Field<'a> {
+    fn root(key: &'a str) -> Field<'a> {
+        Field {
+            parent: None,
+            part: Part::Key(key),
+        }
+    }
+
+    /// `self.key`
+    fn key(&'a self, key: &'a str) -> Field<'a> {
+        Field {
+            parent: Some(self),
+            part: Part::Key(key),
+        }
+    }
+
+    /// `self[index]`
+    fn at(&'a self, index: usize) -> Field<'a> {
+        Field {
+            parent: Some(self),
+            part: Part::Index(index),
+        }
+    }
+}
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(parent) = self.parent {
+            write!(f, "{parent}")?;
+        }
+        match self.part {
+            Part::Key(key) if self.parent.is_some() => write!(f, ".{key}"),
+            Part::Key(key) => f.write_str(key),
+            Part::Index(index) => write!(f, "[{index}]"),
+        }
     }
 }
 
@@ -153,7 +205,21 @@ fn is_vault_secret_path(s: &str) -> bool {
     is_vault_acl_path(s) && !s.contains(['*', '+'])
 }
 
-fn check_selector(errors: &mut Errors, field: &str, selector: &LabelSelector) {
+fn check_selector(errors: &mut Errors, field: &Field<'_>, selector: &LabelSelector) {
+    // What kube's Selector refuses: an unknown operator, or In or NotIn without values. Most
+    // selectors have neither, and need not be copied to find out.
+    let plain = selector
+        .match_expressions
+        .iter()
+        .flatten()
+        .all(|r| match r.operator.as_str() {
+            "In" | "NotIn" => r.values.is_some(),
+            "Exists" | "DoesNotExist" => true,
+            _ => false,
+        });
+    if plain {
+        return;
+    }
     if let Err(e) = kube::core::Selector::try_from(selector.clone()) {
         errors.push(
             field,
@@ -164,21 +230,21 @@ fn check_selector(errors: &mut Errors, field: &str, selector: &LabelSelector) {
     }
 }
 
-fn check_ports(errors: &mut Errors, field: &str, ports: &[NetworkPort]) {
+fn check_ports(errors: &mut Errors, field: &Field<'_>, ports: &[NetworkPort]) {
     if ports.len() > 16 {
         errors.push(field, "at most 16 ports; split the rule in two");
     }
     for (i, p) in ports.iter().enumerate() {
         if p.port == 0 {
             errors.push(
-                format!("{field}[{i}].port"),
+                field.at(i).key("port"),
                 "port 0 is not a port; use 1 to 65535",
             );
         }
     }
 }
 
-fn check_duration(errors: &mut Errors, field: &str, value: &str) {
+fn check_duration(errors: &mut Errors, field: &Field<'_>, value: &str) {
     match parse_duration(value) {
         Some(0) => errors.push(field, format!("{value:?} is zero; give a lifetime such as 15m")),
         Some(_) if value.len() <= 16 => {}
@@ -222,11 +288,12 @@ pub fn validate_pipeline(pipeline: &AIPipeline) -> Vec<FieldError> {
     }
     let mut names = BTreeSet::new();
     let mut secrets: Vec<(&str, &str)> = Vec::new();
+    let stages_field = Field::root("spec.stages");
     for (i, stage) in stages.iter().enumerate() {
-        let field = format!("spec.stages[{i}]");
+        let field = stages_field.at(i);
         if !names.insert(stage.name.as_str()) {
             errors.push(
-                format!("{field}.name"),
+                field.key("name"),
                 format!(
                     "stage {:?} appears twice; give every stage its own name",
                     stage.name
@@ -237,7 +304,7 @@ pub fn validate_pipeline(pipeline: &AIPipeline) -> Vec<FieldError> {
         for (j, c) in stage.vault.iter().flat_map(|v| &v.credentials).enumerate() {
             if let Some((other, _)) = secrets.iter().find(|(_, s)| *s == c.secret_name) {
                 errors.push(
-                    format!("{field}.vault.credentials[{j}].secretName"),
+                    format_args!("{field}.vault.credentials[{j}].secretName"),
                     format!(
                         "Secret {:?} already receives credentials of stage {other:?}; give each credential its own secretName",
                         c.secret_name
@@ -251,10 +318,10 @@ pub fn validate_pipeline(pipeline: &AIPipeline) -> Vec<FieldError> {
     errors.0
 }
 
-fn check_stage(errors: &mut Errors, field: &str, stage: &Stage) {
+fn check_stage(errors: &mut Errors, field: &Field<'_>, stage: &Stage) {
     if stage.name.len() > 40 || !is_dns_label(&stage.name) {
         errors.push(
-            format!("{field}.name"),
+            field.key("name"),
             format!(
                 "{:?} is not a stage name; use at most 40 lower-case letters, digits and '-', starting and ending with a letter or digit",
                 stage.name
@@ -262,42 +329,46 @@ fn check_stage(errors: &mut Errors, field: &str, stage: &Stage) {
         );
     }
     if let Some(selector) = &stage.pod_selector {
-        check_selector(errors, &format!("{field}.podSelector"), selector);
+        check_selector(errors, &field.key("podSelector"), selector);
     }
+    let permissions = field.key("permissions");
     if stage.permissions.len() > 32 {
         errors.push(
-            format!("{field}.permissions"),
+            permissions,
             "at most 32 rules; merge rules that share verbs",
         );
     }
     for (i, rule) in stage.permissions.iter().enumerate() {
-        check_permission(errors, &format!("{field}.permissions[{i}]"), rule);
+        check_permission(errors, &permissions.at(i), rule);
     }
     if let Some(network) = &stage.network {
+        let network_field = field.key("network");
+        let egress = network_field.key("egress");
         for (i, rule) in network.egress.iter().enumerate() {
-            check_egress(errors, &format!("{field}.network.egress[{i}]"), rule);
+            check_egress(errors, &egress.at(i), rule);
         }
+        let ingress = network_field.key("ingress");
         for (i, rule) in network.ingress.iter().enumerate() {
-            check_ingress(errors, &format!("{field}.network.ingress[{i}]"), rule);
+            check_ingress(errors, &ingress.at(i), rule);
         }
         for (list, len) in [
             ("egress", network.egress.len()),
             ("ingress", network.ingress.len()),
         ] {
             if len > 32 {
-                errors.push(format!("{field}.network.{list}"), "at most 32 rules");
+                errors.push(network_field.key(list), "at most 32 rules");
             }
         }
     }
     if let Some(vault) = &stage.vault {
-        check_vault(errors, &format!("{field}.vault"), vault);
+        check_vault(errors, &field.key("vault"), vault);
     }
 }
 
 /// (field name, values, check, a valid example)
 type ListCheck<'a> = (&'a str, &'a [String], fn(&str) -> bool, &'a str);
 
-fn check_permission(errors: &mut Errors, field: &str, rule: &PermissionRule) {
+fn check_permission(errors: &mut Errors, field: &Field<'_>, rule: &PermissionRule) {
     let lists: [ListCheck<'_>; 3] = [
         (
             "apiGroups",
@@ -319,32 +390,27 @@ fn check_permission(errors: &mut Errors, field: &str, rule: &PermissionRule) {
         ),
     ];
     for (name, values, valid, hint) in lists {
+        let list = field.key(name);
         if values.is_empty() {
-            errors.push(
-                format!("{field}.{name}"),
-                format!("empty; list at least one, such as {hint}"),
-            );
+            errors.push(list, format!("empty; list at least one, such as {hint}"));
         }
         for (i, v) in values.iter().enumerate() {
             if !valid(v) {
-                errors.push(
-                    format!("{field}.{name}[{i}]"),
-                    format!("{v:?} is not valid; use {hint}"),
-                );
+                errors.push(list.at(i), format!("{v:?} is not valid; use {hint}"));
             }
         }
     }
     for (i, n) in rule.resource_names.iter().enumerate() {
         if n.is_empty() || n.len() > 253 || n.contains('/') {
             errors.push(
-                format!("{field}.resourceNames[{i}]"),
+                field.key("resourceNames").at(i),
                 format!("{n:?} is not an object name; use the name of one object"),
             );
         }
     }
 }
 
-fn check_egress(errors: &mut Errors, field: &str, rule: &EgressRule) {
+fn check_egress(errors: &mut Errors, field: &Field<'_>, rule: &EgressRule) {
     match (&rule.cidr, &rule.namespace) {
         (Some(_), Some(_)) | (None, None) => errors.push(
             field,
@@ -355,29 +421,30 @@ fn check_egress(errors: &mut Errors, field: &str, rule: &EgressRule) {
     if let Some(cidr) = &rule.cidr
         && let Err(e) = parse_cidr(cidr)
     {
-        errors.push(format!("{field}.cidr"), e);
+        errors.push(field.key("cidr"), e);
     }
     if let Some(ns) = &rule.namespace
         && !is_dns_label(ns)
     {
         errors.push(
-            format!("{field}.namespace"),
+            field.key("namespace"),
             format!("{ns:?} is not a namespace name"),
         );
     }
     if let Some(selector) = &rule.pod_selector {
+        let pod_selector = field.key("podSelector");
         if rule.namespace.is_none() {
             errors.push(
-                format!("{field}.podSelector"),
+                pod_selector,
                 "podSelector narrows a namespace destination; set namespace too, or remove podSelector",
             );
         }
-        check_selector(errors, &format!("{field}.podSelector"), selector);
+        check_selector(errors, &pod_selector, selector);
     }
-    check_ports(errors, &format!("{field}.ports"), &rule.ports);
+    check_ports(errors, &field.key("ports"), &rule.ports);
 }
 
-fn check_ingress(errors: &mut Errors, field: &str, rule: &IngressRule) {
+fn check_ingress(errors: &mut Errors, field: &Field<'_>, rule: &IngressRule) {
     let by_labels = rule.from_namespace_selector.is_some() || rule.from_pod_selector.is_some();
     if rule.from_cidr.is_some() == by_labels {
         errors.push(
@@ -388,22 +455,23 @@ fn check_ingress(errors: &mut Errors, field: &str, rule: &IngressRule) {
     if let Some(cidr) = &rule.from_cidr
         && let Err(e) = parse_cidr(cidr)
     {
-        errors.push(format!("{field}.fromCIDR"), e);
+        errors.push(field.key("fromCIDR"), e);
     }
     if let Some(s) = &rule.from_namespace_selector {
-        check_selector(errors, &format!("{field}.fromNamespaceSelector"), s);
+        check_selector(errors, &field.key("fromNamespaceSelector"), s);
     }
     if let Some(s) = &rule.from_pod_selector {
-        check_selector(errors, &format!("{field}.fromPodSelector"), s);
+        check_selector(errors, &field.key("fromPodSelector"), s);
     }
-    check_ports(errors, &format!("{field}.ports"), &rule.ports);
+    check_ports(errors, &field.key("ports"), &rule.ports);
 }
 
-fn check_vault(errors: &mut Errors, field: &str, vault: &StageVault) {
+fn check_vault(errors: &mut Errors, field: &Field<'_>, vault: &StageVault) {
+    let policies = field.key("policies");
     for (i, rule) in vault.policies.iter().enumerate() {
         if !is_vault_acl_path(&rule.path) || rule.path.len() > 512 {
             errors.push(
-                format!("{field}.policies[{i}].path"),
+                policies.at(i).key("path"),
                 format!(
                     "{:?} is not a Vault path; use letters, digits and -_.@=:,~+/ without a leading '/', with '*' only at the end, such as kv/data/team/app/*",
                     rule.path
@@ -412,49 +480,50 @@ fn check_vault(errors: &mut Errors, field: &str, vault: &StageVault) {
         }
         if rule.capabilities.is_empty() {
             errors.push(
-                format!("{field}.policies[{i}].capabilities"),
+                policies.at(i).key("capabilities"),
                 "empty; list at least one, such as read",
             );
         }
     }
     if let Some(ttl) = &vault.token_ttl {
-        check_duration(errors, &format!("{field}.tokenTTL"), ttl);
+        check_duration(errors, &field.key("tokenTTL"), ttl);
     }
     let mut names = BTreeSet::new();
+    let credentials = field.key("credentials");
     for (i, c) in vault.credentials.iter().enumerate() {
-        let f = format!("{field}.credentials[{i}]");
+        let f = credentials.at(i);
         if !is_dns_label(&c.name) {
             errors.push(
-                format!("{f}.name"),
+                f.key("name"),
                 format!("{:?} is not a DNS-1123 label", c.name),
             );
         }
         if !names.insert(c.name.as_str()) {
             errors.push(
-                format!("{f}.name"),
+                f.key("name"),
                 format!("credential {:?} appears twice in the stage", c.name),
             );
         }
         if !is_vault_secret_path(&c.path) || c.path.len() > 512 {
             errors.push(
-                format!("{f}.path"),
+                f.key("path"),
                 format!(
                     "{:?} is not a concrete Vault path; name the path that issues credentials, such as database/creds/reader: letters, digits and -_.@=:,~/ without '*' or '+'",
                     c.path
                 ),
             );
         }
-        check_duration(errors, &format!("{f}.ttl"), &c.ttl);
+        check_duration(errors, &f.key("ttl"), &c.ttl);
         if !is_dns_subdomain(&c.secret_name) {
             errors.push(
-                format!("{f}.secretName"),
+                f.key("secretName"),
                 format!("{:?} is not a Secret name", c.secret_name),
             );
         }
         for (j, t) in c.restart_targets.iter().enumerate() {
             if !is_dns_subdomain(&t.name) {
                 errors.push(
-                    format!("{f}.restartTargets[{j}].name"),
+                    f.key("restartTargets").at(j).key("name"),
                     format!("{:?} is not a workload name", t.name),
                 );
             }
@@ -470,54 +539,55 @@ pub fn validate_guardrail(guardrail: &AccessGuardrail) -> Vec<FieldError> {
     }
     check_selector(
         &mut errors,
-        "spec.namespaceSelector",
+        &Field::root("spec.namespaceSelector"),
         &guardrail.spec.namespace_selector,
     );
+    let roles = Field::root("spec.roles");
     for role in super::StageRole::ALL {
         if let Some(ceiling) = guardrail.spec.roles.get(role) {
-            check_ceiling(
-                &mut errors,
-                &format!("spec.roles.{}", role.guardrail_field()),
-                ceiling,
-            );
+            check_ceiling(&mut errors, &roles.key(role.guardrail_field()), ceiling);
         }
     }
     errors.0
 }
 
-fn check_ceiling(errors: &mut Errors, field: &str, ceiling: &Ceiling) {
+fn check_ceiling(errors: &mut Errors, field: &Field<'_>, ceiling: &Ceiling) {
+    let kubernetes = field.key("kubernetes");
     for (i, k) in ceiling.kubernetes.iter().enumerate() {
-        let f = format!("{field}.kubernetes[{i}]");
+        let f = kubernetes.at(i);
         for (name, values, valid) in [
             ("apiGroups", &k.api_groups, is_api_group as fn(&str) -> bool),
             ("resources", &k.resources, is_resource),
             ("verbs", &k.verbs, is_verb),
         ] {
+            let list = f.key(name);
             if values.is_empty() {
-                errors.push(format!("{f}.{name}"), "empty; list at least one");
+                errors.push(list, "empty; list at least one");
             }
             for (j, v) in values.iter().enumerate() {
                 if !valid(v) {
-                    errors.push(format!("{f}.{name}[{j}]"), format!("{v:?} is not valid"));
+                    errors.push(list.at(j), format!("{v:?} is not valid"));
                 }
             }
         }
     }
     for (i, cidr) in ceiling.network.egress_cidrs.iter().enumerate() {
         if let Err(e) = parse_cidr(cidr) {
-            errors.push(format!("{field}.network.egressCIDRs[{i}]"), e);
+            errors.push(format_args!("{field}.network.egressCIDRs[{i}]"), e);
         }
     }
     for (i, ns) in ceiling.network.egress_namespaces.iter().enumerate() {
         if ns != "{namespace}" && !is_dns_label(ns) {
             errors.push(
-                format!("{field}.network.egressNamespaces[{i}]"),
+                format_args!("{field}.network.egressNamespaces[{i}]"),
                 format!("{ns:?} is not a namespace name; use a name or {{namespace}}"),
             );
         }
     }
+    let vault = field.key("vault");
+    let paths = vault.key("paths");
     for (i, p) in ceiling.vault.paths.iter().enumerate() {
-        let f = format!("{field}.vault.paths[{i}]");
+        let f = paths.at(i);
         let filled = p
             .pattern
             .replace("{namespace}", "n")
@@ -525,7 +595,7 @@ fn check_ceiling(errors: &mut Errors, field: &str, ceiling: &Ceiling) {
             .replace("{stage}", "s");
         if !is_vault_acl_path(&filled) || p.pattern.len() > 512 {
             errors.push(
-                format!("{f}.pattern"),
+                f.key("pattern"),
                 format!(
                     "{:?} is not a Vault path pattern; use letters, digits, -_.@=:,~+/ and the placeholders {{namespace}}, {{pipeline}}, {{stage}}, with '*' only at the end",
                     p.pattern
@@ -541,7 +611,7 @@ fn check_ceiling(errors: &mut Errors, field: &str, ceiling: &Ceiling) {
                 }
                 _ => {
                     errors.push(
-                        format!("{f}.pattern"),
+                        f.key("pattern"),
                         "unknown placeholder; only {namespace}, {pipeline} and {stage} are replaced",
                     );
                     break;
@@ -550,13 +620,13 @@ fn check_ceiling(errors: &mut Errors, field: &str, ceiling: &Ceiling) {
         }
         if p.capabilities.is_empty() {
             errors.push(
-                format!("{f}.capabilities"),
+                f.key("capabilities"),
                 "empty; list at least one, such as read",
             );
         }
     }
     if let Some(ttl) = &ceiling.vault.max_ttl {
-        check_duration(errors, &format!("{field}.vault.maxTTL"), ttl);
+        check_duration(errors, &vault.key("maxTTL"), ttl);
     }
 }
 

@@ -6,6 +6,7 @@ pub mod output;
 pub mod run;
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,7 +121,12 @@ fn report(errors: &[InputError]) -> u8 {
     EXIT_INVALID
 }
 
-/// `portcullis plan`: reads, plans, prints, and returns the exit code.
+/// `portcullis plan`: reads, checks, plans, prints, and returns the exit code.
+///
+/// Everything that can make the input invalid is found before anything is printed: the
+/// pipelines are validated as they are read, and the checks across pipelines need only names.
+/// The table and the YAML are then written one pipeline at a time, each plan dropped once it is
+/// written; the JSON document needs every plan at once.
 pub fn run_plan(args: &PlanArgs) -> u8 {
     let mut inputs = Inputs::default();
     inputs.read(&args.files, Expect::Anything);
@@ -131,91 +137,149 @@ pub fn run_plan(args: &PlanArgs) -> u8 {
     if !inputs.errors.is_empty() {
         return report(&inputs.errors);
     }
-    let (plans, errors) = plan_all(&inputs, args);
+    let (guardrails, errors) = check_all(&inputs, args);
     if !errors.is_empty() {
         return report(&errors);
     }
-    let text = match args.output {
-        Format::Table => output::table(&plans),
-        Format::Yaml => output::yaml(&plans),
-        Format::Json => output::json(&plans),
+    let mut stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let mut denied = false;
+    let written = match args.output {
+        Format::Table => {
+            let mut table = output::TableWriter::new(&mut stdout);
+            plan_each(&inputs, args, &guardrails, |plan| {
+                denied |= plan.denied() > 0;
+                table.plan(&plan)
+            })
+            .and_then(|()| table.finish().map(drop))
+        }
+        Format::Yaml => {
+            let mut yaml = output::YamlWriter::new(&mut stdout);
+            plan_each(&inputs, args, &guardrails, |plan| {
+                denied |= plan.denied() > 0;
+                yaml.plan(&plan)
+            })
+            .and_then(|()| yaml.finish().map(drop))
+        }
+        Format::Json => {
+            let mut plans = Vec::with_capacity(inputs.pipelines.len());
+            let _ = plan_each(&inputs, args, &guardrails, |plan| {
+                plans.push(plan);
+                Ok(())
+            });
+            denied = plans.iter().any(|p| p.denied() > 0);
+            output::write_json(&plans, &mut stdout)
+        }
     };
-    let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
+    if written.and_then(|()| stdout.flush()).is_err() {
         return EXIT_FAILURE;
     }
-    if plans.iter().any(|p| p.denied() > 0) {
-        EXIT_DENIED
-    } else {
-        EXIT_ALLOWED
-    }
+    if denied { EXIT_DENIED } else { EXIT_ALLOWED }
 }
 
-/// Plans every pipeline read, and checks what only shows across pipelines: the same pipeline
-/// twice, and two pipelines whose stage objects would share a name.
+/// Plans every pipeline read, after the checks of [`check_all`]; when a check fails, nothing
+/// is planned and the errors are returned.
 pub fn plan_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<Plan>, Vec<InputError>) {
+    let (guardrails, errors) = check_all(inputs, args);
+    if !errors.is_empty() {
+        return (Vec::new(), errors);
+    }
+    let mut plans = Vec::with_capacity(inputs.pipelines.len());
+    let _ = plan_each(inputs, args, &guardrails, |plan| {
+        plans.push(plan);
+        Ok(())
+    });
+    (plans, errors)
+}
+
+/// Plans the pipelines read, in input order, and gives each plan to `each`, stopping at the
+/// first error `each` returns. Every pipeline in `inputs` has been validated by the loader, and
+/// [`check_all`] has passed: planning cannot fail.
+fn plan_each(
+    inputs: &Inputs,
+    args: &PlanArgs,
+    guardrails: &[AccessGuardrail],
+    mut each: impl FnMut(Plan) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    // Namespace labels, by namespace: many pipelines share a namespace.
+    let mut labels_of: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    for (_, pipeline) in &inputs.pipelines {
+        let namespace = pipeline
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(&args.namespace);
+        let labels = labels_of.entry(namespace).or_insert_with(|| {
+            let mut labels = inputs
+                .namespaces
+                .get(namespace)
+                .cloned()
+                .unwrap_or_default();
+            labels.extend(args.namespace_labels.clone().unwrap_or_default());
+            labels
+        });
+        each(plan::build_validated(
+            pipeline,
+            &args.namespace,
+            labels,
+            guardrails,
+        ))?;
+    }
+    Ok(())
+}
+
+/// Checks what only shows across pipelines, from names alone (nothing is planned): the same
+/// pipeline twice, and two pipelines whose stage objects would share a name. Returns the
+/// guardrails by name, and the errors.
+pub fn check_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<AccessGuardrail>, Vec<InputError>) {
     let mut errors = Vec::new();
     let guardrails = unique_guardrails(inputs, &mut errors);
-    let mut plans = Vec::new();
-    let mut seen: BTreeMap<(String, String), &load::Origin> = BTreeMap::new();
-    let mut owners: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+    let mut seen: BTreeMap<(&str, &str), &load::Origin> = BTreeMap::new();
+    let mut owners: BTreeMap<(&str, String), (&str, &str)> = BTreeMap::new();
     for (origin, pipeline) in &inputs.pipelines {
         let namespace = pipeline
             .metadata
             .namespace
-            .clone()
-            .unwrap_or_else(|| args.namespace.clone());
-        let name = pipeline.metadata.name.clone().unwrap_or_default();
-        let object = format!("AIPipeline {namespace}/{name}");
-        if let Some(first) = seen.insert((namespace.clone(), name.clone()), origin) {
+            .as_deref()
+            .unwrap_or(&args.namespace);
+        let name = pipeline.metadata.name.as_deref().unwrap_or_default();
+        let object = || format!("AIPipeline {namespace}/{name}");
+        if let Some(first) = seen.insert((namespace, name), origin) {
             errors.push(InputError {
                 origin: Some(origin.clone()),
-                object: Some(object),
+                object: Some(object()),
                 field: Some("metadata.name".into()),
                 message: format!("the same pipeline is also defined in {first}; keep one of them"),
             });
             continue;
         }
-        let mut labels = inputs
-            .namespaces
-            .get(&namespace)
-            .cloned()
-            .unwrap_or_default();
-        labels.extend(args.namespace_labels.clone().unwrap_or_default());
-        match plan::build(pipeline, &args.namespace, &labels, &guardrails) {
-            Ok(plan) => {
-                for stage in &plan.stages {
-                    let key = (namespace.clone(), stage.service_account.clone());
-                    let this = (name.clone(), stage.name.clone());
-                    if let Some((p, s)) = owners.insert(key, this.clone())
-                        && (p.as_str(), s.as_str()) != (this.0.as_str(), this.1.as_str())
-                    {
+        for stage in &pipeline.spec.stages {
+            // The name plan::build gives the stage's ServiceAccount, Role, RoleBinding and
+            // NetworkPolicy.
+            let service_account = plan::names::stage_object(namespace, name, &stage.name);
+            let this = (name, stage.name.as_str());
+            match owners.entry((namespace, service_account)) {
+                Entry::Vacant(e) => {
+                    e.insert(this);
+                }
+                Entry::Occupied(mut e) => {
+                    let (p, s) = e.insert(this);
+                    if (p, s) != this {
                         errors.push(InputError {
                             origin: Some(origin.clone()),
-                            object: Some(object.clone()),
+                            object: Some(object()),
                             field: Some("spec.stages".into()),
                             message: format!(
                                 "stage {:?} would be named {} like stage {s:?} of pipeline {p:?} in the same namespace; rename a stage or a pipeline",
-                                stage.name, stage.service_account
+                                stage.name,
+                                e.key().1
                             ),
                         });
                     }
                 }
-                plans.push(plan);
             }
-            Err(problems) => errors.extend(problems.into_iter().map(|p| InputError {
-                origin: Some(origin.clone()),
-                object: Some(object.clone()),
-                field: Some(p.field),
-                message: p.message,
-            })),
         }
     }
-    (plans, errors)
+    (guardrails, errors)
 }
 
 /// Guardrails by name. The same guardrail read twice (once with -f, once with --guardrails)

@@ -1,168 +1,446 @@
 //! Renders plans as a table for people, YAML for `kubectl apply`, or JSON for tools.
+//!
+//! Everything is written straight to an [`io::Write`]: no document is built in memory first.
+//! The table and the YAML stream are written one plan at a time ([`TableWriter`],
+//! [`YamlWriter`]), so `portcullis plan` can drop each plan once it is written; the JSON
+//! document has one section per kind of thing across all plans, so it needs them all at once
+//! ([`write_json`]). The `String` functions ([`table`], [`yaml`], [`json`]) wrap the writers.
 
-use std::fmt::Write as _;
+use std::fmt;
+use std::io::{self, Write};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde::ser::{SerializeStruct, Serializer};
+use serde_json::Value;
 
-use crate::plan::Plan;
+use crate::plan::{CredentialRequest, Object, Plan, RestartRef, VaultPolicy, VaultRole};
 use crate::policy::Decision;
 
 /// The ServiceAccount a decision is about, as the API server names it.
 pub fn subject(plan: &Plan, stage: &str) -> String {
-    let sa = plan
-        .stages
-        .iter()
-        .find(|s| s.name == stage)
-        .map(|s| s.service_account.as_str())
-        .unwrap_or_default();
-    format!("system:serviceaccount:{}:{sa}", plan.namespace)
+    Subject::of(plan, stage).to_string()
+}
+
+/// `system:serviceaccount:<namespace>:<service account>`, written where it is needed.
+struct Subject<'a> {
+    namespace: &'a str,
+    service_account: &'a str,
+}
+
+impl<'a> Subject<'a> {
+    fn of(plan: &'a Plan, stage: &str) -> Subject<'a> {
+        Subject {
+            namespace: &plan.namespace,
+            service_account: plan
+                .stages
+                .iter()
+                .find(|s| s.name == stage)
+                .map(|s| s.service_account.as_str())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+fn as_text<T: fmt::Display, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+// The views below are what the JSON output shows, borrowed from the plans. Their fields are in
+// alphabetical order: the JSON keys have always been sorted, and serde writes struct fields in
+// declaration order.
+
+/// One decision, with the pipeline and the subject it is about.
+#[derive(Serialize)]
+struct DecisionView<'a> {
+    field: &'a str,
+    #[serde(serialize_with = "as_text")]
+    item: &'a crate::policy::Item,
+    kind: &'static str,
+    message: &'a str,
+    namespace: &'a str,
+    pipeline: &'a str,
+    reason: &'static str,
+    stage: &'a str,
+    #[serde(serialize_with = "as_text")]
+    subject: Subject<'a>,
+    verdict: &'static str,
+}
+
+impl<'a> DecisionView<'a> {
+    fn new(plan: &'a Plan, d: &'a Decision) -> DecisionView<'a> {
+        DecisionView {
+            field: &d.field,
+            item: &d.item,
+            kind: d.item.kind(),
+            message: &d.message,
+            namespace: &plan.namespace,
+            pipeline: &plan.pipeline,
+            reason: d.reason.as_str(),
+            stage: &d.stage,
+            subject: Subject::of(plan, &d.stage),
+            verdict: d.verdict.as_str(),
+        }
+    }
+}
+
+/// One credential request, with its pipeline.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CredentialView<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    path: &'a str,
+    pipeline: &'a str,
+    restart_targets: &'a [RestartRef],
+    secret_name: &'a str,
+    stage: &'a str,
+    ttl: u64,
+}
+
+impl<'a> CredentialView<'a> {
+    fn new(plan: &'a Plan, c: &'a CredentialRequest) -> CredentialView<'a> {
+        CredentialView {
+            name: &c.name,
+            namespace: &plan.namespace,
+            path: &c.path,
+            pipeline: &plan.pipeline,
+            restart_targets: &c.restart_targets,
+            secret_name: &c.secret_name,
+            stage: &c.stage,
+            ttl: c.ttl,
+        }
+    }
+}
+
+/// A Vault policy: its name and its HCL.
+#[derive(Serialize)]
+struct PolicyView<'a> {
+    hcl: &'a str,
+    name: &'a str,
+}
+
+impl<'a> From<&'a VaultPolicy> for PolicyView<'a> {
+    fn from(p: &'a VaultPolicy) -> PolicyView<'a> {
+        PolicyView {
+            hcl: &p.hcl,
+            name: &p.name,
+        }
+    }
+}
+
+/// A Vault role, with Vault's field names.
+#[derive(Serialize)]
+struct RoleView<'a> {
+    bound_service_account_names: &'a [String],
+    bound_service_account_namespaces: &'a [String],
+    name: &'a str,
+    stage: &'a str,
+    token_max_ttl: u64,
+    token_policies: &'a [String],
+    token_ttl: u64,
+}
+
+impl<'a> From<&'a VaultRole> for RoleView<'a> {
+    fn from(r: &'a VaultRole) -> RoleView<'a> {
+        RoleView {
+            bound_service_account_names: &r.bound_service_account_names,
+            bound_service_account_namespaces: &r.bound_service_account_namespaces,
+            name: &r.name,
+            stage: &r.stage,
+            token_max_ttl: r.token_max_ttl,
+            token_policies: &r.token_policies,
+            token_ttl: r.token_ttl,
+        }
+    }
+}
+
+/// A Kubernetes object with its keys sorted at every level, as the JSON output has always
+/// shown them (k8s-openapi writes `apiVersion` and `kind` first). Only this one object is
+/// turned into a [`Value`] on the way, never the document.
+struct SortedObject<'a>(&'a Object);
+
+impl Serialize for SortedObject<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let value = serde_json::to_value(self.0).map_err(serde::ser::Error::custom)?;
+        value.serialize(serializer)
+    }
+}
+
+/// A JSON array of what `items` yields, serialized as it is produced.
+struct Seq<F>(F);
+
+impl<F, I> Serialize for Seq<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq((self.0)())
+    }
+}
+
+/// `{credentials, decisions, objects, vault: {policies, roles}}` over all plans.
+struct Document<'a>(&'a [Plan]);
+
+impl Serialize for Document<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let plans = self.0;
+        let mut doc = serializer.serialize_struct("Document", 4)?;
+        doc.serialize_field(
+            "credentials",
+            &Seq(|| {
+                plans
+                    .iter()
+                    .flat_map(|p| p.credentials.iter().map(move |c| CredentialView::new(p, c)))
+            }),
+        )?;
+        doc.serialize_field(
+            "decisions",
+            &Seq(|| {
+                plans
+                    .iter()
+                    .flat_map(|p| p.decisions.iter().map(move |d| DecisionView::new(p, d)))
+            }),
+        )?;
+        doc.serialize_field(
+            "objects",
+            &Seq(|| plans.iter().flat_map(|p| &p.objects).map(SortedObject)),
+        )?;
+        doc.serialize_field("vault", &VaultSection(plans))?;
+        doc.end()
+    }
+}
+
+/// `{policies, roles}` over all plans.
+struct VaultSection<'a>(&'a [Plan]);
+
+impl Serialize for VaultSection<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let plans = self.0;
+        let mut vault = serializer.serialize_struct("Vault", 2)?;
+        vault.serialize_field(
+            "policies",
+            &Seq(|| {
+                plans
+                    .iter()
+                    .flat_map(|p| &p.vault_policies)
+                    .map(PolicyView::from)
+            }),
+        )?;
+        vault.serialize_field(
+            "roles",
+            &Seq(|| {
+                plans
+                    .iter()
+                    .flat_map(|p| &p.vault_roles)
+                    .map(RoleView::from)
+            }),
+        )?;
+        vault.end()
+    }
 }
 
 /// One decision as the JSON output and the decision log show it.
 pub fn decision_json(plan: &Plan, d: &Decision) -> Value {
-    json!({
-        "pipeline": plan.pipeline,
-        "namespace": plan.namespace,
-        "stage": d.stage,
-        "subject": subject(plan, &d.stage),
-        "field": d.field,
-        "kind": d.item.kind(),
-        "item": d.item.to_string(),
-        "verdict": d.verdict.as_str(),
-        "reason": d.reason.as_str(),
-        "message": d.message,
-    })
+    serde_json::to_value(DecisionView::new(plan, d)).expect("decisions serialize to JSON")
 }
 
-fn to_value(v: impl Serialize) -> Value {
-    serde_json::to_value(v).expect("plan types serialize to JSON")
+/// Writes `{objects, vault: {policies, roles}, credentials, decisions}` for all plans, as one
+/// pretty-printed JSON document (keys sorted) and a newline.
+pub fn write_json(plans: &[Plan], mut out: impl Write) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut out, &Document(plans))?;
+    out.write_all(b"\n")
 }
 
-/// `{objects, vault: {policies, roles}, credentials, decisions}` for all plans.
+/// [`write_json`] into a `String`.
 pub fn json(plans: &[Plan]) -> String {
-    let objects: Vec<Value> = plans
-        .iter()
-        .flat_map(|p| &p.objects)
-        .map(to_value)
-        .collect();
-    let policies: Vec<Value> = plans
-        .iter()
-        .flat_map(|p| &p.vault_policies)
-        .map(|v| json!({"name": v.name, "hcl": v.hcl}))
-        .collect();
-    let roles: Vec<Value> = plans
-        .iter()
-        .flat_map(|p| &p.vault_roles)
-        .map(to_value)
-        .collect();
-    let credentials: Vec<Value> = plans
-        .iter()
-        .flat_map(|p| p.credentials.iter().map(move |c| (p, c)))
-        .map(|(p, c)| {
-            let mut v = to_value(c);
-            v["namespace"] = json!(p.namespace);
-            v["pipeline"] = json!(p.pipeline);
-            v
-        })
-        .collect();
-    let decisions: Vec<Value> = plans
-        .iter()
-        .flat_map(|p| p.decisions.iter().map(move |d| decision_json(p, d)))
-        .collect();
-    let doc = json!({
-        "objects": objects,
-        "vault": {"policies": policies, "roles": roles},
-        "credentials": credentials,
-        "decisions": decisions,
-    });
-    let mut out = serde_json::to_string_pretty(&doc).expect("JSON values serialize");
-    out.push('\n');
-    out
+    let mut out = Vec::new();
+    write_json(plans, &mut out).expect("plans serialize to JSON");
+    String::from_utf8(out).expect("JSON is UTF-8")
 }
 
-/// The Kubernetes objects as a YAML stream ready for `kubectl apply -f -`, then the Vault
-/// policies and roles as comments (they are not Kubernetes objects).
-pub fn yaml(plans: &[Plan]) -> String {
-    let mut out = String::new();
-    for object in plans.iter().flat_map(|p| &p.objects) {
-        out.push_str("---\n");
-        out.push_str(&serde_saphyr::to_string(object).expect("objects serialize to YAML"));
+/// Writes the Kubernetes objects as a YAML stream ready for `kubectl apply -f -`, then the
+/// Vault policies and roles as comments (they are not Kubernetes objects), one plan at a time.
+///
+/// The objects of each plan are written as the plan is given; the comments, which come after
+/// every object, are kept as text until [`YamlWriter::finish`].
+pub struct YamlWriter<W: Write> {
+    out: W,
+    /// One object's YAML, reused.
+    object: String,
+    /// The Vault comments of the plans written so far.
+    vault: String,
+}
+
+impl<W: Write> YamlWriter<W> {
+    pub fn new(out: W) -> YamlWriter<W> {
+        YamlWriter {
+            out,
+            object: String::new(),
+            vault: String::new(),
+        }
     }
-    for plan in plans {
-        for policy in &plan.vault_policies {
-            let _ = writeln!(out, "# Vault policy sys/policies/acl/{}", policy.name);
-            for line in policy.hcl.lines() {
-                if line.is_empty() {
-                    out.push_str("#\n");
-                } else {
-                    let _ = writeln!(out, "#   {line}");
-                }
+
+    /// Writes the objects of `plan`, and keeps its Vault comments for the end.
+    pub fn plan(&mut self, plan: &Plan) -> io::Result<()> {
+        for object in &plan.objects {
+            self.object.clear();
+            serde_saphyr::to_fmt_writer(&mut self.object, object)
+                .expect("objects serialize to YAML");
+            self.out.write_all(b"---\n")?;
+            self.out.write_all(self.object.as_bytes())?;
+        }
+        vault_comments(plan, &mut self.vault);
+        Ok(())
+    }
+
+    /// Writes the Vault comments and returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.out.write_all(self.vault.as_bytes())?;
+        Ok(self.out)
+    }
+}
+
+fn vault_comments(plan: &Plan, out: &mut String) {
+    use std::fmt::Write as _;
+    for policy in &plan.vault_policies {
+        let _ = writeln!(out, "# Vault policy sys/policies/acl/{}", policy.name);
+        for line in policy.hcl.lines() {
+            if line.is_empty() {
+                out.push_str("#\n");
+            } else {
+                let _ = writeln!(out, "#   {line}");
             }
         }
-        for role in &plan.vault_roles {
-            let _ = writeln!(
-                out,
-                "# Vault role auth/<workloads mount>/role/{}: bound_service_account_names={} bound_service_account_namespaces={} token_policies={} token_ttl={}s token_max_ttl={}s",
-                role.name,
-                role.bound_service_account_names.join(","),
-                role.bound_service_account_namespaces.join(","),
-                role.token_policies.join(","),
-                role.token_ttl,
-                role.token_max_ttl
-            );
-        }
     }
-    out
+    for role in &plan.vault_roles {
+        let _ = writeln!(
+            out,
+            "# Vault role auth/<workloads mount>/role/{}: bound_service_account_names={} bound_service_account_namespaces={} token_policies={} token_ttl={}s token_max_ttl={}s",
+            role.name,
+            role.bound_service_account_names.join(","),
+            role.bound_service_account_namespaces.join(","),
+            role.token_policies.join(","),
+            role.token_ttl,
+            role.token_max_ttl
+        );
+    }
 }
 
-/// Per stage, what is granted and what is denied and why.
-pub fn table(plans: &[Plan]) -> String {
-    let mut out = String::new();
-    let (mut stages, mut granted, mut denied) = (0, 0, 0);
+/// [`YamlWriter`] over all `plans`.
+pub fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
+    let mut writer = YamlWriter::new(out);
     for plan in plans {
-        let _ = writeln!(out, "AIPipeline {}/{}", plan.namespace, plan.pipeline);
+        writer.plan(plan)?;
+    }
+    writer.finish()?;
+    Ok(())
+}
+
+/// [`write_yaml`] into a `String`.
+pub fn yaml(plans: &[Plan]) -> String {
+    let mut out = Vec::new();
+    write_yaml(plans, &mut out).expect("writing to memory does not fail");
+    String::from_utf8(out).expect("YAML is UTF-8")
+}
+
+/// Writes, per stage, what is granted and what is denied and why, one plan at a time; then,
+/// at [`TableWriter::finish`], the totals.
+pub struct TableWriter<W: Write> {
+    out: W,
+    pipelines: u64,
+    stages: u64,
+    granted: u64,
+    denied: u64,
+}
+
+impl<W: Write> TableWriter<W> {
+    pub fn new(out: W) -> TableWriter<W> {
+        TableWriter {
+            out,
+            pipelines: 0,
+            stages: 0,
+            granted: 0,
+            denied: 0,
+        }
+    }
+
+    /// Writes the stages of `plan`.
+    pub fn plan(&mut self, plan: &Plan) -> io::Result<()> {
+        let out = &mut self.out;
+        self.pipelines += 1;
+        writeln!(out, "AIPipeline {}/{}", plan.namespace, plan.pipeline)?;
         for stage in &plan.stages {
-            stages += 1;
-            granted += stage.granted;
-            denied += stage.denied;
-            let bound = if stage.guardrails.is_empty() {
-                "built-in defaults (no AccessGuardrail applies)".to_string()
-            } else {
-                format!("AccessGuardrail {}", stage.guardrails.join(", "))
-            };
-            let _ = writeln!(
+            self.stages += 1;
+            self.granted += u64::from(stage.granted);
+            self.denied += u64::from(stage.denied);
+            write!(
                 out,
-                "  stage {} ({}) runs as ServiceAccount {}; bound by {bound}",
+                "  stage {} ({}) runs as ServiceAccount {}; bound by ",
                 stage.name,
                 stage.role.as_str(),
                 stage.service_account
-            );
+            )?;
+            if stage.guardrails.is_empty() {
+                writeln!(out, "built-in defaults (no AccessGuardrail applies)")?;
+            } else {
+                writeln!(out, "AccessGuardrail {}", stage.guardrails.join(", "))?;
+            }
             for d in plan.decisions.iter().filter(|d| d.stage == stage.name) {
-                let verdict = if d.is_allowed() { "GRANT" } else { "DENY " };
-                let _ = write!(out, "    {verdict} {}", d.item);
                 if d.is_allowed() {
-                    out.push('\n');
+                    writeln!(out, "    GRANT {}", d.item)?;
                 } else {
-                    let _ = writeln!(out, "  [{}]", d.reason);
-                    let _ = writeln!(out, "          {}", d.message);
+                    writeln!(out, "    DENY  {}  [{}]", d.item, d.reason)?;
+                    writeln!(out, "          {}", d.message)?;
                 }
             }
         }
-        let names: Vec<&str> = plan
-            .vault_policies
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect();
-        if !names.is_empty() {
-            let _ = writeln!(out, "  vault policies and roles: {}", names.join(", "));
+        let mut names = plan.vault_policies.iter().map(|p| p.name.as_str());
+        if let Some(first) = names.next() {
+            write!(out, "  vault policies and roles: {first}")?;
+            for name in names {
+                write!(out, ", {name}")?;
+            }
+            writeln!(out)?;
         }
-        out.push('\n');
+        writeln!(out)
     }
-    let _ = writeln!(
-        out,
-        "{} pipelines, {stages} stages: {granted} granted, {denied} denied.",
-        plans.len()
-    );
-    out
+
+    /// Writes the totals and returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        writeln!(
+            self.out,
+            "{} pipelines, {} stages: {} granted, {} denied.",
+            self.pipelines, self.stages, self.granted, self.denied
+        )?;
+        Ok(self.out)
+    }
+}
+
+/// [`TableWriter`] over all `plans`.
+pub fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
+    let mut writer = TableWriter::new(out);
+    for plan in plans {
+        writer.plan(plan)?;
+    }
+    writer.finish()?;
+    Ok(())
+}
+
+/// [`write_table`] into a `String`.
+pub fn table(plans: &[Plan]) -> String {
+    let mut out = Vec::new();
+    write_table(plans, &mut out).expect("writing to memory does not fail");
+    String::from_utf8(out).expect("the table is UTF-8")
 }

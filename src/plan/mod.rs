@@ -145,6 +145,23 @@ pub fn build(
     if !errors.is_empty() {
         return Err(errors);
     }
+    Ok(build_validated(
+        pipeline,
+        default_namespace,
+        namespace_labels,
+        guardrails,
+    ))
+}
+
+/// [`build`] for a pipeline that has already passed [`validate_pipeline`] (as every pipeline
+/// `cli::load` keeps has): the same plan, without validating the pipeline a second time.
+/// Planning a pipeline that is not valid gives a plan that means nothing.
+pub fn build_validated(
+    pipeline: &AIPipeline,
+    default_namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    guardrails: &[AccessGuardrail],
+) -> Plan {
     let name = pipeline.metadata.name.as_deref().unwrap_or_default();
     let namespace = pipeline
         .metadata
@@ -153,43 +170,62 @@ pub fn build(
         .unwrap_or(default_namespace);
     let mut labels = namespace_labels.clone();
     labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    // Every stage is in the same namespace: the guardrails that select it are found once, and
+    // each role's scope is built once, for the first stage of that role.
+    let applicable = policy::applicable_guardrails(&labels, guardrails);
+    let mut scopes: [Option<Scope<'_>>; 3] = [None, None, None];
 
+    let stages = &pipeline.spec.stages;
+    let credentials = stages
+        .iter()
+        .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
+        .count();
     let mut plan = Plan {
         pipeline: name.into(),
         namespace: namespace.into(),
-        stages: Vec::new(),
-        objects: Vec::new(),
-        vault_policies: Vec::new(),
-        vault_roles: Vec::new(),
-        credentials: Vec::new(),
-        decisions: Vec::new(),
+        stages: Vec::with_capacity(stages.len()),
+        objects: Vec::with_capacity(stages.len() * 4),
+        vault_policies: Vec::with_capacity(stages.len()),
+        vault_roles: Vec::with_capacity(stages.len()),
+        credentials: Vec::with_capacity(credentials),
+        decisions: Vec::with_capacity(stages.iter().map(policy::decision_count).sum()),
     };
-    for (index, stage) in pipeline.spec.stages.iter().enumerate() {
-        let scope = Scope::new(stage.role, &labels, guardrails);
+    let pipeline_label = names::label_value(name);
+    for (index, stage) in stages.iter().enumerate() {
+        let scope: &Scope<'_> = scopes[role_index(stage.role)]
+            .get_or_insert_with(|| Scope::from_applicable(stage.role, &applicable));
         let ctx = StageContext {
             namespace,
             pipeline: name,
             index,
         };
-        let decisions = policy::evaluate_stage(ctx, &pipeline.spec, &scope);
+        let start = plan.decisions.len();
+        policy::evaluate_stage_into(ctx, &pipeline.spec, scope, &mut plan.decisions);
+        let decisions = &plan.decisions[start..];
         let builder = StageBuilder {
             namespace,
             pipeline: name,
             stage: &stage.name,
-            scope: &scope,
+            scope,
+            labels: BTreeMap::from([
+                (
+                    names::MANAGED_BY.0.to_string(),
+                    names::MANAGED_BY.1.to_string(),
+                ),
+                (names::PIPELINE_LABEL.to_string(), pipeline_label.clone()),
+                (names::STAGE_LABEL.to_string(), stage.name.clone()),
+            ]),
         };
         let sa = names::stage_object(namespace, name, &stage.name);
-        builder.objects(&sa, stage, &decisions, &mut plan.objects);
-        builder.vault(&sa, &decisions, &mut plan);
+        builder.objects(&sa, stage, decisions, &mut plan.objects);
+        builder.vault(
+            &sa,
+            decisions,
+            &mut plan.vault_policies,
+            &mut plan.vault_roles,
+        );
         let granted = decisions.iter().filter(|d| d.is_allowed()).count() as u32;
-        plan.stages.push(StageSummary {
-            name: stage.name.clone(),
-            role: stage.role,
-            service_account: sa,
-            granted,
-            denied: decisions.len() as u32 - granted,
-            guardrails: scope.guardrail_names(),
-        });
+        let denied = decisions.len() as u32 - granted;
         for cred in stage.vault.iter().flat_map(|v| &v.credentials) {
             let allowed = decisions.iter().any(|d| {
                 d.is_allowed()
@@ -213,9 +249,24 @@ pub fn build(
                 });
             }
         }
-        plan.decisions.extend(decisions);
+        plan.stages.push(StageSummary {
+            name: stage.name.clone(),
+            role: stage.role,
+            service_account: sa,
+            granted,
+            denied,
+            guardrails: scope.guardrail_names(),
+        });
     }
-    Ok(plan)
+    plan
+}
+
+fn role_index(role: StageRole) -> usize {
+    match role {
+        StageRole::Ingestion => 0,
+        StageRole::Training => 1,
+        StageRole::Deployment => 2,
+    }
 }
 
 struct StageBuilder<'a> {
@@ -223,25 +274,16 @@ struct StageBuilder<'a> {
     pipeline: &'a str,
     stage: &'a str,
     scope: &'a Scope<'a>,
+    /// The labels every object of the stage carries.
+    labels: BTreeMap<String, String>,
 }
 
 impl StageBuilder<'_> {
     fn metadata(&self, name: &str) -> ObjectMeta {
-        let labels = BTreeMap::from([
-            (
-                names::MANAGED_BY.0.to_string(),
-                names::MANAGED_BY.1.to_string(),
-            ),
-            (
-                names::PIPELINE_LABEL.to_string(),
-                names::label_value(self.pipeline),
-            ),
-            (names::STAGE_LABEL.to_string(), self.stage.to_string()),
-        ]);
         ObjectMeta {
             name: Some(name.into()),
             namespace: Some(self.namespace.into()),
-            labels: Some(labels),
+            labels: Some(self.labels.clone()),
             ..ObjectMeta::default()
         }
     }
@@ -282,13 +324,13 @@ impl StageBuilder<'_> {
             }));
         }
         let pod_selector = stage.pod_selector.clone().unwrap_or_else(|| LabelSelector {
-            match_labels: Some(BTreeMap::from([
-                (
-                    names::PIPELINE_LABEL.to_string(),
-                    names::label_value(self.pipeline),
-                ),
-                (names::STAGE_LABEL.to_string(), self.stage.to_string()),
-            ])),
+            match_labels: Some(
+                self.labels
+                    .iter()
+                    .filter(|(k, _)| *k == names::PIPELINE_LABEL || *k == names::STAGE_LABEL)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             ..LabelSelector::default()
         });
         out.push(Object::NetworkPolicy(NetworkPolicy {
@@ -297,7 +339,13 @@ impl StageBuilder<'_> {
         }));
     }
 
-    fn vault(&self, sa: &str, decisions: &[Decision], plan: &mut Plan) {
+    fn vault(
+        &self,
+        sa: &str,
+        decisions: &[Decision],
+        policies: &mut Vec<VaultPolicy>,
+        roles: &mut Vec<VaultRole>,
+    ) {
         let mut paths: BTreeMap<&str, BTreeSet<VaultCapability>> = BTreeMap::new();
         let mut token_ttl = None;
         for d in decisions {
@@ -325,19 +373,25 @@ impl StageBuilder<'_> {
             self.namespace, self.pipeline, self.stage
         );
         for (path, caps) in &paths {
-            let caps: Vec<String> = caps.iter().map(|c| format!("\"{}\"", c.as_str())).collect();
-            hcl.push_str(&format!(
-                "\npath {} {{\n  capabilities = [{}]\n}}\n",
-                hcl_string(path),
-                caps.join(", ")
-            ));
+            hcl.push_str("\npath ");
+            hcl_string_into(path, &mut hcl);
+            hcl.push_str(" {\n  capabilities = [");
+            for (i, c) in caps.iter().enumerate() {
+                if i > 0 {
+                    hcl.push_str(", ");
+                }
+                hcl.push('"');
+                hcl.push_str(c.as_str());
+                hcl.push('"');
+            }
+            hcl.push_str("]\n}\n");
         }
-        plan.vault_policies.push(VaultPolicy {
+        policies.push(VaultPolicy {
             name: name.clone(),
             stage: self.stage.into(),
             hcl,
         });
-        plan.vault_roles.push(VaultRole {
+        roles.push(VaultRole {
             name: name.clone(),
             stage: self.stage.into(),
             bound_service_account_names: vec![sa.into()],
@@ -349,16 +403,30 @@ impl StageBuilder<'_> {
     }
 }
 
-/// `s` as an HCL string literal. Validation already keeps quotes, backslashes and template
-/// markers out of Vault paths; escaping them here as well means no path can ever close the
-/// string and add rules of its own.
+/// `s` as an HCL string literal (tests).
+#[cfg(test)]
 fn hcl_string(s: &str) -> String {
-    let escaped = s
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace("${", "$${")
-        .replace("%{", "%%{");
-    format!("\"{escaped}\"")
+    let mut out = String::with_capacity(s.len() + 2);
+    hcl_string_into(s, &mut out);
+    out
+}
+
+/// Appends `s` as an HCL string literal to `out`. Validation already keeps quotes, backslashes
+/// and template markers out of Vault paths; escaping them here as well means no path can ever
+/// close the string and add rules of its own.
+fn hcl_string_into(s: &str, out: &mut String) {
+    out.push('"');
+    if s.contains(['\\', '"', '{']) {
+        let escaped = s
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace("${", "$${")
+            .replace("%{", "%%{");
+        out.push_str(&escaped);
+    } else {
+        out.push_str(s);
+    }
+    out.push('"');
 }
 
 /// resource -> verbs

@@ -142,12 +142,17 @@ pub fn kubernetes(
     Ok(())
 }
 
+/// [`METADATA_ADDRESSES`], parsed once.
+fn metadata_nets() -> &'static [IpNet; 3] {
+    static NETS: std::sync::OnceLock<[IpNet; 3]> = std::sync::OnceLock::new();
+    NETS.get_or_init(|| {
+        METADATA_ADDRESSES.map(|m| m.parse().expect("the metadata addresses are valid CIDRs"))
+    })
+}
+
 /// The floor for one egress address range.
 pub fn egress(net: &IpNet) -> Result<(), Refusal> {
-    for meta in METADATA_ADDRESSES {
-        let meta: IpNet = meta
-            .parse()
-            .expect("the metadata addresses are valid CIDRs");
+    for meta in metadata_nets() {
         if meta.contains(net) {
             return Err((
                 Reason::MetadataEndpoint,
@@ -164,11 +169,9 @@ pub fn egress(net: &IpNet) -> Result<(), Refusal> {
 pub fn metadata_excepts(net: &IpNet) -> Vec<String> {
     METADATA_ADDRESSES
         .iter()
-        .filter(|m| {
-            m.parse::<IpNet>()
-                .is_ok_and(|m| net.contains(&m) && *net != m)
-        })
-        .map(|m| m.to_string())
+        .zip(metadata_nets())
+        .filter(|(_, m)| net.contains(*m) && net != *m)
+        .map(|(text, _)| text.to_string())
         .collect()
 }
 

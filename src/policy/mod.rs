@@ -264,16 +264,68 @@ impl Decision {
 }
 
 /// The ceilings that bind one stage: the applicable guardrails, or the built-in defaults.
+///
+/// A scope depends only on the pipeline's namespace labels and the stage's role, so the planner
+/// builds it once per (pipeline, role) and shares it between the stages of that role. What every
+/// decision of those stages needs (the allow message, the guardrails' egress CIDRs) is worked
+/// out here once.
 #[derive(Debug)]
 pub struct Scope<'a> {
-    /// (guardrail name, its ceiling for the stage's role), sorted by name.
-    ceilings: Vec<(&'a str, &'a Ceiling)>,
+    /// The guardrails' ceilings for the stage's role, sorted by guardrail name.
+    ceilings: Vec<Bound<'a>>,
     /// True when no guardrail applies and the defaults are the ceiling.
     pub defaults: bool,
     /// Whether the stage gets DNS egress.
     pub dns_egress: bool,
     /// The longest Vault token or credential lifetime, in seconds.
     pub max_ttl: u64,
+    /// The message of every allowed decision (but DNS) in this scope.
+    allowed_message: String,
+}
+
+/// One ceiling that binds a stage, with what its checks need parsed once.
+#[derive(Debug)]
+struct Bound<'a> {
+    /// The guardrail's name, or "built-in defaults".
+    name: &'a str,
+    ceiling: &'a Ceiling,
+    /// `ceiling.network.egressCIDRs`, parsed (entries that do not parse allow nothing).
+    egress_cidrs: Vec<IpNet>,
+}
+
+impl<'a> Bound<'a> {
+    fn new(name: &'a str, ceiling: &'a Ceiling) -> Bound<'a> {
+        Bound {
+            name,
+            ceiling,
+            egress_cidrs: ceiling
+                .network
+                .egress_cidrs
+                .iter()
+                .filter_map(|a| a.parse::<IpNet>().ok())
+                .collect(),
+        }
+    }
+}
+
+/// The guardrails whose namespaceSelector selects a namespace with `namespace_labels`, sorted
+/// by name (stable: guardrails of one name keep their order). A pipeline's stages all live in
+/// one namespace, so this is worked out once per pipeline; [`Scope::from_applicable`] then
+/// picks the ceilings of one role.
+pub fn applicable_guardrails<'a>(
+    namespace_labels: &BTreeMap<String, String>,
+    guardrails: &'a [AccessGuardrail],
+) -> Vec<&'a AccessGuardrail> {
+    let mut applicable: Vec<&'a AccessGuardrail> = guardrails
+        .iter()
+        .filter(|g| selects(&g.spec.namespace_selector, namespace_labels))
+        .collect();
+    applicable.sort_by(|a, b| guardrail_name(a).cmp(guardrail_name(b)));
+    applicable
+}
+
+fn guardrail_name(g: &AccessGuardrail) -> &str {
+    g.metadata.name.as_deref().unwrap_or("")
 }
 
 impl<'a> Scope<'a> {
@@ -283,32 +335,43 @@ impl<'a> Scope<'a> {
         namespace_labels: &BTreeMap<String, String>,
         guardrails: &'a [AccessGuardrail],
     ) -> Scope<'a> {
-        let mut applicable: Vec<(&'a str, &'a AccessGuardrail, &'a Ceiling)> = guardrails
+        Scope::from_applicable(role, &applicable_guardrails(namespace_labels, guardrails))
+    }
+
+    /// The scope of a stage of `role`, from the guardrails that select its namespace, as
+    /// [`applicable_guardrails`] returns them.
+    pub fn from_applicable(role: StageRole, applicable: &[&'a AccessGuardrail]) -> Scope<'a> {
+        let applicable: Vec<(&'a AccessGuardrail, &'a Ceiling)> = applicable
             .iter()
-            .filter(|g| selects(&g.spec.namespace_selector, namespace_labels))
-            .filter_map(|g| {
-                let ceiling = g.spec.roles.get(role)?;
-                Some((g.metadata.name.as_deref().unwrap_or(""), g, ceiling))
-            })
+            .filter_map(|g| Some((*g, g.spec.roles.get(role)?)))
             .collect();
-        applicable.sort_by(|a, b| a.0.cmp(b.0));
         if applicable.is_empty() {
             let ceiling = defaults::ceiling();
             return Scope {
-                ceilings: vec![("built-in defaults", ceiling)],
+                ceilings: vec![Bound::new("built-in defaults", ceiling)],
                 defaults: true,
                 dns_egress: true,
                 max_ttl: ttl_of(ceiling),
+                allowed_message: format!(
+                    "no AccessGuardrail sets a ceiling for {} stages in this namespace; the built-in defaults allow it",
+                    role.as_str()
+                ),
             };
         }
+        let ceilings: Vec<Bound<'a>> = applicable
+            .iter()
+            .map(|(g, c)| Bound::new(guardrail_name(g), c))
+            .collect();
+        let names: Vec<&str> = ceilings.iter().map(|b| b.name).collect();
         Scope {
-            dns_egress: applicable.iter().all(|(_, g, _)| g.spec.dns_egress),
+            dns_egress: applicable.iter().all(|(g, _)| g.spec.dns_egress),
             max_ttl: applicable
                 .iter()
-                .map(|(_, _, c)| ttl_of(c))
+                .map(|(_, c)| ttl_of(c))
                 .min()
                 .unwrap_or(defaults::MAX_TTL_SECONDS),
-            ceilings: applicable.into_iter().map(|(n, _, c)| (n, c)).collect(),
+            allowed_message: format!("allowed by AccessGuardrail {}", names.join(", ")),
+            ceilings,
             defaults: false,
         }
     }
@@ -318,7 +381,7 @@ impl<'a> Scope<'a> {
         if self.defaults {
             return Vec::new();
         }
-        self.ceilings.iter().map(|(n, _)| n.to_string()).collect()
+        self.ceilings.iter().map(|b| b.name.to_string()).collect()
     }
 
     fn allowed_reason(&self) -> Reason {
@@ -329,24 +392,14 @@ impl<'a> Scope<'a> {
         }
     }
 
-    fn allowed_message(&self, role: StageRole) -> String {
-        if self.defaults {
-            format!(
-                "no AccessGuardrail sets a ceiling for {} stages in this namespace; the built-in defaults allow it",
-                role.as_str()
-            )
-        } else {
-            let names: Vec<&str> = self.ceilings.iter().map(|(n, _)| *n).collect();
-            format!("allowed by AccessGuardrail {}", names.join(", "))
-        }
-    }
-
-    /// The first ceiling that does not allow the item, by `allows`.
-    fn first_refusal(&self, allows: impl Fn(&Ceiling) -> bool) -> Option<&'a str> {
+    /// The first ceiling that does not allow the item, by `allows` (given the ceiling's
+    /// position and the ceiling).
+    fn first_refusal(&self, allows: impl Fn(usize, &Bound<'a>) -> bool) -> Option<&'a str> {
         self.ceilings
             .iter()
-            .find(|(_, c)| !allows(c))
-            .map(|(n, _)| *n)
+            .enumerate()
+            .find(|(i, b)| !allows(*i, b))
+            .map(|(_, b)| b.name)
     }
 
     fn refusal_source(&self, name: &str, role: StageRole, section: &str) -> String {
@@ -397,19 +450,52 @@ pub fn evaluate_stage(
     spec: &AIPipelineSpec,
     scope: &Scope<'_>,
 ) -> Vec<Decision> {
+    let mut out = Vec::new();
+    evaluate_stage_into(ctx, spec, scope, &mut out);
+    out
+}
+
+/// As [`evaluate_stage`], but appends the decisions to `out` (the planner collects the
+/// decisions of all stages in one vector).
+pub fn evaluate_stage_into(
+    ctx: StageContext<'_>,
+    spec: &AIPipelineSpec,
+    scope: &Scope<'_>,
+    out: &mut Vec<Decision>,
+) {
     let stage = &spec.stages[ctx.index];
-    let mut out = Evaluator {
+    out.reserve(decision_count(stage));
+    let start = out.len();
+    let vault_patterns = if stage.vault.is_some() {
+        scope
+            .ceilings
+            .iter()
+            .map(|b| {
+                b.ceiling
+                    .vault
+                    .paths
+                    .iter()
+                    .map(|p| placeholders(&p.pattern, ctx, &stage.name))
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut ev = Evaluator {
         ctx,
         spec,
         stage,
         scope,
-        decisions: Vec::new(),
+        decisions: out,
+        start,
         delivered: Vec::new(),
+        vault_patterns,
     };
     // Credentials are decided first: only the Secrets of allowed credentials are delivered, and
     // only those may the stage read. Their decisions still come last, in spec order.
-    let credentials = out.credentials();
-    out.delivered = credentials
+    let credentials = ev.credentials();
+    ev.delivered = credentials
         .iter()
         .filter(|d| d.is_allowed())
         .filter_map(|d| match &d.item {
@@ -417,30 +503,119 @@ pub fn evaluate_stage(
             _ => None,
         })
         .collect();
-    out.permissions();
-    out.network();
-    out.vault();
-    out.decisions.extend(credentials);
-    out.decisions
+    ev.permissions();
+    ev.network();
+    ev.vault();
+    ev.decisions.extend(credentials);
 }
+
+/// How many decisions [`evaluate_stage`] makes for `stage` (at most): one per verb, resource
+/// and group (and, for Secrets, per name), DNS, each network rule, each Vault path and
+/// capability, the token lifetime, each credential.
+pub fn decision_count(stage: &Stage) -> usize {
+    let permissions: usize = stage
+        .permissions
+        .iter()
+        .map(|rule| {
+            let per_resource: usize = rule
+                .api_groups
+                .iter()
+                .flat_map(|g| rule.resources.iter().map(move |r| (g, r)))
+                .map(|(g, r)| {
+                    if g.is_empty() && floor::resource_base(r) == "secrets" {
+                        rule.resource_names.len().max(1)
+                    } else {
+                        1
+                    }
+                })
+                .sum();
+            per_resource * rule.verbs.len()
+        })
+        .sum();
+    let network = stage
+        .network
+        .as_ref()
+        .map_or(0, |n| n.egress.len() + n.ingress.len());
+    let vault = stage.vault.as_ref().map_or(0, |v| {
+        v.policies
+            .iter()
+            .map(|p| p.capabilities.len())
+            .sum::<usize>()
+            + 1
+            + v.credentials.len()
+    });
+    permissions + 1 + network + vault
+}
+
+/// A guardrail's Vault path pattern with `{namespace}`, `{pipeline}` and `{stage}` filled in,
+/// one after the other.
+fn placeholders(pattern: &str, ctx: StageContext<'_>, stage: &str) -> String {
+    if !pattern.contains('{') {
+        return pattern.to_string();
+    }
+    let plain = |v: &str| !v.contains(['{', '}']);
+    if plain(ctx.namespace)
+        && plain(ctx.pipeline)
+        && plain(stage)
+        && let Some(filled) = placeholders_one_pass(pattern, ctx, stage)
+    {
+        return filled;
+    }
+    pattern
+        .replace("{namespace}", ctx.namespace)
+        .replace("{pipeline}", ctx.pipeline)
+        .replace("{stage}", stage)
+}
+
+/// [`placeholders`] in one pass, when every `{` of `pattern` opens a placeholder (as in every
+/// valid guardrail) and the values hold no braces: then filling one placeholder cannot make or
+/// break another, and one pass gives what three replacements give. None otherwise.
+fn placeholders_one_pass(pattern: &str, ctx: StageContext<'_>, stage: &str) -> Option<String> {
+    let mut out = String::with_capacity(pattern.len() + 64);
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let tail = &rest[open..];
+        let (value, len) = [
+            ("{namespace}", ctx.namespace),
+            ("{pipeline}", ctx.pipeline),
+            ("{stage}", stage),
+        ]
+        .into_iter()
+        .find(|(placeholder, _)| tail.starts_with(placeholder))
+        .map(|(placeholder, value)| (value, placeholder.len()))?;
+        out.push_str(value);
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// What an item's check returns: allowed, or denied with the reason and the message.
+type Outcome = Result<(), (Reason, String)>;
 
 struct Evaluator<'a, 's> {
     ctx: StageContext<'a>,
     spec: &'a AIPipelineSpec,
     stage: &'a Stage,
     scope: &'a Scope<'s>,
-    decisions: Vec<Decision>,
+    /// The decisions of earlier stages, then this stage's from `start` on.
+    decisions: &'a mut Vec<Decision>,
+    start: usize,
     /// The Secrets this stage's allowed credentials are delivered to.
     delivered: Vec<String>,
+    /// Per ceiling of the scope, its Vault path patterns with the placeholders filled in for
+    /// this stage (empty when the stage asks for nothing from Vault).
+    vault_patterns: Vec<Vec<String>>,
 }
 
 impl Evaluator<'_, '_> {
-    fn push(&mut self, field: String, item: Item, outcome: Result<(), (Reason, String)>) {
+    fn push(&mut self, field: String, item: Item, outcome: Outcome) {
         let (verdict, reason, message) = match outcome {
             Ok(()) => (
                 Verdict::Allow,
                 self.scope.allowed_reason(),
-                self.scope.allowed_message(self.stage.role),
+                self.scope.allowed_message.clone(),
             ),
             Err((reason, message)) => (Verdict::Deny, reason, message),
         };
@@ -454,12 +629,13 @@ impl Evaluator<'_, '_> {
         });
     }
 
+    /// Whether every ceiling allows the item; `what` names it in the message of a refusal.
     fn guardrail(
         &self,
         section: &str,
-        allows: impl Fn(&Ceiling) -> bool,
-        what: &str,
-    ) -> Result<(), (Reason, String)> {
+        allows: impl Fn(usize, &Bound<'_>) -> bool,
+        what: fmt::Arguments<'_>,
+    ) -> Outcome {
         match self.scope.first_refusal(allows) {
             None => Ok(()),
             Some(name) => Err((
@@ -470,6 +646,24 @@ impl Evaluator<'_, '_> {
                 ),
             )),
         }
+    }
+
+    /// Whether every ceiling allows `capability` on `path` (as a covering Vault path pattern).
+    fn vault_allows(
+        &self,
+        index: usize,
+        ceiling: &Ceiling,
+        capability: VaultCapability,
+        path: &str,
+    ) -> bool {
+        ceiling
+            .vault
+            .paths
+            .iter()
+            .zip(&self.vault_patterns[index])
+            .any(|(p, pattern)| {
+                p.capabilities.contains(&capability) && vault_path::covers(pattern, path)
+            })
     }
 
     /// The Secrets delivered to each stage, by stage name.
@@ -484,38 +678,64 @@ impl Evaluator<'_, '_> {
     }
 
     fn permissions(&mut self) {
-        for (i, rule) in self.stage.permissions.iter().enumerate() {
+        let stage = self.stage;
+        for (i, rule) in stage.permissions.iter().enumerate() {
             let field = format!("spec.stages[{}].permissions[{i}]", self.ctx.index);
             for group in &rule.api_groups {
                 for resource in &rule.resources {
+                    // Secrets are decided one name at a time: some names may be this stage's
+                    // and others not.
+                    let per_name = group.is_empty()
+                        && floor::resource_base(resource) == "secrets"
+                        && !rule.resource_names.is_empty();
                     for verb in &rule.verbs {
-                        // Secrets are decided one name at a time: some names may be this stage's
-                        // and others not.
-                        let per_name =
-                            group.is_empty() && floor::resource_base(resource) == "secrets";
-                        let name_sets: Vec<Vec<String>> =
-                            if per_name && !rule.resource_names.is_empty() {
-                                rule.resource_names
-                                    .iter()
-                                    .map(|n| vec![n.clone()])
-                                    .collect()
-                            } else {
-                                vec![rule.resource_names.clone()]
-                            };
-                        for names in name_sets {
-                            let outcome = self.decide_kubernetes(group, resource, verb, &names);
-                            let item = Item::Kubernetes {
-                                api_group: group.clone(),
-                                resource: resource.clone(),
-                                verb: verb.clone(),
-                                resource_names: names,
-                            };
-                            self.push(field.clone(), item, outcome);
+                        if per_name {
+                            for name in &rule.resource_names {
+                                let names = std::slice::from_ref(name);
+                                let outcome = self.decide_kubernetes(group, resource, verb, names);
+                                self.push_kubernetes(
+                                    &field,
+                                    group,
+                                    resource,
+                                    verb,
+                                    names.to_vec(),
+                                    outcome,
+                                );
+                            }
+                        } else {
+                            let names = &rule.resource_names;
+                            let outcome = self.decide_kubernetes(group, resource, verb, names);
+                            self.push_kubernetes(
+                                &field,
+                                group,
+                                resource,
+                                verb,
+                                names.clone(),
+                                outcome,
+                            );
                         }
                     }
                 }
             }
         }
+    }
+
+    fn push_kubernetes(
+        &mut self,
+        field: &str,
+        group: &str,
+        resource: &str,
+        verb: &str,
+        resource_names: Vec<String>,
+        outcome: Outcome,
+    ) {
+        let item = Item::Kubernetes {
+            api_group: group.to_string(),
+            resource: resource.to_string(),
+            verb: verb.to_string(),
+            resource_names,
+        };
+        self.push(field.to_string(), item, outcome);
     }
 
     fn decide_kubernetes(
@@ -524,7 +744,7 @@ impl Evaluator<'_, '_> {
         resource: &str,
         verb: &str,
         names: &[String],
-    ) -> Result<(), (Reason, String)> {
+    ) -> Outcome {
         floor::kubernetes(group, resource, verb, names)?;
         if group.is_empty() && floor::resource_base(resource) == "secrets" {
             if names.is_empty() {
@@ -565,14 +785,14 @@ impl Evaluator<'_, '_> {
         }
         self.guardrail(
             "kubernetes",
-            |c| {
-                c.kubernetes.iter().any(|k| {
+            |_, b| {
+                b.ceiling.kubernetes.iter().any(|k| {
                     k.api_groups.iter().any(|g| g == group)
                         && k.resources.iter().any(|r| r == resource)
                         && k.verbs.iter().any(|v| v == verb)
                 })
             },
-            &format!("{verb} on {resource}"),
+            format_args!("{verb} on {resource}"),
         )
     }
 
@@ -599,51 +819,40 @@ impl Evaluator<'_, '_> {
             let field = format!("spec.stages[{}].network.ingress[{i}]", self.ctx.index);
             let outcome = self.guardrail(
                 "network.allowIngress",
-                |c| c.network.allow_ingress,
-                "ingress",
+                |_, b| b.ceiling.network.allow_ingress,
+                format_args!("ingress"),
             );
             self.push(field, Item::Ingress(rule.clone()), outcome);
         }
     }
 
-    fn decide_egress(&self, rule: &EgressRule) -> Result<(), (Reason, String)> {
+    fn decide_egress(&self, rule: &EgressRule) -> Outcome {
         if let Some(cidr) = &rule.cidr {
             let net = parse_cidr(cidr).map_err(|e| (Reason::OutsideGuardrail, e))?;
             floor::egress(&net)?;
             return self.guardrail(
                 "network.egressCIDRs",
-                |c| {
-                    c.network
-                        .egress_cidrs
-                        .iter()
-                        .filter_map(|a| a.parse::<IpNet>().ok())
-                        .any(|a| a.contains(&net))
-                },
-                &format!("egress to {cidr}"),
+                |_, b| b.egress_cidrs.iter().any(|a| a.contains(&net)),
+                format_args!("egress to {cidr}"),
             );
         }
         let ns = rule.namespace.as_deref().unwrap_or_default();
         self.guardrail(
             "network.egressNamespaces",
-            |c| {
-                c.network
+            |_, b| {
+                b.ceiling
+                    .network
                     .egress_namespaces
                     .iter()
                     .any(|n| n == ns || (n == "{namespace}" && ns == self.ctx.namespace))
             },
-            &format!("egress to namespace {ns}"),
+            format_args!("egress to namespace {ns}"),
         )
     }
 
-    fn placeholders(&self, pattern: &str) -> String {
-        pattern
-            .replace("{namespace}", self.ctx.namespace)
-            .replace("{pipeline}", self.ctx.pipeline)
-            .replace("{stage}", &self.stage.name)
-    }
-
     fn vault(&mut self) {
-        let Some(vault) = &self.stage.vault else {
+        let stage = self.stage;
+        let Some(vault) = &stage.vault else {
             return;
         };
         for (i, rule) in vault.policies.iter().enumerate() {
@@ -662,8 +871,7 @@ impl Evaluator<'_, '_> {
         }
         // The token lifetime matters only when the stage gets a Vault role, that is when some
         // path was allowed.
-        let any_path_allowed = self
-            .decisions
+        let any_path_allowed = self.decisions[self.start..]
             .iter()
             .any(|d| d.is_allowed() && matches!(d.item, Item::VaultPath { .. }));
         if any_path_allowed {
@@ -680,7 +888,8 @@ impl Evaluator<'_, '_> {
 
     /// The decisions on the stage's credentials.
     fn credentials(&mut self) -> Vec<Decision> {
-        let Some(vault) = &self.stage.vault else {
+        let stage = self.stage;
+        let Some(vault) = &stage.vault else {
             return Vec::new();
         };
         let before = self.decisions.len();
@@ -714,11 +923,7 @@ impl Evaluator<'_, '_> {
             })
     }
 
-    fn decide_vault_path(
-        &self,
-        path: &str,
-        capability: VaultCapability,
-    ) -> Result<(), (Reason, String)> {
+    fn decide_vault_path(&self, path: &str, capability: VaultCapability) -> Outcome {
         floor::vault_path(path, capability)?;
         if let Some((owner, cred)) = self.other_credential(|c| vault_path::matches(path, c)) {
             return Err((
@@ -730,17 +935,12 @@ impl Evaluator<'_, '_> {
         }
         self.guardrail(
             "vault.paths",
-            |c| {
-                c.vault.paths.iter().any(|p| {
-                    p.capabilities.contains(&capability)
-                        && vault_path::covers(&self.placeholders(&p.pattern), path)
-                })
-            },
-            &format!("{} on {path}", capability.as_str()),
+            |i, b| self.vault_allows(i, b.ceiling, capability, path),
+            format_args!("{} on {path}", capability.as_str()),
         )
     }
 
-    fn decide_ttl(&self, seconds: u64, what: &str) -> Result<(), (Reason, String)> {
+    fn decide_ttl(&self, seconds: u64, what: &str) -> Outcome {
         if seconds > self.scope.max_ttl {
             let max = format_duration(self.scope.max_ttl);
             return Err((
@@ -754,7 +954,7 @@ impl Evaluator<'_, '_> {
         Ok(())
     }
 
-    fn decide_credential(&self, path: &str, ttl_seconds: u64) -> Result<(), (Reason, String)> {
+    fn decide_credential(&self, path: &str, ttl_seconds: u64) -> Outcome {
         floor::vault_path(path, VaultCapability::Read)?;
         // The first stage to declare a credential path owns it; a later stage is refused, so
         // that no two stages ever share one set of dynamic credentials.
@@ -785,13 +985,8 @@ impl Evaluator<'_, '_> {
         }
         self.guardrail(
             "vault.paths",
-            |c| {
-                c.vault.paths.iter().any(|p| {
-                    p.capabilities.contains(&VaultCapability::Read)
-                        && vault_path::covers(&self.placeholders(&p.pattern), path)
-                })
-            },
-            &format!("reading credentials from {path}"),
+            |i, b| self.vault_allows(i, b.ceiling, VaultCapability::Read, path),
+            format_args!("reading credentials from {path}"),
         )
     }
 }

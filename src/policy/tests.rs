@@ -424,3 +424,47 @@ spec:
         Reason::OutsideGuardrail
     );
 }
+
+#[test]
+fn placeholders_fill_in_as_three_replacements_would() {
+    let ctx = |namespace, pipeline| StageContext {
+        namespace,
+        pipeline,
+        index: 0,
+    };
+    let sequential = |pattern: &str, c: StageContext<'_>, stage: &str| {
+        pattern
+            .replace("{namespace}", c.namespace)
+            .replace("{pipeline}", c.pipeline)
+            .replace("{stage}", stage)
+    };
+    let patterns = [
+        "kv/data/{namespace}/{pipeline}/{stage}/*",
+        "kv/metadata/{stage}/{stage}-{pipeline}",
+        "database/creds/{pipeline}-*",
+        "no/placeholders/*",
+        "{namespace}{pipeline}{stage}",
+        // Not valid in a guardrail, but filled in the same way all the same.
+        "kv/{unknown}/{namespace}",
+        "kv/{{namespace}}/x",
+        "kv/{pipe{namespace}}/x",
+        "kv/{namespace",
+        "kv/}{stage}{",
+    ];
+    let contexts = [
+        (ctx("ml", "fraud.v2"), "train"),
+        (ctx("ml", "fraud"), "ingest"),
+        // Values that hold braces (a namespace from -n is not validated).
+        (ctx("pipeline}", "x"), "s"),
+        (ctx("{stage}", "{namespace}"), "s"),
+    ];
+    for pattern in patterns {
+        for (c, stage) in contexts {
+            assert_eq!(
+                placeholders(pattern, c, stage),
+                sequential(pattern, c, stage),
+                "{pattern} in {c:?}, stage {stage}"
+            );
+        }
+    }
+}

@@ -7,19 +7,19 @@
 pub fn covers(general: &str, specific: &str) -> bool {
     let (g_body, g_star) = split_star(general);
     let (s_body, s_star) = split_star(specific);
-    let g: Vec<&str> = g_body.split('/').collect();
-    let s: Vec<&str> = s_body.split('/').collect();
-    for (i, gseg) in g.iter().enumerate() {
-        let last = i + 1 == g.len();
-        let Some(sseg) = s.get(i) else {
+    let mut g = g_body.split('/').peekable();
+    let mut s = s_body.split('/').peekable();
+    while let Some(gseg) = g.next() {
+        let last = g.peek().is_none();
+        let Some(sseg) = s.next() else {
             // `specific` ran out of segments first: it can only still match longer paths when it
             // ends in `*`, and those need not match the rest of `general`.
             return false;
         };
-        let s_last = i + 1 == s.len();
+        let s_last = s.peek().is_none();
         if last && g_star {
             // `general` matches anything that starts with its body from here on.
-            if *sseg == "+" {
+            if sseg == "+" {
                 return gseg.is_empty();
             }
             return sseg.starts_with(gseg);
@@ -28,7 +28,7 @@ pub fn covers(general: &str, specific: &str) -> bool {
             // `specific` goes on past this segment in ways a fixed `general` cannot follow.
             return false;
         }
-        match (*gseg, *sseg) {
+        match (gseg, sseg) {
             ("+", "") => return false,
             ("+", _) => {}
             (_, "+") => return false,
@@ -37,7 +37,7 @@ pub fn covers(general: &str, specific: &str) -> bool {
         }
     }
     // Same number of segments and all matched; `specific` must not reach further than `general`.
-    s.len() == g.len() && !s_star
+    s.next().is_none() && !s_star
 }
 
 /// Whether the glob `pattern` matches the concrete path `path`.
@@ -88,6 +88,60 @@ mod tests {
         assert!(!covers("kv/data/ml-*", "kv/data/+/x"));
         assert!(covers("kv/data/ml-*", "kv/data/ml-fraud*"));
         assert!(!covers("kv/data/ml-fraud*", "kv/data/ml-*"));
+    }
+
+    /// `covers` as it was written first, with the segments collected into vectors.
+    fn covers_by_vectors(general: &str, specific: &str) -> bool {
+        let (g_body, g_star) = split_star(general);
+        let (s_body, s_star) = split_star(specific);
+        let g: Vec<&str> = g_body.split('/').collect();
+        let s: Vec<&str> = s_body.split('/').collect();
+        for (i, gseg) in g.iter().enumerate() {
+            let last = i + 1 == g.len();
+            let Some(sseg) = s.get(i) else {
+                return false;
+            };
+            let s_last = i + 1 == s.len();
+            if last && g_star {
+                if *sseg == "+" {
+                    return gseg.is_empty();
+                }
+                return sseg.starts_with(gseg);
+            }
+            if s_last && s_star {
+                return false;
+            }
+            match (*gseg, *sseg) {
+                ("+", "") => return false,
+                ("+", _) => {}
+                (_, "+") => return false,
+                (a, b) if a == b => {}
+                _ => return false,
+            }
+        }
+        s.len() == g.len() && !s_star
+    }
+
+    #[test]
+    fn covers_agrees_with_the_first_version() {
+        let segments = ["", "kv", "data", "+", "ml", "ml-", "x"];
+        let mut paths = vec![String::new(), "*".to_string()];
+        for a in segments {
+            for b in segments {
+                for c in ["", "x", "+"] {
+                    for star in ["", "*"] {
+                        paths.push(format!("{a}{star}"));
+                        paths.push(format!("{a}/{b}{star}"));
+                        paths.push(format!("{a}/{b}/{c}{star}"));
+                    }
+                }
+            }
+        }
+        for g in &paths {
+            for s in &paths {
+                assert_eq!(covers(g, s), covers_by_vectors(g, s), "{g:?} covers {s:?}");
+            }
+        }
     }
 
     #[test]
