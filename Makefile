@@ -3,10 +3,13 @@
 CARGO ?= cargo
 EXAMPLES := -f examples/pipelines examples/namespaces.yaml --guardrails examples/guardrails
 
-.PHONY: help plan plan-denied test fmt lint crds golden bench envtest
+.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge envtest
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+demo: ## Start a real API server, run the operator on the examples, show grants, denials, can-i and the decision log.
+	$(CARGO) run --quiet --locked --example demo
 
 plan: ## Plan every example pipeline and print what each stage is granted (exit 0: nothing denied).
 	$(CARGO) run --quiet --locked -- plan $(EXAMPLES)
@@ -34,6 +37,9 @@ golden: ## Rewrite tests/golden after a deliberate change to the plan output; re
 
 bench: ## Plan 10,000 pipelines x 3 stages on one core; prints pipelines/s and peak memory.
 	taskset -c 0 $(CARGO) bench --locked --bench plan
+
+bench-converge: ## Cold convergence of 300 pipelines x 3 stages vs plain server-side apply; API writes; steady state.
+	$(CARGO) bench --locked --bench converge
 
 envtest: ## Provide etcd, kube-apiserver and kube-controller-manager (built once, then cached).
 	@bash hack/envtest.sh

@@ -11,7 +11,7 @@
 # How the binaries are found, in order:
 #   1. $KUBEBUILDER_ASSETS, if set and it holds all three executables (e.g.
 #      binaries fetched by controller-runtime's setup-envtest): used as is.
-#   2. The cache dir ${PORTCULLIS_ENVTEST_CACHE:-$HOME/.cache/portcullis/envtest}/1.20.2,
+#   2. The cache dir ${PORTCULLIS_ENVTEST_CACHE:-$HOME/.cache/portcullis/envtest}/1.20.2-p2,
 #      if it holds all three and `kube-apiserver --version` runs: fast path.
 #   3. Otherwise they are built (needs root and Debian bookworm's package
 #      archive; takes roughly 5 minutes on 2 cores):
@@ -34,13 +34,16 @@ readonly K8S_GIT_COMMIT="faecb196815e248d3ecfb03c680a4507229c2a56" # tag v1.20.2
 readonly K8S_SRC_PKG="kubernetes"
 readonly K8S_SRC_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 readonly K8S_ORIG_TARBALL="kubernetes_1.20.5+really1.20.2.orig.tar.gz"
-readonly APT_PACKAGES=(etcd-server golang-go rsync jq dpkg-dev)
+readonly APT_PACKAGES=(etcd-server golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev)
 readonly SRC_LIST="/etc/apt/sources.list.d/portcullis-envtest-bookworm-src.sources"
 readonly DEFAULT_DEBIAN_URI="http://deb.debian.org/debian"
 readonly BINARIES=(etcd kube-apiserver kube-controller-manager)
 
 CACHE_PARENT="${PORTCULLIS_ENVTEST_CACHE:-${HOME}/.cache/portcullis/envtest}"
-CACHE_DIR="${CACHE_PARENT}/${K8S_VERSION}"
+# The build recipe's revision: bump it whenever the patches below change, so caches of
+# binaries built the old way are not used.
+readonly BUILD_REVISION="p2"
+CACHE_DIR="${CACHE_PARENT}/${K8S_VERSION}-${BUILD_REVISION}"
 LOCK_FILE="${CACHE_PARENT}/build.lock"
 BUILD_LOG="${CACHE_PARENT}/build.log"
 WORK_DIR=""
@@ -243,6 +246,23 @@ build() {
     run "untar ${K8S_ORIG_TARBALL}" \
         tar -xzf "${WORK_DIR}/${K8S_ORIG_TARBALL}" -C "${tree}" --strip-components=1
     [[ -f "${tree}/Makefile" ]] || die "step 'untar' gave no Makefile in ${tree}"
+
+    # Kubernetes 1.20 vendors github.com/modern-go/reflect2 v1.0.1, whose map iteration
+    # corrupts memory under Go >= 1.18 (SIGSEGV in mapiterinit when the API server encodes
+    # an unstructured object, e.g. on every custom resource create). Use Debian's v1.0.2.
+    run "vendor reflect2 v1.0.2" rsync -a --delete \
+        /usr/share/gocode/src/github.com/modern-go/reflect2/ "${tree}/vendor/github.com/modern-go/reflect2/"
+
+    # kube-openapi's type validator tests "is data the zero value" with
+    # reflect.DeepEqual(reflect.Zero(T), reflect.ValueOf(data)), which compares reflect.Value
+    # internals; since Go 1.16 reflect.Zero shares one zero buffer, so an empty string in a
+    # custom resource is taken for null ("must be of type string: \"null\""). Before Go 1.16
+    # that expression was always false: make it so (go-openapi/validate#137).
+    local typego="${tree}/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"
+    STEP="patch ${typego##*/vendor/}"
+    grep -q 'data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))' "${typego}" \
+        || die "step '${STEP}': the expected zero-value check is not in ${typego}"
+    sed -i 's/data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))/data == nil/' "${typego}"
 
     # GOPATH layout as Debian's build uses: .go/src/k8s.io/kubernetes -> tree.
     # (make -C resolves the symlink and hack/lib/golang.sh then sets up its own

@@ -90,6 +90,7 @@ pub fn run(args: &RunArgs) -> u8 {
         identity,
         concurrency: args.concurrency.max(1),
         watch_namespace: args.watch_namespace.clone(),
+        echo_decisions: true,
     };
     runtime.block_on(async {
         let client = match client(args.kubeconfig.as_deref()).await {

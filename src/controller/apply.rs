@@ -175,69 +175,64 @@ impl Applier<'_> {
         objects: &[Object],
         owner: &OwnerReference,
     ) -> kube::Result<Vec<Change>> {
-        let mut changes = Vec::new();
-        for object in objects {
+        // One read per object at most, all at once.
+        let reads = objects.iter().map(|object| async move {
             let mut value = serde_json::to_value(object).expect("planned objects serialize");
             value["metadata"]["ownerReferences"] = serde_json::json!([owner]);
             let hash = content_hash(&value);
-            let stage = stage_of(object);
+            let (name, uid) = (object.name(), owner.uid.as_str());
             let intent = match object {
                 Object::ServiceAccount(_) => {
                     self.intent::<ServiceAccount>(
                         &self.stores.service_accounts,
                         namespace,
-                        object.name(),
+                        name,
                         &value,
                         &hash,
-                        &owner.uid,
+                        uid,
                     )
-                    .await?
+                    .await
                 }
                 Object::Role(_) => {
-                    self.intent::<Role>(
-                        &self.stores.roles,
-                        namespace,
-                        object.name(),
-                        &value,
-                        &hash,
-                        &owner.uid,
-                    )
-                    .await?
+                    self.intent::<Role>(&self.stores.roles, namespace, name, &value, &hash, uid)
+                        .await
                 }
                 Object::RoleBinding(_) => {
                     self.intent::<RoleBinding>(
                         &self.stores.role_bindings,
                         namespace,
-                        object.name(),
+                        name,
                         &value,
                         &hash,
-                        &owner.uid,
+                        uid,
                     )
-                    .await?
+                    .await
                 }
                 Object::NetworkPolicy(_) => {
                     self.intent::<NetworkPolicy>(
                         &self.stores.network_policies,
                         namespace,
-                        object.name(),
+                        name,
                         &value,
                         &hash,
-                        &owner.uid,
+                        uid,
                     )
-                    .await?
+                    .await
                 }
-            };
-            if let Some(intent) = intent {
-                changes.push(Change {
-                    kind: object.kind(),
-                    namespace: namespace.into(),
-                    name: object.name().into(),
-                    stage,
-                    intent,
-                    desired: Some(value),
-                    hash,
-                });
-            }
+            }?;
+            Ok::<_, kube::Error>(intent.map(|intent| Change {
+                kind: object.kind(),
+                namespace: namespace.into(),
+                name: name.into(),
+                stage: stage_of(object),
+                intent,
+                desired: Some(value),
+                hash,
+            }))
+        });
+        let mut changes = Vec::new();
+        for change in futures::future::join_all(reads).await {
+            changes.extend(change?);
         }
         // A refused object makes its whole stage unsafe to apply: a RoleBinding must never bind a
         // Role to a ServiceAccount that someone else controls.

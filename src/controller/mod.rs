@@ -7,6 +7,7 @@
 
 mod apply;
 mod http;
+mod journal;
 mod metrics;
 mod reconcile;
 pub mod status;
@@ -31,7 +32,7 @@ use tracing::{error, info, warn};
 
 use apply::{AppliedState, ChildStores};
 pub use apply::{FIELD_MANAGER, json_subset};
-use metrics::{Metrics, ResultLabels};
+use metrics::Metrics;
 
 use crate::api::{AIPipeline, AccessGuardrail};
 use crate::audit::{AuditLog, Entry};
@@ -87,6 +88,8 @@ pub struct RunConfig {
     pub concurrency: u16,
     /// Watch and manage only this namespace.
     pub watch_namespace: Option<String>,
+    /// Also write each decision record to stdout.
+    pub echo_decisions: bool,
 }
 
 /// What every reconcile shares.
@@ -97,8 +100,18 @@ pub struct Context {
     children: ChildStores,
     applied: AppliedState,
     pub metrics: Arc<Metrics>,
-    audit: Arc<Mutex<AuditLog>>,
+    journal: journal::Journal,
     reporter: Reporter,
+    /// Set once the guardrail, namespace and managed-object caches hold a full list. Until then
+    /// a reconcile would plan against missing guardrails (and prune what they allow), so it
+    /// waits.
+    synced: Arc<std::sync::atomic::AtomicBool>,
+    /// The digest of the decisions last recorded per AIPipeline uid. The status holds it too
+    /// (for restarts), but the cached AIPipeline a reconcile gets may predate our last status
+    /// write.
+    recorded: Mutex<HashMap<String, String>>,
+    /// The status last written per AIPipeline uid, for the same reason.
+    statuses: Mutex<HashMap<String, crate::api::AIPipelineStatus>>,
 }
 
 impl Context {
@@ -120,17 +133,7 @@ impl Context {
 
     /// Appends to the decision log and waits until the records are on disk.
     async fn record(&self, entries: Vec<Entry>) -> Result<()> {
-        let audit = self.audit.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut log = audit
-                .lock()
-                .map_err(|_| Error::Audit("the decision log lock is poisoned".into()))?;
-            log.append(&entries, chrono::Utc::now())
-                .map(|_| ())
-                .map_err(|e| Error::Audit(e.to_string()))
-        })
-        .await
-        .map_err(|e| Error::Audit(format!("the decision log writer stopped: {e}")))?
+        self.journal.record(entries).await.map_err(Error::Audit)
     }
 }
 
@@ -156,9 +159,14 @@ where
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let key = crate::audit::load_key(&config.audit_key).map_err(|e| run_error(e.to_string()))?;
-    let audit = AuditLog::open(&config.audit_log, &key)
-        .map_err(|e| run_error(e.to_string()))?
-        .with_echo(Box::new(std::io::stdout()));
+    let mut audit =
+        AuditLog::open(&config.audit_log, &key).map_err(|e| run_error(e.to_string()))?;
+    if let Some(bytes) = audit.truncated_tail() {
+        warn!(bytes, path = %config.audit_log.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
+    }
+    if config.echo_decisions {
+        audit = audit.with_echo(Box::new(std::io::stdout()));
+    }
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(http::Health::default());
     let listener = http::bind(config.metrics_addr).await.map_err(|e| {
@@ -262,6 +270,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         network_policies,
     };
 
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ctx = Arc::new(Context {
         client: client.clone(),
         guardrails: guardrails.clone(),
@@ -269,11 +278,15 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         children: children.clone(),
         applied: AppliedState::default(),
         metrics: metrics.clone(),
-        audit: Arc::new(Mutex::new(audit)),
+        journal: journal::Journal::start(audit)
+            .map_err(|e| run_error(format!("cannot start the decision log writer: {e}")))?,
         reporter: Reporter {
             controller: "portcullis".into(),
             instance: Some(config.identity.clone()),
         },
+        synced: synced.clone(),
+        recorded: Mutex::default(),
+        statuses: Mutex::default(),
     });
 
     let controller = Controller::new(
@@ -286,11 +299,12 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let namespace_mapper = namespace_mapper(pipelines.clone());
 
     let ready = {
-        let (g, n, c, health) = (
+        let (g, n, c, health, synced_flag) = (
             guardrails.clone(),
             namespaces.clone(),
             children.clone(),
             health.clone(),
+            synced.clone(),
         );
         let pipelines = pipelines.clone();
         async move {
@@ -301,6 +315,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 c.roles.wait_until_ready().await?;
                 c.role_bindings.wait_until_ready().await?;
                 c.network_policies.wait_until_ready().await?;
+                synced_flag.store(true, Ordering::Release);
                 pipelines.wait_until_ready().await
             };
             if synced.await.is_ok() {
@@ -335,17 +350,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         .watches_stream(namespace_events, namespace_mapper)
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|result| {
-            if result.is_ok() {
-                metrics
-                    .reconciles
-                    .get_or_create(&ResultLabels {
-                        result: "ok".into(),
-                    })
-                    .inc();
-            }
-            futures::future::ready(())
-        });
+        .for_each(|_| futures::future::ready(()));
     tokio::pin!(run);
 
     let reason = tokio::select! {

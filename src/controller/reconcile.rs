@@ -27,10 +27,22 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
     if pipeline.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+        // Planning before the guardrail cache is full would apply the defaults and prune what
+        // the guardrails allow. The caches fill within seconds of start-up.
+        return Ok(Action::requeue(std::time::Duration::from_millis(200)));
+    }
     let namespace = pipeline.namespace().ok_or(Error::NotNamespaced)?;
     let name = pipeline.name_any();
     let generation = pipeline.meta().generation;
-    let old_status = pipeline.status.as_ref();
+    // The status we last wrote is newer than a cached AIPipeline that predates that write.
+    let uid = pipeline.uid().unwrap_or_default();
+    let written = ctx.statuses.lock().expect("status lock").get(&uid).cloned();
+    let old_status = match (&written, pipeline.status.as_ref()) {
+        (Some(w), Some(cached)) if cached.observed_generation <= w.observed_generation => Some(w),
+        (Some(w), None) => Some(w),
+        (_, cached) => cached,
+    };
     let recorder = ctx.recorder();
     let reference = pipeline.object_ref(&());
 
@@ -57,7 +69,13 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
                 )
                 .await;
             }
-            write_status(&ctx, &namespace, &name, old_status, new).await?;
+            write_status(&ctx, &namespace, &name, &uid, old_status, new).await?;
+            ctx.metrics
+                .reconciles
+                .get_or_create(&ResultLabels {
+                    result: "invalid_spec".into(),
+                })
+                .inc();
             // A spec that cannot be planned waits for the next change; it never hot-loops.
             return Ok(Action::await_change());
         }
@@ -73,18 +91,43 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
         format!("system:serviceaccount:{namespace}:{sa}")
     };
 
-    // 1. Record the decisions, once per distinct set: re-reconciling an unchanged pipeline does
-    //    not log the same grants again.
+    // 1. Work out what must change (reads only).
+    let owner = owner_reference(&pipeline)?;
+    let applier = Applier {
+        client: &ctx.client,
+        stores: &ctx.children,
+        applied: &ctx.applied,
+    };
+    let changes = applier
+        .intents(&namespace, &plan.objects, &owner)
+        .await
+        .map_err(Error::Kube)?;
+
+    // 2. Record the decisions (once per distinct set: re-reconciling an unchanged pipeline does
+    //    not log the same grants again) and the changes, durably, in one append.
     let digest = decisions_digest(&plan);
-    let already_recorded =
-        old_status.and_then(|s| s.recorded_decisions.as_deref()) == Some(digest.as_str());
+    let already_recorded = old_status.and_then(|s| s.recorded_decisions.as_deref())
+        == Some(digest.as_str())
+        || ctx.recorded.lock().expect("recorded lock").get(&uid) == Some(&digest);
+    let mut entries: Vec<Entry> = Vec::new();
     if !already_recorded {
-        let entries: Vec<Entry> = plan
-            .decisions
+        entries.extend(
+            plan.decisions.iter().map(|d| {
+                Entry::from_decision(&namespace, &name, generation, &subject(&d.stage), d)
+            }),
+        );
+    }
+    entries.extend(
+        changes
             .iter()
-            .map(|d| Entry::from_decision(&namespace, &name, generation, &subject(&d.stage), d))
-            .collect();
-        ctx.record(entries).await?;
+            .map(|c| change_entry(c, &namespace, &name, generation, &subject(&c.stage))),
+    );
+    ctx.record(entries).await?;
+    if !already_recorded {
+        ctx.recorded
+            .lock()
+            .expect("recorded lock")
+            .insert(uid.clone(), digest.clone());
         for d in &plan.decisions {
             ctx.metrics
                 .decisions
@@ -118,24 +161,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
         }
     }
 
-    // 2. Work out what must change (reads only), record it, then change it.
-    let owner = owner_reference(&pipeline)?;
-    let applier = Applier {
-        client: &ctx.client,
-        stores: &ctx.children,
-        applied: &ctx.applied,
-    };
-    let changes = applier
-        .intents(&namespace, &plan.objects, &owner)
-        .await
-        .map_err(Error::Kube)?;
-    if !changes.is_empty() {
-        let entries = changes
-            .iter()
-            .map(|c| change_entry(c, &namespace, &name, generation, &subject(&c.stage)))
-            .collect();
-        ctx.record(entries).await?;
-    }
+    // 3. Make the changes.
     let results = applier.execute(&changes).await;
 
     let mut outcome = Outcome::default();
@@ -187,11 +213,17 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
     // 3. Status.
     let mut new = status::for_plan(&plan, &outcome, generation, old_status, now());
     new.recorded_decisions = Some(digest);
-    write_status(&ctx, &namespace, &name, old_status, new).await?;
+    write_status(&ctx, &namespace, &name, &uid, old_status, new).await?;
 
     if !outcome.errors.is_empty() {
         return Err(Error::Apply(outcome.errors.join("; ")));
     }
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels {
+            result: "ok".into(),
+        })
+        .inc();
     Ok(Action::await_change())
 }
 
@@ -283,6 +315,7 @@ async fn write_status(
     ctx: &Context,
     namespace: &str,
     name: &str,
+    uid: &str,
     old: Option<&AIPipelineStatus>,
     new: AIPipelineStatus,
 ) -> Result<()> {
@@ -302,6 +335,10 @@ async fn write_status(
     )
     .await
     .map_err(Error::Kube)?;
+    ctx.statuses
+        .lock()
+        .expect("status lock")
+        .insert(uid.to_string(), new);
     Ok(())
 }
 

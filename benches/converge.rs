@@ -1,0 +1,358 @@
+//! Cold convergence of 300 pipelines × 3 stages against a real API server, compared with the
+//! floor: a plain concurrent server-side apply of the same planned objects.
+//!
+//! Prints the time to converge, the API writes it took (from the API server's
+//! `apiserver_request_total`), the writes during 60 s of steady state, and the operator's peak
+//! RSS. Targets: convergence within 1.5× the floor, and zero writes in steady state. Nothing is
+//! asserted: this prints figures (`make bench-converge`).
+//!
+//! Writes are counted cluster-wide, so both windows include what kube-controller-manager does
+//! in reaction (a token Secret per new ServiceAccount on 1.20); both windows create the same
+//! number of ServiceAccounts, so the comparison stays fair, and the breakdown by resource shows
+//! it.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use portcullis::api::{AIPipeline, AccessGuardrail};
+use portcullis::plan::{self, Object};
+use serde_json::json;
+
+const PIPELINES: usize = 300;
+const STEADY: Duration = Duration::from_secs(60);
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Write requests (create, update, patch, apply, delete) by "VERB resource", from /metrics.
+async fn writes(cp: &support::ControlPlane) -> BTreeMap<String, f64> {
+    let text = cp.apiserver_metrics().await;
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let verb = label("verb");
+        if !matches!(
+            verb.as_str(),
+            "POST"
+                | "PUT"
+                | "PATCH"
+                | "APPLY"
+                | "DELETE"
+                | "DELETECOLLECTION"
+                | "CREATE"
+                | "UPDATE"
+        ) {
+            continue;
+        }
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        *out.entry(format!("{verb} {}", label("resource")))
+            .or_default() += value;
+    }
+    out
+}
+
+fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or_default()))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
+}
+
+/// The writes the operator makes: server-side applies, patches, deletes, and Events. The
+/// controller manager's reactions (token Secrets and ServiceAccount updates on 1.20) are POSTs
+/// and PUTs of other resources.
+fn by_operator(d: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    d.iter()
+        .filter(|(k, _)| {
+            k.starts_with("APPLY ")
+                || k.starts_with("PATCH ")
+                || k.starts_with("DELETE ")
+                || k.as_str() == "POST events"
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+fn total(d: &BTreeMap<String, f64>) -> f64 {
+    d.values().sum::<f64>().max(0.0)
+}
+
+fn pipelines(namespace: &str) -> Vec<AIPipeline> {
+    let text = std::fs::read_to_string(root().join("examples/pipelines/fraud-detector.yaml"))
+        .expect("example");
+    let template: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
+    (0..PIPELINES)
+        .map(|i| {
+            let mut p = template.clone();
+            p.metadata.name = Some(format!("fraud-{i}"));
+            p.metadata.namespace = Some(namespace.into());
+            for stage in &mut p.spec.stages {
+                for cred in stage
+                    .vault
+                    .iter_mut()
+                    .flat_map(|v| v.credentials.iter_mut())
+                {
+                    cred.secret_name = format!("{}-{i}", cred.secret_name);
+                }
+                for rule in &mut stage.permissions {
+                    for n in &mut rule.resource_names {
+                        if n.starts_with("fraud-train-artifacts") {
+                            *n = format!("fraud-train-artifacts-{i}");
+                        }
+                    }
+                }
+            }
+            p
+        })
+        .collect()
+}
+
+fn guardrails(namespaces: &[&str]) -> Vec<AccessGuardrail> {
+    ["ingestion", "training", "deployment"]
+        .iter()
+        .map(|role| {
+            let text =
+                std::fs::read_to_string(root().join(format!("examples/guardrails/{role}.yaml")))
+                    .expect("guardrail");
+            let mut g: AccessGuardrail = serde_saphyr::from_str(&text).expect("guardrail parses");
+            g.metadata.name = Some(format!("bench-{role}"));
+            g.spec.namespace_selector = serde_json::from_value(json!({"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}
+            ]}))
+            .expect("selector");
+            g
+        })
+        .collect()
+}
+
+async fn floor(
+    client: &Client,
+    namespace: &str,
+    guardrails: &[AccessGuardrail],
+) -> (Duration, usize) {
+    let labels = BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_string(),
+        namespace.to_string(),
+    )]);
+    let objects: Vec<Object> = pipelines(namespace)
+        .iter()
+        .flat_map(|p| {
+            plan::build(p, namespace, &labels, guardrails)
+                .expect("plans")
+                .objects
+        })
+        .collect();
+    let count = objects.len();
+    let start = Instant::now();
+    futures::stream::iter(objects)
+        .map(|o| {
+            let client = client.clone();
+            let namespace = namespace.to_string();
+            async move {
+                let params = PatchParams::apply("floor").force();
+                let value = serde_json::to_value(&o).expect("object serializes");
+                let name = o.name().to_string();
+                let result = match o {
+                    Object::ServiceAccount(_) => {
+                        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+                            client, &namespace,
+                        )
+                        .patch(&name, &params, &Patch::Apply(&value))
+                        .await
+                        .map(|_| ())
+                    }
+                    Object::Role(_) => {
+                        Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client, &namespace)
+                            .patch(&name, &params, &Patch::Apply(&value))
+                            .await
+                            .map(|_| ())
+                    }
+                    Object::RoleBinding(_) => {
+                        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(
+                            client, &namespace,
+                        )
+                        .patch(&name, &params, &Patch::Apply(&value))
+                        .await
+                        .map(|_| ())
+                    }
+                    Object::NetworkPolicy(_) => {
+                        Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+                            client, &namespace,
+                        )
+                        .patch(&name, &params, &Patch::Apply(&value))
+                        .await
+                        .map(|_| ())
+                    }
+                };
+                result.expect("floor apply");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    (start.elapsed(), count)
+}
+
+fn rss_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::main]
+async fn main() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    println!("control plane up in {:.1?}", cp.startup_time());
+    let floor_ns = support::temp_namespace(&client, "bench-floor", &[]).await;
+    let op_ns = support::temp_namespace(&client, "bench-operator", &[]).await;
+    let guardrails = guardrails(&[&floor_ns, &op_ns]);
+    for g in &guardrails {
+        Api::<AccessGuardrail>::all(client.clone())
+            .create(&PostParams::default(), g)
+            .await
+            .expect("guardrail");
+    }
+
+    // The floor.
+    let before = writes(cp).await;
+    let (floor_time, objects) = floor(&client, &floor_ns, &guardrails).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let floor_writes = delta(&writes(cp).await, &before);
+    println!(
+        "floor: {objects} objects by concurrent server-side apply in {floor_time:.2?}; {} API writes",
+        total(&floor_writes)
+    );
+
+    // The operator, cold.
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), &op_ns);
+    for p in pipelines(&op_ns) {
+        api.create(&PostParams::default(), &p)
+            .await
+            .expect("pipeline created");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("audit.key");
+    std::fs::write(&key, "bench-hmac-key-0123456789abcdef0123456789abcdef").expect("key");
+    let args: Vec<String> = [
+        "run",
+        "--kubeconfig",
+        &cp.kubeconfig().display().to_string(),
+        "--audit-log",
+        &dir.path().join("audit.log").display().to_string(),
+        "--audit-key",
+        &key.display().to_string(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--watch-namespace",
+        &op_ns,
+        "--no-leader-election",
+        "--concurrency",
+        "16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let before = writes(cp).await;
+    let start = Instant::now();
+    let mut operator = support::process::Server::spawn(
+        "operator",
+        dir.path(),
+        Path::new(env!("CARGO_BIN_EXE_portcullis")),
+        &args,
+    )
+    .expect("operator starts");
+    support::wait_for("every pipeline Ready", Duration::from_secs(600), || {
+        let api = api.clone();
+        async move {
+            let list = api.list(&ListParams::default()).await.ok()?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|p| {
+                    p.status.as_ref().is_some_and(|s| {
+                        s.observed_generation == p.metadata.generation
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                })
+                .count();
+            (ready == PIPELINES).then_some(())
+        }
+    })
+    .await;
+    let converge_time = start.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let converge_writes = delta(&writes(cp).await, &before);
+    println!(
+        "operator: {PIPELINES} pipelines × 3 stages converged in {converge_time:.2?} (including start-up and cache sync); {} API writes, {} of them by the operator",
+        total(&converge_writes),
+        total(&by_operator(&converge_writes))
+    );
+
+    let before = writes(cp).await;
+    tokio::time::sleep(STEADY).await;
+    let steady_writes = delta(&writes(cp).await, &before);
+    let pid = std::fs::read_to_string(dir.path().join("operator.pid")).unwrap_or_default();
+    let rss = rss_of(&pid);
+    operator.stop();
+
+    println!(
+        "steady state: {} API writes in {STEADY:?} (all sources)",
+        total(&steady_writes)
+    );
+    for (what, n) in &steady_writes {
+        println!("    {what}: {n}");
+    }
+    println!("writes while converging, by verb and resource:");
+    for (what, n) in &converge_writes {
+        println!("    {what}: {n}");
+    }
+    match rss {
+        Some(kib) => println!("operator peak RSS: {:.1} MiB", kib as f64 / 1024.0),
+        None => println!("operator peak RSS: unavailable"),
+    }
+    let ratio = converge_time.as_secs_f64() / floor_time.as_secs_f64();
+    println!(
+        "convergence / floor: {ratio:.2}× (target ≤ 1.5×: {})",
+        if ratio <= 1.5 { "PASS" } else { "MISS" }
+    );
+    let operator_steady = total(&by_operator(&steady_writes));
+    println!(
+        "steady-state writes by the operator (apply, patch, delete, events): {operator_steady} (target 0: {})",
+        if operator_steady == 0.0 {
+            "PASS"
+        } else {
+            "MISS"
+        }
+    );
+}

@@ -1,0 +1,30 @@
+//! A real Kubernetes 1.20 control plane for integration tests: etcd, kube-apiserver and
+//! kube-controller-manager from `hack/envtest.sh`, on loopback, one per test binary.
+//!
+//! ```ignore
+//! mod support;
+//!
+//! #[tokio::test]
+//! async fn something() {
+//!     let cp = support::control_plane();
+//!     let client = cp.client().await;
+//!     let ns = support::temp_namespace(&client, "something", &[]).await;
+//!     // ...
+//! }
+//! ```
+//!
+//! Every server runs under a watchdog that stops it when the test process exits, also when it
+//! panics or is killed; the temporary directory (data, certificates, logs) is removed then too,
+//! unless `PORTCULLIS_ENVTEST_KEEP` is set. Each test should work in its own namespace.
+#![allow(dead_code)]
+
+mod control_plane;
+mod helpers;
+/// Processes under a watchdog that stops them when the test process exits; also for the
+/// operator under test (`process::Server::spawn`, `stop`, `log_tail`).
+pub mod process;
+
+#[allow(unused_imports)]
+pub use control_plane::{ControlPlane, ISSUER, control_plane};
+#[allow(unused_imports)]
+pub use helpers::{can_i, service_account_token, temp_namespace, wait_for};
