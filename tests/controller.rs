@@ -175,6 +175,25 @@ impl Operator {
     }
 }
 
+/// Runs the binary as the kubectl plugin (`kubectl-portcullis`, through a symlink) with `args`.
+fn plugin(args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("dir");
+    let link = dir.path().join("kubectl-portcullis");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_portcullis"), &link).expect("symlink");
+    let out = Command::new(&link)
+        .args(args)
+        .output()
+        .expect("plugin runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 fn example(path: &str, namespace: &str) -> AIPipeline {
     let text = std::fs::read_to_string(root().join(path)).expect("example readable");
     let mut p: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
@@ -432,6 +451,28 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
             }
         }
     }
+    // The kubectl plugin agrees: every grant allowed, nothing of the matrix.
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    let (code, out) = plugin(&[
+        "can-i",
+        "fraud-detector",
+        "-n",
+        &ns,
+        "--kubeconfig",
+        &kubeconfig,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("yes   get configmaps ingest-config in {ns}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("no    create pods/exec in {ns}")),
+        "{out}"
+    );
+    let (_, help) = plugin(&["--help"]);
+    assert!(help.contains("Usage: kubectl portcullis"), "{help}");
+
     let records = op.records();
     let grants = records
         .iter()
@@ -779,6 +820,23 @@ async fn an_existing_service_account_is_not_adopted() {
         op.records()
             .iter()
             .any(|r| r["action"] == "adoption-refused")
+    );
+    // can-i shows the stage lacks what its plan grants, and exits 1.
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    let (code, out) = plugin(&[
+        "can-i",
+        "fraud-detector",
+        "--stage",
+        "train",
+        "-n",
+        &ns,
+        "--kubeconfig",
+        &kubeconfig,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("granted by the plan but not by the cluster"),
+        "{out}"
     );
 }
 

@@ -1,6 +1,7 @@
 //! The `portcullis` command line.
 
 pub mod audit;
+pub mod can_i;
 pub mod load;
 pub mod output;
 pub mod run;
@@ -47,6 +48,14 @@ pub enum Command {
     Run(run::RunArgs),
     /// Work with the decision log.
     Audit(audit::AuditArgs),
+    /// Ask the cluster what each stage's ServiceAccount may do, and compare with the plan.
+    ///
+    /// Every planned grant must be allowed by the API server's RBAC authorizer, and nothing of a
+    /// matrix of dangerous requests (other stages' Secrets, escalate, bind, exec, cluster-wide
+    /// reads, other namespaces, impersonation) may be. Exit 0 when the cluster agrees, 1 when
+    /// it does not.
+    #[command(name = "can-i")]
+    CanI(can_i::CanIArgs),
 }
 
 /// Output formats of `plan`.
@@ -99,7 +108,25 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as `kubectl-portcullis`, the binary is a kubectl plugin: `kubectl portcullis ...`.
+    let as_plugin = std::env::args_os()
+        .next()
+        .and_then(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .map(|f| f.to_string_lossy().starts_with("kubectl-portcullis"))
+        })
+        .unwrap_or(false);
+    let mut command = <Cli as clap::CommandFactory>::command();
+    if as_plugin {
+        command = command
+            .name("kubectl portcullis")
+            .bin_name("kubectl portcullis");
+    }
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let code = match cli.command {
         Command::Crds => {
             print!("{}", crate::api::crds_yaml());
@@ -108,6 +135,7 @@ pub fn main() -> ExitCode {
         Command::Plan(args) => run_plan(&args),
         Command::Run(args) => run::run(&args),
         Command::Audit(args) => audit::run(&args),
+        Command::CanI(args) => can_i::run(&args),
     };
     ExitCode::from(code)
 }
