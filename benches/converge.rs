@@ -228,6 +228,11 @@ fn rss_of(pid: &str) -> Option<u64> {
 
 #[tokio::main]
 async fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then there is nothing to do.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("converge: a benchmark; run it with `make bench-converge`");
+        return;
+    }
     let cp = support::control_plane();
     let client = cp.client().await;
     println!("control plane up in {:.1?}", cp.startup_time());

@@ -772,6 +772,15 @@ fn runs(mode: Mode, label: &str) -> Vec<Run> {
 /// and each mode's peak RSS is its own.
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench (and the runs this binary starts pass --one-run);
+    // `cargo test --benches` passes neither: then there is nothing to do.
+    if !args
+        .iter()
+        .any(|a| a == "--bench" || a == "--one-run" || a == "--write-input")
+    {
+        println!("plan: a benchmark; run it with `make bench`");
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--one-run") {
         let mode = match args.get(i + 1).map(String::as_str) {
             Some("keep") => Mode::Keep,

@@ -26,8 +26,43 @@ use kube::CustomResourceExt;
 pub const GROUP: &str = "portcullis.dev";
 
 /// The CRDs, in the order they are written to `crds/`.
+///
+/// The schemas carry no `default`s under `spec`: the API server would write them into every
+/// object, and a GitOps tool comparing Git with the cluster (Argo CD's default diff) would then
+/// report the object OutOfSync forever. The same defaults apply when Portcullis reads the
+/// objects (serde), so behaviour is unchanged.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![AIPipeline::crd(), AccessGuardrail::crd()]
+        .into_iter()
+        .map(|mut crd| {
+            for version in &mut crd.spec.versions {
+                let spec = version
+                    .schema
+                    .as_mut()
+                    .and_then(|s| s.open_api_v3_schema.as_mut())
+                    .and_then(|s| s.properties.as_mut())
+                    .and_then(|p| p.get_mut("spec"));
+                if let Some(spec) = spec {
+                    strip_defaults(spec);
+                }
+            }
+            crd
+        })
+        .collect()
+}
+
+fn strip_defaults(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    schema.default = None;
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        strip_defaults(child);
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) =
+        schema.items.as_mut()
+    {
+        strip_defaults(items);
+    }
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as committed in `crds/portcullis.yaml`.

@@ -1,0 +1,393 @@
+//! GitOps safety: an AIPipeline applied the way Argo CD applies it (server-side apply, field
+//! manager `argocd-controller`, tracking labels and annotations) stays exactly as applied while
+//! the operator reconciles it. The operator owns the status subresource and nothing else, so a
+//! re-apply never conflicts and Argo CD's diff sees the object in sync. The one server-side
+//! change to a spec is a schema default (`protocol: TCP` on a port without a protocol), shown
+//! here precisely, with what Server-Side Diff makes of it.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
+use kube::core::Request;
+use portcullis::api::AccessGuardrail;
+use serde_json::{Value, json};
+use support::process::Server;
+
+const WAIT: Duration = Duration::from_secs(90);
+const ARGOCD: &str = "argocd-controller";
+const OPERATOR: &str = "portcullis";
+const PIPELINES: &str = "/apis/portcullis.dev/v1alpha1/namespaces";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+/// A `portcullis run` process for one namespace, under the harness's watchdog.
+struct Operator {
+    server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    fn start(name: &'static str, namespace: &str) -> Operator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("audit.key");
+        std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
+            .expect("key written");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let args = vec![
+            "run".to_string(),
+            "--kubeconfig".into(),
+            support::control_plane().kubeconfig().display().to_string(),
+            "--watch-namespace".into(),
+            namespace.into(),
+            "--no-leader-election".into(),
+            "--audit-log".into(),
+            dir.path().join("audit.log").display().to_string(),
+            "--audit-key".into(),
+            key.display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        let server = Server::spawn(
+            name,
+            dir.path(),
+            Path::new(env!("CARGO_BIN_EXE_portcullis")),
+            &args,
+        )
+        .expect("operator starts");
+        Operator { server, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        self.server.log_tail(60)
+    }
+}
+
+/// The example guardrails, renamed for `namespace` and selecting only it.
+fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
+    ["ingestion", "training", "deployment"]
+        .iter()
+        .map(|role| {
+            let mut g: AccessGuardrail =
+                serde_saphyr::from_str(&read(&format!("examples/guardrails/{role}.yaml")))
+                    .expect("guardrail parses");
+            g.metadata.name = Some(format!("{namespace}-{role}"));
+            g.spec.namespace_selector = serde_json::from_value(
+                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
+            )
+            .expect("selector");
+            g
+        })
+        .collect()
+}
+
+async fn create_guardrails(client: &Client, namespace: &str) {
+    let api: Api<AccessGuardrail> = Api::all(client.clone());
+    for g in guardrails_for(namespace) {
+        api.create(&PostParams::default(), &g)
+            .await
+            .expect("guardrail created");
+    }
+}
+
+/// `examples/pipelines/fraud-detector.yaml` in `ns`, labelled and annotated as Argo CD tracks
+/// what it applies.
+fn argocd_manifest(ns: &str) -> Value {
+    let mut p: Value = serde_saphyr::from_str(&read("examples/pipelines/fraud-detector.yaml"))
+        .expect("example parses");
+    p["metadata"]["namespace"] = json!(ns);
+    p["metadata"]["labels"] = json!({
+        "app.kubernetes.io/instance": "ai-pipelines",
+        "app.kubernetes.io/part-of": "fraud-detection",
+        "team": "fraud",
+    });
+    p["metadata"]["annotations"] = json!({
+        "argocd.argoproj.io/tracking-id": format!("ai-pipelines:portcullis.dev/AIPipeline:{ns}/fraud-detector"),
+        "argocd.argoproj.io/sync-wave": "1",
+        "fraud.example.com/owner": "fraud-ml@example.com",
+    });
+    p
+}
+
+/// The JSON pointers of the ports in `spec` that do not say their protocol.
+fn ports_without_protocol(spec: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (s, stage) in spec["stages"].as_array().into_iter().flatten().enumerate() {
+        for direction in ["egress", "ingress"] {
+            let rules = stage["network"][direction].as_array().into_iter().flatten();
+            for (r, rule) in rules.enumerate() {
+                for (p, port) in rule["ports"].as_array().into_iter().flatten().enumerate() {
+                    if port.get("protocol").is_none() {
+                        out.push(format!(
+                            "/stages/{s}/network/{direction}/{r}/ports/{p}/protocol"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `manifest` with `protocol: TCP` written out on every port, as Git should hold it.
+fn with_explicit_protocols(mut manifest: Value) -> Value {
+    for pointer in ports_without_protocol(&manifest["spec"]) {
+        let port = pointer.trim_end_matches("/protocol").to_string();
+        manifest["spec"]
+            .pointer_mut(&port)
+            .and_then(Value::as_object_mut)
+            .expect("port")
+            .insert("protocol".into(), json!("TCP"));
+    }
+    manifest
+}
+
+fn pipelines(ns: &str) -> Request {
+    Request::new(format!("{PIPELINES}/{ns}/aipipelines"))
+}
+
+/// Server-side apply of `manifest` by `manager`, never forcing, as Argo CD's
+/// `ServerSideApply=true` sync does; with `dry_run`, as its Server-Side Diff does.
+async fn apply(
+    client: &Client,
+    manifest: &Value,
+    manager: &str,
+    dry_run: bool,
+) -> Result<Value, kube::Error> {
+    let ns = manifest["metadata"]["namespace"].as_str().expect("ns");
+    let name = manifest["metadata"]["name"].as_str().expect("name");
+    let mut params = PatchParams::apply(manager);
+    params.dry_run = dry_run;
+    let request = pipelines(ns)
+        .patch(name, &params, &Patch::Apply(manifest))
+        .expect("request");
+    client.request::<Value>(request).await
+}
+
+async fn get(client: &Client, ns: &str, name: &str) -> Value {
+    let request = pipelines(ns)
+        .get(name, &GetParams::default())
+        .expect("request");
+    client
+        .request::<Value>(request)
+        .await
+        .unwrap_or_else(|e| panic!("get AIPipeline {ns}/{name}: {e}"))
+}
+
+async fn wait_ready(client: &Client, ns: &str, name: &str, op: &Operator) -> Value {
+    let what = format!("AIPipeline {ns}/{name} Ready=True");
+    let found = tokio::time::timeout(
+        WAIT,
+        support::wait_for(&what, WAIT, || async move {
+            let p = get(client, ns, name).await;
+            let current = p["status"]["observedGeneration"] == p["metadata"]["generation"];
+            let ready = p["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            (current && ready).then_some(p)
+        }),
+    )
+    .await;
+    found.unwrap_or_else(|_| panic!("{what} timed out; operator log:\n{}", op.log()))
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Every managedFields entry as (manager, operation, subresource, top-level fields).
+fn managed_fields(object: &Value) -> Vec<(String, String, String, BTreeSet<String>)> {
+    object["metadata"]["managedFields"]
+        .as_array()
+        .expect("managedFields")
+        .iter()
+        .map(|e| {
+            (
+                e["manager"].as_str().unwrap_or_default().to_string(),
+                e["operation"].as_str().unwrap_or_default().to_string(),
+                e["subresource"].as_str().unwrap_or_default().to_string(),
+                keys(&e["fieldsV1"]),
+            )
+        })
+        .collect()
+}
+
+/// What Argo CD compares: labels, annotations and spec are exactly what was applied.
+fn assert_as_applied(manifest: &Value, live: &Value, when: &str) {
+    for field in ["labels", "annotations"] {
+        assert_eq!(
+            live["metadata"][field], manifest["metadata"][field],
+            "{when}: metadata.{field} differs from what Argo CD applied"
+        );
+    }
+    pretty_assertions::assert_eq!(
+        &live["spec"],
+        &manifest["spec"],
+        "{when}: the live spec differs from the applied spec"
+    );
+}
+
+#[tokio::test]
+async fn the_operator_leaves_an_argocd_applied_pipeline_as_applied() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "gitops", &[]).await;
+    create_guardrails(&client, &ns).await;
+    let op = Operator::start("operator-gitops", &ns);
+
+    // As Git should hold it: every port says its protocol (see the next test for why).
+    let manifest = with_explicit_protocols(argocd_manifest(&ns));
+    let applied = apply(&client, &manifest, ARGOCD, false)
+        .await
+        .expect("Argo CD's server-side apply");
+    let generation = applied["metadata"]["generation"].clone();
+    assert_eq!(generation, 1);
+    // No defaulting, no mutation: what the API server stored is what was applied.
+    assert_as_applied(&manifest, &applied, "as stored");
+
+    let live = wait_ready(&client, &ns, "fraud-detector", &op).await;
+    // Let the operator finish whatever it does after Ready; nothing more should be written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled = get(&client, &ns, "fraud-detector").await;
+    assert_eq!(
+        settled["metadata"]["resourceVersion"], live["metadata"]["resourceVersion"],
+        "the operator keeps writing to a reconciled pipeline"
+    );
+    assert_eq!(
+        settled["metadata"]["generation"], generation,
+        "the spec was written"
+    );
+    assert_as_applied(&manifest, &settled, "after the operator reconciled it");
+    for field in ["finalizers", "ownerReferences"] {
+        assert!(
+            settled["metadata"].get(field).is_none(),
+            "the operator set metadata.{field}: {}",
+            settled["metadata"][field]
+        );
+    }
+
+    // Who owns what: Argo CD the labels, annotations and spec; the operator the status only.
+    let entries = managed_fields(&settled);
+    let managers: BTreeSet<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        managers,
+        BTreeSet::from([ARGOCD, OPERATOR]),
+        "{:#}",
+        settled["metadata"]["managedFields"]
+    );
+    for (manager, operation, subresource, fields) in &entries {
+        match manager.as_str() {
+            ARGOCD => {
+                assert_eq!(operation, "Apply");
+                assert!(subresource.is_empty(), "{subresource}");
+                assert_eq!(
+                    *fields,
+                    BTreeSet::from(["f:metadata".to_string(), "f:spec".to_string()])
+                );
+            }
+            _ => {
+                // Kubernetes before 1.22 does not record the subresource; the fields say it.
+                assert!(
+                    subresource.is_empty() || subresource == "status",
+                    "the operator manages fields through /{subresource}"
+                );
+                assert_eq!(
+                    *fields,
+                    BTreeSet::from(["f:status".to_string()]),
+                    "the operator manages more than the status: {:#}",
+                    settled["metadata"]["managedFields"]
+                );
+            }
+        }
+    }
+    let argocd_metadata = settled["metadata"]["managedFields"]
+        .as_array()
+        .expect("managedFields")
+        .iter()
+        .find(|e| e["manager"] == ARGOCD)
+        .map(|e| keys(&e["fieldsV1"]["f:metadata"]))
+        .expect("Argo CD's entry");
+    assert_eq!(
+        argocd_metadata,
+        BTreeSet::from(["f:annotations".to_string(), "f:labels".to_string()])
+    );
+
+    // Argo CD syncs again (self-heal, a refresh, the next commit with no change here): the same
+    // apply, not forced, succeeds without a conflict and changes nothing.
+    let reapplied = apply(&client, &manifest, ARGOCD, false)
+        .await
+        .expect("re-applying without force does not conflict with the operator");
+    assert_eq!(reapplied["metadata"]["generation"], generation);
+    assert_eq!(
+        reapplied["metadata"]["resourceVersion"], settled["metadata"]["resourceVersion"],
+        "an unchanged apply wrote the object"
+    );
+    assert_as_applied(&manifest, &reapplied, "after the re-apply");
+    // What Server-Side Diff predicts is what is live.
+    let predicted = apply(&client, &manifest, ARGOCD, true)
+        .await
+        .expect("dry-run apply");
+    assert_as_applied(&manifest, &predicted, "the dry-run apply");
+    assert_eq!(predicted["metadata"]["generation"], generation);
+    // And the operator does not react to it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = get(&client, &ns, "fraud-detector").await;
+    assert_eq!(last["metadata"]["generation"], generation);
+    assert_eq!(last["status"], settled["status"], "the status changed");
+    assert_as_applied(&manifest, &last, "at the end");
+}
+
+/// The CRDs carry no defaults under `spec` (`portcullis::api::crds` strips them), so a port
+/// written without a protocol is stored exactly as written: Argo CD's legacy and
+/// structured-merge diffs, which compare the atomic `ports` list whole, see no difference.
+#[tokio::test]
+async fn a_port_without_protocol_is_stored_as_written() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "gitops-defaults", &[]).await;
+    // As the example is written: three ports without a protocol.
+    let manifest = argocd_manifest(&ns);
+    let missing = ports_without_protocol(&manifest["spec"]);
+    assert_eq!(missing.len(), 3, "{missing:?}");
+
+    let live = apply(&client, &manifest, ARGOCD, false)
+        .await
+        .expect("Argo CD's server-side apply");
+    assert_eq!(
+        live["spec"], manifest["spec"],
+        "the API server added defaults"
+    );
+    assert_eq!(ports_without_protocol(&live["spec"]), missing);
+    for field in ["labels", "annotations"] {
+        assert_eq!(live["metadata"][field], manifest["metadata"][field]);
+    }
+    // A sync applies it again: no conflict, no change; Server-Side Diff's prediction agrees.
+    let again = apply(&client, &manifest, ARGOCD, false)
+        .await
+        .expect("re-apply");
+    assert_eq!(
+        again["metadata"]["generation"],
+        live["metadata"]["generation"]
+    );
+    assert_eq!(again["spec"], manifest["spec"]);
+    let predicted = apply(&client, &manifest, ARGOCD, true)
+        .await
+        .expect("dry-run apply");
+    assert_eq!(predicted["spec"], manifest["spec"]);
+}
