@@ -3,7 +3,8 @@
 //! refusal to take over objects Portcullis does not own.
 //!
 //! Work is split in two so that the decision log is written before anything changes:
-//! [`Applier::intents`] only reads (the metadata caches, and a GET where the cache cannot say),
+//! [`Applier::intents`] only reads (the metadata caches, and a GET of an object whose
+//! resourceVersion is not the one our last write returned),
 //! then the caller records the intents, then [`Applier::execute`] writes.
 //!
 //! Steady state costs no API writes: an object whose cached resourceVersion is the one our last
@@ -31,8 +32,9 @@ use crate::plan::{Object, names};
 /// The field manager of every write Portcullis makes.
 pub const FIELD_MANAGER: &str = "portcullis";
 
-/// The metadata caches of the four kinds Portcullis manages (only objects labelled
-/// `app.kubernetes.io/managed-by: portcullis`).
+/// The metadata caches of the four kinds Portcullis manages: every object of those kinds in the
+/// watched namespaces, its own and others' (to refuse taking over others' without a read), with
+/// `managedFields` dropped so that memory stays small.
 #[derive(Clone)]
 pub struct ChildStores {
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
@@ -302,17 +304,24 @@ impl Applier<'_> {
         let key: ObjectKey = (kind_str(&kind), namespace.to_string(), name.to_string());
         let remembered = self.applied.get(&key);
         let cached = store.get(&ObjectRef::new(name).within(namespace));
-        if let Some(meta) = &cached {
-            if !owned_by(meta.owner_references(), uid) {
-                return Ok(Some(refuse(&kind, namespace, name)));
+        match &cached {
+            Some(meta) => {
+                if !owned_by(meta.owner_references(), uid) {
+                    return Ok(Some(refuse(&kind, namespace, name)));
+                }
+                let rv = meta.resource_version().unwrap_or_default();
+                if remembered
+                    .as_ref()
+                    .is_some_and(|(r, h)| *r == rv && h == hash)
+                {
+                    return Ok(None);
+                }
             }
-            let rv = meta.resource_version().unwrap_or_default();
-            if remembered
-                .as_ref()
-                .is_some_and(|(r, h)| *r == rv && h == hash)
-            {
-                return Ok(None);
-            }
+            // The cache holds every object of this kind in the watched namespaces (synced before
+            // any reconcile): an object it lacks and we never wrote does not exist, so no read
+            // is needed. One we wrote may just not have reached the cache yet: read it.
+            None if remembered.is_none() => return Ok(Some(Intent::Create)),
+            None => {}
         }
         // The cache cannot settle it: read the live object.
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);

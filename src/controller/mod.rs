@@ -36,7 +36,6 @@ use metrics::Metrics;
 
 use crate::api::{AIPipeline, AccessGuardrail};
 use crate::audit::{AuditLog, Entry};
-use crate::plan::names;
 
 /// Everything a reconcile can fail with. Each has a stable label for metrics.
 #[derive(Debug, thiserror::Error)]
@@ -135,10 +134,6 @@ impl Context {
     async fn record(&self, entries: Vec<Entry>) -> Result<()> {
         self.journal.record(entries).await.map_err(Error::Audit)
     }
-}
-
-fn managed() -> watcher::Config {
-    watcher::Config::default().labels(&format!("{}={}", names::MANAGED_BY.0, names::MANAGED_BY.1))
 }
 
 /// An Api over every namespace, or over the one being watched.
@@ -251,8 +246,13 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 writer,
                 watcher(
                     scoped::<PartialObjectMeta<$kind>>(&client, &config.watch_namespace),
-                    managed(),
-                ),
+                    watcher::Config::default(),
+                )
+                .modify(|meta| {
+                    meta.managed_fields_mut().clear();
+                    meta.annotations_mut()
+                        .remove("kubectl.kubernetes.io/last-applied-configuration");
+                }),
             )
             .default_backoff()
             .touched_objects();
