@@ -17,7 +17,6 @@ use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
 use kube::core::Request;
 use portcullis::api::AccessGuardrail;
 use serde_json::{Value, json};
-use support::process::Server;
 
 /// The `argocd-cm` key Argo CD reads the AIPipeline health check from.
 const HEALTH_KEY: &str = "resource.customizations.health.portcullis.dev_AIPipeline";
@@ -513,71 +512,6 @@ fn the_application_manifests_parse_and_say_what_the_readme_says() {
 // Real statuses, written by the operator against a real API server.
 
 /// A `portcullis run` process for one namespace, under the harness's watchdog.
-struct Operator {
-    server: Server,
-    _dir: tempfile::TempDir,
-}
-
-impl Operator {
-    fn start(name: &'static str, namespace: &str) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let key = dir.path().join("audit.key");
-        std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
-            .expect("key written");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let args = vec![
-            "run".to_string(),
-            "--kubeconfig".into(),
-            support::control_plane().kubeconfig().display().to_string(),
-            "--watch-namespace".into(),
-            namespace.into(),
-            "--no-leader-election".into(),
-            "--audit-log".into(),
-            dir.path().join("audit.log").display().to_string(),
-            "--audit-key".into(),
-            key.display().to_string(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{port}"),
-        ];
-        let server = Server::spawn(
-            name,
-            dir.path(),
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            &args,
-        )
-        .expect("operator starts");
-        Operator { server, _dir: dir }
-    }
-
-    fn log(&self) -> String {
-        self.server.log_tail(60)
-    }
-
-    fn stop(&mut self) {
-        self.server.stop();
-    }
-}
-
-/// The example guardrails, renamed for `namespace` and selecting only it.
-fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
-    ["ingestion", "training", "deployment"]
-        .iter()
-        .map(|role| {
-            let mut g: AccessGuardrail =
-                serde_saphyr::from_str(&read(&format!("examples/guardrails/{role}.yaml")))
-                    .expect("guardrail parses");
-            g.metadata.name = Some(format!("{namespace}-{role}"));
-            g.spec.namespace_selector = serde_json::from_value(
-                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
-            )
-            .expect("selector");
-            g
-        })
-        .collect()
-}
 
 /// The live AIPipeline as the API server serves it (what Argo CD hands the health check).
 async fn get_pipeline(client: &Client, ns: &str, name: &str) -> Value {
@@ -604,7 +538,13 @@ async fn create_pipeline(client: &Client, ns: &str, manifest: &Value) {
 }
 
 /// Waits until the status describes the current generation and Ready is `ready`.
-async fn wait_ready(client: &Client, ns: &str, name: &str, ready: &str, op: &Operator) -> Value {
+async fn wait_ready(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    ready: &str,
+    op: &support::Operator,
+) -> Value {
     let what = format!("AIPipeline {ns}/{name} Ready={ready}");
     let found = tokio::time::timeout(
         WAIT,
@@ -635,7 +575,7 @@ async fn the_operators_real_statuses_are_judged_right() {
     let client = cp.client().await;
     let ns = support::temp_namespace(&client, "argocd-health", &[]).await;
     let guardrails: Api<AccessGuardrail> = Api::all(client.clone());
-    for g in guardrails_for(&ns) {
+    for g in support::guardrails_for(&ns) {
         guardrails
             .create(&PostParams::default(), &g)
             .await
@@ -675,7 +615,7 @@ async fn the_operators_real_statuses_are_judged_right() {
     let (s, m) = health(&get_pipeline(&client, &ns, "fraud-detector").await);
     assert_eq!(s, "Progressing", "{m}");
 
-    let mut op = Operator::start("operator-argocd", &ns);
+    let mut op = support::Operator::start("operator-argocd", &ns, None);
     let live = wait_ready(&client, &ns, "fraud-detector", "True", &op).await;
     let (s, m) = health(&live);
     assert_eq!(s, "Healthy", "{m}\n{live:#}");

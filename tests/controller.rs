@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,159 +20,12 @@ use portcullis::api::{AIPipeline, AccessGuardrail};
 use portcullis::plan::{self, Plan};
 use portcullis::policy::Item;
 use serde_json::{Value, json};
-use support::process::Server;
+use support::{Operator, create_guardrails, guardrails_for};
 
 const WAIT: Duration = Duration::from_secs(90);
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A `portcullis run` process under the harness's watchdog.
-struct Operator {
-    server: Server,
-    dir: tempfile::TempDir,
-    name: &'static str,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-impl Operator {
-    /// Starts an operator watching `namespace`; with `lease`, under leader election with that
-    /// Lease namespace and this identity.
-    fn start(name: &'static str, namespace: &str, lease: Option<&str>) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        Self::start_in(name, namespace, lease, dir)
-    }
-
-    fn start_in(
-        name: &'static str,
-        namespace: &str,
-        lease: Option<&str>,
-        dir: tempfile::TempDir,
-    ) -> Operator {
-        let key = dir.path().join("audit.key");
-        if !key.exists() {
-            std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
-                .expect("key written");
-        }
-        let port = free_port();
-        let cp = support::control_plane();
-        let mut args = vec![
-            "run".to_string(),
-            "--kubeconfig".into(),
-            cp.kubeconfig().display().to_string(),
-            "--audit-log".into(),
-            dir.path().join("audit.log").display().to_string(),
-            "--audit-key".into(),
-            key.display().to_string(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{port}"),
-            "--watch-namespace".into(),
-            namespace.into(),
-            "--identity".into(),
-            name.into(),
-        ];
-        match lease {
-            Some(lease_namespace) => {
-                args.extend(["--lease-namespace".to_string(), lease_namespace.to_string()])
-            }
-            None => args.push("--no-leader-election".into()),
-        }
-        let server = Server::spawn(
-            name,
-            dir.path(),
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            &args,
-        )
-        .expect("operator starts");
-        Operator {
-            server,
-            dir,
-            name,
-            port,
-        }
-    }
-
-    fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit.log")
-    }
-
-    fn records(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.audit_log())
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each decision-log line is JSON"))
-            .collect()
-    }
-
-    fn verify(&self) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["audit", "verify"])
-            .arg(self.audit_log())
-            .arg("--key")
-            .arg(self.dir.path().join("audit.key"))
-            .output()
-            .expect("audit verify runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    async fn metric(&self, prefix: &str) -> f64 {
-        let body = tokio::task::spawn_blocking({
-            let port = self.port;
-            move || {
-                use std::io::{Read, Write};
-                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                    return String::new();
-                };
-                let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                body
-            }
-        })
-        .await
-        .unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    /// SIGKILL, as a crashed node would.
-    fn kill(&mut self) {
-        let pid = std::fs::read_to_string(self.dir.path().join(format!("{}.pid", self.name)))
-            .expect("operator pid file");
-        let status = Command::new("kill")
-            .arg("-KILL")
-            .arg(pid.trim())
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -9 the operator");
-        self.server.stop();
-    }
-
-    /// SIGTERM and wait.
-    fn stop(&mut self) {
-        self.server.stop();
-    }
-
-    fn log(&self) -> String {
-        self.server.log_tail(60)
-    }
 }
 
 /// Runs the binary as the kubectl plugin (`kubectl-portcullis`, through a symlink) with `args`.
@@ -199,34 +52,6 @@ fn example(path: &str, namespace: &str) -> AIPipeline {
     let mut p: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
     p.metadata.namespace = Some(namespace.into());
     p
-}
-
-/// The example guardrails, renamed for `namespace` and selecting only it.
-fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
-    ["ingestion", "training", "deployment"]
-        .iter()
-        .map(|role| {
-            let text =
-                std::fs::read_to_string(root().join(format!("examples/guardrails/{role}.yaml")))
-                    .expect("guardrail readable");
-            let mut g: AccessGuardrail = serde_saphyr::from_str(&text).expect("guardrail parses");
-            g.metadata.name = Some(format!("{namespace}-{role}"));
-            g.spec.namespace_selector = serde_json::from_value(
-                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
-            )
-            .expect("selector");
-            g
-        })
-        .collect()
-}
-
-async fn create_guardrails(client: &Client, guardrails: &[AccessGuardrail]) {
-    let api: Api<AccessGuardrail> = Api::all(client.clone());
-    for g in guardrails {
-        api.create(&PostParams::default(), g)
-            .await
-            .expect("guardrail created");
-    }
 }
 
 async fn create_pipeline(client: &Client, pipeline: &AIPipeline) {

@@ -8,15 +8,13 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
+use kube::api::{GetParams, Patch, PatchParams};
 use kube::core::Request;
-use portcullis::api::AccessGuardrail;
 use serde_json::{Value, json};
-use support::process::Server;
 
 const WAIT: Duration = Duration::from_secs(90);
 const ARGOCD: &str = "argocd-controller";
@@ -32,76 +30,6 @@ fn read(path: &str) -> String {
 }
 
 /// A `portcullis run` process for one namespace, under the harness's watchdog.
-struct Operator {
-    server: Server,
-    _dir: tempfile::TempDir,
-}
-
-impl Operator {
-    fn start(name: &'static str, namespace: &str) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let key = dir.path().join("audit.key");
-        std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
-            .expect("key written");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let args = vec![
-            "run".to_string(),
-            "--kubeconfig".into(),
-            support::control_plane().kubeconfig().display().to_string(),
-            "--watch-namespace".into(),
-            namespace.into(),
-            "--no-leader-election".into(),
-            "--audit-log".into(),
-            dir.path().join("audit.log").display().to_string(),
-            "--audit-key".into(),
-            key.display().to_string(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{port}"),
-        ];
-        let server = Server::spawn(
-            name,
-            dir.path(),
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            &args,
-        )
-        .expect("operator starts");
-        Operator { server, _dir: dir }
-    }
-
-    fn log(&self) -> String {
-        self.server.log_tail(60)
-    }
-}
-
-/// The example guardrails, renamed for `namespace` and selecting only it.
-fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
-    ["ingestion", "training", "deployment"]
-        .iter()
-        .map(|role| {
-            let mut g: AccessGuardrail =
-                serde_saphyr::from_str(&read(&format!("examples/guardrails/{role}.yaml")))
-                    .expect("guardrail parses");
-            g.metadata.name = Some(format!("{namespace}-{role}"));
-            g.spec.namespace_selector = serde_json::from_value(
-                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
-            )
-            .expect("selector");
-            g
-        })
-        .collect()
-}
-
-async fn create_guardrails(client: &Client, namespace: &str) {
-    let api: Api<AccessGuardrail> = Api::all(client.clone());
-    for g in guardrails_for(namespace) {
-        api.create(&PostParams::default(), &g)
-            .await
-            .expect("guardrail created");
-    }
-}
 
 /// `examples/pipelines/fraud-detector.yaml` in `ns`, labelled and annotated as Argo CD tracks
 /// what it applies.
@@ -187,7 +115,7 @@ async fn get(client: &Client, ns: &str, name: &str) -> Value {
         .unwrap_or_else(|e| panic!("get AIPipeline {ns}/{name}: {e}"))
 }
 
-async fn wait_ready(client: &Client, ns: &str, name: &str, op: &Operator) -> Value {
+async fn wait_ready(client: &Client, ns: &str, name: &str, op: &support::Operator) -> Value {
     let what = format!("AIPipeline {ns}/{name} Ready=True");
     let found = tokio::time::timeout(
         WAIT,
@@ -248,8 +176,8 @@ async fn the_operator_leaves_an_argocd_applied_pipeline_as_applied() {
     let cp = support::control_plane();
     let client = cp.client().await;
     let ns = support::temp_namespace(&client, "gitops", &[]).await;
-    create_guardrails(&client, &ns).await;
-    let op = Operator::start("operator-gitops", &ns);
+    support::create_guardrails(&client, &support::guardrails_for(&ns)).await;
+    let op = support::Operator::start("operator-gitops", &ns, None);
 
     // As Git should hold it: every port says its protocol (see the next test for why).
     let manifest = with_explicit_protocols(argocd_manifest(&ns));

@@ -154,14 +154,6 @@ where
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let key = crate::audit::load_key(&config.audit_key).map_err(|e| run_error(e.to_string()))?;
-    let mut audit =
-        AuditLog::open(&config.audit_log, &key).map_err(|e| run_error(e.to_string()))?;
-    if let Some(bytes) = audit.truncated_tail() {
-        warn!(bytes, path = %config.audit_log.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
-    }
-    if config.echo_decisions {
-        audit = audit.with_echo(Box::new(std::io::stdout()));
-    }
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(http::Health::default());
     let listener = http::bind(config.metrics_addr).await.map_err(|e| {
@@ -213,6 +205,17 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         lease = Some((is_leader, task));
     }
     health.ready.store(false, Ordering::Relaxed);
+
+    // The decision log is opened (its chain verified and continued) only now, as the leader: a
+    // standby sharing the file must not hold a stale view of the chain.
+    let mut audit =
+        AuditLog::open(&config.audit_log, &key).map_err(|e| run_error(e.to_string()))?;
+    if let Some(bytes) = audit.truncated_tail() {
+        warn!(bytes, path = %config.audit_log.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
+    }
+    if config.echo_decisions {
+        audit = audit.with_echo(Box::new(std::io::stdout()));
+    }
 
     // Caches.
     let namespace_config = match &config.watch_namespace {

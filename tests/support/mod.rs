@@ -20,6 +20,7 @@
 
 mod control_plane;
 mod helpers;
+pub mod operator;
 /// Processes under a watchdog that stops them when the test process exits; also for the
 /// operator under test (`process::Server::spawn`, `stop`, `log_tail`).
 pub mod process;
@@ -28,3 +29,5 @@ pub mod process;
 pub use control_plane::{ControlPlane, ISSUER, control_plane};
 #[allow(unused_imports)]
 pub use helpers::{can_i, service_account_token, temp_namespace, wait_for};
+#[allow(unused_imports)]
+pub use operator::{Operator, create_guardrails, guardrails_for};

@@ -1,0 +1,84 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "portcullis.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object name: fullnameOverride, else the release name when it already holds the
+chart name, else <release>-<chart>. At most 52 characters, so suffixes such as "-namespaced"
+still fit a 63-character name.
+*/}}
+{{- define "portcullis.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Cluster-scoped objects (ClusterRole, ClusterRoleBinding) are shared by every namespace, so their
+names carry the release namespace: two releases of the same name in two namespaces do not clash.
+*/}}
+{{- define "portcullis.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "portcullis.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "portcullis.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the operator Pods; never change between upgrades. */}}
+{{- define "portcullis.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "portcullis.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels on every object of the chart. */}}
+{{- define "portcullis.labels" -}}
+helm.sh/chart: {{ include "portcullis.chart" . }}
+{{ include "portcullis.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: portcullis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "portcullis.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "portcullis.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "portcullis.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the decision log's HMAC key, and the key in it. */}}
+{{- define "portcullis.auditKeySecret" -}}
+{{- default (printf "%s-audit-key" (include "portcullis.fullname" .)) .Values.auditLog.existingSecret }}
+{{- end }}
+
+{{- define "portcullis.auditKeySecretKey" -}}
+{{- if .Values.auditLog.existingSecret }}{{ .Values.auditLog.existingSecretKey }}{{ else }}key{{ end }}
+{{- end }}
+
+{{/*
+Fails on combinations of values that would render a chart that cannot work.
+*/}}
+{{- define "portcullis.validate" -}}
+{{- if and .Values.auditLog.persistence.enabled (gt (int .Values.replicaCount) 1) }}
+{{- fail "auditLog.persistence.enabled needs replicaCount: 1. A ReadWriteOnce volume cannot be mounted by replicas on different nodes, and two operators must never append to one decision log. For high availability keep the emptyDir (auditLog.persistence.enabled: false) and ship the operator's stdout, which carries every record, with your log collector" }}
+{{- end }}
+{{- end }}

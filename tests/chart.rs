@@ -1,0 +1,1717 @@
+//! The Helm chart (charts/portcullis), with Helm's own library (helm-sdkpy, through
+//! hack/helm/chart.py) against the test control plane: it lints; it renders for several sets of
+//! values, and every rendered object passes a server-side dry run; its CRDs are the repository's;
+//! installed, the operator's ServiceAccount can do exactly what the operator needs and nothing
+//! more (SubjectAccessReviews), and the real operator, running as that ServiceAccount, makes an
+//! example pipeline Ready; an upgrade changes the Deployment and keeps the audit key; an uninstall
+//! leaves the CRDs and the key behind.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use kube::discovery::Scope;
+use kube::{Client, ResourceExt};
+use portcullis::api::{AIPipeline, AccessGuardrail};
+use serde_json::{Value, json};
+use support::process::Server;
+
+const WAIT: Duration = Duration::from_secs(90);
+/// The control plane's Kubernetes version: renders meant for it use its API versions.
+const KUBE_VERSION: &str = "1.20.2";
+/// The field manager of the dry runs.
+const DRY_RUN_MANAGER: &str = "portcullis-chart-test";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart_dir() -> PathBuf {
+    root().join("charts/portcullis")
+}
+
+// --- Helm, through hack/helm/chart.py ----------------------------------------------------------
+
+/// The python of the helm-sdkpy venv, set up (once per test binary) by hack/helm/setup.sh.
+fn helm_python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(root().join("hack/helm/setup.sh"))
+            .current_dir(root())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run hack/helm/setup.sh");
+        assert!(
+            out.status.success(),
+            "hack/helm/setup.sh failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let python = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(
+            python.is_file(),
+            "hack/helm/setup.sh printed {python:?}, not a python"
+        );
+        python
+    })
+}
+
+/// What a chart.py run printed.
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `hack/helm/chart.py ARGS` (blocking), with `values` in a temporary JSON file (`-f`).
+fn chart_py(args: &[&str], values: Option<&Value>) -> Run {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut command = Command::new(helm_python());
+    command.arg(root().join("hack/helm/chart.py")).args(args);
+    if let Some(values) = values {
+        let file = dir.path().join("values.json");
+        std::fs::write(
+            &file,
+            serde_json::to_vec_pretty(values).expect("values serialize"),
+        )
+        .expect("values file written");
+        command.arg("-f").arg(&file);
+    }
+    // Helm's caches and config stay in the temp dir.
+    for (var, sub) in [
+        ("HELM_CACHE_HOME", "cache"),
+        ("HELM_CONFIG_HOME", "config"),
+        ("HELM_DATA_HOME", "data"),
+    ] {
+        command.env(var, dir.path().join(sub));
+    }
+    let out = command
+        .current_dir(root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run hack/helm/chart.py");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `chart_py` on the blocking pool, for async tests.
+async fn chart_py_async(args: Vec<String>, values: Option<Value>) -> Run {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        chart_py(&args, values.as_ref())
+    })
+    .await
+    .expect("chart.py thread")
+}
+
+/// The objects of a manifest (multi-document YAML).
+fn objects(manifest: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(manifest)
+        .unwrap_or_else(|e| panic!("the rendered manifest is not YAML: {e}\n{manifest}"))
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Renders the chart (Helm's template engine, no cluster) for Kubernetes `kube_version`.
+fn render(release: &str, namespace: &str, values: &Value, kube_version: &str) -> Vec<Value> {
+    let run = chart_py(
+        &[
+            "template",
+            chart_dir().to_str().expect("utf-8 path"),
+            "--release",
+            release,
+            "--namespace",
+            namespace,
+            "--kube-version",
+            kube_version,
+        ],
+        Some(values),
+    );
+    assert!(
+        run.ok,
+        "rendering with {values} failed:\n{}{}",
+        run.stderr, run.stdout
+    );
+    objects(&run.stdout)
+}
+
+/// The error Helm gives when rendering with `values` (which must fail).
+fn render_error(values: &Value) -> String {
+    let run = chart_py(
+        &[
+            "template",
+            chart_dir().to_str().expect("utf-8 path"),
+            "--kube-version",
+            KUBE_VERSION,
+        ],
+        Some(values),
+    );
+    assert!(
+        !run.ok,
+        "rendering with {values} should fail, and printed:\n{}",
+        run.stdout
+    );
+    run.stderr
+}
+
+/// A release action (install/upgrade/uninstall) against the test control plane; returns its JSON
+/// summary.
+async fn helm(action: &str, release: &str, namespace: &str, values: Option<Value>) -> Value {
+    helm_with(action, release, namespace, values, &[]).await
+}
+
+async fn helm_with(
+    action: &str,
+    release: &str,
+    namespace: &str,
+    values: Option<Value>,
+    extra: &[&str],
+) -> Value {
+    let cp = support::control_plane();
+    let mut args = vec![action.to_string()];
+    if action != "uninstall" {
+        args.push(chart_dir().display().to_string());
+    }
+    args.extend([
+        "--release".into(),
+        release.into(),
+        "--namespace".into(),
+        namespace.into(),
+        "--kubeconfig".into(),
+        cp.kubeconfig().display().to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let run = chart_py_async(args, values).await;
+    assert!(
+        run.ok,
+        "helm {action} {release} in {namespace} failed:\n{}",
+        run.stderr
+    );
+    serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("chart.py {action} printed no JSON ({e}): {}", run.stdout))
+}
+
+// --- rendered objects ------------------------------------------------------------------------------
+
+fn kind_of(o: &Value) -> &str {
+    o["kind"].as_str().unwrap_or_default()
+}
+
+fn name_of(o: &Value) -> &str {
+    o["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| kind_of(o) == kind).collect()
+}
+
+fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found = find(objects, kind);
+    assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
+    found[0]
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn operator_container(objects: &[Value]) -> &Value {
+    let deployment = one(objects, "Deployment");
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers");
+    assert_eq!(containers.len(), 1, "one container");
+    &containers[0]
+}
+
+fn args_of(objects: &[Value]) -> Vec<String> {
+    strings(&operator_container(objects)["args"])
+}
+
+/// Every RBAC rule of every ClusterRole and Role, with the object it is in.
+fn rules(objects: &[Value]) -> Vec<(String, Value)> {
+    objects
+        .iter()
+        .filter(|o| matches!(kind_of(o), "ClusterRole" | "Role"))
+        .flat_map(|o| {
+            let at = format!(
+                "{} {}/{}",
+                kind_of(o),
+                o["metadata"]["namespace"].as_str().unwrap_or(""),
+                name_of(o)
+            );
+            o["rules"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |r| (at.clone(), r))
+        })
+        .collect()
+}
+
+/// Checks what holds for every set of values.
+fn check_common(objects: &[Value], values: &Value) {
+    // Every object but the templated CRDs (which are crds/portcullis.yaml as it is) is labelled.
+    for o in objects
+        .iter()
+        .filter(|o| kind_of(o) != "CustomResourceDefinition")
+    {
+        let labels = &o["metadata"]["labels"];
+        for label in [
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/version",
+            "app.kubernetes.io/managed-by",
+            "app.kubernetes.io/component",
+            "app.kubernetes.io/part-of",
+            "helm.sh/chart",
+        ] {
+            assert!(
+                labels[label].is_string(),
+                "{} {} lacks label {label}",
+                kind_of(o),
+                name_of(o)
+            );
+        }
+    }
+    // No wildcard in any rule, and escalate/bind only on Roles.
+    for (at, rule) in rules(objects) {
+        for field in ["apiGroups", "resources", "verbs", "resourceNames"] {
+            assert!(
+                !strings(&rule[field]).iter().any(|s| s.contains('*')),
+                "{at} has a wildcard in {field}: {rule}"
+            );
+        }
+        let verbs = strings(&rule["verbs"]);
+        if verbs.iter().any(|v| v == "escalate" || v == "bind") {
+            assert_eq!(
+                (
+                    strings(&rule["apiGroups"]),
+                    strings(&rule["resources"]),
+                    verbs.len()
+                ),
+                (
+                    vec!["rbac.authorization.k8s.io".to_string()],
+                    vec!["roles".to_string()],
+                    2
+                ),
+                "{at}: escalate and bind only on roles, alone in their rule: {rule}"
+            );
+        }
+        assert!(
+            !verbs.iter().any(|v| v == "impersonate" || v == "update")
+                || strings(&rule["resources"]) == ["aipipelines/finalizers"],
+            "{at}: no impersonate, and update only on aipipelines/finalizers: {rule}"
+        );
+    }
+
+    let deployment = one(objects, "Deployment");
+    let replicas = values["replicaCount"].as_i64().unwrap_or(2);
+    assert_eq!(deployment["spec"]["replicas"], json!(replicas));
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
+    assert_eq!(pod["securityContext"]["runAsUser"], json!(65532));
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        json!("RuntimeDefault")
+    );
+    let container = operator_container(objects);
+    let sc = &container["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], json!(false));
+    assert_eq!(sc["readOnlyRootFilesystem"], json!(true));
+    assert_eq!(sc["runAsNonRoot"], json!(true));
+    assert_eq!(sc["runAsUser"], json!(65532));
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], json!("RuntimeDefault"));
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"],
+        json!("/healthz")
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"],
+        json!("/readyz")
+    );
+    assert_eq!(container["ports"][0]["containerPort"], json!(8080));
+    assert!(container["resources"]["limits"]["memory"].is_string());
+    assert!(container["resources"]["requests"]["cpu"].is_string());
+    let env: BTreeMap<String, String> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()?
+                    .to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(
+        env.get("POD_NAMESPACE").map(String::as_str),
+        Some("metadata.namespace")
+    );
+    assert_eq!(
+        env.get("POD_NAME").map(String::as_str),
+        Some("metadata.name")
+    );
+
+    let mut expected_args: Vec<String> = [
+        "run",
+        "--audit-log",
+        "/var/lib/portcullis/decisions.log",
+        "--audit-key",
+        "/etc/portcullis/audit-key/key",
+        "--metrics-addr",
+        "0.0.0.0:8080",
+        "--lease-namespace",
+        "$(POD_NAMESPACE)",
+        "--lease-name",
+        "portcullis-leader",
+        "--identity",
+        "$(POD_NAME)",
+        "--concurrency",
+        "8",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(ns) = values["watchNamespace"].as_str() {
+        expected_args.extend(["--watch-namespace".to_string(), ns.to_string()]);
+    }
+    assert_eq!(args_of(objects), expected_args);
+
+    let pdbs = find(objects, "PodDisruptionBudget");
+    if replicas > 1 {
+        assert_eq!(
+            pdbs.len(),
+            1,
+            "a PodDisruptionBudget with {replicas} replicas"
+        );
+        assert_eq!(pdbs[0]["spec"]["minAvailable"], json!(1));
+    } else {
+        assert!(pdbs.is_empty(), "no PodDisruptionBudget with one replica");
+    }
+    one(objects, "Service");
+    let monitors = find(objects, "ServiceMonitor");
+    let network_policies = find(objects, "NetworkPolicy");
+    assert_eq!(
+        monitors.len(),
+        usize::from(values["metrics"]["serviceMonitor"]["enabled"] == json!(true))
+    );
+    assert_eq!(
+        network_policies.len(),
+        usize::from(values["networkPolicy"]["enabled"] == json!(true))
+    );
+}
+
+/// The namespaced rules the operator needs, wherever they are (ClusterRole or Role).
+fn namespaced_rule_set() -> BTreeSet<(String, String, String)> {
+    let mut set = BTreeSet::new();
+    let mut add = |group: &str, resources: &[&str], verbs: &[&str]| {
+        for r in resources {
+            for v in verbs {
+                set.insert((group.to_string(), r.to_string(), v.to_string()));
+            }
+        }
+    };
+    add(
+        "portcullis.dev",
+        &["aipipelines"],
+        &["get", "list", "watch"],
+    );
+    add("portcullis.dev", &["aipipelines/status"], &["patch"]);
+    add("portcullis.dev", &["aipipelines/finalizers"], &["update"]);
+    let write = ["get", "list", "watch", "create", "patch", "delete"];
+    add("", &["serviceaccounts"], &write);
+    add(
+        "rbac.authorization.k8s.io",
+        &["roles", "rolebindings"],
+        &write,
+    );
+    add(
+        "rbac.authorization.k8s.io",
+        &["roles"],
+        &["escalate", "bind"],
+    );
+    add("networking.k8s.io", &["networkpolicies"], &write);
+    add("events.k8s.io", &["events"], &["create", "patch"]);
+    set
+}
+
+/// (group, resource, verb) of the rules of one object, asserting none has resourceNames unless
+/// `named`.
+fn flatten(o: &Value) -> BTreeSet<(String, String, String)> {
+    let mut set = BTreeSet::new();
+    for rule in o["rules"].as_array().expect("rules") {
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for v in strings(&rule["verbs"]) {
+                    set.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    set
+}
+
+// --- tests without a cluster -------------------------------------------------------------------------
+
+/// The chart's crds/ copy, and the templated copy, are the repository's crds/portcullis.yaml.
+#[test]
+fn chart_crds_are_the_repository_crds() {
+    let repo = std::fs::read(root().join("crds/portcullis.yaml")).expect("crds/portcullis.yaml");
+    let copy = std::fs::read(chart_dir().join("crds/portcullis.yaml"))
+        .expect("charts/portcullis/crds/portcullis.yaml");
+    assert!(
+        repo == copy,
+        "charts/portcullis/crds/portcullis.yaml differs from crds/portcullis.yaml: run `make chart-crds`"
+    );
+    let expected = objects(&String::from_utf8(repo).expect("utf-8"));
+    assert_eq!(expected.len(), 2, "two CRDs");
+
+    // Not templated by default.
+    let plain = render("portcullis", "portcullis-system", &json!({}), KUBE_VERSION);
+    assert!(find(&plain, "CustomResourceDefinition").is_empty());
+
+    let templated = render(
+        "portcullis",
+        "portcullis-system",
+        &json!({"crds": {"templated": true}}),
+        KUBE_VERSION,
+    );
+    let mut crds: Vec<Value> = find(&templated, "CustomResourceDefinition")
+        .into_iter()
+        .cloned()
+        .collect();
+    assert_eq!(
+        crds.len(),
+        expected.len(),
+        "the templated copy has every CRD"
+    );
+    for crd in &mut crds {
+        let annotations = crd["metadata"]["annotations"]
+            .as_object_mut()
+            .expect("the templated CRDs are annotated");
+        assert_eq!(
+            annotations.remove("helm.sh/resource-policy"),
+            Some(json!("keep")),
+            "templated CRDs are kept on uninstall"
+        );
+        assert!(annotations.is_empty(), "only the keep annotation is added");
+        crd["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("annotations");
+    }
+    assert!(
+        crds == expected,
+        "templates/crds.yaml does not render crds/portcullis.yaml (plus the keep annotation)"
+    );
+}
+
+#[test]
+fn chart_lints_and_validates_its_values() {
+    let run = chart_py(&["lint", chart_dir().to_str().expect("utf-8 path")], None);
+    assert!(
+        run.ok,
+        "helm lint found warnings or errors (helm-sdkpy keeps only the file of each message):\n{}{}",
+        run.stdout, run.stderr
+    );
+    let result: Value = serde_json::from_str(&run.stdout).expect("lint JSON");
+    assert!(
+        result["worst_severity"].as_i64().unwrap_or(9) <= 1,
+        "{result}"
+    );
+
+    // values.schema.json rejects what the chart does not know or cannot use.
+    for (values, expected) in [
+        (
+            json!({"replicas": 3}),
+            "additional properties 'replicas' not allowed",
+        ),
+        (json!({"replicaCount": "two"}), "/replicaCount"),
+        (json!({"replicaCount": 0}), "/replicaCount"),
+        (
+            json!({"image": {"pullPolicy": "Sometimes"}}),
+            "/image/pullPolicy",
+        ),
+        (
+            json!({"watchNamespace": "Not_A_Namespace"}),
+            "/watchNamespace",
+        ),
+        (
+            json!({"vault": {"address": "https://vault:8200"}}),
+            "/vault",
+        ),
+        (
+            json!({"auditLog": {"persistence": {"sise": "1Gi"}}}),
+            "/auditLog/persistence",
+        ),
+        (
+            json!({"metrics": {"serviceMonitor": {"interval": "often"}}}),
+            "/metrics/serviceMonitor/interval",
+        ),
+        (
+            json!({"networkPolicy": {"apiServer": {"ports": [0]}}}),
+            "/networkPolicy/apiServer/ports/0",
+        ),
+        (
+            json!({"resources": {"limits": {"gpu": 1}}}),
+            "/resources/limits",
+        ),
+    ] {
+        let error = render_error(&values);
+        assert!(
+            error.contains("values don't meet the specifications of the schema")
+                && error.contains(expected),
+            "{values}: expected a schema error at {expected}, got:\n{error}"
+        );
+    }
+    // And what the schema cannot say, the templates do.
+    let error = render_error(&json!({"auditLog": {"persistence": {"enabled": true}}}));
+    assert!(
+        error.contains("auditLog.persistence.enabled needs replicaCount: 1"),
+        "{error}"
+    );
+    let error = render_error(&json!({"serviceAccount": {"create": false}}));
+    assert!(error.contains("serviceAccount.name must name"), "{error}");
+
+    // Newer clusters get policy/v1 PodDisruptionBudgets; 1.20 only has v1beta1.
+    let new = render("portcullis", "portcullis-system", &json!({}), "1.30.0");
+    assert_eq!(
+        one(&new, "PodDisruptionBudget")["apiVersion"],
+        json!("policy/v1")
+    );
+    let old = render("portcullis", "portcullis-system", &json!({}), KUBE_VERSION);
+    assert_eq!(
+        one(&old, "PodDisruptionBudget")["apiVersion"],
+        json!("policy/v1beta1")
+    );
+}
+
+// --- tests against the control plane -------------------------------------------------------------
+
+/// A server-side dry run of `object`: a dry-run server-side apply, which also refuses fields the
+/// server does not know. CRDs are the exception: Kubernetes 1.20 refuses their CEL rules
+/// (`x-kubernetes-validations`) under server-side apply, so they get a dry-run replace instead.
+async fn dry_run(client: &Client, object: &Value) -> Result<(), String> {
+    let (group, version) = match object["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .split_once('/')
+    {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (
+            String::new(),
+            object["apiVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+    };
+    let gvk = GroupVersionKind::gvk(&group, &version, kind_of(object));
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .map_err(|e| format!("discovery of {gvk:?}: {e}"))?;
+    let api: Api<DynamicObject> = match caps.scope {
+        Scope::Namespaced => Api::namespaced_with(
+            client.clone(),
+            object["metadata"]["namespace"]
+                .as_str()
+                .ok_or("a namespaced object without a namespace")?,
+            &resource,
+        ),
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    let name = name_of(object);
+    if kind_of(object) == "CustomResourceDefinition" {
+        let live = api.get(name).await.map_err(|e| e.to_string())?;
+        let mut replacement: DynamicObject =
+            serde_json::from_value(object.clone()).map_err(|e| e.to_string())?;
+        replacement.metadata.resource_version = live.resource_version();
+        let params = PostParams {
+            dry_run: true,
+            field_manager: Some(DRY_RUN_MANAGER.into()),
+        };
+        return api
+            .replace(name, &params, &replacement)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+    }
+    api.patch(
+        name,
+        &PatchParams::apply(DRY_RUN_MANAGER).dry_run(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Renders the chart for several sets of values, checks what each must hold, checks that the
+/// operator binary accepts the Deployment's arguments, and dry-runs every object against the API
+/// server (the ServiceMonitor only renders: its CRD is not on the test server).
+#[tokio::test]
+async fn chart_renders_and_the_api_server_accepts_every_object() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-render", &[]).await;
+    let watched = support::temp_namespace(&client, "chart-render-watched", &[]).await;
+
+    let sets: Vec<(&str, Value)> = vec![
+        ("defaults", json!({})),
+        ("watch", json!({"watchNamespace": watched.clone()})),
+        (
+            "persist",
+            json!({
+                "replicaCount": 1,
+                "auditLog": {"persistence": {"enabled": true, "size": "5Gi", "storageClass": "fast"}},
+            }),
+        ),
+        (
+            "extras",
+            json!({
+                "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}},
+                "networkPolicy": {
+                    "enabled": true,
+                    "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                    "apiServer": {"cidrs": ["10.0.0.1/32"], "ports": [6443]},
+                },
+                "crds": {"templated": true},
+                "auditLog": {"existingSecret": "my-audit-key", "existingSecretKey": "hmac"},
+                "image": {"digest": format!("sha256:{}", "a".repeat(64))},
+            }),
+        ),
+    ];
+
+    let rendered: Vec<(String, Value, Vec<Value>)> = {
+        let ns = ns.clone();
+        tokio::task::spawn_blocking(move || {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = sets
+                    .into_iter()
+                    .map(|(release, values)| {
+                        let ns = ns.clone();
+                        scope.spawn(move || {
+                            let objects = render(release, &ns, &values, KUBE_VERSION);
+                            (release.to_string(), values, objects)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("render thread"))
+                    .collect()
+            })
+        })
+        .await
+        .expect("render threads")
+    };
+
+    let mut failures = Vec::new();
+    for (release, values, objects) in &rendered {
+        check_common(objects, values);
+
+        // The binary accepts every argument the chart passes (clap stops at the first unknown
+        // one, before --help).
+        let mut args = args_of(objects);
+        args.push("--help".into());
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(&args)
+            .output()
+            .expect("portcullis runs");
+        assert!(
+            out.status.success(),
+            "{release}: `portcullis {}` refused: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        for object in objects {
+            if kind_of(object) == "ServiceMonitor" {
+                continue;
+            }
+            if let Err(e) = dry_run(&client, object).await {
+                failures.push(format!(
+                    "{release}: {} {}: {e}",
+                    kind_of(object),
+                    name_of(object)
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "dry runs failed:\n{}",
+        failures.join("\n")
+    );
+
+    let by_release: BTreeMap<&str, &Vec<Value>> =
+        rendered.iter().map(|(r, _, o)| (r.as_str(), o)).collect();
+
+    // Defaults: everything namespaced in the ClusterRole; leases only in the release namespace.
+    let defaults = by_release["defaults"];
+    let cluster_role = one(defaults, "ClusterRole");
+    let mut expected = namespaced_rule_set();
+    for verb in ["get", "list", "watch"] {
+        expected.insert((
+            "portcullis.dev".into(),
+            "accessguardrails".into(),
+            verb.into(),
+        ));
+        expected.insert((String::new(), "namespaces".into(), verb.into()));
+    }
+    assert_eq!(flatten(cluster_role), expected, "the ClusterRole's rules");
+    let roles = find(defaults, "Role");
+    assert_eq!(roles.len(), 1, "only the leader-election Role");
+    assert_eq!(roles[0]["metadata"]["namespace"], json!(ns));
+    assert_eq!(
+        flatten(roles[0]),
+        ["create", "get", "patch"]
+            .iter()
+            .map(|v| (
+                "coordination.k8s.io".to_string(),
+                "leases".to_string(),
+                v.to_string()
+            ))
+            .collect::<BTreeSet<_>>(),
+    );
+    let deployment = one(defaults, "Deployment");
+    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(volumes[0]["emptyDir"], json!({}), "emptyDir by default");
+    assert_eq!(
+        volumes[1]["secret"]["secretName"],
+        json!("defaults-portcullis-audit-key")
+    );
+    let secret = one(defaults, "Secret");
+    let key = secret["data"]["key"].as_str().expect("a generated key");
+    assert_eq!(key.len(), 64, "48 random characters, base64-encoded");
+    assert_eq!(
+        secret["metadata"]["annotations"]["helm.sh/resource-policy"],
+        json!("keep")
+    );
+
+    // watchNamespace: the namespaced rules in a Role there; the ClusterRole reads only.
+    let watch = by_release["watch"];
+    let cluster_role = one(watch, "ClusterRole");
+    let mut expected = BTreeSet::new();
+    for verb in ["get", "list", "watch"] {
+        expected.insert((
+            "portcullis.dev".to_string(),
+            "accessguardrails".to_string(),
+            verb.to_string(),
+        ));
+        expected.insert((String::new(), "namespaces".to_string(), verb.to_string()));
+    }
+    assert_eq!(flatten(cluster_role), expected);
+    let namespace_rule = cluster_role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| strings(&r["resources"]) == ["namespaces"])
+        .expect("a namespaces rule");
+    assert_eq!(namespace_rule["resourceNames"], json!([watched]));
+    let watched_role = find(watch, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["namespace"] == json!(watched))
+        .expect("a Role in the watched namespace");
+    assert_eq!(flatten(watched_role), namespaced_rule_set());
+    assert!(
+        find(watch, "RoleBinding")
+            .iter()
+            .any(|b| b["metadata"]["namespace"] == json!(watched))
+    );
+
+    // Persistence: a PVC, the Recreate strategy.
+    let persist = by_release["persist"];
+    let pvc = one(persist, "PersistentVolumeClaim");
+    assert_eq!(
+        pvc["spec"]["resources"]["requests"]["storage"],
+        json!("5Gi")
+    );
+    assert_eq!(pvc["spec"]["storageClassName"], json!("fast"));
+    let deployment = one(persist, "Deployment");
+    assert_eq!(deployment["spec"]["strategy"]["type"], json!("Recreate"));
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        json!("persist-portcullis-decision-log")
+    );
+
+    // Extras: an existing Secret is used, not generated; the operator's own NetworkPolicy.
+    let extras = by_release["extras"];
+    assert!(find(extras, "Secret").is_empty());
+    let volumes = &one(extras, "Deployment")["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(
+        volumes[1]["secret"],
+        json!({"secretName": "my-audit-key", "defaultMode": 288, "items": [{"key": "hmac", "path": "key"}]})
+    );
+    assert_eq!(
+        operator_container(extras)["image"],
+        json!(format!(
+            "registry.example.com/portcullis@sha256:{}",
+            "a".repeat(64)
+        ))
+    );
+    let policy = one(extras, "NetworkPolicy");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        policy["spec"]["ingress"][0]["ports"],
+        json!([{"port": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        policy["spec"]["egress"][0],
+        json!({"ports": [{"port": 6443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]})
+    );
+    let monitor = one(extras, "ServiceMonitor");
+    assert_eq!(
+        monitor["metadata"]["labels"]["release"],
+        json!("prometheus")
+    );
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], json!("metrics"));
+    assert_eq!(find(extras, "CustomResourceDefinition").len(), 2);
+}
+
+/// The operator, started as in its Pod: the Deployment's own arguments, with the paths and
+/// address of this machine, the Pod's namespace and name filled in, and a kubeconfig instead of
+/// the in-cluster configuration.
+struct Operator {
+    server: Server,
+    dir: tempfile::TempDir,
+}
+
+impl Operator {
+    fn start(
+        manifest_objects: &[Value],
+        namespace: &str,
+        key: &[u8],
+        kubeconfig: &Path,
+    ) -> Operator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, key).expect("key written");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut args = args_of(manifest_objects);
+        let mut replace_after = |flag: &str, value: String| {
+            let at = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("the chart passes {flag}"));
+            args[at + 1] = value;
+        };
+        replace_after(
+            "--audit-log",
+            dir.path().join("decisions.log").display().to_string(),
+        );
+        replace_after("--audit-key", key_file.display().to_string());
+        replace_after("--metrics-addr", format!("127.0.0.1:{port}"));
+        for arg in &mut args {
+            *arg = arg
+                .replace("$(POD_NAMESPACE)", namespace)
+                .replace("$(POD_NAME)", "portcullis-0");
+        }
+        args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
+        let server = Server::spawn(
+            "operator",
+            dir.path(),
+            Path::new(env!("CARGO_BIN_EXE_portcullis")),
+            &args,
+        )
+        .expect("the operator starts");
+        Operator { server, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    }
+
+    fn verify_log(&self) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["audit", "verify"])
+            .arg(self.dir.path().join("decisions.log"))
+            .arg("--key")
+            .arg(self.dir.path().join("key"))
+            .output()
+            .expect("audit verify runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+/// A kubeconfig that authenticates as the admin and impersonates ServiceAccount `ns/sa`: every
+/// request is authorized as that ServiceAccount alone.
+fn impersonating_kubeconfig(dir: &Path, ns: &str, sa: &str) -> PathBuf {
+    let cp = support::control_plane();
+    let admin: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(cp.kubeconfig()).expect("kubeconfig"))
+            .expect("kubeconfig YAML");
+    let token = admin["users"][0]["user"]["token"]
+        .as_str()
+        .expect("the admin token");
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "envtest", "cluster": {"server": cp.server_url(), "insecure-skip-tls-verify": true}}],
+        "users": [{"name": sa, "user": {
+            "token": token,
+            "as": format!("system:serviceaccount:{ns}:{sa}"),
+            "as-groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+        }}],
+        "contexts": [{"name": sa, "context": {"cluster": "envtest", "user": sa, "namespace": ns}}],
+        "current-context": sa,
+    });
+    let path = dir.join(format!("{sa}.kubeconfig"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("written");
+    path
+}
+
+/// The example guardrails, renamed for `namespace` and selecting only it.
+fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
+    ["ingestion", "training", "deployment"]
+        .iter()
+        .map(|role| {
+            let text =
+                std::fs::read_to_string(root().join(format!("examples/guardrails/{role}.yaml")))
+                    .expect("guardrail readable");
+            let mut g: AccessGuardrail = serde_saphyr::from_str(&text).expect("guardrail parses");
+            g.metadata.name = Some(format!("{namespace}-{role}"));
+            g.spec.namespace_selector = serde_json::from_value(
+                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
+            )
+            .expect("selector");
+            g
+        })
+        .collect()
+}
+
+/// Creates the example guardrails for `ns` and examples/pipelines/fraud-detector.yaml in it.
+async fn create_example(client: &Client, ns: &str) -> AIPipeline {
+    let guardrails: Api<AccessGuardrail> = Api::all(client.clone());
+    for g in guardrails_for(ns) {
+        guardrails
+            .create(&PostParams::default(), &g)
+            .await
+            .expect("guardrail created");
+    }
+    let text = std::fs::read_to_string(root().join("examples/pipelines/fraud-detector.yaml"))
+        .expect("example readable");
+    let mut pipeline: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
+    pipeline.metadata.namespace = Some(ns.into());
+    Api::<AIPipeline>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pipeline)
+        .await
+        .expect("pipeline created")
+}
+
+/// Waits until AIPipeline `ns/name` describes its current generation with Ready=True.
+async fn wait_ready(client: &Client, ns: &str, name: &str, op: &Operator) -> AIPipeline {
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    loop {
+        if let Ok(p) = api.get(name).await {
+            let status = p.status.as_ref();
+            let current = status.is_some_and(|s| s.observed_generation == p.metadata.generation);
+            let ready = status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            if current && ready {
+                return p;
+            }
+        }
+        if start.elapsed() > WAIT {
+            panic!(
+                "AIPipeline {ns}/{name} was not Ready=True within {WAIT:?}; operator log:\n{}",
+                op.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The operator's own log shows no refused request.
+fn assert_no_forbidden(op: &Operator) {
+    let log = op.log();
+    for line in log.lines() {
+        let lower = line.to_lowercase();
+        assert!(
+            !lower.contains("forbidden") && !lower.contains("publishing an event failed"),
+            "the operator was refused something:\n{line}\n\nfull log:\n{log}"
+        );
+    }
+}
+
+/// Runs the operator as the release's ServiceAccount (leader election in the release namespace,
+/// as in its Pod) on the fraud-detector example in `pipeline_ns`, until it is Ready; then removes
+/// a stage and waits for its objects to be pruned. Returns the operator, still running.
+async fn operator_makes_the_example_ready(
+    client: &Client,
+    manifest: &[Value],
+    release_ns: &str,
+    sa: &str,
+    pipeline_ns: &str,
+) -> Operator {
+    let secret_name = one(manifest, "Deployment")["spec"]["template"]["spec"]["volumes"][1]
+        ["secret"]["secretName"]
+        .as_str()
+        .expect("the key Secret")
+        .to_string();
+    let secret = Api::<Secret>::namespaced(client.clone(), release_ns)
+        .get(&secret_name)
+        .await
+        .expect("the key Secret exists");
+    let key = secret.data.expect("data")["key"].0.clone();
+    assert!(
+        key.len() >= 32,
+        "the generated key is long enough for the operator"
+    );
+
+    let kubeconfig_dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = impersonating_kubeconfig(kubeconfig_dir.path(), release_ns, sa);
+    let op = Operator::start(manifest, release_ns, &key, &kubeconfig);
+
+    // It takes the Lease of the release namespace (create, get, patch).
+    let leases: Api<Lease> = Api::namespaced(client.clone(), release_ns);
+    let start = Instant::now();
+    loop {
+        let holder = leases
+            .get_opt("portcullis-leader")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity);
+        if holder.as_deref() == Some("portcullis-0") {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the operator did not take the Lease; its log:\n{}",
+            op.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let pipeline = create_example(client, pipeline_ns).await;
+    let name = pipeline.name_any();
+    let ready = wait_ready(client, pipeline_ns, &name, &op).await;
+    let stages = &ready.status.as_ref().expect("status").stages;
+    assert_eq!(stages.len(), 3, "three stages");
+    // It wrote Events (for the items the guardrails deny here): events.k8s.io create.
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), pipeline_ns)
+            .list(&Default::default())
+            .await
+            .expect("list events");
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reporting_controller.as_deref() == Some("portcullis")),
+        "the operator published no Event (the example is expected to have denied items here); \
+         its log:\n{}",
+        op.log()
+    );
+    // Its Roles and RoleBindings exist: escalate and bind worked.
+    let roles: Api<Role> = Api::namespaced(client.clone(), pipeline_ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), pipeline_ns);
+    for stage in ["ingest", "train"] {
+        let object = format!("{name}-{stage}");
+        assert!(
+            roles.get_opt(&object).await.expect("get").is_some(),
+            "Role {object}"
+        );
+        assert!(
+            bindings.get_opt(&object).await.expect("get").is_some(),
+            "RoleBinding {object}"
+        );
+    }
+
+    // Remove the train stage: its four objects are pruned (delete). A merge patch replaces the
+    // whole list.
+    let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), pipeline_ns);
+    let mut stages = serde_json::to_value(&pipeline.spec.stages).expect("stages serialize");
+    stages.as_array_mut().expect("a list").remove(1);
+    pipelines
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"stages": stages}})),
+        )
+        .await
+        .expect("a stage removed");
+    let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), pipeline_ns);
+    let network_policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), pipeline_ns);
+    let train = format!("{name}-train");
+    let start = Instant::now();
+    loop {
+        let left = [
+            service_accounts
+                .get_opt(&train)
+                .await
+                .expect("get")
+                .is_some(),
+            roles.get_opt(&train).await.expect("get").is_some(),
+            bindings.get_opt(&train).await.expect("get").is_some(),
+            network_policies
+                .get_opt(&train)
+                .await
+                .expect("get")
+                .is_some(),
+        ];
+        if left == [false; 4] {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the removed stage was not pruned (ServiceAccount, Role, RoleBinding, NetworkPolicy \
+             left: {left:?}); operator log:\n{}",
+            op.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_ready(client, pipeline_ns, &name, &op).await;
+
+    assert_no_forbidden(&op);
+    let (ok, out) = op.verify_log();
+    assert!(ok, "the decision log verifies with the chart's key: {out}");
+    op
+}
+
+/// One SubjectAccessReview expectation.
+struct Access<'a> {
+    verb: &'a str,
+    group: &'a str,
+    resource: &'a str,
+    subresource: Option<&'a str>,
+    name: Option<&'a str>,
+    namespace: Option<&'a str>,
+}
+
+fn access<'a>(verb: &'a str, group: &'a str, resource: &'a str) -> Access<'a> {
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s)),
+        None => (resource, None),
+    };
+    Access {
+        verb,
+        group,
+        resource,
+        subresource,
+        name: None,
+        namespace: None,
+    }
+}
+
+impl<'a> Access<'a> {
+    fn named(mut self, name: &'a str) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    fn r#in(mut self, namespace: &'a str) -> Self {
+        self.namespace = Some(namespace);
+        self
+    }
+
+    fn describe(&self) -> String {
+        let group = if self.group.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.group)
+        };
+        let sub = self
+            .subresource
+            .map(|s| format!("/{s}"))
+            .unwrap_or_default();
+        let name = self.name.map(|n| format!(" {n}")).unwrap_or_default();
+        let scope = self.namespace.unwrap_or("every namespace / the cluster");
+        format!(
+            "{} {group}{}{sub}{name} in {scope}",
+            self.verb, self.resource
+        )
+    }
+}
+
+/// Asks the API server's authorizer about every entry; panics listing each one whose answer is
+/// not `expected`.
+async fn expect_access(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>], expected: bool) {
+    let answers = futures::future::join_all(checks.iter().map(|c| {
+        support::can_i(
+            client,
+            ns,
+            sa,
+            c.verb,
+            c.group,
+            c.resource,
+            c.subresource,
+            c.name,
+            c.namespace,
+        )
+    }))
+    .await;
+    let wrong: Vec<String> = checks
+        .iter()
+        .zip(answers)
+        .filter(|(_, allowed)| *allowed != expected)
+        .map(|(c, _)| c.describe())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "ServiceAccount {ns}/{sa} should {}be allowed to:\n  {}",
+        if expected { "" } else { "NOT " },
+        wrong.join("\n  ")
+    );
+}
+
+/// What the operator may do in `scope` (a namespace, or cluster-wide with None).
+fn namespaced_needs(scope: Option<&str>) -> Vec<Access<'_>> {
+    let mut out = Vec::new();
+    let mut add = |verbs: &[&'static str], group: &'static str, resource: &'static str| {
+        for verb in verbs {
+            let mut a = access(verb, group, resource);
+            a.namespace = scope;
+            out.push(a);
+        }
+    };
+    let write: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+    add(&["get", "list", "watch"], "portcullis.dev", "aipipelines");
+    add(&["patch"], "portcullis.dev", "aipipelines/status");
+    add(&["update"], "portcullis.dev", "aipipelines/finalizers");
+    add(write, "", "serviceaccounts");
+    add(write, "rbac.authorization.k8s.io", "roles");
+    add(write, "rbac.authorization.k8s.io", "rolebindings");
+    add(&["escalate", "bind"], "rbac.authorization.k8s.io", "roles");
+    add(write, "networking.k8s.io", "networkpolicies");
+    add(&["create", "patch"], "events.k8s.io", "events");
+    out
+}
+
+/// What the operator must never do (in `ns`, another namespace `other`, or cluster-wide).
+fn never<'a>(ns: &'a str, other: &'a str) -> Vec<Access<'a>> {
+    let rbac = "rbac.authorization.k8s.io";
+    vec![
+        // Secrets: nowhere, not even its own namespace (the audit key reaches it as a volume).
+        access("get", "", "secrets"),
+        access("list", "", "secrets"),
+        access("watch", "", "secrets"),
+        access("get", "", "secrets").r#in(ns),
+        access("list", "", "secrets").r#in(ns),
+        access("get", "", "secrets")
+            .r#in(ns)
+            .named("portcullis-audit-key"),
+        access("create", "", "secrets").r#in(other),
+        // Cluster-wide RBAC.
+        access("create", rbac, "clusterroles"),
+        access("patch", rbac, "clusterroles"),
+        access("create", rbac, "clusterrolebindings"),
+        access("escalate", rbac, "clusterroles"),
+        access("bind", rbac, "clusterroles"),
+        access("bind", rbac, "clusterroles").named("cluster-admin"),
+        access("update", rbac, "roles").r#in(other),
+        access("update", rbac, "rolebindings").r#in(other),
+        access("escalate", rbac, "rolebindings").r#in(other),
+        // The AIPipeline itself: RBAC cannot split spec from status, so no write on it at all.
+        access("update", "portcullis.dev", "aipipelines").r#in(other),
+        access("patch", "portcullis.dev", "aipipelines").r#in(other),
+        access("create", "portcullis.dev", "aipipelines").r#in(other),
+        access("delete", "portcullis.dev", "aipipelines").r#in(other),
+        access("update", "portcullis.dev", "aipipelines/status").r#in(other),
+        // Guardrails and CRDs are read only.
+        access("create", "portcullis.dev", "accessguardrails"),
+        access("patch", "portcullis.dev", "accessguardrails"),
+        access("delete", "portcullis.dev", "accessguardrails"),
+        access(
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+        ),
+        access("patch", "apiextensions.k8s.io", "customresourcedefinitions"),
+        access(
+            "delete",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+        ),
+        // Namespaces are read only.
+        access("delete", "", "namespaces").named(other),
+        access("create", "", "namespaces"),
+        access("patch", "", "namespaces").named(other),
+        // Nobody else's identity.
+        access("impersonate", "", "users"),
+        access("impersonate", "", "groups"),
+        access("impersonate", "", "serviceaccounts").r#in(other),
+        access("create", "", "serviceaccounts/token").r#in(other),
+        // No workloads, no way into them.
+        access("create", "", "pods").r#in(other),
+        access("create", "", "pods/exec").r#in(other),
+        access("create", "", "pods/attach").r#in(other),
+        access("create", "apps", "deployments").r#in(other),
+        access("get", "", "configmaps").r#in(other),
+        access("list", "", "nodes"),
+        access("get", "", "nodes/proxy"),
+        // Events only through events.k8s.io, and never deleted.
+        access("create", "", "events").r#in(other),
+        access("delete", "events.k8s.io", "events").r#in(other),
+        // No update on managed objects: server-side apply is a patch.
+        access("update", "", "serviceaccounts").r#in(other),
+        access("update", "networking.k8s.io", "networkpolicies").r#in(other),
+        // Leases: only its own, only in its namespace.
+        access("get", "coordination.k8s.io", "leases")
+            .r#in(other)
+            .named("portcullis-leader"),
+        access("patch", "coordination.k8s.io", "leases")
+            .r#in(other)
+            .named("portcullis-leader"),
+        access("create", "coordination.k8s.io", "leases").r#in(other),
+        access("get", "coordination.k8s.io", "leases")
+            .r#in(ns)
+            .named("someone-elses-lease"),
+        access("patch", "coordination.k8s.io", "leases")
+            .r#in(ns)
+            .named("someone-elses-lease"),
+        access("list", "coordination.k8s.io", "leases").r#in(ns),
+        access("update", "coordination.k8s.io", "leases")
+            .r#in(ns)
+            .named("portcullis-leader"),
+        access("delete", "coordination.k8s.io", "leases")
+            .r#in(ns)
+            .named("portcullis-leader"),
+        access("get", "coordination.k8s.io", "leases").named("portcullis-leader"),
+    ]
+}
+
+/// Only one operator runs at a time in this test binary: a cluster-wide one would reconcile the
+/// other test's pipeline too.
+fn operator_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
+/// Install (defaults, every namespace), least privilege proven by the authorizer, sufficiency
+/// proven by the real operator running as the ServiceAccount, upgrade, uninstall.
+#[tokio::test]
+async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-install", &[]).await;
+    let other = support::temp_namespace(&client, "chart-other", &[]).await;
+    let release = "portcullis";
+    let sa = "portcullis";
+
+    let installed = helm("install", release, &ns, None).await;
+    assert_eq!(installed["status"], json!("deployed"), "{installed}");
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    check_common(&manifest, &json!({}));
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let deployment = deployments.get("portcullis").await.expect("the Deployment");
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .get(sa)
+        .await
+        .expect("the ServiceAccount");
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .get("portcullis-metrics")
+        .await
+        .expect("the metrics Service");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let key_before = secrets
+        .get("portcullis-audit-key")
+        .await
+        .expect("the generated key Secret")
+        .data
+        .expect("data")["key"]
+        .clone();
+    let pdbs = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "policy",
+            "v1beta1",
+            "PodDisruptionBudget",
+        )),
+    );
+    pdbs.get("portcullis")
+        .await
+        .expect("the PodDisruptionBudget");
+
+    // Least privilege: what it needs, cluster-wide and in any namespace ...
+    let mut needs = namespaced_needs(None);
+    needs.extend(namespaced_needs(Some(other.as_str())));
+    for verb in ["get", "list", "watch"] {
+        needs.push(access(verb, "portcullis.dev", "accessguardrails"));
+        needs.push(access(verb, "", "namespaces"));
+    }
+    needs.push(access("create", "coordination.k8s.io", "leases").r#in(&ns));
+    needs.push(
+        access("get", "coordination.k8s.io", "leases")
+            .r#in(&ns)
+            .named("portcullis-leader"),
+    );
+    needs.push(
+        access("patch", "coordination.k8s.io", "leases")
+            .r#in(&ns)
+            .named("portcullis-leader"),
+    );
+    expect_access(&client, &ns, sa, &needs, true).await;
+    // ... and nothing else.
+    expect_access(&client, &ns, sa, &never(&ns, &other), false).await;
+
+    // Enough: the real operator, as that ServiceAccount, makes the example Ready.
+    {
+        let _one_operator = operator_lock().lock().await;
+        let pipeline_ns = support::temp_namespace(&client, "chart-pipeline", &[]).await;
+        let mut op =
+            operator_makes_the_example_ready(&client, &manifest, &ns, sa, &pipeline_ns).await;
+        op.server.stop();
+    }
+
+    // Upgrade: one replica, other resources; the PodDisruptionBudget goes, the key stays.
+    let upgraded = helm(
+        "upgrade",
+        release,
+        &ns,
+        Some(json!({
+            "replicaCount": 1,
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+        })),
+    )
+    .await;
+    assert_eq!(upgraded["revision"], json!(2), "{upgraded}");
+    let deployment = deployments.get("portcullis").await.expect("the Deployment");
+    let spec = deployment.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    let limits = spec.template.spec.expect("pod spec").containers[0]
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .expect("limits");
+    assert_eq!(limits["cpu"].0, "1");
+    assert_eq!(limits["memory"].0, "512Mi");
+    support::wait_for("the PodDisruptionBudget to go", WAIT, || {
+        let pdbs = pdbs.clone();
+        async move {
+            pdbs.get_opt("portcullis")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let key_after = secrets
+        .get("portcullis-audit-key")
+        .await
+        .expect("the key Secret")
+        .data
+        .expect("data")["key"]
+        .clone();
+    assert_eq!(
+        key_before, key_after,
+        "an upgrade keeps the audit key (lookup)"
+    );
+
+    // Uninstall: the release's objects go; the CRDs (crds/ is never deleted) and the audit key
+    // (resource-policy keep) stay.
+    helm("uninstall", release, &ns, None).await;
+    support::wait_for("the release's objects to go", WAIT, || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let gone = Api::<Deployment>::namespaced(client.clone(), &ns)
+                .get_opt("portcullis")
+                .await
+                .ok()?
+                .is_none()
+                && Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                    .get_opt("portcullis")
+                    .await
+                    .ok()?
+                    .is_none()
+                && Api::<Role>::namespaced(client.clone(), &ns)
+                    .get_opt("portcullis-leader-election")
+                    .await
+                    .ok()?
+                    .is_none()
+                && Api::<ClusterRole>::all(client.clone())
+                    .get_opt(&format!("{ns}-portcullis"))
+                    .await
+                    .ok()?
+                    .is_none()
+                && Api::<ClusterRoleBinding>::all(client.clone())
+                    .get_opt(&format!("{ns}-portcullis"))
+                    .await
+                    .ok()?
+                    .is_none();
+            gone.then_some(())
+        }
+    })
+    .await;
+    assert!(
+        secrets
+            .get_opt("portcullis-audit-key")
+            .await
+            .expect("get")
+            .is_some(),
+        "the generated audit key is kept"
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [
+        "aipipelines.portcullis.dev",
+        "accessguardrails.portcullis.dev",
+    ] {
+        assert!(
+            crds.get_opt(name).await.expect("get").is_some(),
+            "CRD {name} stays"
+        );
+    }
+
+    // The templated CRDs: installed (adopting the existing CRDs), annotated keep, and still
+    // there after uninstall.
+    let crd_ns = support::temp_namespace(&client, "chart-crds", &[]).await;
+    helm_with(
+        "install",
+        "portcullis-crds",
+        &crd_ns,
+        Some(json!({"crds": {"templated": true}})),
+        &["--take-ownership"],
+    )
+    .await;
+    for name in [
+        "aipipelines.portcullis.dev",
+        "accessguardrails.portcullis.dev",
+    ] {
+        let crd = crds.get(name).await.expect("CRD");
+        let annotations = crd.annotations();
+        assert_eq!(
+            annotations
+                .get("helm.sh/resource-policy")
+                .map(String::as_str),
+            Some("keep")
+        );
+        assert_eq!(
+            annotations
+                .get("meta.helm.sh/release-name")
+                .map(String::as_str),
+            Some("portcullis-crds"),
+            "the release owns CRD {name}"
+        );
+    }
+    helm("uninstall", "portcullis-crds", &crd_ns, None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for name in [
+        "aipipelines.portcullis.dev",
+        "accessguardrails.portcullis.dev",
+    ] {
+        let crd = crds
+            .get_opt(name)
+            .await
+            .expect("get")
+            .unwrap_or_else(|| panic!("CRD {name} was deleted by helm uninstall"));
+        assert!(
+            crd.metadata.deletion_timestamp.is_none(),
+            "CRD {name} is being deleted"
+        );
+    }
+}
+
+/// With watchNamespace, the operator's namespaced access exists in that namespace only, and it
+/// is still enough.
+#[tokio::test]
+async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-ns-release", &[]).await;
+    let watched = support::temp_namespace(&client, "chart-ns-watched", &[]).await;
+    let other = support::temp_namespace(&client, "chart-ns-other", &[]).await;
+    let release = "pc";
+    let sa = "pc-portcullis";
+
+    let installed = helm(
+        "install",
+        release,
+        &ns,
+        Some(json!({"watchNamespace": watched})),
+    )
+    .await;
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+
+    expect_access(
+        &client,
+        &ns,
+        sa,
+        &namespaced_needs(Some(watched.as_str())),
+        true,
+    )
+    .await;
+    let mut cluster_reads = vec![];
+    for verb in ["get", "list", "watch"] {
+        cluster_reads.push(access(verb, "portcullis.dev", "accessguardrails"));
+        cluster_reads.push(access(verb, "", "namespaces").named(&watched));
+    }
+    expect_access(&client, &ns, sa, &cluster_reads, true).await;
+
+    let mut denied = namespaced_needs(Some(other.as_str()));
+    denied.extend(namespaced_needs(None));
+    denied.extend(namespaced_needs(Some(ns.as_str())));
+    for verb in ["get", "list", "watch"] {
+        denied.push(access(verb, "", "namespaces"));
+        denied.push(access(verb, "", "namespaces").named(&other));
+    }
+    denied.extend(never(&ns, &other));
+    expect_access(&client, &ns, sa, &denied, false).await;
+
+    {
+        let _one_operator = operator_lock().lock().await;
+        let mut op = operator_makes_the_example_ready(&client, &manifest, &ns, sa, &watched).await;
+        op.server.stop();
+    }
+
+    helm("uninstall", release, &ns, None).await;
+    support::wait_for("the watched namespace's Role to go", WAIT, || {
+        let roles: Api<Role> = Api::namespaced(client.clone(), &watched);
+        async move {
+            roles
+                .get_opt("pc-portcullis")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+}

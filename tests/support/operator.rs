@@ -1,0 +1,192 @@
+//! The operator under test: `portcullis run` as its own process, under the harness's watchdog,
+//! and the example guardrails scoped to one test namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kube::Client;
+use kube::api::{Api, PostParams};
+use portcullis::api::AccessGuardrail;
+use serde_json::{Value, json};
+
+use super::process::Server;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `portcullis run` process under the harness's watchdog.
+pub struct Operator {
+    server: Server,
+    /// The operator's folder: decision log, key, pid file and log.
+    pub dir: tempfile::TempDir,
+    name: &'static str,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Operator {
+    /// Starts an operator watching `namespace`; with `lease`, under leader election with that
+    /// Lease namespace and this identity.
+    pub fn start(name: &'static str, namespace: &str, lease: Option<&str>) -> Operator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(name, namespace, lease, dir)
+    }
+
+    pub fn start_in(
+        name: &'static str,
+        namespace: &str,
+        lease: Option<&str>,
+        dir: tempfile::TempDir,
+    ) -> Operator {
+        let key = dir.path().join("audit.key");
+        if !key.exists() {
+            std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
+                .expect("key written");
+        }
+        let port = free_port();
+        let cp = super::control_plane();
+        let mut args = vec![
+            "run".to_string(),
+            "--kubeconfig".into(),
+            cp.kubeconfig().display().to_string(),
+            "--audit-log".into(),
+            dir.path().join("audit.log").display().to_string(),
+            "--audit-key".into(),
+            key.display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--watch-namespace".into(),
+            namespace.into(),
+            "--identity".into(),
+            name.into(),
+        ];
+        match lease {
+            Some(lease_namespace) => {
+                args.extend(["--lease-namespace".to_string(), lease_namespace.to_string()])
+            }
+            None => args.push("--no-leader-election".into()),
+        }
+        let server = Server::spawn(
+            name,
+            dir.path(),
+            Path::new(env!("CARGO_BIN_EXE_portcullis")),
+            &args,
+        )
+        .expect("operator starts");
+        Operator {
+            server,
+            dir,
+            name,
+            port,
+        }
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    pub fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each decision-log line is JSON"))
+            .collect()
+    }
+
+    pub fn verify(&self) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["audit", "verify"])
+            .arg(self.audit_log())
+            .arg("--key")
+            .arg(self.dir.path().join("audit.key"))
+            .output()
+            .expect("audit verify runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let body = tokio::task::spawn_blocking({
+            let port = self.port;
+            move || {
+                use std::io::{Read, Write};
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    return String::new();
+                };
+                let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                body
+            }
+        })
+        .await
+        .unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// SIGKILL, as a crashed node would.
+    pub fn kill(&mut self) {
+        let pid = std::fs::read_to_string(self.dir.path().join(format!("{}.pid", self.name)))
+            .expect("operator pid file");
+        let status = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.trim())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -9 the operator");
+        self.server.stop();
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    pub fn log(&self) -> String {
+        self.server.log_tail(60)
+    }
+}
+
+/// The example guardrails, renamed for `namespace` and selecting only it.
+pub fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
+    ["ingestion", "training", "deployment"]
+        .iter()
+        .map(|role| {
+            let text =
+                std::fs::read_to_string(root().join(format!("examples/guardrails/{role}.yaml")))
+                    .expect("guardrail readable");
+            let mut g: AccessGuardrail = serde_saphyr::from_str(&text).expect("guardrail parses");
+            g.metadata.name = Some(format!("{namespace}-{role}"));
+            g.spec.namespace_selector = serde_json::from_value(
+                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
+            )
+            .expect("selector");
+            g
+        })
+        .collect()
+}
+
+pub async fn create_guardrails(client: &Client, guardrails: &[AccessGuardrail]) {
+    let api: Api<AccessGuardrail> = Api::all(client.clone());
+    for g in guardrails {
+        api.create(&PostParams::default(), g)
+            .await
+            .expect("guardrail created");
+    }
+}
