@@ -511,8 +511,6 @@ fn the_application_manifests_parse_and_say_what_the_readme_says() {
 // ---------------------------------------------------------------------------------------------
 // Real statuses, written by the operator against a real API server.
 
-/// A `portcullis run` process for one namespace, under the harness's watchdog.
-
 /// The live AIPipeline as the API server serves it (what Argo CD hands the health check).
 async fn get_pipeline(client: &Client, ns: &str, name: &str) -> Value {
     let request = Request::new(format!("{PIPELINES}/{ns}/aipipelines"))

@@ -29,8 +29,6 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
 
-/// A `portcullis run` process for one namespace, under the harness's watchdog.
-
 /// `examples/pipelines/fraud-detector.yaml` in `ns`, labelled and annotated as Argo CD tracks
 /// what it applies.
 fn argocd_manifest(ns: &str) -> Value {

@@ -1,7 +1,7 @@
 //! The operator under test: `portcullis run` as its own process, under the harness's watchdog,
 //! and the example guardrails scoped to one test namespace.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use kube::Client;
@@ -10,6 +10,15 @@ use portcullis::api::AccessGuardrail;
 use serde_json::{Value, json};
 
 use super::process::Server;
+
+/// The `portcullis` binary: cargo names it for tests and benchmarks; other users of the
+/// harness (the demo example) never start an operator process.
+fn binary() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_portcullis") {
+        Some(path) => PathBuf::from(path),
+        None => root().join("target/debug/portcullis"),
+    }
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -73,13 +82,7 @@ impl Operator {
             }
             None => args.push("--no-leader-election".into()),
         }
-        let server = Server::spawn(
-            name,
-            dir.path(),
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            &args,
-        )
-        .expect("operator starts");
+        let server = Server::spawn(name, dir.path(), &binary(), &args).expect("operator starts");
         Operator {
             server,
             dir,
@@ -101,7 +104,7 @@ impl Operator {
     }
 
     pub fn verify(&self) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        let out = Command::new(binary())
             .args(["audit", "verify"])
             .arg(self.audit_log())
             .arg("--key")
