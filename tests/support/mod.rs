@@ -24,6 +24,7 @@ pub mod operator;
 /// Processes under a watchdog that stops them when the test process exits; also for the
 /// operator under test (`process::Server::spawn`, `stop`, `log_tail`).
 pub mod process;
+pub mod vault;
 
 #[allow(unused_imports)]
 pub use control_plane::{ControlPlane, ISSUER, control_plane};
