@@ -267,6 +267,11 @@ async fn main() {
     let dir = tempfile::tempdir().expect("dir");
     let key = dir.path().join("audit.key");
     std::fs::write(&key, "bench-hmac-key-0123456789abcdef0123456789abcdef").expect("key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let metrics_addr = format!("127.0.0.1:{port}");
     let args: Vec<String> = [
         "run",
         "--kubeconfig",
@@ -276,12 +281,12 @@ async fn main() {
         "--audit-key",
         &key.display().to_string(),
         "--metrics-addr",
-        "127.0.0.1:0",
+        &metrics_addr,
         "--watch-namespace",
         &op_ns,
         "--no-leader-election",
         "--concurrency",
-        "16",
+        "32",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -295,6 +300,25 @@ async fn main() {
         &args,
     )
     .expect("operator starts");
+    // Start-up (process, client, caches) measured apart: /readyz answers once caches are synced.
+    let synced = support::wait_for(
+        "the operator's caches synced",
+        Duration::from_secs(120),
+        || async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await
+                .ok()?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply).await.ok()?;
+            (reply.split_whitespace().nth(1) == Some("200")).then(|| start.elapsed())
+        },
+    )
+    .await;
     support::wait_for("every pipeline Ready", Duration::from_secs(600), || {
         let api = api.clone();
         async move {
@@ -319,7 +343,8 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let converge_writes = delta(&writes(cp).await, &before);
     println!(
-        "operator: {PIPELINES} pipelines × 3 stages converged in {converge_time:.2?} (including start-up and cache sync); {} API writes, {} of them by the operator",
+        "operator: {PIPELINES} pipelines × 3 stages converged in {converge_time:.2?} from process start ({synced:.2?} of start-up and cache sync, {:.2?} after); {} API writes, {} of them by the operator",
+        converge_time - synced,
         total(&converge_writes),
         total(&by_operator(&converge_writes))
     );
@@ -348,9 +373,11 @@ async fn main() {
     }
     let ratio = converge_time.as_secs_f64() / floor_time.as_secs_f64();
     println!(
-        "convergence / floor: {ratio:.2}× (target ≤ 1.5×: {})",
+        "convergence / floor: {ratio:.2}× from process start (target ≤ 1.5×: {})",
         if ratio <= 1.5 { "PASS" } else { "MISS" }
     );
+    let warm = (converge_time - synced).as_secs_f64() / floor_time.as_secs_f64();
+    println!("convergence / floor once the caches are synced: {warm:.2}×");
     let operator_steady = total(&by_operator(&steady_writes));
     println!(
         "steady-state writes by the operator (apply, patch, delete, events): {operator_steady} (target 0: {})",

@@ -276,6 +276,15 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
             }
         }
     }
+    // Probes: alive, and ready once the caches are synced.
+    assert_eq!(op.http_status("/healthz").await, 200);
+    support::wait_for("/readyz to answer 200", WAIT, || {
+        let op = &op;
+        async move { (op.http_status("/readyz").await == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(op.http_status("/nope").await, 404);
+
     // The kubectl plugin agrees: every grant allowed, nothing of the matrix.
     let kubeconfig = cp.kubeconfig().display().to_string();
     let (code, out) = plugin(&[

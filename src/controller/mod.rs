@@ -309,7 +309,6 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
             health.clone(),
             synced.clone(),
         );
-        let pipelines = pipelines.clone();
         async move {
             let synced = async {
                 g.wait_until_ready().await?;
@@ -317,11 +316,10 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 c.service_accounts.wait_until_ready().await?;
                 c.roles.wait_until_ready().await?;
                 c.role_bindings.wait_until_ready().await?;
-                c.network_policies.wait_until_ready().await?;
-                synced_flag.store(true, Ordering::Release);
-                pipelines.wait_until_ready().await
+                c.network_policies.wait_until_ready().await
             };
             if synced.await.is_ok() {
+                synced_flag.store(true, Ordering::Release);
                 health.ready.store(true, Ordering::Relaxed);
                 info!("caches synced");
             }

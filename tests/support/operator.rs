@@ -121,23 +121,39 @@ impl Operator {
         )
     }
 
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let body = tokio::task::spawn_blocking({
-            let port = self.port;
-            move || {
-                use std::io::{Read, Write};
-                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                    return String::new();
-                };
-                let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                body
-            }
+    /// The reply (status line, headers, body) to `GET path` on the operator's HTTP port, or
+    /// an empty string when it does not answer.
+    pub async fn http_get(&self, path: &str) -> String {
+        let (port, request) = (self.port, format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"));
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return String::new();
+            };
+            let _ = s.write_all(request.as_bytes());
+            let mut reply = String::new();
+            let _ = s.read_to_string(&mut reply);
+            reply
         })
         .await
-        .unwrap_or_default();
-        body.lines()
+        .unwrap_or_default()
+    }
+
+    /// The HTTP status code of `GET path`, or 0 when the operator does not answer.
+    pub async fn http_status(&self, path: &str) -> u16 {
+        let reply = self.http_get(path).await;
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The sum of the samples of the metrics whose line starts with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        self.http_get("/metrics")
+            .await
+            .lines()
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
