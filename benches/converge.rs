@@ -115,6 +115,13 @@ fn pipelines(namespace: &str) -> Vec<AIPipeline> {
                     .flat_map(|v| v.credentials.iter_mut())
                 {
                     cred.secret_name = format!("{}-{i}", cred.secret_name);
+                    cred.path = cred.path.replace("fraud-detector", &format!("fraud-{i}"));
+                }
+                // The Vault paths name the pipeline and namespace, as the guardrails expect.
+                for rule in stage.vault.iter_mut().flat_map(|v| v.policies.iter_mut()) {
+                    rule.path = rule
+                        .path
+                        .replace("ml-fraud/fraud-detector", &format!("{namespace}/fraud-{i}"));
                 }
                 for rule in &mut stage.permissions {
                     for n in &mut rule.resource_names {

@@ -296,7 +296,13 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         scoped::<AIPipeline>(&client, &config.watch_namespace),
         watcher::Config::default(),
     )
-    .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
+    // A short debounce folds the burst of watch events that one reconcile's own writes cause
+    // (and the controller manager's reactions to them) into one follow-up reconcile.
+    .with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(config.concurrency)
+            .debounce(Duration::from_millis(250)),
+    );
     let pipelines = controller.store();
     let guardrail_mapper = guardrail_mapper(pipelines.clone(), namespaces.clone());
     let namespace_mapper = namespace_mapper(pipelines.clone());
