@@ -25,7 +25,7 @@ use kube::api::{
 };
 use kube::discovery::Scope;
 use kube::{Client, ResourceExt};
-use portcullis::api::{AIPipeline, AccessGuardrail};
+use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
 use support::process::Server;
 
@@ -999,34 +999,9 @@ fn impersonating_kubeconfig(dir: &Path, ns: &str, sa: &str) -> PathBuf {
     path
 }
 
-/// The example guardrails, renamed for `namespace` and selecting only it.
-fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
-    ["ingestion", "training", "deployment"]
-        .iter()
-        .map(|role| {
-            let text =
-                std::fs::read_to_string(root().join(format!("examples/guardrails/{role}.yaml")))
-                    .expect("guardrail readable");
-            let mut g: AccessGuardrail = serde_saphyr::from_str(&text).expect("guardrail parses");
-            g.metadata.name = Some(format!("{namespace}-{role}"));
-            g.spec.namespace_selector = serde_json::from_value(
-                json!({"matchLabels": {"kubernetes.io/metadata.name": namespace}}),
-            )
-            .expect("selector");
-            g
-        })
-        .collect()
-}
-
 /// Creates the example guardrails for `ns` and examples/pipelines/fraud-detector.yaml in it.
 async fn create_example(client: &Client, ns: &str) -> AIPipeline {
-    let guardrails: Api<AccessGuardrail> = Api::all(client.clone());
-    for g in guardrails_for(ns) {
-        guardrails
-            .create(&PostParams::default(), &g)
-            .await
-            .expect("guardrail created");
-    }
+    support::create_guardrails(client, &support::guardrails_for(ns)).await;
     let text = std::fs::read_to_string(root().join("examples/pipelines/fraud-detector.yaml"))
         .expect("example readable");
     let mut pipeline: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
