@@ -11,3 +11,4 @@ pub mod cli;
 pub mod controller;
 pub mod plan;
 pub mod policy;
+pub mod vault;

@@ -48,12 +48,86 @@ pub struct RunArgs {
     /// How many AIPipelines are reconciled at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
+
+    #[command(flatten)]
+    pub vault: VaultArgs,
+}
+
+/// Vault: without `--vault-address`, Portcullis writes nothing to Vault and reports the stages
+/// that ask for it as `VaultNotConfigured`.
+#[derive(Debug, clap::Args)]
+pub struct VaultArgs {
+    /// Vault's address, such as `https://vault.vault.svc:8200`.
+    #[arg(long, value_name = "URL", env = "VAULT_ADDR")]
+    pub vault_address: Option<String>,
+
+    /// A PEM bundle of the CAs that sign Vault's certificate (default: the system's roots).
+    #[arg(long, value_name = "PATH", env = "VAULT_CACERT")]
+    pub vault_ca_cert: Option<PathBuf>,
+
+    /// The Vault Enterprise namespace to work in.
+    #[arg(long, value_name = "NAMESPACE", env = "VAULT_NAMESPACE")]
+    pub vault_namespace: Option<String>,
+
+    /// The Kubernetes auth mount the operator logs in with.
+    #[arg(long, value_name = "MOUNT", default_value = "kubernetes")]
+    pub vault_auth_mount: String,
+
+    /// The Vault role the operator logs in as; give it a `token_period` (see the README).
+    #[arg(long, value_name = "ROLE", default_value = "portcullis-operator")]
+    pub vault_auth_role: String,
+
+    /// The operator's ServiceAccount token for the login (a projected token in the pod).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub vault_auth_token_path: PathBuf,
+
+    /// The Kubernetes auth mount on which Portcullis writes the stages' roles.
+    #[arg(long, value_name = "MOUNT", default_value = "kubernetes")]
+    pub vault_workload_auth_mount: String,
+
+    /// The namespace of the operator's Vault token Secret and lease state Secrets (default:
+    /// the leader Lease's namespace, the operator's own).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub vault_state_namespace: Option<String>,
+
+    /// How long one request to Vault may take.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub vault_request_timeout: std::time::Duration,
+
+    /// How long replaced credentials stay valid after their consumers restart, before their
+    /// lease is revoked.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = duration)]
+    pub credential_revoke_grace: std::time::Duration,
+
+    /// A restart target is restarted at most once per this interval.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = duration)]
+    pub restart_min_interval: std::time::Duration,
+
+    /// At most this many workload restarts per minute, over all pipelines.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_restarts_per_minute: usize,
+
+    /// Vault policies and roles are compared with what is planned at least this often (drift
+    /// made in Vault is reverted then).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration)]
+    pub vault_resync: std::time::Duration,
+}
+
+/// A duration such as `90s`, `2m` or `1h`.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::api::validate::parse_duration(s)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is not a duration; write it like 30s, 2m or 1h"))
 }
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,rustify=off,vaultrs=off"));
     let _ = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
@@ -65,6 +139,9 @@ fn init_logging() {
 /// Runs the operator; returns the process exit code.
 pub fn run(args: &RunArgs) -> u8 {
     init_logging();
+    // One TLS crypto provider in the process: ring, which kube uses too. vaultrs's HTTP client
+    // is built without a provider of its own and takes this one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,6 +168,31 @@ pub fn run(args: &RunArgs) -> u8 {
         concurrency: args.concurrency.max(1),
         watch_namespace: args.watch_namespace.clone(),
         echo_decisions: true,
+        vault: args
+            .vault
+            .vault_address
+            .as_ref()
+            .map(|address| controller::VaultRunConfig {
+                connection: crate::vault::VaultConfig {
+                    address: address.clone(),
+                    ca_cert: args.vault.vault_ca_cert.clone(),
+                    namespace: args.vault.vault_namespace.clone(),
+                    auth_mount: args.vault.vault_auth_mount.clone(),
+                    auth_role: args.vault.vault_auth_role.clone(),
+                    auth_token_path: args.vault.vault_auth_token_path.clone(),
+                    workload_auth_mount: args.vault.vault_workload_auth_mount.clone(),
+                    request_timeout: args.vault.vault_request_timeout,
+                    state_namespace: args
+                        .vault
+                        .vault_state_namespace
+                        .clone()
+                        .unwrap_or_else(|| args.lease_namespace.clone()),
+                },
+                revoke_grace: args.vault.credential_revoke_grace,
+                restart_min_interval: args.vault.restart_min_interval,
+                max_restarts_per_minute: args.vault.max_restarts_per_minute.max(1),
+                resync: args.vault.vault_resync,
+            }),
     };
     runtime.block_on(async {
         let client = match client(args.kubeconfig.as_deref()).await {

@@ -22,6 +22,14 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VaultLabels {
+    /// `policy_write`, `role_write`, `issue`, `renew`, `revoke`, ...
+    pub operation: String,
+    /// `ok`, `unavailable` or `refused`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -37,6 +45,9 @@ pub struct Metrics {
     pub drift_reverts: Family<KindLabels, Counter>,
     pub adoptions_refused: Family<KindLabels, Counter>,
     pub leader: Gauge,
+    pub vault_operations: Family<VaultLabels, Counter>,
+    pub credential_leases: Gauge,
+    pub workload_restarts: Counter,
 }
 
 impl Default for Metrics {
@@ -92,8 +103,29 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        let vault_operations = Family::<VaultLabels, Counter>::default();
+        registry.register(
+            "vault_operations",
+            "Calls to Vault, by operation and result",
+            vault_operations.clone(),
+        );
+        let credential_leases = Gauge::default();
+        registry.register(
+            "credential_leases",
+            "Credential leases the operator holds (current and awaiting revocation)",
+            credential_leases.clone(),
+        );
+        let workload_restarts = Counter::default();
+        registry.register(
+            "workload_restarts",
+            "Restart targets restarted because their credentials changed",
+            workload_restarts.clone(),
+        );
         Metrics {
             registry,
+            vault_operations,
+            credential_leases,
+            workload_restarts,
             reconciles,
             reconcile_duration,
             decisions,

@@ -11,6 +11,7 @@ mod journal;
 mod metrics;
 mod reconcile;
 pub mod status;
+mod vault;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::PartialObjectMeta;
@@ -48,6 +49,8 @@ pub enum Error {
     Apply(String),
     #[error("the AIPipeline has no namespace")]
     NotNamespaced,
+    #[error("Vault: {0}")]
+    Vault(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,15 +63,21 @@ impl Error {
             Error::Audit(_) => "audit_error",
             Error::Apply(_) => "apply_error",
             Error::NotNamespaced => "not_namespaced",
+            Error::Vault(_) => "vault_error",
         }
     }
 
-    /// How long to wait before retrying. A decision log that cannot be written stops all
-    /// changes (nothing may change unrecorded), and is retried slowly.
-    pub fn retry_after(&self) -> Duration {
+    /// How long to wait before retrying, after `failures` failures in a row. A decision log
+    /// that cannot be written stops all changes (nothing may change unrecorded), and is retried
+    /// slowly. Vault is retried with exponential backoff, 2 s doubling up to 2 minutes.
+    pub fn retry_after(&self, failures: u32) -> Duration {
         match self {
             Error::Audit(_) => Duration::from_secs(30),
             Error::NotNamespaced => Duration::from_secs(300),
+            Error::Vault(_) => Duration::from_secs(
+                2u64.saturating_mul(1 << failures.clamp(1, 7).saturating_sub(1))
+                    .min(120),
+            ),
             Error::Kube(_) | Error::Apply(_) => Duration::from_secs(5),
         }
     }
@@ -89,6 +98,22 @@ pub struct RunConfig {
     pub watch_namespace: Option<String>,
     /// Also write each decision record to stdout.
     pub echo_decisions: bool,
+    /// Vault, when configured.
+    pub vault: Option<VaultRunConfig>,
+}
+
+/// Vault settings of `portcullis run`.
+#[derive(Debug, Clone)]
+pub struct VaultRunConfig {
+    pub connection: crate::vault::VaultConfig,
+    /// How long replaced credentials stay valid after their consumers restart.
+    pub revoke_grace: Duration,
+    /// A workload is restarted at most once per this interval.
+    pub restart_min_interval: Duration,
+    /// At most this many workload restarts per minute, over all pipelines.
+    pub max_restarts_per_minute: usize,
+    /// Policies and roles are compared with Vault at least this often.
+    pub resync: Duration,
 }
 
 /// What every reconcile shares.
@@ -111,6 +136,10 @@ pub struct Context {
     recorded: Mutex<HashMap<String, String>>,
     /// The status last written per AIPipeline uid, for the same reason.
     statuses: Mutex<HashMap<String, crate::api::AIPipelineStatus>>,
+    /// Failed reconciles in a row per AIPipeline uid, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Vault, when the operator is configured with it.
+    vault: Option<vault::VaultCtx>,
 }
 
 impl Context {
@@ -273,6 +302,47 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         network_policies,
     };
 
+    // Credential Secrets (metadata, only Portcullis's, by label) when Vault is configured.
+    let (secrets, secret_writer) = reflector::store::<PartialObjectMeta<Secret>>();
+    let secret_events = match &config.vault {
+        Some(_) => reflector::reflector(
+            secret_writer,
+            watcher(
+                scoped::<PartialObjectMeta<Secret>>(&client, &config.watch_namespace),
+                watcher::Config::default().labels(&format!(
+                    "{}={},{}",
+                    vault::MANAGED_BY.0,
+                    vault::MANAGED_BY.1,
+                    vault::PIPELINE_LABEL
+                )),
+            )
+            .modify(|meta| meta.managed_fields_mut().clear()),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed(),
+        None => futures::stream::pending().boxed(),
+    };
+    let vault_ctx = match &config.vault {
+        Some(v) => {
+            let session = crate::vault::Session::new(v.connection.clone(), client.clone())
+                .map_err(run_error)?;
+            tokio::spawn(session.clone().keep_renewed());
+            info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
+            let chrono =
+                |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            Some(vault::VaultCtx::new(
+                session,
+                chrono(v.revoke_grace),
+                chrono(v.restart_min_interval),
+                v.max_restarts_per_minute,
+                v.resync,
+                secrets.clone(),
+            ))
+        }
+        None => None,
+    };
+
     let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -290,6 +360,8 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         synced: synced.clone(),
         recorded: Mutex::default(),
         statuses: Mutex::default(),
+        failures: Mutex::default(),
+        vault: vault_ctx,
     });
 
     let controller = Controller::new(
@@ -315,6 +387,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
             health.clone(),
             synced.clone(),
         );
+        let secrets = config.vault.is_some().then(|| secrets.clone());
         async move {
             let synced = async {
                 g.wait_until_ready().await?;
@@ -322,7 +395,11 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 c.service_accounts.wait_until_ready().await?;
                 c.roles.wait_until_ready().await?;
                 c.role_bindings.wait_until_ready().await?;
-                c.network_policies.wait_until_ready().await
+                c.network_policies.wait_until_ready().await?;
+                match secrets {
+                    Some(s) => s.wait_until_ready().await,
+                    None => Ok(()),
+                }
             };
             if synced.await.is_ok() {
                 synced_flag.store(true, Ordering::Release);
@@ -353,6 +430,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         .owns_stream(role_events)
         .owns_stream(rb_events)
         .owns_stream(np_events)
+        .owns_stream(secret_events)
         .watches_stream(guardrail_events, guardrail_mapper)
         .watches_stream(namespace_events, namespace_mapper)
         .graceful_shutdown_on(stop)

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::apply::{Applier, Change, FIELD_MANAGER, Intent};
 use super::metrics::{DecisionLabels, Metrics, ResultLabels};
 use super::status::{self, Outcome};
+use super::vault;
 use super::{Context, Error, Result};
 use crate::api::{AIPipeline, AIPipelineStatus};
 use crate::audit::{Action as AuditAction, Entry};
@@ -25,7 +26,32 @@ use crate::plan::{self, Plan};
 pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.time_reconcile();
     if pipeline.meta().deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
+        // Kubernetes objects go by owner references; Vault's are cleaned here, and the
+        // finalizer holds the deletion until they are.
+        return match vault::finalize(&ctx, ctx.vault.as_ref(), &pipeline).await? {
+            None => Ok(Action::await_change()),
+            Some(problem) => {
+                let namespace = pipeline.namespace().ok_or(Error::NotNamespaced)?;
+                let uid = pipeline.uid().unwrap_or_default();
+                let old = pipeline.status.clone();
+                let new = status::cleanup_pending(
+                    &problem,
+                    pipeline.meta().generation,
+                    old.as_ref(),
+                    now(),
+                );
+                write_status(
+                    &ctx,
+                    &namespace,
+                    &pipeline.name_any(),
+                    &uid,
+                    old.as_ref(),
+                    new,
+                )
+                .await?;
+                Err(Error::Vault(problem.message))
+            }
+        };
     }
     if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
         // Planning before the guardrail cache is full would apply the defaults and prune what
@@ -210,7 +236,20 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
         }
     }
 
-    // 3. Status.
+    // 4. Vault: policies, roles and credentials, for the stages that got their identity.
+    let mut wake = None;
+    if vault::involved(&plan, &pipeline) {
+        let mut granted = plan.clone();
+        let refused = |stage: &str| outcome.refused.iter().any(|(s, _)| s == stage);
+        granted.vault_policies.retain(|p| !refused(&p.stage));
+        granted.vault_roles.retain(|r| !refused(&r.stage));
+        granted.credentials.retain(|c| !refused(&c.stage));
+        let v = vault::reconcile(&ctx, ctx.vault.as_ref(), &pipeline, &granted, &owner).await?;
+        wake = v.wake;
+        outcome.vault = Some(v);
+    }
+
+    // 5. Status.
     let mut new = status::for_plan(&plan, &outcome, generation, old_status, now());
     new.recorded_decisions = Some(digest);
     write_status(&ctx, &namespace, &name, &uid, old_status, new).await?;
@@ -218,17 +257,37 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
     if !outcome.errors.is_empty() {
         return Err(Error::Apply(outcome.errors.join("; ")));
     }
+    if let Some(problem) = outcome.vault.as_ref().and_then(|v| v.error.as_ref()) {
+        // Retried with backoff; the Secrets already delivered stay until their leases end.
+        return Err(Error::Vault(problem.message.clone()));
+    }
+    ctx.failures.lock().expect("failures lock").remove(&uid);
     ctx.metrics
         .reconciles
         .get_or_create(&ResultLabels {
             result: "ok".into(),
         })
         .inc();
-    Ok(Action::await_change())
+    Ok(match wake {
+        // Credentials have a schedule: come back for the next renewal, revocation or retry.
+        Some(at) => Action::requeue(
+            (at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .max(std::time::Duration::from_millis(500)),
+        ),
+        None => Action::await_change(),
+    })
 }
 
 /// What `error_policy` does: count, log, and retry with a delay that depends on the error.
 pub fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut map = ctx.failures.lock().expect("failures lock");
+        let n = map.entry(pipeline.uid().unwrap_or_default()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
     ctx.metrics
         .reconciles
         .get_or_create(&ResultLabels {
@@ -236,7 +295,7 @@ pub fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Context>)
         })
         .inc();
     warn!(pipeline = %pipeline.name_any(), namespace = pipeline.namespace().unwrap_or_default(), %error, "reconcile failed");
-    Action::requeue(error.retry_after())
+    Action::requeue(error.retry_after(failures))
 }
 
 fn now() -> Time {

@@ -20,6 +20,8 @@ pub struct Outcome {
     pub refused: Vec<(String, String)>,
     /// Errors while applying or pruning, as messages.
     pub errors: Vec<String>,
+    /// The Vault side, when the pipeline involves Vault.
+    pub vault: Option<super::vault::VaultOutcome>,
 }
 
 /// The condition types Portcullis sets.
@@ -27,6 +29,7 @@ pub mod types {
     pub const READY: &str = "Ready";
     pub const GUARDRAILS_SATISFIED: &str = "GuardrailsSatisfied";
     pub const DEGRADED: &str = "Degraded";
+    pub const CREDENTIALS_READY: &str = "CredentialsReady";
 }
 
 fn condition(
@@ -88,13 +91,25 @@ pub fn for_plan(
                 granted: s.granted,
                 denied: s.denied,
                 denied_items,
-                credentials: Vec::new(),
+                credentials: outcome
+                    .vault
+                    .iter()
+                    .flat_map(|v| &v.credentials)
+                    .filter(|(stage, _)| *stage == s.name)
+                    .map(|(_, c)| c.clone())
+                    .collect(),
             }
         })
         .collect();
 
-    let ready = outcome.refused.is_empty() && outcome.errors.is_empty();
-    let ready_condition = if !outcome.refused.is_empty() {
+    let vault_problem = outcome.vault.as_ref().and_then(|v| v.error.as_ref());
+    let ready = outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
+    let ready_condition = if let (true, Some(p)) = (
+        outcome.refused.is_empty() && outcome.errors.is_empty(),
+        vault_problem,
+    ) {
+        condition(types::READY, false, p.reason, p.message.clone(), generation)
+    } else if !outcome.refused.is_empty() {
         let objects: Vec<String> = outcome
             .refused
             .iter()
@@ -160,10 +175,12 @@ pub fn for_plan(
         !ready,
         if ready {
             "Healthy"
-        } else if outcome.refused.is_empty() {
+        } else if !outcome.refused.is_empty() {
+            "AdoptionRefused"
+        } else if !outcome.errors.is_empty() {
             "ApplyFailed"
         } else {
-            "AdoptionRefused"
+            vault_problem.map_or("ApplyFailed", |p| p.reason)
         },
         if ready {
             "nothing is wrong".into()
@@ -173,6 +190,36 @@ pub fn for_plan(
         generation,
     );
     let mut conditions = vec![ready_condition, guardrails, degraded];
+    if let Some(v) = outcome.vault.as_ref().filter(|v| v.requested > 0) {
+        let delivered = v.live;
+        conditions.push(if delivered == v.requested {
+            condition(
+                types::CREDENTIALS_READY,
+                true,
+                "Delivered",
+                match vault_problem {
+                    None => format!("{delivered} credentials are delivered and their leases are current"),
+                    Some(p) => format!(
+                        "{delivered} credentials are delivered; their Secrets are kept until their leases expire, but renewing them fails: {}",
+                        p.message
+                    ),
+                },
+                generation,
+            )
+        } else {
+            condition(
+                types::CREDENTIALS_READY,
+                false,
+                vault_problem.map_or("Issuing", |p| p.reason),
+                format!(
+                    "{delivered} of {} credentials are delivered{}",
+                    v.requested,
+                    vault_problem.map(|p| format!(": {}", p.message)).unwrap_or_default()
+                ),
+                generation,
+            )
+        });
+    }
     carry_transitions(
         &mut conditions,
         old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
@@ -185,6 +232,37 @@ pub fn for_plan(
         stages,
         recorded_decisions: None,
     }
+}
+
+/// The status of a deleted pipeline whose Vault clean-up waits for Vault.
+pub fn cleanup_pending(
+    problem: &super::vault::VaultProblem,
+    generation: Option<i64>,
+    old: Option<&AIPipelineStatus>,
+    now: Time,
+) -> AIPipelineStatus {
+    let message = format!(
+        "the pipeline is deleted; revoking its leases and deleting its Vault policies and roles waits for Vault, and the deletion waits for that (retried with backoff): {}",
+        problem.message
+    );
+    let mut conditions = vec![
+        condition(
+            types::READY,
+            false,
+            "VaultCleanupPending",
+            message.clone(),
+            generation,
+        ),
+        condition(types::DEGRADED, true, problem.reason, message, generation),
+    ];
+    carry_transitions(
+        &mut conditions,
+        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+        now,
+    );
+    let mut status = old.cloned().unwrap_or_default();
+    status.conditions = conditions;
+    status
 }
 
 /// The status of a pipeline whose spec is invalid: nothing was applied.

@@ -54,6 +54,17 @@ impl Operator {
         lease: Option<&str>,
         dir: tempfile::TempDir,
     ) -> Operator {
+        Self::start_with(name, namespace, lease, dir, &[])
+    }
+
+    /// As [`Operator::start_in`], with more arguments (Vault settings, say).
+    pub fn start_with(
+        name: &'static str,
+        namespace: &str,
+        lease: Option<&str>,
+        dir: tempfile::TempDir,
+        extra: &[String],
+    ) -> Operator {
         let key = dir.path().join("audit.key");
         if !key.exists() {
             std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
@@ -82,6 +93,7 @@ impl Operator {
             }
             None => args.push("--no-leader-election".into()),
         }
+        args.extend(extra.iter().cloned());
         let server = Server::spawn(name, dir.path(), &binary(), &args).expect("operator starts");
         Operator {
             server,

@@ -1,0 +1,334 @@
+//! When to issue, renew, replace and revoke credential leases. Pure: the controller reads the
+//! clock and the cluster, asks [`due`] what to do, and does it.
+//!
+//! The rules, per requested credential:
+//! - no current lease, a changed path or Secret, a missing Secret, or an expired lease: issue new
+//!   credentials (replacing the current lease, if any);
+//! - at its renewal time (about two thirds of the lease, with up to a tenth of jitter): renew, or,
+//!   when the lease is not renewable or its last renewal was cut short by Vault's max TTL, issue
+//!   new credentials instead;
+//! - a replaced lease is revoked once its grace period is over (consumers had time to pick up
+//!   the new Secret), and never before the restarts of its consumers are done;
+//! - a lease whose credential is no longer requested is revoked now.
+//!
+//! A lease is never kept longer than the credential's `ttl` (the guardrail's ceiling): when Vault
+//! grants more, Portcullis plans its expiry at `ttl` and replaces it before then.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::plan::CredentialRequest;
+
+/// One lease the operator holds, as kept in its state Secret (never shown to workloads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRecord {
+    pub stage: String,
+    pub credential: String,
+    pub path: String,
+    pub secret_name: String,
+    pub lease_id: String,
+    pub issued_at: DateTime<Utc>,
+    /// When the lease ends as Portcullis plans it: Vault's expiry, or `ttl` after issue if that
+    /// is sooner.
+    pub expires_at: DateTime<Utc>,
+    pub renew_at: DateTime<Utc>,
+    pub renewable: bool,
+    /// Seconds Vault granted at issue or at the last renewal.
+    #[serde(default)]
+    pub granted_seconds: u64,
+    /// The last renewal was cut short by the lease's max TTL: replace it next time.
+    #[serde(default)]
+    pub replace_next: bool,
+    /// Replaced by newer credentials: revoked at this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<DateTime<Utc>>,
+    /// The consumers of the credentials issued with this lease still have to be restarted.
+    #[serde(default)]
+    pub restart_pending: bool,
+}
+
+impl LeaseRecord {
+    pub fn is_current(&self) -> bool {
+        self.retire_at.is_none()
+    }
+
+    fn is(&self, request: &CredentialRequest) -> bool {
+        self.stage == request.stage && self.credential == request.name
+    }
+}
+
+/// A SHA-256 prefix of a lease id: shown in status, annotations and the decision log instead of
+/// the id.
+pub fn lease_hash(lease_id: &str) -> String {
+    hex::encode(&Sha256::digest(lease_id.as_bytes())[..8])
+}
+
+/// When to renew a lease of `duration` that starts at `from`: at two thirds, less a jitter of
+/// up to a tenth of the lease that the lease id decides (so renewals of leases issued together
+/// spread out, and a restart computes the same time again).
+pub fn renew_at(from: DateTime<Utc>, duration: Duration, lease_id: &str) -> DateTime<Utc> {
+    let ms = duration.num_milliseconds().max(0);
+    let spread = ms / 10;
+    let digest = Sha256::digest(lease_id.as_bytes());
+    let roll = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    let jitter = if spread > 0 {
+        (roll % spread as u64) as i64
+    } else {
+        0
+    };
+    from + Duration::milliseconds(ms * 2 / 3 - jitter)
+}
+
+/// Something to do for a pipeline's credentials.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Issue credentials for `requests[request]`, replacing the lease `replaces`.
+    Issue {
+        request: usize,
+        replaces: Option<String>,
+        why: &'static str,
+    },
+    /// Renew a lease by the credential's `ttl`.
+    Renew { lease_id: String, request: usize },
+    /// Revoke a lease.
+    Revoke { lease_id: String, why: &'static str },
+}
+
+/// What is due at `now`, and when to look again (the earliest future renewal or revocation).
+pub fn due(
+    now: DateTime<Utc>,
+    requests: &[CredentialRequest],
+    leases: &[LeaseRecord],
+    secret_exists: impl Fn(&str) -> bool,
+) -> (Vec<Step>, Option<DateTime<Utc>>) {
+    let mut steps = Vec::new();
+    let mut wake: Option<DateTime<Utc>> = None;
+    let mut wake_at = |t: DateTime<Utc>| wake = Some(wake.map_or(t, |w| w.min(t)));
+
+    for (i, request) in requests.iter().enumerate() {
+        let current = leases.iter().find(|l| l.is_current() && l.is(request));
+        let Some(lease) = current else {
+            steps.push(Step::Issue {
+                request: i,
+                replaces: None,
+                why: "no credentials issued yet",
+            });
+            continue;
+        };
+        let replace = |why| Step::Issue {
+            request: i,
+            replaces: Some(lease.lease_id.clone()),
+            why,
+        };
+        if lease.path != request.path || lease.secret_name != request.secret_name {
+            steps.push(replace("the credential's path or Secret changed"));
+        } else if !secret_exists(&request.secret_name) {
+            steps.push(replace("its Secret is missing"));
+        } else if lease.expires_at <= now {
+            steps.push(replace("the lease expired"));
+        } else if lease.renew_at <= now {
+            if lease.renewable && !lease.replace_next {
+                steps.push(Step::Renew {
+                    lease_id: lease.lease_id.clone(),
+                    request: i,
+                });
+            } else if lease.renewable {
+                steps.push(replace("the lease is near its max TTL"));
+            } else {
+                steps.push(replace("the lease is not renewable"));
+            }
+        } else {
+            wake_at(lease.renew_at);
+        }
+    }
+
+    for lease in leases {
+        match lease.retire_at {
+            Some(at) => {
+                // Consumers still on the old credentials keep them until they are restarted.
+                let restarting = leases.iter().any(|l| {
+                    l.is_current()
+                        && l.restart_pending
+                        && l.stage == lease.stage
+                        && l.credential == lease.credential
+                });
+                if (at <= now && !restarting) || lease.expires_at <= now {
+                    steps.push(Step::Revoke {
+                        lease_id: lease.lease_id.clone(),
+                        why: "replaced by new credentials; its grace period is over",
+                    });
+                } else {
+                    wake_at(at.max(now + Duration::seconds(1)).min(lease.expires_at));
+                }
+            }
+            None if !requests.iter().any(|r| lease.is(r)) => steps.push(Step::Revoke {
+                lease_id: lease.lease_id.clone(),
+                why: "the credential is no longer requested",
+            }),
+            None => {}
+        }
+    }
+    (steps, wake)
+}
+
+/// Whether a renewal that granted `granted` seconds, asking for `ttl`, was cut short by the
+/// lease's max TTL: it got less than asked and less than last time, so the lease is nearing its
+/// end and should be replaced now, while it still has time for its consumers' grace period.
+pub fn cut_short(granted: u64, asked: u64, previous: u64) -> bool {
+    granted < asked && granted < previous
+}
+
+/// The lease's planned end: Vault's expiry, capped at `ttl` after `from`.
+pub fn planned_expiry(from: DateTime<Utc>, granted: Duration, ttl: Duration) -> DateTime<Utc> {
+    from + granted.min(ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::CredentialRequest;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).expect("valid time")
+    }
+
+    fn request(name: &str) -> CredentialRequest {
+        CredentialRequest {
+            stage: "train".into(),
+            name: name.into(),
+            path: "database/creds/train".into(),
+            ttl: 900,
+            secret_name: format!("{name}-secret"),
+            restart_targets: Vec::new(),
+        }
+    }
+
+    fn lease(name: &str, id: &str) -> LeaseRecord {
+        LeaseRecord {
+            stage: "train".into(),
+            credential: name.into(),
+            path: "database/creds/train".into(),
+            secret_name: format!("{name}-secret"),
+            lease_id: id.into(),
+            issued_at: t(0),
+            expires_at: t(900),
+            renew_at: t(600),
+            renewable: true,
+            granted_seconds: 900,
+            replace_next: false,
+            retire_at: None,
+            restart_pending: false,
+        }
+    }
+
+    #[test]
+    fn renewal_falls_between_a_little_over_half_and_two_thirds_and_is_stable() {
+        for i in 0..200 {
+            let id = format!("database/creds/train/{i}");
+            let at = renew_at(t(0), Duration::seconds(900), &id);
+            assert!(at <= t(600) && at > t(509), "{at}");
+            assert_eq!(at, renew_at(t(0), Duration::seconds(900), &id));
+        }
+        let spread: std::collections::BTreeSet<_> = (0..50)
+            .map(|i| renew_at(t(0), Duration::seconds(900), &i.to_string()))
+            .collect();
+        assert!(spread.len() > 40, "renewals must spread out: {spread:?}");
+    }
+
+    #[test]
+    fn a_new_credential_is_issued_and_a_healthy_lease_waits() {
+        let (steps, wake) = due(t(10), &[request("db")], &[], |_| true);
+        assert!(matches!(steps[..], [Step::Issue { replaces: None, .. }]));
+        assert_eq!(wake, None);
+        let (steps, wake) = due(t(10), &[request("db")], &[lease("db", "L1")], |_| true);
+        assert!(steps.is_empty());
+        assert_eq!(wake, Some(t(600)));
+    }
+
+    #[test]
+    fn renewal_time_renews_unless_the_lease_cannot_go_on() {
+        let (steps, _) = due(t(600), &[request("db")], &[lease("db", "L1")], |_| true);
+        assert_eq!(
+            steps,
+            vec![Step::Renew {
+                lease_id: "L1".into(),
+                request: 0
+            }]
+        );
+        let mut capped = lease("db", "L1");
+        capped.replace_next = true;
+        let (steps, _) = due(t(600), &[request("db")], &[capped], |_| true);
+        assert!(
+            matches!(&steps[..], [Step::Issue { replaces: Some(id), why, .. }] if id == "L1" && why.contains("max TTL"))
+        );
+        let mut fixed = lease("db", "L1");
+        fixed.renewable = false;
+        let (steps, _) = due(t(600), &[request("db")], &[fixed], |_| true);
+        assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("not renewable")));
+    }
+
+    #[test]
+    fn a_missing_secret_or_changed_path_gets_new_credentials() {
+        let (steps, _) = due(t(10), &[request("db")], &[lease("db", "L1")], |_| false);
+        assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("missing")));
+        let mut moved = request("db");
+        moved.path = "database/creds/other".into();
+        let (steps, _) = due(t(10), &[moved], &[lease("db", "L1")], |_| true);
+        assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("changed")));
+    }
+
+    #[test]
+    fn replaced_leases_wait_for_grace_and_restarts_then_are_revoked() {
+        let mut old = lease("db", "OLD");
+        old.retire_at = Some(t(120));
+        let mut new = lease("db", "NEW");
+        new.restart_pending = true;
+        let (steps, wake) = due(
+            t(130),
+            &[request("db")],
+            &[old.clone(), new.clone()],
+            |_| true,
+        );
+        assert!(steps.is_empty(), "{steps:?}");
+        assert_eq!(wake, Some(t(131)));
+        new.restart_pending = false;
+        let (steps, _) = due(t(130), &[request("db")], &[old.clone(), new], |_| true);
+        assert_eq!(
+            steps,
+            vec![Step::Revoke {
+                lease_id: "OLD".into(),
+                why: "replaced by new credentials; its grace period is over"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_lease_nobody_requests_is_revoked() {
+        let (steps, _) = due(t(10), &[], &[lease("db", "L1")], |_| true);
+        assert!(matches!(&steps[..], [Step::Revoke { lease_id, .. }] if lease_id == "L1"));
+    }
+
+    #[test]
+    fn a_renewal_is_cut_short_only_when_it_shrinks() {
+        // The engine's default is shorter than the ttl asked: full renewals are not cut short.
+        assert!(!cut_short(10, 3600, 6));
+        assert!(!cut_short(900, 900, 900));
+        // Near the max TTL the grant shrinks.
+        assert!(cut_short(3, 3600, 10));
+        assert!(cut_short(2, 6, 6));
+    }
+
+    #[test]
+    fn expiry_is_capped_at_the_credential_ttl() {
+        assert_eq!(
+            planned_expiry(t(0), Duration::hours(24), Duration::seconds(900)),
+            t(900)
+        );
+        assert_eq!(
+            planned_expiry(t(0), Duration::seconds(60), Duration::seconds(900)),
+            t(60)
+        );
+    }
+}

@@ -1,0 +1,796 @@
+//! The operator's Vault side against a real API server and the Vault HTTP double
+//! (`tests/support/vault`, not Vault): each stage's identity logs in and reads exactly its own
+//! paths, TTLs stay within the guardrail, credentials are delivered, renewed and rotated with
+//! their consumers restarted and the old lease revoked, a Vault outage degrades without losing
+//! the Secret or any lease, a restart or token renewal re-issues nothing, a kill mid-rotation
+//! leaks nothing, and deleting the pipeline revokes and removes everything. Every call the
+//! operator makes is checked against Vault 1.15's OpenAPI document.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use portcullis::api::AIPipeline;
+use serde_json::{Value, json};
+use support::vault::{LeaseState, Operation, RevokeCause, VaultDouble, VaultDoubleConfig};
+use support::{
+    Operator, control_plane, create_guardrails, guardrails_for, temp_namespace, wait_for,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+const PIPELINE: &str = "fraud";
+const DB_ROLE: &str = "fraud-writer";
+const DB_ROLE_2: &str = "fraud-writer-2";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A namespace with the example guardrails, the double set up as the README says (Kubernetes
+/// auth, the operator's policy from `deploy/vault`, its periodic role, a database role), and the
+/// operator logged in with its own ServiceAccount's token.
+struct Setup {
+    client: Client,
+    ns: String,
+    ops: String,
+    double: VaultDouble,
+    operator: Option<Operator>,
+    jwt_path: PathBuf,
+    _jwt_dir: tempfile::TempDir,
+    grace: &'static str,
+}
+
+struct Options {
+    /// The operator token's period.
+    period: &'static str,
+    /// The database role's default and max TTL.
+    db_ttl: &'static str,
+    db_max_ttl: &'static str,
+    /// The credential's ttl in the pipeline.
+    credential_ttl: &'static str,
+    /// How long replaced credentials stay valid.
+    grace: &'static str,
+}
+
+/// Leases of 6 s, renewed about every 4 s, replaced as their 30 s max TTL nears.
+const FAST: Options = Options {
+    period: "1h",
+    db_ttl: "6s",
+    db_max_ttl: "30s",
+    credential_ttl: "6s",
+    grace: "1s",
+};
+
+/// Leases that outlive the test.
+const SLOW: Options = Options {
+    period: "1h",
+    db_ttl: "1h",
+    db_max_ttl: "2h",
+    credential_ttl: "1h",
+    grace: "4s",
+};
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(op) = &self.operator
+        {
+            eprintln!("--- operator log (tail) ---\n{}", op.log());
+        }
+    }
+}
+
+impl Setup {
+    async fn new(name: &str, options: &Options) -> Setup {
+        let cp = control_plane();
+        let client = cp.client().await;
+        let ns = temp_namespace(&client, name, &[]).await;
+        let ops = temp_namespace(&client, &format!("{name}-ops"), &[]).await;
+        create_guardrails(&client, &guardrails_for(&ns)).await;
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "portcullis"}})).unwrap();
+        Api::<ServiceAccount>::namespaced(client.clone(), &ops)
+            .create(&PostParams::default(), &sa)
+            .await
+            .expect("operator ServiceAccount");
+        let jwt = support::service_account_token(&client, &ops, "portcullis").await;
+        let jwt_dir = tempfile::tempdir().unwrap();
+        let jwt_path = jwt_dir.path().join("token");
+        std::fs::write(&jwt_path, jwt).unwrap();
+
+        let double =
+            VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
+        let root_client = double.client();
+        let policy = std::fs::read_to_string(root().join("deploy/vault/portcullis-operator.hcl"))
+            .expect("operator policy");
+        for (path, body) in [
+            (
+                "auth/kubernetes/config".to_string(),
+                json!({"kubernetes_host": cp.server_url()}),
+            ),
+            (
+                "sys/policies/acl/portcullis-operator".into(),
+                json!({"policy": policy}),
+            ),
+            (
+                "auth/kubernetes/role/portcullis-operator".into(),
+                json!({
+                    "bound_service_account_names": ["portcullis"],
+                    "bound_service_account_namespaces": [ops],
+                    "token_policies": ["portcullis-operator"],
+                    "token_period": options.period,
+                }),
+            ),
+        ]
+        .into_iter()
+        .chain([DB_ROLE, DB_ROLE_2].map(|role| {
+            (
+                format!("database/roles/{role}"),
+                json!({
+                    "db_name": "features",
+                    "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
+                    "default_ttl": options.db_ttl,
+                    "max_ttl": options.db_max_ttl,
+                }),
+            )
+        })) {
+            let r = root_client
+                .post(&path, &body)
+                .await
+                .expect("Vault double reachable");
+            assert!(r.status < 300, "{path}: {} {:?}", r.status, r.errors());
+        }
+        let mut setup = Setup {
+            client,
+            ns,
+            ops,
+            double,
+            operator: None,
+            jwt_path,
+            _jwt_dir: jwt_dir,
+            grace: options.grace,
+        };
+        setup.start_operator(tempfile::tempdir().unwrap());
+        setup
+    }
+
+    fn start_operator(&mut self, dir: tempfile::TempDir) {
+        let args: Vec<String> = [
+            "--vault-address",
+            &self.double.address(),
+            "--vault-auth-token-path",
+            &self.jwt_path.display().to_string(),
+            "--vault-state-namespace",
+            &self.ops,
+            "--vault-request-timeout",
+            "2s",
+            "--credential-revoke-grace",
+            self.grace,
+            "--restart-min-interval",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.operator = Some(Operator::start_with(
+            "portcullis",
+            &self.ns,
+            None,
+            dir,
+            &args,
+        ));
+    }
+
+    fn operator(&self) -> &Operator {
+        self.operator.as_ref().expect("operator running")
+    }
+
+    /// Kills the operator (SIGKILL) and starts a new one on the same decision log.
+    fn kill_and_restart(&mut self) {
+        let mut old = self.operator.take().expect("operator running");
+        old.kill();
+        let Operator { dir, .. } = old;
+        self.start_operator(dir);
+    }
+
+    fn pipeline(&self, credential_ttl: &str) -> AIPipeline {
+        self.pipeline_from(credential_ttl, DB_ROLE)
+    }
+
+    fn pipeline_from(&self, credential_ttl: &str, db_role: &str) -> AIPipeline {
+        let ns = &self.ns;
+        serde_json::from_value(json!({
+            "apiVersion": "portcullis.dev/v1alpha1",
+            "kind": "AIPipeline",
+            "metadata": {"name": PIPELINE, "namespace": ns},
+            "spec": {"stages": [
+                {
+                    "name": "ingest",
+                    "role": "Ingestion",
+                    "vault": {
+                        "policies": [{"path": format!("kv/data/{ns}/{PIPELINE}/ingest/*"), "capabilities": ["read"]}],
+                        "tokenTTL": "2h",
+                        "credentials": [{
+                            "name": "feature-db",
+                            "path": format!("database/creds/{db_role}"),
+                            "ttl": credential_ttl,
+                            "secretName": "fraud-ingest-db",
+                            "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
+                        }],
+                    },
+                },
+                {
+                    "name": "train",
+                    "role": "Training",
+                    "vault": {
+                        "policies": [{"path": format!("kv/data/{ns}/{PIPELINE}/train/*"), "capabilities": ["read"]}],
+                    },
+                },
+            ]},
+        }))
+        .expect("pipeline")
+    }
+
+    async fn create(&self, credential_ttl: &str) {
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "fraud-ingest"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "fraud-ingest"}},
+                "template": {
+                    "metadata": {"labels": {"app": "fraud-ingest"}},
+                    "spec": {"containers": [{"name": "app", "image": "example.invalid/ingest:1"}]},
+                },
+            },
+        }))
+        .unwrap();
+        Api::<Deployment>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &deployment)
+            .await
+            .expect("restart target created");
+        Api::<AIPipeline>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &self.pipeline(credential_ttl))
+            .await
+            .expect("pipeline created");
+    }
+
+    async fn get_pipeline(&self) -> Option<AIPipeline> {
+        Api::<AIPipeline>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(PIPELINE)
+            .await
+            .expect("get pipeline")
+    }
+
+    async fn secret(&self) -> Option<Secret> {
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .get_opt("fraud-ingest-db")
+            .await
+            .expect("get Secret")
+    }
+
+    /// The credential Secret's lease hash, once it is there.
+    async fn wait_for_secret(&self) -> (Secret, String) {
+        wait_for("the credential Secret", WAIT, || async {
+            let s = self.secret().await?;
+            let hash = s.annotations().get("portcullis.dev/lease-hash")?.clone();
+            Some((s, hash))
+        })
+        .await
+    }
+
+    fn restarted_at(deployment: &Deployment) -> Option<String> {
+        deployment
+            .spec
+            .as_ref()?
+            .template
+            .metadata
+            .as_ref()?
+            .annotations
+            .as_ref()?
+            .get("portcullis.dev/restarted-at")
+            .cloned()
+    }
+
+    async fn deployment(&self) -> Deployment {
+        Api::<Deployment>::namespaced(self.client.clone(), &self.ns)
+            .get("fraud-ingest")
+            .await
+            .expect("deployment")
+    }
+
+    /// The lease ids the operator keeps in its state Secret.
+    async fn tracked_leases(&self) -> BTreeSet<String> {
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.ops)
+            .list(&Default::default())
+            .await
+            .expect("list state Secrets");
+        secrets
+            .items
+            .iter()
+            .filter(|s| s.name_any().starts_with("portcullis-vault-"))
+            .filter_map(|s| s.data.as_ref()?.get("state.json").cloned())
+            .flat_map(|b| {
+                let v: Value = serde_json::from_slice(&b.0).expect("state JSON");
+                v["leases"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|l| l["leaseId"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn active_leases(&self) -> BTreeSet<String> {
+        self.double
+            .active_leases()
+            .into_iter()
+            .map(|l| l.lease_id)
+            .collect()
+    }
+
+    fn condition(p: &AIPipeline, type_: &str) -> Option<(String, String)> {
+        p.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    }
+
+    fn records(&self, action: &str) -> Vec<Value> {
+        self.operator()
+            .records()
+            .into_iter()
+            .filter(|r| r["action"] == action)
+            .collect()
+    }
+
+    fn assert_conformant(&self) {
+        let violations = self.double.openapi_violations();
+        assert!(
+            violations.is_empty(),
+            "calls outside Vault 1.15's OpenAPI document: {violations:#?}"
+        );
+        let (ok, out) = self.operator().verify();
+        assert!(ok, "the decision log verifies: {out}");
+    }
+}
+
+#[tokio::test]
+async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
+    let setup = Setup::new("vault-paths", &SLOW).await;
+    setup.create("1h").await;
+    let ns = &setup.ns;
+    let role = |stage: &str| format!("{ns}-{PIPELINE}-{stage}");
+    wait_for("both stages' roles", WAIT, || async {
+        let roles = setup.double.kubernetes_roles();
+        (roles.contains_key(&role("ingest")) && roles.contains_key(&role("train"))).then_some(())
+    })
+    .await;
+
+    let roles = setup.double.kubernetes_roles();
+    let ingest = &roles[&role("ingest")];
+    assert_eq!(
+        ingest.bound_service_account_names,
+        [format!("{PIPELINE}-ingest")]
+    );
+    assert_eq!(ingest.bound_service_account_namespaces, [ns.clone()]);
+    assert_eq!(ingest.token_policies, [role("ingest")]);
+    // The stage asked for 2h tokens; the ingestion guardrail's ceiling is 1h.
+    assert_eq!(ingest.token_ttl, Duration::from_secs(3600));
+    assert_eq!(ingest.token_max_ttl, Duration::from_secs(3600));
+    assert!(roles[&role("train")].token_max_ttl <= Duration::from_secs(7200));
+
+    let anonymous = setup.double.anonymous_client();
+    let mut tokens = Vec::new();
+    for stage in ["ingest", "train"] {
+        let jwt =
+            support::service_account_token(&setup.client, ns, &format!("{PIPELINE}-{stage}")).await;
+        let r = anonymous
+            .post(
+                "auth/kubernetes/login",
+                &json!({"role": role(stage), "jwt": jwt}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{stage} logs in: {:?}", r.errors());
+        assert_eq!(
+            r.auth()["token_policies"],
+            json!([role(stage)]),
+            "only its own policy, not even default"
+        );
+        tokens.push((
+            stage,
+            r.auth()["client_token"].as_str().unwrap().to_string(),
+        ));
+        // Another stage's role refuses this identity.
+        let other = if stage == "ingest" { "train" } else { "ingest" };
+        let r = anonymous
+            .post(
+                "auth/kubernetes/login",
+                &json!({"role": role(other), "jwt": jwt}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{stage} must not log in as {other}");
+    }
+    for (stage, token) in &tokens {
+        for other in ["ingest", "train"] {
+            let path = format!("kv/data/{ns}/{PIPELINE}/{other}/model-config");
+            assert_eq!(
+                setup.double.allows(token, Operation::Read, &path),
+                *stage == other,
+                "{stage} reading {path}"
+            );
+        }
+        assert!(!setup.double.allows(
+            token,
+            Operation::Update,
+            &format!("kv/data/{ns}/{PIPELINE}/{stage}/x")
+        ));
+        assert!(
+            !setup
+                .double
+                .allows(token, Operation::Read, &format!("database/creds/{DB_ROLE}"))
+        );
+        assert!(
+            !setup
+                .double
+                .allows(token, Operation::Update, "sys/policies/acl/anything")
+        );
+    }
+
+    // Drift in Vault is reverted at the next resync; a changed spec re-writes at once.
+    let hcl = setup.double.policy(&role("train")).expect("train policy");
+    setup
+        .double
+        .put_policy(
+            &role("train"),
+            r#"path "*" { capabilities = ["sudo", "read"] }"#,
+        )
+        .unwrap();
+    let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), ns);
+    let patch = json!({"spec": {"stages": [setup.pipeline("1h").spec.stages[0], {
+        "name": "train", "role": "Training",
+        "vault": {"policies": [
+            {"path": format!("kv/data/{ns}/{PIPELINE}/train/*"), "capabilities": ["read"]},
+            {"path": format!("kv/data/{ns}/{PIPELINE}/train/features/*"), "capabilities": ["read"]},
+        ]},
+    }]}});
+    api.patch(
+        PIPELINE,
+        &Default::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let rewritten = wait_for("the train policy rewritten", WAIT, || async {
+        let p = setup.double.policy(&role("train"))?;
+        p.contains("train/features/*").then_some(p)
+    })
+    .await;
+    assert_ne!(rewritten, hcl);
+    assert!(!rewritten.contains("sudo"));
+
+    let written = setup.records("policy-written");
+    assert!(written.len() >= 3, "{written:#?}");
+    assert!(!setup.records("role-written").is_empty());
+    // Steady state writes nothing more to Vault.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = setup.double.requests().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes: Vec<_> = setup.double.requests()[before..]
+        .iter()
+        .filter(|(m, _, _)| m.as_str() != "GET")
+        .cloned()
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "steady state writes to Vault: {writes:?}"
+    );
+    setup.assert_conformant();
+}
+
+#[tokio::test]
+async fn credentials_are_renewed_then_rotated_with_a_restart_and_the_old_lease_revoked() {
+    let setup = Setup::new("vault-rotate", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    let (secret, first_hash) = setup.wait_for_secret().await;
+    let data = secret.data.clone().unwrap_or_default();
+    assert!(
+        data.contains_key("username") && data.contains_key("password"),
+        "{data:?}"
+    );
+    let owner = &secret.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("AIPipeline", PIPELINE)
+    );
+    let leases = setup.double.active_leases();
+    assert_eq!(leases.len(), 1);
+    let first = leases[0].clone();
+    // Lease ids are kept where only the operator reads them, not in the pipeline's namespace.
+    let text = serde_json::to_string(&secret).unwrap();
+    assert!(!text.contains(&first.lease_id));
+    assert_eq!(
+        setup.tracked_leases().await,
+        BTreeSet::from([first.lease_id.clone()])
+    );
+
+    // Renewed before it expires (the lease outlives its first 6 s).
+    wait_for("a renewal", WAIT, || async {
+        (setup.double.lease(&first.lease_id)?.renewals > 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        setup.double.lease(&first.lease_id).unwrap().state,
+        LeaseState::Active
+    );
+
+    // Near its 14 s max TTL the lease is replaced: new Secret, target restarted, old revoked.
+    let (rotated, new_hash) = wait_for("rotated credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    assert_ne!(rotated.data, secret.data, "new credentials");
+    let restarted = wait_for("the restart target restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    assert!(!restarted.is_empty());
+    let old = wait_for("the old lease revoked", WAIT, || async {
+        let l = setup.double.lease(&first.lease_id)?;
+        (l.state != LeaseState::Active).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        old.state,
+        LeaseState::Revoked,
+        "revoked by the operator, not left to expire"
+    );
+    assert_eq!(old.revoked_by, Some(RevokeCause::Api));
+    assert!(old.ended_at.unwrap() <= old.expires_at);
+
+    let p = setup.get_pipeline().await.unwrap();
+    let creds = &p.status.as_ref().unwrap().stages[0].credentials;
+    assert_eq!(creds.len(), 1);
+    assert_eq!(creds[0].lease_hash.as_deref(), Some(new_hash.as_str()));
+    assert_eq!(Setup::condition(&p, "CredentialsReady").unwrap().0, "True");
+    for action in [
+        "credential-issued",
+        "credential-renewed",
+        "credential-rotated",
+        "credential-revoked",
+    ] {
+        assert!(!setup.records(action).is_empty(), "no {action} record");
+    }
+    // No lease ever expired unnoticed, and every live lease is tracked.
+    assert!(
+        setup
+            .double
+            .leases()
+            .iter()
+            .all(|l| l.state != LeaseState::Expired || l.revoked_by.is_some())
+    );
+    assert!(
+        setup
+            .active_leases()
+            .is_subset(&setup.tracked_leases().await)
+    );
+    setup.assert_conformant();
+}
+
+#[tokio::test]
+async fn a_vault_outage_degrades_keeps_the_secret_and_recovers_without_leaking_a_lease() {
+    let setup = Setup::new("vault-outage", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    let (secret, _) = setup.wait_for_secret().await;
+    setup.double.seal();
+    wait_for("Degraded: VaultUnavailable", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        (Setup::condition(&p, "Degraded")? == ("True".into(), "VaultUnavailable".into()))
+            .then_some(())
+    })
+    .await;
+    // The Secret delivered before the outage stays.
+    let kept = setup
+        .secret()
+        .await
+        .expect("the Secret is kept during the outage");
+    assert_eq!(kept.data, secret.data);
+    assert!(!setup.records("vault-failed").is_empty());
+
+    setup.double.unseal();
+    wait_for("recovered", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        let ok = Setup::condition(&p, "Degraded")?.0 == "False"
+            && Setup::condition(&p, "CredentialsReady")?.0 == "True";
+        ok.then_some(())
+    })
+    .await;
+    // Every lease is either tracked and live, or revoked; wait out the grace period.
+    let settled = wait_for("one live lease, tracked", WAIT, || async {
+        let active = setup.active_leases();
+        (active.len() == 1 && active == setup.tracked_leases().await).then_some(active)
+    })
+    .await;
+    let secret = setup.secret().await.unwrap();
+    let hash = secret.annotations()["portcullis.dev/lease-hash"].clone();
+    let live = settled.iter().next().unwrap();
+    assert_eq!(hash, portcullis::vault::leases::lease_hash(live));
+    setup.assert_conformant();
+}
+
+#[tokio::test]
+async fn a_restart_or_a_token_renewal_neither_revokes_nor_reissues_credentials() {
+    let options = Options {
+        period: "4s",
+        ..SLOW
+    };
+    let mut setup = Setup::new("vault-restart", &options).await;
+    setup.create(options.credential_ttl).await;
+    let (secret, _) = setup.wait_for_secret().await;
+    let leases = setup.active_leases();
+    assert_eq!(leases.len(), 1);
+    let logins = |d: &VaultDouble| {
+        d.tokens()
+            .into_iter()
+            .filter(|t| t.path.ends_with("/login"))
+            .count()
+    };
+    assert_eq!(logins(&setup.double), 1);
+
+    // The 4 s periodic token is renewed (several times), and leases live on.
+    wait_for("the operator's token renewed", WAIT, || async {
+        let t = setup
+            .double
+            .tokens()
+            .into_iter()
+            .find(|t| t.role.as_deref() == Some("portcullis-operator"))?;
+        (t.renewals >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(setup.active_leases(), leases);
+
+    setup.kill_and_restart();
+    // The restarted operator resumes the kept token: no login, no new lease, same Secret.
+    wait_for("the restarted operator reconciled", WAIT, || async {
+        let r = setup.operator().http_status("/readyz").await;
+        (r == 200).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(logins(&setup.double), 1, "a restart must not log in again");
+    assert_eq!(
+        setup.active_leases(),
+        leases,
+        "nothing revoked, nothing re-issued"
+    );
+    assert_eq!(setup.double.leases().len(), 1);
+    assert_eq!(setup.secret().await.unwrap().data, secret.data);
+    let operator_token = setup
+        .double
+        .tokens()
+        .into_iter()
+        .find(|t| t.role.as_deref() == Some("portcullis-operator"))
+        .unwrap();
+    assert_eq!(operator_token.state, LeaseState::Active);
+    setup.assert_conformant();
+}
+
+#[tokio::test]
+async fn an_operator_killed_mid_rotation_leaks_no_lease() {
+    let mut setup = Setup::new("vault-kill", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (_, first_hash) = setup.wait_for_secret().await;
+    // The credential moves to another database role: new credentials are issued at once.
+    let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
+    let moved = setup.pipeline_from(SLOW.credential_ttl, DB_ROLE_2);
+    api.patch(
+        PIPELINE,
+        &Default::default(),
+        &kube::api::Patch::Merge(&json!({"spec": moved.spec})),
+    )
+    .await
+    .unwrap();
+    // Mid-rotation: new credentials issued, the old lease waiting out its grace period.
+    wait_for("a rotation under way", WAIT, || async {
+        let (_, hash) = setup.wait_for_secret().await;
+        (hash != first_hash && setup.active_leases().len() == 2).then_some(())
+    })
+    .await;
+    setup.kill_and_restart();
+    wait_for("one live lease, tracked", WAIT, || async {
+        let active = setup.active_leases();
+        (active.len() == 1 && active == setup.tracked_leases().await).then_some(())
+    })
+    .await;
+    // The replaced lease was revoked, not abandoned to expire.
+    let revoked: Vec<_> = setup
+        .double
+        .leases()
+        .into_iter()
+        .filter(|l| l.state != LeaseState::Active)
+        .collect();
+    assert!(!revoked.is_empty());
+    for l in &revoked {
+        assert_eq!(l.revoked_by, Some(RevokeCause::Api), "{l:?}");
+    }
+    setup.assert_conformant();
+}
+
+#[tokio::test]
+async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everything() {
+    let setup = Setup::new("vault-delete", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    setup.wait_for_secret().await;
+    let prefix = format!("{}-{PIPELINE}-", setup.ns);
+    assert_eq!(
+        setup
+            .double
+            .policies()
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .count(),
+        2
+    );
+
+    // Vault down: the finalizer holds the deletion and the status says why.
+    setup.double.seal();
+    Api::<AIPipeline>::namespaced(setup.client.clone(), &setup.ns)
+        .delete(PIPELINE, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("VaultCleanupPending", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        (Setup::condition(&p, "Ready")?.1 == "VaultCleanupPending").then_some(())
+    })
+    .await;
+    assert!(setup.get_pipeline().await.is_some());
+
+    setup.double.unseal();
+    wait_for("the pipeline gone", WAIT, || async {
+        setup.get_pipeline().await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        setup.double.active_leases().is_empty(),
+        "every lease revoked"
+    );
+    assert!(
+        setup
+            .double
+            .leases()
+            .iter()
+            .all(|l| l.revoked_by == Some(RevokeCause::Api))
+    );
+    assert_eq!(
+        setup
+            .double
+            .policies()
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .count(),
+        0
+    );
+    assert_eq!(
+        setup
+            .double
+            .kubernetes_roles()
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .count(),
+        0
+    );
+    assert!(setup.tracked_leases().await.is_empty());
+    assert!(!setup.records("credential-revoked").is_empty());
+    setup.assert_conformant();
+}
