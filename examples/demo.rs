@@ -121,6 +121,7 @@ async fn main() {
         concurrency: 4,
         watch_namespace: None,
         echo_decisions: false,
+        vault: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
 

@@ -381,7 +381,7 @@ async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
         ingest.bound_service_account_names,
         [format!("{PIPELINE}-ingest")]
     );
-    assert_eq!(ingest.bound_service_account_namespaces, [ns.clone()]);
+    assert_eq!(ingest.bound_service_account_namespaces, std::slice::from_ref(ns));
     assert_eq!(ingest.token_policies, [role("ingest")]);
     // The stage asked for 2h tokens; the ingestion guardrail's ceiling is 1h.
     assert_eq!(ingest.token_ttl, Duration::from_secs(3600));

@@ -45,7 +45,7 @@ pub enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Work with the decision log.
     Audit(audit::AuditArgs),
     /// Ask the cluster what each stage's ServiceAccount may do, and compare with the plan.

@@ -257,7 +257,12 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
     if !outcome.errors.is_empty() {
         return Err(Error::Apply(outcome.errors.join("; ")));
     }
-    if let Some(problem) = outcome.vault.as_ref().and_then(|v| v.error.as_ref()) {
+    if let Some(problem) = outcome
+        .vault
+        .as_ref()
+        .and_then(|v| v.error.as_ref())
+        .filter(|p| p.reason != "VaultNotConfigured")
+    {
         // Retried with backoff; the Secrets already delivered stay until their leases end.
         return Err(Error::Vault(problem.message.clone()));
     }

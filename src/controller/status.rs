@@ -30,6 +30,7 @@ pub mod types {
     pub const GUARDRAILS_SATISFIED: &str = "GuardrailsSatisfied";
     pub const DEGRADED: &str = "Degraded";
     pub const CREDENTIALS_READY: &str = "CredentialsReady";
+    pub const VAULT_SYNCED: &str = "VaultSynced";
 }
 
 fn condition(
@@ -102,7 +103,14 @@ pub fn for_plan(
         })
         .collect();
 
-    let vault_problem = outcome.vault.as_ref().and_then(|v| v.error.as_ref());
+    // An operator run without Vault is a supported mode: the Kubernetes side is still Ready,
+    // and VaultSynced says what is missing.
+    let vault_problem = outcome
+        .vault
+        .as_ref()
+        .and_then(|v| v.error.as_ref())
+        .filter(|p| p.reason != "VaultNotConfigured");
+    let vault_note = outcome.vault.as_ref().and_then(|v| v.error.as_ref());
     let ready = outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
     let ready_condition = if let (true, Some(p)) = (
         outcome.refused.is_empty() && outcome.errors.is_empty(),
@@ -190,7 +198,26 @@ pub fn for_plan(
         generation,
     );
     let mut conditions = vec![ready_condition, guardrails, degraded];
+    if outcome.vault.is_some() {
+        conditions.push(match vault_note {
+            None => condition(
+                types::VAULT_SYNCED,
+                true,
+                "Synced",
+                "the stages' Vault policies and roles are written as planned".into(),
+                generation,
+            ),
+            Some(p) => condition(
+                types::VAULT_SYNCED,
+                false,
+                p.reason,
+                p.message.clone(),
+                generation,
+            ),
+        });
+    }
     if let Some(v) = outcome.vault.as_ref().filter(|v| v.requested > 0) {
+        let vault_problem = vault_note;
         let delivered = v.live;
         conditions.push(if delivered == v.requested {
             condition(
