@@ -11,7 +11,7 @@ mod journal;
 mod metrics;
 mod reconcile;
 pub mod status;
-mod vault;
+pub(crate) mod vault;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -354,3 +354,119 @@ mod tests {
         assert_eq!(flipped[0].last_transition_time, t(300));
     }
 }
+
+#[cfg(test)]
+mod vault_conditions {
+    use super::*;
+    use crate::api::CredentialStatus;
+    use crate::controller::vault::{VaultOutcome, VaultProblem};
+
+    fn plan() -> Plan {
+        Plan {
+            pipeline: "fraud".into(),
+            namespace: "ml".into(),
+            stages: Vec::new(),
+            objects: Vec::new(),
+            vault_policies: Vec::new(),
+            vault_roles: Vec::new(),
+            credentials: Vec::new(),
+            decisions: Vec::new(),
+        }
+    }
+
+    fn status_with(vault: VaultOutcome) -> AIPipelineStatus {
+        let outcome = Outcome {
+            vault: Some(vault),
+            ..Outcome::default()
+        };
+        for_plan(
+            &plan(),
+            &outcome,
+            Some(1),
+            None,
+            Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        )
+    }
+
+    fn get(s: &AIPipelineStatus, type_: &str) -> (String, String) {
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition"));
+        (c.status.clone(), c.reason.clone())
+    }
+
+    fn problem(reason: &'static str) -> Option<VaultProblem> {
+        Some(VaultProblem {
+            reason,
+            message: "x".into(),
+        })
+    }
+
+    fn delivered() -> Vec<(String, CredentialStatus)> {
+        vec![("ingest".into(), CredentialStatus::default())]
+    }
+
+    #[test]
+    fn an_operator_without_vault_keeps_the_pipeline_ready_and_says_so() {
+        let s = status_with(VaultOutcome {
+            error: problem("VaultNotConfigured"),
+            requested: 1,
+            ..VaultOutcome::default()
+        });
+        assert_eq!(get(&s, "Ready"), ("True".into(), "Reconciled".into()));
+        assert_eq!(get(&s, "Degraded").0, "False");
+        assert_eq!(
+            get(&s, "VaultSynced"),
+            ("False".into(), "VaultNotConfigured".into())
+        );
+        assert_eq!(
+            get(&s, "CredentialsReady"),
+            ("False".into(), "VaultNotConfigured".into())
+        );
+    }
+
+    #[test]
+    fn an_outage_degrades_but_live_credentials_stay_delivered() {
+        let s = status_with(VaultOutcome {
+            error: problem("VaultUnavailable"),
+            credentials: delivered(),
+            requested: 1,
+            live: 1,
+            wake: None,
+        });
+        assert_eq!(
+            get(&s, "Ready"),
+            ("False".into(), "VaultUnavailable".into())
+        );
+        assert_eq!(
+            get(&s, "Degraded"),
+            ("True".into(), "VaultUnavailable".into())
+        );
+        assert_eq!(
+            get(&s, "CredentialsReady"),
+            ("True".into(), "Delivered".into())
+        );
+        // Once the lease has expired, the credentials are no longer ready.
+        let s = status_with(VaultOutcome {
+            error: problem("VaultUnavailable"),
+            credentials: delivered(),
+            requested: 1,
+            live: 0,
+            wake: None,
+        });
+        assert_eq!(
+            get(&s, "CredentialsReady"),
+            ("False".into(), "VaultUnavailable".into())
+        );
+    }
+
+    #[test]
+    fn a_healthy_vault_side_is_synced_and_without_credentials_has_no_credentials_condition() {
+        let s = status_with(VaultOutcome::default());
+        assert_eq!(get(&s, "Ready").0, "True");
+        assert_eq!(get(&s, "VaultSynced"), ("True".into(), "Synced".into()));
+        assert!(s.conditions.iter().all(|c| c.type_ != "CredentialsReady"));
+    }
+}
