@@ -366,7 +366,17 @@ impl Setup {
 #[tokio::test]
 async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
     let setup = Setup::new("vault-paths", &SLOW).await;
-    setup.create("1h").await;
+    // The database role grants 1h leases; the credential asks for 30m: 30m it is.
+    setup.create("30m").await;
+    let (secret, _) = setup.wait_for_secret().await;
+    let time = |key: &str| {
+        chrono::DateTime::parse_from_rfc3339(&secret.annotations()[key]).expect("an RFC 3339 time")
+    };
+    let kept = time("portcullis.dev/lease-expires-at") - time("portcullis.dev/issued-at");
+    assert!(
+        kept <= chrono::Duration::minutes(30) && kept > chrono::Duration::minutes(29),
+        "lease kept for {kept}"
+    );
     let ns = &setup.ns;
     let role = |stage: &str| format!("{ns}-{PIPELINE}-{stage}");
     wait_for("both stages' roles", WAIT, || async {
@@ -381,7 +391,10 @@ async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
         ingest.bound_service_account_names,
         [format!("{PIPELINE}-ingest")]
     );
-    assert_eq!(ingest.bound_service_account_namespaces, std::slice::from_ref(ns));
+    assert_eq!(
+        ingest.bound_service_account_namespaces,
+        std::slice::from_ref(ns)
+    );
     assert_eq!(ingest.token_policies, [role("ingest")]);
     // The stage asked for 2h tokens; the ingestion guardrail's ceiling is 1h.
     assert_eq!(ingest.token_ttl, Duration::from_secs(3600));
