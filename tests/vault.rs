@@ -626,6 +626,14 @@ async fn a_vault_outage_degrades_keeps_the_secret_and_recovers_without_leaking_a
         .expect("the Secret is kept during the outage");
     assert_eq!(kept.data, secret.data);
     assert!(!setup.records("vault-failed").is_empty());
+    // Once its 6 s lease has run out, the credentials are no longer ready (the Secret stays).
+    wait_for("CredentialsReady: False", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        (Setup::condition(&p, "CredentialsReady")? == ("False".into(), "VaultUnavailable".into()))
+            .then_some(())
+    })
+    .await;
+    assert!(setup.secret().await.is_some());
 
     setup.double.unseal();
     wait_for("recovered", WAIT, || async {
@@ -645,6 +653,26 @@ async fn a_vault_outage_degrades_keeps_the_secret_and_recovers_without_leaking_a
     let hash = secret.annotations()["portcullis.dev/lease-hash"].clone();
     let live = settled.iter().next().unwrap();
     assert_eq!(hash, portcullis::vault::leases::lease_hash(live));
+
+    // Server errors: recorded, retried, recovered.
+    let failures = setup.records("vault-failed").len();
+    setup.double.fail_next(3, 500);
+    wait_for("the 500s recorded", WAIT, || async {
+        let new = setup.records("vault-failed");
+        (new.len() > failures
+            && new.iter().any(|r| {
+                r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("HTTP 500"))
+            }))
+        .then_some(())
+    })
+    .await;
+    wait_for("recovered from the 500s", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        (Setup::condition(&p, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
     setup.assert_conformant();
 }
 
