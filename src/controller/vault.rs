@@ -176,7 +176,18 @@ struct Work<'a> {
     generation: Option<i64>,
 }
 
-impl Work<'_> {
+impl<'a> Work<'a> {
+    fn new(ctx: &'a Context, vault: &'a VaultCtx, pipeline: &AIPipeline) -> Work<'a> {
+        Work {
+            ctx,
+            vault,
+            namespace: pipeline.namespace().unwrap_or_default(),
+            name: pipeline.name_any(),
+            uid: pipeline.uid().unwrap_or_default(),
+            generation: pipeline.metadata.generation,
+        }
+    }
+
     fn entry(
         &self,
         action: AuditAction,
@@ -319,15 +330,7 @@ pub async fn reconcile(
         }
         return Ok(outcome);
     };
-    let work = Work {
-        ctx,
-        vault,
-
-        namespace: pipeline.namespace().unwrap_or_default(),
-        name: pipeline.name_any(),
-        uid: pipeline.uid().unwrap_or_default(),
-        generation: pipeline.metadata.generation,
-    };
+    let work = Work::new(ctx, vault, pipeline);
     let mut state = work.load().await?;
     if !pipeline.finalizers().iter().any(|f| f == FINALIZER) {
         add_finalizer(ctx, pipeline).await?;
@@ -529,53 +532,8 @@ async fn converge(
         }
     }
     // Prune what is no longer planned: delete in Vault, then forget.
-    let stale_roles: Vec<String> = state
-        .roles
-        .iter()
-        .filter(|n| !plan.vault_roles.iter().any(|r| &r.name == *n))
-        .cloned()
-        .collect();
-    for name in stale_roles {
-        let object = format!("Vault role auth/{mount}/role/{name}");
-        work.record(work.entry(
-            AuditAction::Prune,
-            None,
-            object.clone(),
-            format!("deleting {object}: no longer planned"),
-        ))
-        .await?;
-        vault_call!(
-            "role_delete",
-            None,
-            object.clone(),
-            endpoints::role_delete(client, &mount, &name)
-        );
-        state.roles.remove(&name);
-        work.save(state).await?;
-    }
-    let stale_policies: Vec<String> = state
-        .policies
-        .iter()
-        .filter(|n| !plan.vault_policies.iter().any(|p| &p.name == *n))
-        .cloned()
-        .collect();
-    for name in stale_policies {
-        let object = format!("Vault policy {name}");
-        work.record(work.entry(
-            AuditAction::Prune,
-            None,
-            object.clone(),
-            format!("deleting {object}: no longer planned"),
-        ))
-        .await?;
-        vault_call!(
-            "policy_delete",
-            None,
-            object.clone(),
-            endpoints::policy_delete(client, &name)
-        );
-        state.policies.remove(&name);
-        work.save(state).await?;
+    if let Err(p) = delete_unplanned(work, client, state, plan, "no longer planned").await? {
+        return Ok(Err(p));
     }
 
     // 2. Credentials.
@@ -771,34 +729,16 @@ async fn converge(
                 wake = earliest(wake, record.renew_at);
             }
             Step::Revoke { lease_id, why } => {
-                let Some(lease) = state
+                let stage = state
                     .leases
                     .iter()
                     .find(|l| l.lease_id == lease_id)
-                    .cloned()
-                else {
-                    continue;
-                };
-                let object = format!(
-                    "credential {}/{} ({})",
-                    lease.stage, lease.credential, lease.path
-                );
-                let mut e = work.entry(
-                    AuditAction::CredentialRevoked,
-                    Some(&lease.stage),
-                    object.clone(),
-                    format!("revoking lease {}: {why}", leases::lease_hash(&lease_id)),
-                );
-                e.subject = subject(&lease.stage);
-                work.record(e).await?;
-                vault_call!(
-                    "revoke",
-                    Some(&lease.stage),
-                    object,
-                    endpoints::lease_revoke(client, &lease_id)
-                );
-                state.leases.retain(|l| l.lease_id != lease_id);
-                work.save(state).await?;
+                    .map(|l| l.stage.clone())
+                    .unwrap_or_default();
+                if let Err(p) = revoke(work, client, state, &lease_id, why, subject(&stage)).await?
+                {
+                    return Ok(Err(p));
+                }
             }
         }
     }
@@ -1039,14 +979,7 @@ pub async fn finalize(
         return Ok(None);
     }
     if let Some(vault) = vault {
-        let work = Work {
-            ctx,
-            vault,
-            namespace: pipeline.namespace().unwrap_or_default(),
-            name: pipeline.name_any(),
-            uid: pipeline.uid().unwrap_or_default(),
-            generation: pipeline.metadata.generation,
-        };
+        let work = Work::new(ctx, vault, pipeline);
         let mut state = work.load().await?;
         if !state.is_empty() {
             let result = {
@@ -1108,64 +1041,120 @@ async fn clean(
     client: &VaultClient,
     state: &mut VaultState,
 ) -> Result<Result<(), VaultProblem>> {
+    let ids: Vec<String> = state.leases.iter().map(|l| l.lease_id.clone()).collect();
+    for id in ids {
+        if let Err(p) = revoke(work, client, state, &id, "the pipeline is deleted", None).await? {
+            return Ok(Err(p));
+        }
+    }
+    delete_unplanned(
+        work,
+        client,
+        state,
+        &Plan::default(),
+        "the pipeline is deleted",
+    )
+    .await
+}
+
+/// Records, then revokes a lease and forgets it.
+async fn revoke(
+    work: &Work<'_>,
+    client: &VaultClient,
+    state: &mut VaultState,
+    lease_id: &str,
+    why: &str,
+    subject: Option<String>,
+) -> Result<Result<(), VaultProblem>> {
+    let Some(lease) = state
+        .leases
+        .iter()
+        .find(|l| l.lease_id == lease_id)
+        .cloned()
+    else {
+        return Ok(Ok(()));
+    };
+    let object = format!(
+        "credential {}/{} ({})",
+        lease.stage, lease.credential, lease.path
+    );
+    let mut e = work.entry(
+        AuditAction::CredentialRevoked,
+        Some(&lease.stage),
+        object.clone(),
+        format!("revoking lease {}: {why}", leases::lease_hash(lease_id)),
+    );
+    e.subject = subject;
+    work.record(e).await?;
+    if let Err(e) = endpoints::lease_revoke(client, lease_id).await {
+        let e = VaultError::from_client("revoke", e);
+        return Ok(Err(work
+            .failed("revoke", Some(&lease.stage), object, e)
+            .await?));
+    }
+    work.count("revoke", "ok");
+    state.leases.retain(|l| l.lease_id != lease_id);
+    work.save(state).await?;
+    Ok(Ok(()))
+}
+
+/// Records, then deletes the roles and policies the plan no longer has, and forgets them.
+async fn delete_unplanned(
+    work: &Work<'_>,
+    client: &VaultClient,
+    state: &mut VaultState,
+    plan: &Plan,
+    why: &str,
+) -> Result<Result<(), VaultProblem>> {
     let mount = work.vault.session.config().workload_auth_mount.clone();
-    while let Some(lease) = state.leases.first().cloned() {
-        let object = format!(
-            "credential {}/{} ({})",
-            lease.stage, lease.credential, lease.path
-        );
-        work.record(work.entry(
-            AuditAction::CredentialRevoked,
-            Some(&lease.stage),
-            object.clone(),
-            format!(
-                "revoking lease {}: the pipeline is deleted",
-                leases::lease_hash(&lease.lease_id)
-            ),
-        ))
-        .await?;
-        if let Err(e) = endpoints::lease_revoke(client, &lease.lease_id).await {
-            let e = VaultError::from_client("revoke", e);
-            return Ok(Err(work
-                .failed("revoke", Some(&lease.stage), object, e)
-                .await?));
-        }
-        work.count("revoke", "ok");
-        state.leases.remove(0);
-        work.save(state).await?;
-    }
-    for name in state.roles.clone() {
-        let object = format!("Vault role auth/{mount}/role/{name}");
-        work.record(work.entry(
-            AuditAction::Prune,
-            None,
-            object.clone(),
-            format!("deleting {object}: the pipeline is deleted"),
-        ))
-        .await?;
-        if let Err(e) = endpoints::role_delete(client, &mount, &name).await {
-            let e = VaultError::from_client("role_delete", e);
-            return Ok(Err(work.failed("role_delete", None, object, e).await?));
-        }
-        work.count("role_delete", "ok");
-        state.roles.remove(&name);
-        work.save(state).await?;
-    }
-    for name in state.policies.clone() {
-        let object = format!("Vault policy {name}");
+    let roles: Vec<String> = state
+        .roles
+        .iter()
+        .filter(|n| !plan.vault_roles.iter().any(|r| &r.name == *n))
+        .cloned()
+        .collect();
+    let policies: Vec<String> = state
+        .policies
+        .iter()
+        .filter(|n| !plan.vault_policies.iter().any(|p| &p.name == *n))
+        .cloned()
+        .collect();
+    // Roles first: a role never points at a policy that is already gone.
+    let targets = roles
+        .into_iter()
+        .map(|n| (true, n))
+        .chain(policies.into_iter().map(|n| (false, n)));
+    for (is_role, name) in targets {
+        let (object, operation) = if is_role {
+            (
+                format!("Vault role auth/{mount}/role/{name}"),
+                "role_delete",
+            )
+        } else {
+            (format!("Vault policy {name}"), "policy_delete")
+        };
         work.record(work.entry(
             AuditAction::Prune,
             None,
             object.clone(),
-            format!("deleting {object}: the pipeline is deleted"),
+            format!("deleting {object}: {why}"),
         ))
         .await?;
-        if let Err(e) = endpoints::policy_delete(client, &name).await {
-            let e = VaultError::from_client("policy_delete", e);
-            return Ok(Err(work.failed("policy_delete", None, object, e).await?));
+        let result = if is_role {
+            endpoints::role_delete(client, &mount, &name).await
+        } else {
+            endpoints::policy_delete(client, &name).await
+        };
+        if let Err(e) = result {
+            let e = VaultError::from_client(operation, e);
+            return Ok(Err(work.failed(operation, None, object, e).await?));
         }
-        work.count("policy_delete", "ok");
-        state.policies.remove(&name);
+        work.count(operation, "ok");
+        if is_role {
+            state.roles.remove(&name);
+        } else {
+            state.policies.remove(&name);
+        }
         work.save(state).await?;
     }
     Ok(Ok(()))

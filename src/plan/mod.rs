@@ -115,7 +115,7 @@ pub struct StageSummary {
 }
 
 /// Everything one pipeline turns into.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
     pub pipeline: String,
     pub namespace: String,
