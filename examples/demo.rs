@@ -4,8 +4,10 @@
 //! hack/envtest.sh), installs the CRDs, applies the example namespaces, guardrails and pipelines
 //! (the clean ones and the ones that ask for too much), runs the operator until every pipeline
 //! is reconciled, then prints what each stage was granted and denied, a can-i matrix that the
-//! API server's own RBAC authorizer answers, and the tail of the decision log. Everything it
-//! started stops when it exits.
+//! API server's own RBAC authorizer answers, and the tail of the decision log. Then it runs the
+//! operator with Vault on one more pipeline, against the Vault HTTP double of the tests (not
+//! Vault), and shows the policy, the role, a stage's login and its delivered credentials.
+//! Everything it started stops when it exits.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -239,9 +241,255 @@ async fn main() {
         Err(e) => println!("  audit verify FAILED: {e}"),
     }
     operator.abort();
+
+    vault_scene(&client, cp, work.path()).await;
+
     println!();
     println!(
         "== Done in {:.1?}; stopping the control plane.",
         begin.elapsed()
     );
+}
+
+/// The Vault side: a pipeline in its own namespace, reconciled by an operator configured with
+/// Vault. Vault here is the HTTP double the tests use (tests/support/vault): it follows Vault
+/// 1.15's HTTP API for the routes Portcullis calls, checks logins with a real TokenReview and
+/// keeps leases with real expiry, but it is not Vault.
+async fn vault_scene(client: &Client, cp: &support::ControlPlane, work: &Path) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    use serde_json::json;
+    use support::vault::{Operation, VaultDouble, VaultDoubleConfig};
+
+    println!();
+    println!(
+        "== Vault: the operator again, now with --vault-address, against the Vault HTTP double of the tests (not Vault)"
+    );
+    let ns = "ml-vault-demo";
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns, "labels": {
+        "portcullis.dev/tier": "ml", "kubernetes.io/metadata.name": ns}}}))
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("namespace created");
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "portcullis"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("operator ServiceAccount");
+    let jwt_path = work.join("operator-token");
+    std::fs::write(
+        &jwt_path,
+        support::service_account_token(client, "default", "portcullis").await,
+    )
+    .expect("token written");
+
+    let double =
+        VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
+    let policy = std::fs::read_to_string(root().join("deploy/vault/portcullis-operator.hcl"))
+        .expect("operator policy");
+    let setup = [
+        (
+            "auth/kubernetes/config",
+            json!({"kubernetes_host": cp.server_url()}),
+        ),
+        (
+            "sys/policies/acl/portcullis-operator",
+            json!({"policy": policy}),
+        ),
+        (
+            "auth/kubernetes/role/portcullis-operator",
+            json!({
+                "bound_service_account_names": ["portcullis"],
+                "bound_service_account_namespaces": ["default"],
+                "token_policies": ["portcullis-operator"],
+                "token_period": "1h",
+            }),
+        ),
+        (
+            "database/roles/fraud-detector-features-writer",
+            json!({
+                "db_name": "features",
+                "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
+                "default_ttl": "15m",
+                "max_ttl": "1h",
+            }),
+        ),
+    ];
+    println!(
+        "   set up as the README says: Kubernetes auth, deploy/vault/portcullis-operator.hcl, a periodic role for the operator, a database role"
+    );
+    for (path, body) in setup {
+        let r = double
+            .client()
+            .post(path, &body)
+            .await
+            .expect("the double answers");
+        assert!(r.status < 300, "{path}: {:?}", r.errors());
+    }
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "fraud-ingest"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "fraud-ingest"}},
+            "template": {
+                "metadata": {"labels": {"app": "fraud-ingest"}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/ingest:1"}]},
+            },
+        },
+    }))
+    .expect("deployment");
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("deployment created");
+    let pipeline: AIPipeline = serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AIPipeline",
+        "metadata": {"name": "fraud-detector", "namespace": ns},
+        "spec": {"stages": [
+            {"name": "ingest", "role": "Ingestion", "vault": {
+                "policies": [{"path": format!("kv/data/{ns}/fraud-detector/ingest/*"), "capabilities": ["read"]}],
+                "credentials": [{
+                    "name": "feature-db",
+                    "path": "database/creds/fraud-detector-features-writer",
+                    "ttl": "15m",
+                    "secretName": "fraud-ingest-db",
+                    "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
+                }],
+            }},
+            {"name": "train", "role": "Training", "vault": {
+                "policies": [{"path": format!("kv/data/{ns}/fraud-detector/train/*"), "capabilities": ["read"]}],
+            }},
+        ]},
+    }))
+    .expect("pipeline");
+    Api::<AIPipeline>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pipeline)
+        .await
+        .expect("pipeline created");
+
+    let key = work.join("audit.key");
+    let audit = work.join("vault-decisions.log");
+    let config = RunConfig {
+        audit_log: audit.clone(),
+        audit_key: key,
+        metrics_addr: "127.0.0.1:0".parse().expect("address"),
+        leader_election: false,
+        lease_namespace: "default".into(),
+        lease_name: "portcullis-leader".into(),
+        identity: "demo-vault".into(),
+        concurrency: 4,
+        watch_namespace: Some(ns.into()),
+        echo_decisions: false,
+        vault: Some(controller::VaultRunConfig {
+            connection: portcullis::vault::VaultConfig {
+                address: double.address(),
+                ca_cert: None,
+                namespace: None,
+                auth_mount: "kubernetes".into(),
+                auth_role: "portcullis-operator".into(),
+                auth_token_path: jwt_path,
+                workload_auth_mount: "kubernetes".into(),
+                request_timeout: Duration::from_secs(5),
+                state_namespace: "default".into(),
+            },
+            revoke_grace: Duration::from_secs(120),
+            restart_min_interval: Duration::from_secs(60),
+            max_restarts_per_minute: 10,
+            resync: Duration::from_secs(300),
+        }),
+    };
+    let operator = tokio::spawn(controller::run(client.clone(), config));
+
+    let secret = support::wait_for("the credential Secret", Duration::from_secs(60), || async {
+        Api::<Secret>::namespaced(client.clone(), ns)
+            .get_opt("fraud-ingest-db")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let role_name = format!("{ns}-fraud-detector-ingest");
+    println!();
+    println!("Vault policy {role_name}:");
+    for line in double.policy(&role_name).unwrap_or_default().lines() {
+        println!("   {line}");
+    }
+    let role = double
+        .kubernetes_roles()
+        .remove(&role_name)
+        .expect("role written");
+    println!(
+        "Vault role auth/kubernetes/role/{role_name}: bound to {}/{}, token_policies {:?}, token_ttl {:?}",
+        role.bound_service_account_namespaces.join(","),
+        role.bound_service_account_names.join(","),
+        role.token_policies,
+        role.token_ttl
+    );
+    let jwt = support::service_account_token(client, ns, "fraud-detector-ingest").await;
+    let login = double
+        .anonymous_client()
+        .post(
+            "auth/kubernetes/login",
+            &json!({"role": role_name, "jwt": jwt}),
+        )
+        .await
+        .expect("login");
+    let token = login.auth()["client_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    println!(
+        "ServiceAccount fraud-detector-ingest logs in (a real TokenReview checks its token); its token may:"
+    );
+    for stage in ["ingest", "train"] {
+        let path = format!("kv/data/{ns}/fraud-detector/{stage}/config");
+        let yes = double.allows(&token, Operation::Read, &path);
+        println!("   read {path:<55} {}", if yes { "yes" } else { "no" });
+    }
+    let creds = "database/creds/fraud-detector-features-writer";
+    println!(
+        "   read {creds:<55} {}",
+        if double.allows(&token, Operation::Read, creds) {
+            "yes"
+        } else {
+            "no (the operator reads it and delivers a Secret)"
+        }
+    );
+    let mut keys: Vec<&String> = secret
+        .data
+        .as_ref()
+        .map(|d| d.keys().collect())
+        .unwrap_or_default();
+    keys.sort();
+    println!(
+        "Secret {ns}/fraud-ingest-db: keys {keys:?}, lease {} expires {}; Vault holds {} active lease(s)",
+        secret
+            .annotations()
+            .get("portcullis.dev/lease-hash")
+            .cloned()
+            .unwrap_or_default(),
+        secret
+            .annotations()
+            .get("portcullis.dev/lease-expires-at")
+            .cloned()
+            .unwrap_or_default(),
+        double.active_leases().len()
+    );
+    let text = std::fs::read_to_string(&audit).unwrap_or_default();
+    println!("Vault actions in the decision log ({}):", audit.display());
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line).expect("JSON record");
+        let action = r["action"].as_str().unwrap_or_default();
+        if ["policy-written", "role-written", "credential-issued"].contains(&action) {
+            println!(
+                "   {action:<18} {}",
+                r["object"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    operator.abort();
 }

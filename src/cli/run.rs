@@ -139,9 +139,6 @@ fn init_logging() {
 /// Runs the operator; returns the process exit code.
 pub fn run(args: &RunArgs) -> u8 {
     init_logging();
-    // One TLS crypto provider in the process: ring, which kube uses too. vaultrs's HTTP client
-    // is built without a provider of its own and takes this one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

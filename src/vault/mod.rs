@@ -336,6 +336,9 @@ impl Session {
 }
 
 fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient, String> {
+    // One TLS crypto provider in the process: ring, which kube uses too. vaultrs's HTTP client
+    // is built without a provider of its own (feature `rustls-no-provider`) and takes this one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut settings = VaultClientSettingsBuilder::default();
     settings
         .address(&config.address)
