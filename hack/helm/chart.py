@@ -4,14 +4,15 @@
 Run it with the venv's python from hack/helm/setup.sh:
 
     PY=$(bash hack/helm/setup.sh)
-    $PY hack/helm/chart.py lint charts/portcullis
+    $PY hack/helm/chart.py lint charts/portcullis [-f my-values.yaml]
     $PY hack/helm/chart.py template charts/portcullis -f my-values.yaml [--kube-version 1.30.0]
     $PY hack/helm/chart.py install charts/portcullis --release portcullis -n portcullis-system \
         --kubeconfig ~/.kube/config [-f values.yaml] [--take-ownership]
     $PY hack/helm/chart.py upgrade   ... (same options)
     $PY hack/helm/chart.py uninstall --release portcullis -n portcullis-system --kubeconfig ...
 
-`lint` prints Helm's lint result as JSON and exits 1 on a warning or an error. `template` prints
+`lint` prints Helm's lint result as JSON and exits 1 on a warning or an error; with `-f` or
+`--set-json` it lints a copy of the chart whose values.yaml has those values merged in. `template` prints
 the rendered manifests (YAML, one document per object, CRDs of crds/ excluded, as `helm template`
 does). install/upgrade/uninstall print a JSON summary (name, namespace, revision, status,
 manifest, notes) and never wait for Pods (`wait=False`): they return once the API server has
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -310,7 +312,21 @@ def summary(release: dict[str, Any]) -> dict[str, Any]:
 def cmd_lint(args: argparse.Namespace) -> int:
     h = helm()
     config = h.Configuration(namespace="default")
-    result = asyncio.run(h.Lint(config).run(str(Path(args.chart).resolve())))
+    values = load_values(args.values, args.set_json)
+    with tempfile.TemporaryDirectory(prefix="portcullis-helm-lint-") as tmp:
+        chart = Path(args.chart).resolve()
+        if values:
+            # helm-sdkpy's Lint takes no values: lint a copy of the chart whose values.yaml is
+            # the chart's own with these merged in (as `helm lint -f` merges them).
+            import yaml  # type: ignore[import-untyped]
+
+            copy = Path(tmp) / chart.name
+            shutil.copytree(chart, copy)
+            merged = yaml.safe_load((chart / "values.yaml").read_text()) or {}
+            deep_merge(merged, values)
+            (copy / "values.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+            chart = copy
+        result = asyncio.run(h.Lint(config).run(str(chart)))
     # helm-sdkpy serializes each message's error as {}: only severity and path survive.
     # Severities: 1 info, 2 warning, 3 error.
     messages = result.get("Messages") or []
@@ -442,6 +458,7 @@ def main(argv: list[str]) -> int:
 
     p = sub.add_parser("lint", help="helm lint")
     p.add_argument("chart")
+    values_options(p)
     p.set_defaults(run=cmd_lint)
 
     p = sub.add_parser("template", help="render without a cluster")
