@@ -81,4 +81,7 @@ Fails on combinations of values that would render a chart that cannot work.
 {{- if and .Values.auditLog.persistence.enabled (gt (int .Values.replicaCount) 1) }}
 {{- fail "auditLog.persistence.enabled needs replicaCount: 1. A ReadWriteOnce volume cannot be mounted by replicas on different nodes, and two operators must never append to one decision log. For high availability keep the emptyDir (auditLog.persistence.enabled: false) and ship the operator's stdout, which carries every record, with your log collector" }}
 {{- end }}
+{{- if and .Values.vault.caCert.secret .Values.vault.caCert.configMap }}
+{{- fail "vault.caCert: set secret or configMap, not both" }}
+{{- end }}
 {{- end }}
