@@ -34,6 +34,10 @@ const WAIT: Duration = Duration::from_secs(90);
 const KUBE_VERSION: &str = "1.20.2";
 /// The field manager of the dry runs.
 const DRY_RUN_MANAGER: &str = "portcullis-chart-test";
+/// Where the chart mounts the operator's projected ServiceAccount token for Vault.
+const VAULT_TOKEN_PATH: &str = "/var/run/secrets/portcullis/vault/token";
+/// Where the chart mounts Vault's CA bundle (vault.caCert).
+const VAULT_CA_PATH: &str = "/etc/portcullis/vault-ca/ca.crt";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -403,7 +407,23 @@ fn check_common(objects: &[Value], values: &Value) {
     if let Some(ns) = values["watchNamespace"].as_str() {
         expected_args.extend(["--watch-namespace".to_string(), ns.to_string()]);
     }
+    expected_args.extend(expected_vault_args(values));
     assert_eq!(args_of(objects), expected_args);
+    check_vault_volumes(objects, values);
+    if !vault_on(values) {
+        // Without Vault: no Secret, no workload, and no write on an AIPipeline but its status.
+        for (at, rule) in rules(objects) {
+            let resources = strings(&rule["resources"]);
+            let secrets = resources.iter().any(|r| r == "secrets");
+            let workloads = strings(&rule["apiGroups"]).iter().any(|g| g == "apps");
+            let pipeline_patch = resources.iter().any(|r| r == "aipipelines")
+                && strings(&rule["verbs"]).iter().any(|v| v == "patch");
+            assert!(
+                !(secrets || workloads || pipeline_patch),
+                "{at}: a Vault rule without vault.address: {rule}"
+            );
+        }
+    }
 
     let pdbs = find(objects, "PodDisruptionBudget");
     if replicas > 1 {
@@ -427,6 +447,156 @@ fn check_common(objects: &[Value], values: &Value) {
         network_policies.len(),
         usize::from(values["networkPolicy"]["enabled"] == json!(true))
     );
+}
+
+/// Whether `values` turn the Vault integration on.
+fn vault_on(values: &Value) -> bool {
+    values["vault"]["address"]
+        .as_str()
+        .is_some_and(|a| !a.is_empty())
+}
+
+/// The CA bundle's source with vault.caCert: ("secret" | "configMap", name, key).
+fn vault_ca(values: &Value) -> Option<(&'static str, String, String)> {
+    let ca = &values["vault"]["caCert"];
+    let key = ca["key"].as_str().unwrap_or("ca.crt").to_string();
+    ["secret", "configMap"].into_iter().find_map(|source| {
+        ca[source]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(|n| (source, n.to_string(), key.clone()))
+    })
+}
+
+/// The Vault arguments the Deployment must pass for `values` (the chart's defaults where unset):
+/// none without vault.address.
+fn expected_vault_args(values: &Value) -> Vec<String> {
+    if !vault_on(values) {
+        return Vec::new();
+    }
+    let vault = &values["vault"];
+    let get = |key: &str, default: &str| vault[key].as_str().unwrap_or(default).to_string();
+    let mut args = vec!["--vault-address".to_string(), get("address", "")];
+    if vault_ca(values).is_some() {
+        args.extend(["--vault-ca-cert".to_string(), VAULT_CA_PATH.to_string()]);
+    }
+    if let Some(ns) = vault["namespace"].as_str().filter(|n| !n.is_empty()) {
+        args.extend(["--vault-namespace".to_string(), ns.to_string()]);
+    }
+    for (flag, value) in [
+        ("--vault-auth-mount", get("authMount", "kubernetes")),
+        ("--vault-auth-role", get("authRole", "portcullis-operator")),
+        ("--vault-auth-token-path", VAULT_TOKEN_PATH.to_string()),
+        (
+            "--vault-workload-auth-mount",
+            get("workloadAuthMount", "kubernetes"),
+        ),
+        // The token and state Secrets stay where the chart's RBAC allows them.
+        ("--vault-state-namespace", "$(POD_NAMESPACE)".to_string()),
+        ("--vault-request-timeout", get("requestTimeout", "10s")),
+        ("--credential-revoke-grace", get("revokeGrace", "2m")),
+        ("--restart-min-interval", get("restartMinInterval", "1m")),
+        (
+            "--max-restarts-per-minute",
+            vault["maxRestartsPerMinute"]
+                .as_u64()
+                .unwrap_or(10)
+                .to_string(),
+        ),
+        ("--vault-resync", get("resync", "5m")),
+    ] {
+        args.extend([flag.to_string(), value]);
+    }
+    args
+}
+
+/// With Vault, the Pod has a projected ServiceAccount token for Vault's audience where
+/// --vault-auth-token-path points, and the CA bundle where --vault-ca-cert points; without it,
+/// neither.
+fn check_vault_volumes(objects: &[Value], values: &Value) {
+    let pod = &one(objects, "Deployment")["spec"]["template"]["spec"];
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == json!(name))
+            .cloned()
+    };
+    let mount = |name: &str| {
+        operator_container(objects)["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| m["name"] == json!(name))
+            .cloned()
+    };
+    if !vault_on(values) {
+        for name in ["vault-token", "vault-ca"] {
+            assert!(
+                volume(name).is_none() && mount(name).is_none(),
+                "volume {name} without vault.address"
+            );
+        }
+        return;
+    }
+    let audience = values["vault"]["tokenAudience"].as_str().unwrap_or("vault");
+    assert_eq!(
+        volume("vault-token").expect("the Vault token volume")["projected"],
+        json!({"sources": [{"serviceAccountToken": {"audience": audience, "expirationSeconds": 600, "path": "token"}}]}),
+        "a short-lived token for Vault's audience only"
+    );
+    // The file --vault-auth-token-path names is that token, read-only.
+    let token_mount = mount("vault-token").expect("the Vault token mount");
+    assert_eq!(token_mount["readOnly"], json!(true));
+    assert_eq!(
+        format!(
+            "{}/token",
+            token_mount["mountPath"].as_str().unwrap_or_default()
+        ),
+        VAULT_TOKEN_PATH
+    );
+    match vault_ca(values) {
+        None => assert!(volume("vault-ca").is_none() && mount("vault-ca").is_none()),
+        Some((source, name, key)) => {
+            let items = json!([{"key": key, "path": "ca.crt"}]);
+            let expected = if source == "secret" {
+                json!({"name": "vault-ca", "secret": {"secretName": name, "items": items}})
+            } else {
+                json!({"name": "vault-ca", "configMap": {"name": name, "items": items}})
+            };
+            assert_eq!(volume("vault-ca").expect("the CA volume"), expected);
+            // The file --vault-ca-cert names is that key, read-only.
+            let ca_mount = mount("vault-ca").expect("the CA mount");
+            assert_eq!(ca_mount["readOnly"], json!(true));
+            assert_eq!(
+                format!(
+                    "{}/ca.crt",
+                    ca_mount["mountPath"].as_str().unwrap_or_default()
+                ),
+                VAULT_CA_PATH
+            );
+        }
+    }
+}
+
+/// The rules Vault adds to the namespaced rules (vault.address).
+fn vault_rule_set() -> BTreeSet<(String, String, String)> {
+    let mut set = BTreeSet::new();
+    for verb in ["get", "list", "watch", "create", "patch", "delete"] {
+        set.insert((String::new(), "secrets".to_string(), verb.to_string()));
+    }
+    for resource in ["deployments", "statefulsets", "daemonsets"] {
+        for verb in ["get", "patch"] {
+            set.insert(("apps".to_string(), resource.to_string(), verb.to_string()));
+        }
+    }
+    set.insert((
+        "portcullis.dev".to_string(),
+        "aipipelines".to_string(),
+        "patch".to_string(),
+    ));
+    set
 }
 
 /// The namespaced rules the operator needs, wherever they are (ClusterRole or Role).
@@ -565,8 +735,33 @@ fn chart_lints_and_validates_its_values() {
             "/watchNamespace",
         ),
         (
-            json!({"vault": {"address": "https://vault:8200"}}),
-            "/vault",
+            json!({"vault": {"adress": "https://vault:8200"}}),
+            "additional properties 'adress' not allowed",
+        ),
+        (
+            json!({"vault": {"address": "vault:8200"}}),
+            "/vault/address",
+        ),
+        // The operator reads hours, minutes and seconds only.
+        (
+            json!({"vault": {"revokeGrace": "500ms"}}),
+            "/vault/revokeGrace",
+        ),
+        (
+            json!({"vault": {"maxRestartsPerMinute": 0}}),
+            "/vault/maxRestartsPerMinute",
+        ),
+        (
+            json!({"vault": {"tokenAudience": ""}}),
+            "/vault/tokenAudience",
+        ),
+        (
+            json!({"vault": {"caCert": {"secret": "ca", "name": "ca"}}}),
+            "/vault/caCert",
+        ),
+        (
+            json!({"networkPolicy": {"vault": {"ports": []}}}),
+            "/networkPolicy/vault/ports",
         ),
         (
             json!({"auditLog": {"persistence": {"sise": "1Gi"}}}),
@@ -600,6 +795,43 @@ fn chart_lints_and_validates_its_values() {
     );
     let error = render_error(&json!({"serviceAccount": {"create": false}}));
     assert!(error.contains("serviceAccount.name must name"), "{error}");
+    let error = render_error(&json!({
+        "vault": {"address": "https://vault:8200", "caCert": {"secret": "ca", "configMap": "ca"}},
+    }));
+    assert!(
+        error.contains("vault.caCert: set secret or configMap, not both"),
+        "{error}"
+    );
+
+    // Lint passes with Vault on, cluster-wide and with watchNamespace; the values do reach the
+    // linter (a misspelled Vault key fails it).
+    for values in [
+        json!({"vault": {"address": "https://vault.vault.svc:8200", "caCert": {"secret": "vault-ca"}}}),
+        json!({
+            "watchNamespace": "ml",
+            "vault": {"address": "https://vault.vault.svc:8200", "caCert": {"configMap": "vault-ca"}},
+            "networkPolicy": {"enabled": true, "vault": {"cidrs": ["10.40.0.0/24"]}},
+        }),
+    ] {
+        let run = chart_py(
+            &["lint", chart_dir().to_str().expect("utf-8 path")],
+            Some(&values),
+        );
+        assert!(
+            run.ok,
+            "helm lint with {values} found warnings or errors:\n{}{}",
+            run.stdout, run.stderr
+        );
+    }
+    let run = chart_py(
+        &["lint", chart_dir().to_str().expect("utf-8 path")],
+        Some(&json!({"vault": {"adress": "https://vault:8200"}})),
+    );
+    assert!(
+        !run.ok,
+        "helm lint accepted a misspelled vault key:\n{}",
+        run.stdout
+    );
 
     // Newer clusters get policy/v1 PodDisruptionBudgets; 1.20 only has v1beta1.
     let new = render("portcullis", "portcullis-system", &json!({}), "1.30.0");
@@ -706,7 +938,52 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
                 "crds": {"templated": true},
                 "auditLog": {"existingSecret": "my-audit-key", "existingSecretKey": "hmac"},
                 "image": {"digest": format!("sha256:{}", "a".repeat(64))},
+                // Vault settings without an address: Vault stays off.
+                "vault": {"caCert": {"secret": "vault-ca"}, "authRole": "ops"},
             }),
+        ),
+        (
+            "vault",
+            json!({
+                "vault": {
+                    "address": "https://vault.vault.svc:8200",
+                    "caCert": {"secret": "vault-ca"},
+                    "namespace": "team-a",
+                },
+                "networkPolicy": {
+                    "enabled": true,
+                    "vault": {
+                        "cidrs": ["10.40.0.0/24"],
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "vault"}},
+                        "ports": [8200, 8201],
+                    },
+                },
+            }),
+        ),
+        (
+            "vault-watch",
+            json!({
+                "watchNamespace": watched.clone(),
+                "vault": {
+                    "address": "http://vault.example:8200",
+                    "caCert": {"configMap": "vault-ca", "key": "bundle.pem"},
+                    "authMount": "k8s/prod",
+                    "authRole": "ops",
+                    "tokenAudience": "https://vault.example",
+                    "workloadAuthMount": "k8s-workloads",
+                    "revokeGrace": "30s",
+                    "restartMinInterval": "5m",
+                    "maxRestartsPerMinute": 3,
+                    "resync": "1h",
+                    "requestTimeout": "3s",
+                },
+                "networkPolicy": {"enabled": true},
+            }),
+        ),
+        (
+            "vault-self",
+            json!({"watchNamespace": ns.clone(), "vault": {"address": "https://vault:8200"}}),
         ),
     ];
 
@@ -888,6 +1165,11 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
         policy["spec"]["egress"][0],
         json!({"ports": [{"port": 6443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]})
     );
+    assert_eq!(
+        policy["spec"]["egress"].as_array().map(Vec::len),
+        Some(2),
+        "without vault.address, egress to the API server and DNS only"
+    );
     let monitor = one(extras, "ServiceMonitor");
     assert_eq!(
         monitor["metadata"]["labels"]["release"],
@@ -895,6 +1177,110 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     );
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], json!("metrics"));
     assert_eq!(find(extras, "CustomResourceDefinition").len(), 2);
+
+    let cluster_reads = |watched: Option<&str>| {
+        let mut set = BTreeSet::new();
+        for verb in ["get", "list", "watch"] {
+            set.insert((
+                "portcullis.dev".to_string(),
+                "accessguardrails".to_string(),
+                verb.to_string(),
+            ));
+            set.insert((String::new(), "namespaces".to_string(), verb.to_string()));
+        }
+        if watched.is_none() {
+            set.extend(namespaced_rule_set());
+            set.extend(vault_rule_set());
+        }
+        set
+    };
+    let roles_in = |objects: &[Value], namespace: &str| -> BTreeMap<String, Value> {
+        find(objects, "Role")
+            .into_iter()
+            .filter(|r| r["metadata"]["namespace"] == json!(namespace))
+            .map(|r| (name_of(r).to_string(), r.clone()))
+            .collect()
+    };
+    let mut vault_namespaced = namespaced_rule_set();
+    vault_namespaced.extend(vault_rule_set());
+
+    // Vault, every namespace: the Vault rules join the ClusterRole, which also covers the release
+    // namespace's token and state Secrets (no Role of its own); egress to Vault.
+    let vault = by_release["vault"];
+    assert_eq!(
+        flatten(one(vault, "ClusterRole")),
+        cluster_reads(None),
+        "the ClusterRole's rules with Vault"
+    );
+    assert_eq!(
+        roles_in(vault, &ns).into_keys().collect::<Vec<_>>(),
+        ["vault-portcullis-leader-election"],
+        "no Vault Role when the ClusterRole reaches the release namespace"
+    );
+    let policy = one(vault, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["egress"][2],
+        json!({
+            "ports": [{"port": 8200, "protocol": "TCP"}, {"port": 8201, "protocol": "TCP"}],
+            "to": [
+                {"ipBlock": {"cidr": "10.40.0.0/24"}},
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "vault"}},
+                },
+            ],
+        })
+    );
+
+    // Vault with watchNamespace: the Vault rules in the watched namespace's Role; in the release
+    // namespace a Role for the token and state Secrets only (no list or watch there); the
+    // ClusterRole unchanged.
+    let vault_watch = by_release["vault-watch"];
+    assert_eq!(
+        flatten(one(vault_watch, "ClusterRole")),
+        cluster_reads(Some(&watched))
+    );
+    let watched_roles = roles_in(vault_watch, &watched);
+    assert_eq!(
+        flatten(&watched_roles["vault-watch-portcullis"]),
+        vault_namespaced
+    );
+    let release_roles = roles_in(vault_watch, &ns);
+    let state_role = &release_roles["vault-watch-portcullis-vault-state"];
+    assert_eq!(
+        state_role["rules"],
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch", "delete"]}])
+    );
+    let state_binding = find(vault_watch, "RoleBinding")
+        .into_iter()
+        .find(|b| name_of(b) == "vault-watch-portcullis-vault-state")
+        .expect("the Vault state RoleBinding");
+    assert_eq!(state_binding["metadata"]["namespace"], json!(ns));
+    assert_eq!(
+        state_binding["roleRef"]["name"],
+        json!("vault-watch-portcullis-vault-state")
+    );
+    assert_eq!(
+        state_binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "vault-watch-portcullis", "namespace": ns}])
+    );
+    // No CIDR and no selector: Vault on any address, on its port.
+    assert_eq!(
+        one(vault_watch, "NetworkPolicy")["spec"]["egress"][2],
+        json!({"ports": [{"port": 8200, "protocol": "TCP"}]})
+    );
+
+    // Vault, watching the release namespace itself: one Role there holds it all.
+    let vault_self = by_release["vault-self"];
+    let roles = roles_in(vault_self, &ns);
+    assert_eq!(
+        roles.keys().collect::<Vec<_>>(),
+        [
+            "vault-self-portcullis",
+            "vault-self-portcullis-leader-election"
+        ]
+    );
+    assert_eq!(flatten(&roles["vault-self-portcullis"]), vault_namespaced);
 }
 
 /// The operator, started as in its Pod: the Deployment's own arguments, with the paths and
@@ -906,11 +1292,14 @@ struct Operator {
 }
 
 impl Operator {
+    /// `files` replaces the value after each of those flags (paths in the Pod: the projected
+    /// Vault token, say) with a path on this machine.
     fn start(
         manifest_objects: &[Value],
         namespace: &str,
         key: &[u8],
         kubeconfig: &Path,
+        files: &[(&str, &Path)],
     ) -> Operator {
         let dir = tempfile::tempdir().expect("temp dir");
         let key_file = dir.path().join("key");
@@ -933,6 +1322,9 @@ impl Operator {
         );
         replace_after("--audit-key", key_file.display().to_string());
         replace_after("--metrics-addr", format!("127.0.0.1:{port}"));
+        for (flag, path) in files {
+            replace_after(flag, path.display().to_string());
+        }
         for arg in &mut args {
             *arg = arg
                 .replace("$(POD_NAMESPACE)", namespace)
@@ -1051,16 +1443,8 @@ fn assert_no_forbidden(op: &Operator) {
     }
 }
 
-/// Runs the operator as the release's ServiceAccount (leader election in the release namespace,
-/// as in its Pod) on the fraud-detector example in `pipeline_ns`, until it is Ready; then removes
-/// a stage and waits for its objects to be pruned. Returns the operator, still running.
-async fn operator_makes_the_example_ready(
-    client: &Client,
-    manifest: &[Value],
-    release_ns: &str,
-    sa: &str,
-    pipeline_ns: &str,
-) -> Operator {
+/// The generated audit key of the release whose manifest this is.
+async fn audit_key(client: &Client, manifest: &[Value], release_ns: &str) -> Vec<u8> {
     let secret_name = one(manifest, "Deployment")["spec"]["template"]["spec"]["volumes"][1]
         ["secret"]["secretName"]
         .as_str()
@@ -1075,12 +1459,11 @@ async fn operator_makes_the_example_ready(
         key.len() >= 32,
         "the generated key is long enough for the operator"
     );
+    key
+}
 
-    let kubeconfig_dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = impersonating_kubeconfig(kubeconfig_dir.path(), release_ns, sa);
-    let op = Operator::start(manifest, release_ns, &key, &kubeconfig);
-
-    // It takes the Lease of the release namespace (create, get, patch).
+/// Waits until the operator holds the Lease of the release namespace (create, get, patch).
+async fn wait_for_lease(client: &Client, release_ns: &str, op: &Operator) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), release_ns);
     let start = Instant::now();
     loop {
@@ -1100,6 +1483,24 @@ async fn operator_makes_the_example_ready(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Runs the operator as the release's ServiceAccount (leader election in the release namespace,
+/// as in its Pod) on the fraud-detector example in `pipeline_ns`, until it is Ready; then removes
+/// a stage and waits for its objects to be pruned. Returns the operator, still running.
+async fn operator_makes_the_example_ready(
+    client: &Client,
+    manifest: &[Value],
+    release_ns: &str,
+    sa: &str,
+    pipeline_ns: &str,
+) -> Operator {
+    let key = audit_key(client, manifest, release_ns).await;
+
+    let kubeconfig_dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = impersonating_kubeconfig(kubeconfig_dir.path(), release_ns, sa);
+    let op = Operator::start(manifest, release_ns, &key, &kubeconfig, &[]);
+    wait_for_lease(client, release_ns, &op).await;
 
     let pipeline = create_example(client, pipeline_ns).await;
     let name = pipeline.name_any();
@@ -1689,4 +2090,543 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
         }
     })
     .await;
+}
+
+// --- Vault ------------------------------------------------------------------------------------------
+
+/// What Vault adds to the operator's needs in `scope` (a namespace, or cluster-wide with None).
+fn vault_needs(scope: Option<&str>) -> Vec<Access<'_>> {
+    let mut out = Vec::new();
+    let mut add = |verbs: &[&'static str], group: &'static str, resource: &'static str| {
+        for verb in verbs {
+            let mut a = access(verb, group, resource);
+            a.namespace = scope;
+            out.push(a);
+        }
+    };
+    add(
+        &["get", "list", "watch", "create", "patch", "delete"],
+        "",
+        "secrets",
+    );
+    for workload in ["deployments", "statefulsets", "daemonsets"] {
+        add(&["get", "patch"], "apps", workload);
+    }
+    add(&["patch"], "portcullis.dev", "aipipelines");
+    out
+}
+
+/// What the operator still must not do with Vault on, in `scope`: no other verb on Secrets or
+/// workloads, no other workload, nothing else on AIPipelines.
+fn vault_never(scope: Option<&str>) -> Vec<Access<'_>> {
+    let mut out = Vec::new();
+    let mut add = |verb: &'static str, group: &'static str, resource: &'static str| {
+        let mut a = access(verb, group, resource);
+        a.namespace = scope;
+        out.push(a);
+    };
+    add("update", "", "secrets");
+    add("deletecollection", "", "secrets");
+    for workload in ["deployments", "statefulsets", "daemonsets"] {
+        for verb in ["create", "update", "delete", "list", "watch"] {
+            add(verb, "apps", workload);
+        }
+    }
+    add("patch", "apps", "deployments/scale");
+    add("patch", "apps", "replicasets");
+    add("patch", "", "pods");
+    add("delete", "", "pods");
+    add("update", "portcullis.dev", "aipipelines");
+    add("delete", "portcullis.dev", "aipipelines");
+    add("update", "portcullis.dev", "aipipelines/status");
+    out
+}
+
+/// The cluster-scoped reads and the Lease, which every install needs.
+fn cluster_and_lease_needs<'a>(release_ns: &'a str, watched: Option<&'a str>) -> Vec<Access<'a>> {
+    let mut needs = Vec::new();
+    for verb in ["get", "list", "watch"] {
+        needs.push(access(verb, "portcullis.dev", "accessguardrails"));
+        let namespaces = access(verb, "", "namespaces");
+        needs.push(match watched {
+            Some(ns) => namespaces.named(ns),
+            None => namespaces,
+        });
+    }
+    needs.push(access("create", "coordination.k8s.io", "leases").r#in(release_ns));
+    for verb in ["get", "patch"] {
+        needs.push(
+            access(verb, "coordination.k8s.io", "leases")
+                .r#in(release_ns)
+                .named("portcullis-leader"),
+        );
+    }
+    needs
+}
+
+/// Vault on, every namespace: the ServiceAccount gains exactly the Vault rules everywhere, and
+/// still none of the cluster-wide RBAC, CRD, guardrail or namespace writes; upgraded with Vault
+/// off, it loses them again.
+#[tokio::test]
+async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-vault", &[]).await;
+    let other = support::temp_namespace(&client, "chart-vault-other", &[]).await;
+    let release = "vc";
+    let sa = "vc-portcullis";
+
+    let values = json!({"vault": {"address": "https://vault.vault.svc:8200"}});
+    let installed = helm("install", release, &ns, Some(values.clone())).await;
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    check_common(&manifest, &values);
+
+    let mut needs = namespaced_needs(None);
+    needs.extend(namespaced_needs(Some(other.as_str())));
+    needs.extend(vault_needs(None));
+    needs.extend(vault_needs(Some(other.as_str())));
+    // Its token and state Secrets in its own namespace.
+    needs.extend(vault_needs(Some(ns.as_str())));
+    for verb in ["get", "patch", "delete"] {
+        needs.push(
+            access(verb, "", "secrets")
+                .r#in(&ns)
+                .named("portcullis-vault-token"),
+        );
+    }
+    needs.extend(cluster_and_lease_needs(&ns, None));
+    expect_access(&client, &ns, sa, &needs, true).await;
+
+    // Everything else stays denied: the default install's list, but for the Secrets and the
+    // AIPipeline patch that Vault needs.
+    let mut denied: Vec<Access> = never(&ns, &other)
+        .into_iter()
+        .filter(|a| {
+            a.resource != "secrets"
+                && !(a.verb == "patch" && a.resource == "aipipelines" && a.subresource.is_none())
+        })
+        .collect();
+    assert!(
+        denied.len() + 8 == never(&ns, &other).len(),
+        "only the 7 Secret checks and the AIPipeline patch are lifted"
+    );
+    denied.extend(vault_never(None));
+    denied.extend(vault_never(Some(other.as_str())));
+    expect_access(&client, &ns, sa, &denied, false).await;
+
+    // Vault off again: the Vault rules go.
+    let upgraded = helm("upgrade", release, &ns, Some(json!({}))).await;
+    assert_eq!(upgraded["revision"], json!(2), "{upgraded}");
+    let mut gone = vault_needs(None);
+    gone.extend(vault_needs(Some(other.as_str())));
+    gone.extend(vault_needs(Some(ns.as_str())));
+    support::wait_for("the Vault rules to go", WAIT, || {
+        let client = client.clone();
+        let ns = ns.clone();
+        let checks: Vec<(String, String, String, Option<String>)> = gone
+            .iter()
+            .map(|a| {
+                (
+                    a.verb.to_string(),
+                    a.group.to_string(),
+                    a.resource.to_string(),
+                    a.namespace.map(String::from),
+                )
+            })
+            .collect();
+        async move {
+            for (verb, group, resource, namespace) in &checks {
+                if support::can_i(
+                    &client,
+                    &ns,
+                    sa,
+                    verb,
+                    group,
+                    resource,
+                    None,
+                    None,
+                    namespace.as_deref(),
+                )
+                .await
+                {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    expect_access(&client, &ns, sa, &never(&ns, &other), false).await;
+    helm("uninstall", release, &ns, None).await;
+}
+
+/// `support::wait_for`, with the operator's log in the panic.
+async fn wait_logged<T, F, Fut>(op: &Operator, what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = f().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; operator log:\n{}",
+            op.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A token for ServiceAccount `ns/sa` with audience `audience`, valid 10 minutes: what the
+/// kubelet writes into the chart's projected Vault token volume.
+async fn projected_token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let request = TokenRequest {
+        metadata: Default::default(),
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_string()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        status: None,
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("a token for {ns}/{sa}: {e}"))
+        .status
+        .map(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .expect("the TokenRequest returned a token")
+}
+
+/// The Vault double, set up as the README's "Setting up Vault" says: Kubernetes auth, the
+/// operator's policy from deploy/vault, a periodic role for the operator's ServiceAccount
+/// `ns/sa` bound to `audience`, and two database roles.
+async fn vault_for_operator(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    audience: &str,
+) -> support::vault::VaultDouble {
+    use support::vault::{VaultDouble, VaultDoubleConfig};
+    let double =
+        VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
+    let policy = std::fs::read_to_string(root().join("deploy/vault/portcullis-operator.hcl"))
+        .expect("the operator's Vault policy");
+    let mut writes = vec![
+        (
+            "auth/kubernetes/config".to_string(),
+            json!({"kubernetes_host": support::control_plane().server_url()}),
+        ),
+        (
+            "sys/policies/acl/portcullis-operator".to_string(),
+            json!({"policy": policy}),
+        ),
+        (
+            "auth/kubernetes/role/portcullis-operator".to_string(),
+            json!({
+                "bound_service_account_names": [sa],
+                "bound_service_account_namespaces": [ns],
+                "audience": audience,
+                "token_policies": ["portcullis-operator"],
+                "token_period": "1h",
+            }),
+        ),
+    ];
+    for role in ["fraud-writer", "fraud-writer-2"] {
+        writes.push((
+            format!("database/roles/{role}"),
+            json!({
+                "db_name": "features",
+                "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
+                "default_ttl": "1h",
+                "max_ttl": "2h",
+            }),
+        ));
+    }
+    let root_client = double.client();
+    for (path, body) in writes {
+        let r = root_client
+            .post(&path, &body)
+            .await
+            .expect("the Vault double answers");
+        assert!(r.status < 300, "{path}: {} {:?}", r.status, r.errors());
+    }
+    double
+}
+
+/// A pipeline whose ingest stage reads a database credential from Vault into Secret
+/// fraud-ingest-db and restarts Deployment fraud-ingest when it changes.
+fn vault_pipeline(ns: &str, db_role: &str) -> AIPipeline {
+    serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AIPipeline",
+        "metadata": {"name": "fraud", "namespace": ns},
+        "spec": {"stages": [{
+            "name": "ingest",
+            "role": "Ingestion",
+            "vault": {
+                "policies": [{"path": format!("kv/data/{ns}/fraud/ingest/*"), "capabilities": ["read"]}],
+                "credentials": [{
+                    "name": "feature-db",
+                    "path": format!("database/creds/{db_role}"),
+                    "ttl": "1h",
+                    "secretName": "fraud-ingest-db",
+                    "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
+                }],
+            },
+        }]},
+    }))
+    .expect("the pipeline")
+}
+
+/// Vault on, with watchNamespace: the ServiceAccount gets the Vault rules in the watched namespace
+/// only, and in its own namespace just what its token and state Secrets need; the real operator,
+/// running as that ServiceAccount with the Deployment's arguments and logging in to the Vault
+/// double with the projected token the chart asks for, delivers a credential, rotates it with a
+/// restart, deletes the Secret of a credential no longer requested, and cleans Vault up when the
+/// pipeline is deleted, without being refused anything.
+#[tokio::test]
+async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-vw-release", &[]).await;
+    let watched = support::temp_namespace(&client, "chart-vw-watched", &[]).await;
+    let other = support::temp_namespace(&client, "chart-vw-other", &[]).await;
+    let release = "vw";
+    let sa = "vw-portcullis";
+    let audience = "vault";
+
+    let double = vault_for_operator(&client, &ns, sa, audience).await;
+    let values = json!({
+        "watchNamespace": watched,
+        "replicaCount": 1,
+        "vault": {
+            "address": double.address(),
+            "tokenAudience": audience,
+            "requestTimeout": "5s",
+            "revokeGrace": "1s",
+            "restartMinInterval": "1s",
+        },
+    });
+    let installed = helm("install", release, &ns, Some(values.clone())).await;
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    check_common(&manifest, &values);
+
+    // Least privilege, asked of the authorizer.
+    let mut needs = namespaced_needs(Some(watched.as_str()));
+    needs.extend(vault_needs(Some(watched.as_str())));
+    for verb in ["get", "create", "patch", "delete"] {
+        needs.push(access(verb, "", "secrets").r#in(&ns));
+    }
+    for verb in ["get", "patch", "delete"] {
+        needs.push(
+            access(verb, "", "secrets")
+                .r#in(&ns)
+                .named("portcullis-vault-token"),
+        );
+    }
+    needs.extend(cluster_and_lease_needs(&ns, Some(&watched)));
+    expect_access(&client, &ns, sa, &needs, true).await;
+
+    let mut denied = namespaced_needs(Some(other.as_str()));
+    denied.extend(namespaced_needs(None));
+    denied.extend(namespaced_needs(Some(ns.as_str())));
+    denied.extend(vault_needs(Some(other.as_str())));
+    denied.extend(vault_needs(None));
+    denied.extend(vault_never(Some(watched.as_str())));
+    // In its own namespace: no list or watch of Secrets, no workloads, no AIPipelines.
+    denied.extend(vault_needs(Some(ns.as_str())).into_iter().filter(|a| {
+        !(a.resource == "secrets" && ["get", "create", "patch", "delete"].contains(&a.verb))
+    }));
+    denied.push(access("update", "", "secrets").r#in(&ns));
+    // The default install's list, but reading a Secret of its own namespace by name (the state
+    // Secrets' names are not known in advance).
+    denied.extend(never(&ns, &other).into_iter().filter(|a| {
+        !(a.resource == "secrets" && a.verb == "get" && a.namespace == Some(ns.as_str()))
+    }));
+    expect_access(&client, &ns, sa, &denied, false).await;
+
+    // Enough: the real operator, as that ServiceAccount.
+    let _one_operator = operator_lock().lock().await;
+    let token_dir = tempfile::tempdir().expect("temp dir");
+    let token_file = token_dir.path().join("token");
+    std::fs::write(
+        &token_file,
+        projected_token(&client, &ns, sa, audience).await,
+    )
+    .expect("token written");
+    let key = audit_key(&client, &manifest, &ns).await;
+    let kubeconfig = impersonating_kubeconfig(token_dir.path(), &ns, sa);
+    let mut op = Operator::start(
+        &manifest,
+        &ns,
+        &key,
+        &kubeconfig,
+        &[("--vault-auth-token-path", token_file.as_path())],
+    );
+    wait_for_lease(&client, &ns, &op).await;
+
+    support::create_guardrails(&client, &support::guardrails_for(&watched)).await;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "fraud-ingest"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "fraud-ingest"}},
+            "template": {
+                "metadata": {"labels": {"app": "fraud-ingest"}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/ingest:1"}]},
+            },
+        },
+    }))
+    .expect("the Deployment");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("the restart target");
+    let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &watched);
+    let pipeline = pipelines
+        .create(
+            &PostParams::default(),
+            &vault_pipeline(&watched, "fraud-writer"),
+        )
+        .await
+        .expect("the pipeline");
+    let uid = pipeline.uid().expect("a uid");
+
+    // The credential arrives as a Secret of the pipeline (Secrets: get, create, patch in the
+    // watched namespace; the operator logged in with the projected token and kept its Vault token
+    // and the pipeline's state in its own namespace).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &watched);
+    let first_hash = wait_logged(&op, "the credential Secret", WAIT, || async {
+        let secret = secrets.get_opt("fraud-ingest-db").await.ok()??;
+        let hash = secret
+            .annotations()
+            .get("portcullis.dev/lease-hash")?
+            .clone();
+        let data = secret.data.as_ref()?;
+        let delivered = data.contains_key("username") && data.contains_key("password");
+        let owned = secret.owner_references().iter().any(|o| o.uid == uid);
+        (delivered && owned).then_some(hash)
+    })
+    .await;
+    let own: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let state_secret = format!("portcullis-vault-{uid}");
+    for name in ["portcullis-vault-token", state_secret.as_str()] {
+        assert!(
+            own.get_opt(name).await.expect("get").is_some(),
+            "Secret {ns}/{name}; operator log:\n{}",
+            op.log()
+        );
+    }
+    assert!(
+        pipelines
+            .get("fraud")
+            .await
+            .expect("the pipeline")
+            .finalizers()
+            .iter()
+            .any(|f| f == "portcullis.dev/vault-cleanup"),
+        "the Vault finalizer is set (patch on aipipelines)"
+    );
+    let stage_role = format!("{watched}-fraud-ingest");
+    assert!(
+        double.kubernetes_roles().contains_key(&stage_role) && double.policy(&stage_role).is_some(),
+        "the stage's Vault role and policy are written"
+    );
+
+    // Rotate: a new path issues new credentials and restarts the consumer (apps get, patch).
+    let stages = serde_json::to_value(&vault_pipeline(&watched, "fraud-writer-2").spec.stages)
+        .expect("stages");
+    pipelines
+        .patch(
+            "fraud",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"stages": stages}})),
+        )
+        .await
+        .expect("the credential's path changed");
+    wait_logged(
+        &op,
+        "the rotated credential and the restart",
+        WAIT,
+        || async {
+            let secret = secrets.get_opt("fraud-ingest-db").await.ok()??;
+            let hash = secret.annotations().get("portcullis.dev/lease-hash")?;
+            let restarted = deployments
+                .get("fraud-ingest")
+                .await
+                .ok()?
+                .spec?
+                .template
+                .metadata?
+                .annotations?
+                .contains_key("portcullis.dev/restarted-at");
+            (*hash != first_hash && restarted).then_some(())
+        },
+    )
+    .await;
+    // The replaced lease is revoked after the grace period (1 s).
+    wait_logged(&op, "one active lease", WAIT, || async {
+        (double.active_leases().len() == 1).then_some(())
+    })
+    .await;
+
+    // No credential any more: its lease is revoked and its Secret deleted (Secrets: delete).
+    let mut without = vault_pipeline(&watched, "fraud-writer-2");
+    without.spec.stages[0]
+        .vault
+        .as_mut()
+        .expect("vault")
+        .credentials
+        .clear();
+    let stages = serde_json::to_value(&without.spec.stages).expect("stages");
+    pipelines
+        .patch(
+            "fraud",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"stages": stages}})),
+        )
+        .await
+        .expect("the credential removed");
+    wait_logged(&op, "the credential Secret to be deleted", WAIT, || async {
+        secrets
+            .get_opt("fraud-ingest-db")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // Delete the pipeline: the operator cleans Vault, deletes its state Secret and removes its
+    // finalizer (patch), so the pipeline goes.
+    pipelines
+        .delete("fraud", &Default::default())
+        .await
+        .expect("the pipeline deleted");
+    wait_logged(
+        &op,
+        "the pipeline and its Vault state to go",
+        WAIT,
+        || async {
+            let pipeline_gone = pipelines.get_opt("fraud").await.ok()?.is_none();
+            let state_gone = own.get_opt(&state_secret).await.ok()?.is_none();
+            let vault_clean = !double.kubernetes_roles().contains_key(&stage_role)
+                && double.policy(&stage_role).is_none()
+                && double.active_leases().is_empty();
+            (pipeline_gone && state_gone && vault_clean).then_some(())
+        },
+    )
+    .await;
+
+    assert_no_forbidden(&op);
+    let (ok, out) = op.verify_log();
+    assert!(ok, "the decision log verifies with the chart's key: {out}");
+    op.server.stop();
+    helm("uninstall", release, &ns, None).await;
 }
