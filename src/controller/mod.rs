@@ -159,6 +159,26 @@ impl Context {
         labels
     }
 
+    /// Drops what is remembered per AIPipeline for those no longer in `live` (uids): deleted
+    /// pipelines leave nothing behind in memory.
+    async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
+        self.recorded
+            .lock()
+            .expect("recorded lock")
+            .retain(|uid, _| live.contains(uid));
+        self.statuses
+            .lock()
+            .expect("status lock")
+            .retain(|uid, _| live.contains(uid));
+        self.failures
+            .lock()
+            .expect("failures lock")
+            .retain(|uid, _| live.contains(uid));
+        if let Some(vault) = &self.vault {
+            vault.forget_deleted(live).await;
+        }
+    }
+
     /// Appends to the decision log and waits until the records are on disk.
     async fn record(&self, entries: Vec<Entry>) -> Result<()> {
         self.journal.record(entries).await.map_err(Error::Audit)
@@ -409,6 +429,27 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         }
     };
     tokio::spawn(ready);
+
+    // Forget deleted pipelines' per-pipeline memory now and then.
+    {
+        let (ctx, pipelines) = (ctx.clone(), pipelines.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(300));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if !ctx.synced.load(Ordering::Acquire) {
+                    continue;
+                }
+                let live = pipelines
+                    .state()
+                    .iter()
+                    .filter_map(|p| p.uid())
+                    .collect::<std::collections::HashSet<_>>();
+                ctx.forget_deleted(&live).await;
+            }
+        });
+    }
 
     let lost_leadership = async move {
         match lease {

@@ -84,6 +84,11 @@ impl VaultCtx {
         }
     }
 
+    /// Drops the cached state of pipelines no longer in `live` (uids).
+    pub async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
+        self.states.lock().await.retain(|uid, _| live.contains(uid));
+    }
+
     /// Takes one restart from the global budget, if any is left this minute.
     fn take_restart(&self) -> bool {
         let mut window = self.restarts.lock().expect("restart lock");
