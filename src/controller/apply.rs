@@ -63,6 +63,17 @@ impl AppliedState {
             .insert(key, (rv, hash));
     }
 
+    /// Whether `rv` of this object is the one our own last write returned: its watch event is
+    /// the echo of that write, and re-reconciling for it would find nothing to do.
+    pub fn is_own_write(&self, kind: &'static str, namespace: &str, name: &str, rv: &str) -> bool {
+        let key = (kind, namespace.to_string(), name.to_string());
+        self.0
+            .lock()
+            .expect("applied-state lock")
+            .get(&key)
+            .is_some_and(|(ours, _)| ours == rv)
+    }
+
     fn forget(&self, key: &ObjectKey) {
         self.0.lock().expect("applied-state lock").remove(key);
     }

@@ -122,7 +122,7 @@ pub struct Context {
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     children: ChildStores,
-    applied: AppliedState,
+    applied: Arc<AppliedState>,
     pub metrics: Arc<Metrics>,
     journal: journal::Journal,
     reporter: Reporter,
@@ -291,9 +291,14 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     )
     .default_backoff()
     .touched_objects();
+    // The echo of the operator's own writes (an update whose resourceVersion is the one the
+    // write returned) triggers no reconcile: there is nothing to do for it. Deletions and
+    // everyone else's writes do.
+    let applied = Arc::new(AppliedState::default());
     macro_rules! child {
         ($kind:ty) => {{
             let (store, writer) = reflector::store::<PartialObjectMeta<$kind>>();
+            let applied = applied.clone();
             let stream = reflector::reflector(
                 writer,
                 watcher(
@@ -307,7 +312,27 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 }),
             )
             .default_backoff()
-            .touched_objects();
+            .filter_map(move |event| {
+                let own = match &event {
+                    Ok(watcher::Event::Apply(o)) => applied.is_own_write(
+                        <$kind as k8s_openapi::Resource>::KIND,
+                        o.namespace().as_deref().unwrap_or_default(),
+                        &o.name_any(),
+                        o.resource_version().as_deref().unwrap_or_default(),
+                    ),
+                    _ => false,
+                };
+                futures::future::ready(match event {
+                    Ok(watcher::Event::Apply(_)) if own => None,
+                    Ok(
+                        watcher::Event::Apply(o)
+                        | watcher::Event::InitApply(o)
+                        | watcher::Event::Delete(o),
+                    ) => Some(Ok(o)),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(e) => Some(Err(e)),
+                })
+            });
             (store, stream)
         }};
     }
@@ -369,7 +394,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         guardrails: guardrails.clone(),
         namespaces: namespaces.clone(),
         children: children.clone(),
-        applied: AppliedState::default(),
+        applied: applied.clone(),
         metrics: metrics.clone(),
         journal: journal::Journal::start(audit)
             .map_err(|e| run_error(format!("cannot start the decision log writer: {e}")))?,
@@ -384,18 +409,27 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         vault: vault_ctx,
     });
 
-    let controller = Controller::new(
-        scoped::<AIPipeline>(&client, &config.watch_namespace),
-        watcher::Config::default(),
+    // AIPipelines trigger a reconcile when their generation changes (a new spec, or deletion):
+    // not for the echo of the operator's own status writes, nor for label or annotation edits.
+    let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
+    let pipeline_events = reflector::reflector(
+        pipeline_writer,
+        watcher(
+            scoped::<AIPipeline>(&client, &config.watch_namespace),
+            watcher::Config::default(),
+        ),
     )
-    // A short debounce folds the burst of watch events that one reconcile's own writes cause
-    // (and the controller manager's reactions to them) into one follow-up reconcile.
-    .with_config(
-        kube::runtime::controller::Config::default()
-            .concurrency(config.concurrency)
-            .debounce(Duration::from_millis(250)),
-    );
-    let pipelines = controller.store();
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(kube::runtime::predicates::generation, Default::default());
+    let controller = Controller::for_stream(pipeline_events, pipelines.clone())
+        // A short debounce folds the burst of watch events that one reconcile's own writes cause
+        // (and the controller manager's reactions to them) into one follow-up reconcile.
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(config.concurrency)
+                .debounce(Duration::from_millis(250)),
+        );
     let guardrail_mapper = guardrail_mapper(pipelines.clone(), namespaces.clone());
     let namespace_mapper = namespace_mapper(pipelines.clone());
 
