@@ -508,7 +508,86 @@ async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
         writes.is_empty(),
         "steady state writes to Vault: {writes:?}"
     );
+
+    // The train stage goes, and the ingest stage drops its credential: the train policy and
+    // role are deleted, the lease is revoked, the Secret deleted.
+    let lease = setup.active_leases();
+    assert_eq!(lease.len(), 1);
+    let mut ingest_only = setup.pipeline("30m").spec.stages[0].clone();
+    ingest_only
+        .vault
+        .as_mut()
+        .expect("ingest has Vault access")
+        .credentials
+        .clear();
+    api.patch(
+        PIPELINE,
+        &Default::default(),
+        &kube::api::Patch::Merge(&json!({"spec": {"stages": [ingest_only]}})),
+    )
+    .await
+    .unwrap();
+    wait_for("the train stage's Vault objects deleted", WAIT, || async {
+        let gone = setup.double.policy(&role("train")).is_none()
+            && !setup.double.kubernetes_roles().contains_key(&role("train"));
+        gone.then_some(())
+    })
+    .await;
+    wait_for(
+        "the credential revoked and its Secret deleted",
+        WAIT,
+        || async {
+            let done = setup.active_leases().is_empty() && setup.secret().await.is_none();
+            done.then_some(())
+        },
+    )
+    .await;
+    assert!(setup.double.policy(&role("ingest")).is_some());
+    let revoked = setup.double.lease(lease.iter().next().unwrap()).unwrap();
+    assert_eq!(revoked.revoked_by, Some(RevokeCause::Api));
+    let pruned: Vec<String> = setup
+        .records("prune")
+        .iter()
+        .filter_map(|r| r["object"].as_str().map(str::to_string))
+        .collect();
+    for object in [
+        format!("Vault policy {}", role("train")),
+        format!("Vault role auth/kubernetes/role/{}", role("train")),
+        format!("Secret {ns}/fraud-ingest-db"),
+    ] {
+        assert!(
+            pruned.contains(&object),
+            "no prune record for {object}: {pruned:?}"
+        );
+    }
+    assert!(setup.tracked_leases().await.is_empty());
     setup.assert_conformant();
+}
+
+/// vaultrs is built without a crypto provider of its own, so the tree holds one rustls
+/// provider: ring, which kube uses.
+#[test]
+fn the_tree_has_one_tls_crypto_provider() {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).expect("Cargo.lock");
+    let packages: Vec<&str> = lock
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \""))
+        .map(|l| l.trim_end_matches('"'))
+        .collect();
+    assert!(packages.contains(&"ring"), "ring is the provider");
+    assert!(packages.contains(&"vaultrs"));
+    for other in [
+        "aws-lc-rs",
+        "aws-lc-sys",
+        "openssl",
+        "openssl-sys",
+        "native-tls",
+    ] {
+        assert!(
+            !packages.contains(&other),
+            "{other} is in Cargo.lock: a second TLS stack"
+        );
+    }
 }
 
 #[tokio::test]
