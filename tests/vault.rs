@@ -1,7 +1,8 @@
 //! The operator's Vault side against a real API server and the Vault HTTP double
 //! (`tests/support/vault`, not Vault): each stage's identity logs in and reads exactly its own
 //! paths, TTLs stay within the guardrail, credentials are delivered, renewed and rotated with
-//! their consumers restarted and the old lease revoked, a Vault outage degrades without losing
+//! their consumers restarted (at most once per interval) and the old lease revoked after them,
+//! a Vault outage degrades without losing
 //! the Secret or any lease, a restart or token renewal re-issues nothing, a kill mid-rotation
 //! leaks nothing, and deleting the pipeline revokes and removes everything. Every call the
 //! operator makes is checked against Vault 1.15's OpenAPI document.
@@ -44,6 +45,7 @@ struct Setup {
     jwt_path: PathBuf,
     _jwt_dir: tempfile::TempDir,
     grace: &'static str,
+    restart_min_interval: &'static str,
 }
 
 struct Options {
@@ -56,6 +58,8 @@ struct Options {
     credential_ttl: &'static str,
     /// How long replaced credentials stay valid.
     grace: &'static str,
+    /// How often one workload may be restarted.
+    restart_min_interval: &'static str,
 }
 
 /// Leases of 6 s, renewed about every 4 s, replaced as their 30 s max TTL nears.
@@ -65,6 +69,7 @@ const FAST: Options = Options {
     db_max_ttl: "30s",
     credential_ttl: "6s",
     grace: "1s",
+    restart_min_interval: "1s",
 };
 
 /// Leases that outlive the test.
@@ -74,6 +79,7 @@ const SLOW: Options = Options {
     db_max_ttl: "2h",
     credential_ttl: "1h",
     grace: "4s",
+    restart_min_interval: "1s",
 };
 
 impl Drop for Setup {
@@ -155,6 +161,7 @@ impl Setup {
             jwt_path,
             _jwt_dir: jwt_dir,
             grace: options.grace,
+            restart_min_interval: options.restart_min_interval,
         };
         setup.start_operator(tempfile::tempdir().unwrap());
         setup
@@ -173,7 +180,7 @@ impl Setup {
             "--credential-revoke-grace",
             self.grace,
             "--restart-min-interval",
-            "1s",
+            self.restart_min_interval,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -818,6 +825,74 @@ async fn a_restart_or_a_token_renewal_neither_revokes_nor_reissues_credentials()
         .find(|t| t.role.as_deref() == Some("portcullis-operator"))
         .unwrap();
     assert_eq!(operator_token.state, LeaseState::Active);
+    setup.assert_conformant();
+}
+
+#[tokio::test]
+async fn a_workload_is_restarted_at_most_once_per_interval_and_old_leases_wait_for_it() {
+    let options = Options {
+        restart_min_interval: "12s",
+        grace: "1s",
+        ..SLOW
+    };
+    let setup = Setup::new("vault-storm", &options).await;
+    setup.create(options.credential_ttl).await;
+    setup.wait_for_secret().await;
+    let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
+    let move_to = |role: &str| {
+        let spec = setup.pipeline_from(options.credential_ttl, role).spec;
+        let api = api.clone();
+        async move {
+            api.patch(
+                PIPELINE,
+                &Default::default(),
+                &kube::api::Patch::Merge(&json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // A first rotation restarts the target at once.
+    move_to(DB_ROLE_2).await;
+    let first = wait_for("the first restart", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    let before = wait_for("the first replaced lease revoked", WAIT, || async {
+        let active = setup.active_leases();
+        (active.len() == 1).then_some(active)
+    })
+    .await;
+    // A second rotation right after: new credentials at once, but the restart waits for the
+    // interval, and so does the revocation of the lease its pods still use.
+    move_to(DB_ROLE).await;
+    wait_for("the second rotation's credentials", WAIT, || async {
+        (!setup.active_leases().is_subset(&before)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        Setup::restarted_at(&setup.deployment().await).as_deref(),
+        Some(first.as_str()),
+        "restarted again within the interval"
+    );
+    assert!(
+        before.is_subset(&setup.active_leases()),
+        "a lease in use was revoked before its consumers restarted"
+    );
+    let second = wait_for("the deferred restart", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await).filter(|t| *t != first)
+    })
+    .await;
+    let gap = chrono::DateTime::parse_from_rfc3339(&second).unwrap()
+        - chrono::DateTime::parse_from_rfc3339(&first).unwrap();
+    assert!(gap >= chrono::Duration::seconds(12), "restarts {gap} apart");
+    wait_for(
+        "the replaced lease revoked after the restart",
+        WAIT,
+        || async { (setup.active_leases().len() == 1).then_some(()) },
+    )
+    .await;
     setup.assert_conformant();
 }
 
