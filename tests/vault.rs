@@ -938,6 +938,52 @@ async fn an_operator_killed_mid_rotation_leaks_no_lease() {
 }
 
 #[tokio::test]
+async fn an_operator_without_vault_keeps_the_finalizer_instead_of_abandoning_leases() {
+    let mut setup = Setup::new("vault-off", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    setup.wait_for_secret().await;
+    let leases = setup.active_leases();
+    // The same operator, restarted without Vault.
+    let mut old = setup.operator.take().expect("operator running");
+    old.stop();
+    let Operator { dir, .. } = old;
+    setup.operator = Some(Operator::start_with(
+        "portcullis",
+        &setup.ns,
+        None,
+        dir,
+        &[],
+    ));
+    Api::<AIPipeline>::namespaced(setup.client.clone(), &setup.ns)
+        .delete(PIPELINE, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("Degraded: VaultNotConfigured", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        (Setup::condition(&p, "Ready")?.1 == "VaultCleanupPending"
+            && Setup::condition(&p, "Degraded")? == ("True".into(), "VaultNotConfigured".into()))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        setup.active_leases(),
+        leases,
+        "nothing abandoned, nothing revoked"
+    );
+    // With Vault again, the clean-up completes.
+    let mut old = setup.operator.take().expect("operator running");
+    old.stop();
+    let Operator { dir, .. } = old;
+    setup.start_operator(dir);
+    wait_for("the pipeline gone", WAIT, || async {
+        setup.get_pipeline().await.is_none().then_some(())
+    })
+    .await;
+    assert!(setup.active_leases().is_empty());
+    setup.assert_conformant();
+}
+
+#[tokio::test]
 async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everything() {
     let setup = Setup::new("vault-delete", &FAST).await;
     setup.create(FAST.credential_ttl).await;

@@ -1015,7 +1015,14 @@ pub async fn finalize(
         }
         vault.states.lock().await.remove(&work.uid);
     } else {
-        warn!(pipeline = %pipeline.name_any(), "the operator runs without Vault; removing the Vault finalizer without cleaning Vault");
+        // Removing the finalizer now would abandon live leases, policies and roles: keep it
+        // and say what to do.
+        return Ok(Some(VaultProblem {
+            reason: "VaultNotConfigured",
+            message: format!(
+                "the pipeline's leases, Vault policies and roles are still in Vault, and the operator runs without --vault-address: run it with Vault to clean them up, or remove the finalizer {FINALIZER} by hand to abandon them"
+            ),
+        }));
     }
     let api: Api<AIPipeline> = Api::namespaced(
         ctx.client.clone(),
