@@ -242,7 +242,7 @@ async fn main() {
     }
     operator.abort();
 
-    vault_scene(&client, cp, work.path()).await;
+    vault_scene(&client, work.path()).await;
 
     println!();
     println!(
@@ -255,8 +255,7 @@ async fn main() {
 /// Vault. Vault here is the HTTP double the tests use (tests/support/vault): it follows Vault
 /// 1.15's HTTP API for the routes Portcullis calls, checks logins with a real TokenReview and
 /// keeps leases with real expiry, but it is not Vault.
-async fn vault_scene(client: &Client, cp: &support::ControlPlane, work: &Path) {
-    use k8s_openapi::api::apps::v1::Deployment;
+async fn vault_scene(client: &Client, work: &Path) {
     use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
     use serde_json::json;
     use support::vault::{Operation, VaultDouble, VaultDoubleConfig};
@@ -288,63 +287,21 @@ async fn vault_scene(client: &Client, cp: &support::ControlPlane, work: &Path) {
 
     let double =
         VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
-    let policy = std::fs::read_to_string(root().join("deploy/vault/portcullis-operator.hcl"))
-        .expect("operator policy");
-    let setup = [
-        (
-            "auth/kubernetes/config",
-            json!({"kubernetes_host": cp.server_url()}),
-        ),
-        (
-            "sys/policies/acl/portcullis-operator",
-            json!({"policy": policy}),
-        ),
-        (
-            "auth/kubernetes/role/portcullis-operator",
-            json!({
-                "bound_service_account_names": ["portcullis"],
-                "bound_service_account_namespaces": ["default"],
-                "token_policies": ["portcullis-operator"],
-                "token_period": "1h",
-            }),
-        ),
-        (
-            "database/roles/fraud-detector-features-writer",
-            json!({
-                "db_name": "features",
-                "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
-                "default_ttl": "15m",
-                "max_ttl": "1h",
-            }),
-        ),
-    ];
     println!(
         "   set up as the README says: Kubernetes auth, deploy/vault/portcullis-operator.hcl, a periodic role for the operator, a database role"
     );
-    for (path, body) in setup {
-        let r = double
-            .client()
-            .post(path, &body)
-            .await
-            .expect("the double answers");
-        assert!(r.status < 300, "{path}: {:?}", r.errors());
-    }
-
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "fraud-ingest"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "fraud-ingest"}},
-            "template": {
-                "metadata": {"labels": {"app": "fraud-ingest"}},
-                "spec": {"containers": [{"name": "app", "image": "example.invalid/ingest:1"}]},
-            },
-        },
-    }))
-    .expect("deployment");
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .expect("deployment created");
+    double
+        .set_up_for_operator(&support::vault::OperatorSetup {
+            namespace: "default",
+            service_account: "portcullis",
+            audience: None,
+            period: "1h",
+            database_roles: &["fraud-detector-features-writer"],
+            database_ttl: "15m",
+            database_max_ttl: "1h",
+        })
+        .await;
+    support::restart_target(client, ns, "fraud-ingest").await;
     let pipeline: AIPipeline = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1",
         "kind": "AIPipeline",

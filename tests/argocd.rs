@@ -6,7 +6,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use support::{read, root};
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -22,14 +24,6 @@ use serde_json::{Value, json};
 const HEALTH_KEY: &str = "resource.customizations.health.portcullis.dev_AIPipeline";
 const WAIT: Duration = Duration::from_secs(90);
 const PIPELINES: &str = "/apis/portcullis.dev/v1alpha1/namespaces";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
-}
 
 // ---------------------------------------------------------------------------------------------
 // The interpreter and the harness.

@@ -8,6 +8,8 @@
 
 mod support;
 
+use support::root;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,10 +40,6 @@ const DRY_RUN_MANAGER: &str = "portcullis-chart-test";
 const VAULT_TOKEN_PATH: &str = "/var/run/secrets/portcullis/vault/token";
 /// Where the chart mounts Vault's CA bundle (vault.caCert).
 const VAULT_CA_PATH: &str = "/etc/portcullis/vault-ca/ca.crt";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn chart_dir() -> PathBuf {
     root().join("charts/portcullis")
@@ -2315,47 +2313,17 @@ async fn vault_for_operator(
     use support::vault::{VaultDouble, VaultDoubleConfig};
     let double =
         VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
-    let policy = std::fs::read_to_string(root().join("deploy/vault/portcullis-operator.hcl"))
-        .expect("the operator's Vault policy");
-    let mut writes = vec![
-        (
-            "auth/kubernetes/config".to_string(),
-            json!({"kubernetes_host": support::control_plane().server_url()}),
-        ),
-        (
-            "sys/policies/acl/portcullis-operator".to_string(),
-            json!({"policy": policy}),
-        ),
-        (
-            "auth/kubernetes/role/portcullis-operator".to_string(),
-            json!({
-                "bound_service_account_names": [sa],
-                "bound_service_account_namespaces": [ns],
-                "audience": audience,
-                "token_policies": ["portcullis-operator"],
-                "token_period": "1h",
-            }),
-        ),
-    ];
-    for role in ["fraud-writer", "fraud-writer-2"] {
-        writes.push((
-            format!("database/roles/{role}"),
-            json!({
-                "db_name": "features",
-                "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
-                "default_ttl": "1h",
-                "max_ttl": "2h",
-            }),
-        ));
-    }
-    let root_client = double.client();
-    for (path, body) in writes {
-        let r = root_client
-            .post(&path, &body)
-            .await
-            .expect("the Vault double answers");
-        assert!(r.status < 300, "{path}: {} {:?}", r.status, r.errors());
-    }
+    double
+        .set_up_for_operator(&support::vault::OperatorSetup {
+            namespace: ns,
+            service_account: sa,
+            audience: Some(audience),
+            period: "1h",
+            database_roles: &["fraud-writer", "fraud-writer-2"],
+            database_ttl: "1h",
+            database_max_ttl: "2h",
+        })
+        .await;
     double
 }
 
@@ -2472,22 +2440,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     wait_for_lease(&client, &ns, &op).await;
 
     support::create_guardrails(&client, &support::guardrails_for(&watched)).await;
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "fraud-ingest"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "fraud-ingest"}},
-            "template": {
-                "metadata": {"labels": {"app": "fraud-ingest"}},
-                "spec": {"containers": [{"name": "app", "image": "example.invalid/ingest:1"}]},
-            },
-        },
-    }))
-    .expect("the Deployment");
+    support::restart_target(&client, &watched, "fraud-ingest").await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
-    deployments
-        .create(&PostParams::default(), &deployment)
-        .await
-        .expect("the restart target");
     let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &watched);
     let pipeline = pipelines
         .create(

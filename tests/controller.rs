@@ -5,8 +5,9 @@
 
 mod support;
 
+use support::root;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -23,10 +24,6 @@ use serde_json::{Value, json};
 use support::{Operator, create_guardrails, guardrails_for};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Runs the binary as the kubectl plugin (`kubectl-portcullis`, through a symlink) with `args`.
 fn plugin(args: &[&str]) -> (i32, String) {

@@ -7,8 +7,9 @@
 
 mod support;
 
+use support::read;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kube::Client;
@@ -20,14 +21,6 @@ const WAIT: Duration = Duration::from_secs(90);
 const ARGOCD: &str = "argocd-controller";
 const OPERATOR: &str = "portcullis";
 const PIPELINES: &str = "/apis/portcullis.dev/v1alpha1/namespaces";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
-}
 
 /// `examples/pipelines/fraud-detector.yaml` in `ns`, labelled and annotated as Argo CD tracks
 /// what it applies.

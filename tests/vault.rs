@@ -9,6 +9,8 @@
 
 mod support;
 
+use support::root;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +21,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
-use support::vault::{LeaseState, Operation, RevokeCause, VaultDouble, VaultDoubleConfig};
+use support::vault::{
+    LeaseState, Operation, OperatorSetup, RevokeCause, VaultDouble, VaultDoubleConfig,
+};
 use support::{
     Operator, control_plane, create_guardrails, guardrails_for, temp_namespace, wait_for,
 };
@@ -28,10 +32,6 @@ const WAIT: Duration = Duration::from_secs(60);
 const PIPELINE: &str = "fraud";
 const DB_ROLE: &str = "fraud-writer";
 const DB_ROLE_2: &str = "fraud-writer-2";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A namespace with the example guardrails, the double set up as the README says (Kubernetes
 /// auth, the operator's policy from `deploy/vault`, its periodic role, a database role), and the
@@ -112,46 +112,17 @@ impl Setup {
 
         let double =
             VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
-        let root_client = double.client();
-        let policy = std::fs::read_to_string(root().join("deploy/vault/portcullis-operator.hcl"))
-            .expect("operator policy");
-        for (path, body) in [
-            (
-                "auth/kubernetes/config".to_string(),
-                json!({"kubernetes_host": cp.server_url()}),
-            ),
-            (
-                "sys/policies/acl/portcullis-operator".into(),
-                json!({"policy": policy}),
-            ),
-            (
-                "auth/kubernetes/role/portcullis-operator".into(),
-                json!({
-                    "bound_service_account_names": ["portcullis"],
-                    "bound_service_account_namespaces": [ops],
-                    "token_policies": ["portcullis-operator"],
-                    "token_period": options.period,
-                }),
-            ),
-        ]
-        .into_iter()
-        .chain([DB_ROLE, DB_ROLE_2].map(|role| {
-            (
-                format!("database/roles/{role}"),
-                json!({
-                    "db_name": "features",
-                    "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
-                    "default_ttl": options.db_ttl,
-                    "max_ttl": options.db_max_ttl,
-                }),
-            )
-        })) {
-            let r = root_client
-                .post(&path, &body)
-                .await
-                .expect("Vault double reachable");
-            assert!(r.status < 300, "{path}: {} {:?}", r.status, r.errors());
-        }
+        double
+            .set_up_for_operator(&OperatorSetup {
+                namespace: &ops,
+                service_account: "portcullis",
+                audience: None,
+                period: options.period,
+                database_roles: &[DB_ROLE, DB_ROLE_2],
+                database_ttl: options.db_ttl,
+                database_max_ttl: options.db_max_ttl,
+            })
+            .await;
         let mut setup = Setup {
             client,
             ns,
@@ -245,21 +216,7 @@ impl Setup {
     }
 
     async fn create(&self, credential_ttl: &str) {
-        let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": "fraud-ingest"},
-            "spec": {
-                "selector": {"matchLabels": {"app": "fraud-ingest"}},
-                "template": {
-                    "metadata": {"labels": {"app": "fraud-ingest"}},
-                    "spec": {"containers": [{"name": "app", "image": "example.invalid/ingest:1"}]},
-                },
-            },
-        }))
-        .unwrap();
-        Api::<Deployment>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &deployment)
-            .await
-            .expect("restart target created");
+        support::restart_target(&self.client, &self.ns, "fraud-ingest").await;
         Api::<AIPipeline>::namespaced(self.client.clone(), &self.ns)
             .create(&PostParams::default(), &self.pipeline(credential_ttl))
             .await

@@ -29,6 +29,38 @@ use sha2::{Digest, Sha256};
 
 use crate::plan::{Object, names};
 
+/// The kinds Portcullis manages, by name.
+const KINDS: [&str; 4] = ["ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"];
+
+/// Evaluates `$body` with `$K` the typed kind named `$kind` (one of [`KINDS`]) and `$store` its
+/// metadata cache: the one place that maps a kind's name to its type and cache.
+macro_rules! with_kind {
+    ($applier:expr, $kind:expr, |$K:ident, $store:ident| $body:expr) => {
+        match $kind {
+            "ServiceAccount" => {
+                type $K = ServiceAccount;
+                let $store = &$applier.stores.service_accounts;
+                $body
+            }
+            "Role" => {
+                type $K = Role;
+                let $store = &$applier.stores.roles;
+                $body
+            }
+            "RoleBinding" => {
+                type $K = RoleBinding;
+                let $store = &$applier.stores.role_bindings;
+                $body
+            }
+            _ => {
+                type $K = NetworkPolicy;
+                let $store = &$applier.stores.network_policies;
+                $body
+            }
+        }
+    };
+}
+
 /// The field manager of every write Portcullis makes.
 pub const FIELD_MANAGER: &str = "portcullis";
 
@@ -194,45 +226,10 @@ impl Applier<'_> {
             value["metadata"]["ownerReferences"] = serde_json::json!([owner]);
             let hash = content_hash(&value);
             let (name, uid) = (object.name(), owner.uid.as_str());
-            let intent = match object {
-                Object::ServiceAccount(_) => {
-                    self.intent::<ServiceAccount>(
-                        &self.stores.service_accounts,
-                        namespace,
-                        name,
-                        &value,
-                        &hash,
-                        uid,
-                    )
+            let intent = with_kind!(self, object.kind(), |K, store| {
+                self.intent::<K>(store, namespace, name, &value, &hash, uid)
                     .await
-                }
-                Object::Role(_) => {
-                    self.intent::<Role>(&self.stores.roles, namespace, name, &value, &hash, uid)
-                        .await
-                }
-                Object::RoleBinding(_) => {
-                    self.intent::<RoleBinding>(
-                        &self.stores.role_bindings,
-                        namespace,
-                        name,
-                        &value,
-                        &hash,
-                        uid,
-                    )
-                    .await
-                }
-                Object::NetworkPolicy(_) => {
-                    self.intent::<NetworkPolicy>(
-                        &self.stores.network_policies,
-                        namespace,
-                        name,
-                        &value,
-                        &hash,
-                        uid,
-                    )
-                    .await
-                }
-            }?;
+            })?;
             Ok::<_, kube::Error>(intent.map(|intent| Change {
                 kind: object.kind(),
                 namespace: namespace.into(),
@@ -260,38 +257,11 @@ impl Applier<'_> {
 
         let planned: BTreeSet<(&str, &str)> =
             objects.iter().map(|o| (o.kind(), o.name())).collect();
-        prune_candidates(
-            &self.stores.service_accounts,
-            "ServiceAccount",
-            namespace,
-            &owner.uid,
-            &planned,
-            &mut changes,
-        );
-        prune_candidates(
-            &self.stores.roles,
-            "Role",
-            namespace,
-            &owner.uid,
-            &planned,
-            &mut changes,
-        );
-        prune_candidates(
-            &self.stores.role_bindings,
-            "RoleBinding",
-            namespace,
-            &owner.uid,
-            &planned,
-            &mut changes,
-        );
-        prune_candidates(
-            &self.stores.network_policies,
-            "NetworkPolicy",
-            namespace,
-            &owner.uid,
-            &planned,
-            &mut changes,
-        );
+        for kind in KINDS {
+            with_kind!(self, kind, |K, store| {
+                prune_candidates::<K>(store, kind, namespace, &owner.uid, &planned, &mut changes)
+            });
+        }
         Ok(changes)
     }
 
@@ -377,12 +347,9 @@ impl Applier<'_> {
     }
 
     async fn execute_one(&self, change: &Change) -> kube::Result<()> {
-        match (&change.intent, change.kind) {
-            (Intent::RefuseAdoption { .. }, _) => Ok(()),
-            (_, "ServiceAccount") => self.write::<ServiceAccount>(change).await,
-            (_, "Role") => self.write::<Role>(change).await,
-            (_, "RoleBinding") => self.write::<RoleBinding>(change).await,
-            (_, _) => self.write::<NetworkPolicy>(change).await,
+        match &change.intent {
+            Intent::RefuseAdoption { .. } => Ok(()),
+            _ => with_kind!(self, change.kind, |K, _store| self.write::<K>(change).await),
         }
     }
 

@@ -239,11 +239,30 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
     // 4. Vault: policies, roles and credentials, for the stages that got their identity.
     let mut wake = None;
     if vault::involved(&plan, &pipeline) {
-        let mut granted = plan.clone();
-        let refused = |stage: &str| outcome.refused.iter().any(|(s, _)| s == stage);
-        granted.vault_policies.retain(|p| !refused(&p.stage));
-        granted.vault_roles.retain(|r| !refused(&r.stage));
-        granted.credentials.retain(|c| !refused(&c.stage));
+        // Only the Vault side of the plan, for the stages whose identity was applied.
+        let granted_to = |stage: &str| !outcome.refused.iter().any(|(s, _)| s == stage);
+        let granted = Plan {
+            stages: plan.stages.clone(),
+            vault_policies: plan
+                .vault_policies
+                .iter()
+                .filter(|p| granted_to(&p.stage))
+                .cloned()
+                .collect(),
+            vault_roles: plan
+                .vault_roles
+                .iter()
+                .filter(|r| granted_to(&r.stage))
+                .cloned()
+                .collect(),
+            credentials: plan
+                .credentials
+                .iter()
+                .filter(|c| granted_to(&c.stage))
+                .cloned()
+                .collect(),
+            ..Plan::default()
+        };
         let v = vault::reconcile(&ctx, ctx.vault.as_ref(), &pipeline, &granted, &owner).await?;
         wake = v.wake;
         outcome.vault = Some(v);

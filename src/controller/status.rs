@@ -361,26 +361,13 @@ mod vault_conditions {
     use crate::api::CredentialStatus;
     use crate::controller::vault::{VaultOutcome, VaultProblem};
 
-    fn plan() -> Plan {
-        Plan {
-            pipeline: "fraud".into(),
-            namespace: "ml".into(),
-            stages: Vec::new(),
-            objects: Vec::new(),
-            vault_policies: Vec::new(),
-            vault_roles: Vec::new(),
-            credentials: Vec::new(),
-            decisions: Vec::new(),
-        }
-    }
-
     fn status_with(vault: VaultOutcome) -> AIPipelineStatus {
         let outcome = Outcome {
             vault: Some(vault),
             ..Outcome::default()
         };
         for_plan(
-            &plan(),
+            &Plan::default(),
             &outcome,
             Some(1),
             None,

@@ -237,6 +237,21 @@ impl<'a> Work<'a> {
             .inc();
     }
 
+    /// Caches the pipeline's state, and moves the lease gauge by the change in its lease count.
+    async fn keep(&self, state: &VaultState) {
+        let previous = self
+            .vault
+            .states
+            .lock()
+            .await
+            .insert(self.uid.clone(), state.clone())
+            .map_or(0, |s| s.leases.len());
+        self.ctx
+            .metrics
+            .credential_leases
+            .inc_by(state.leases.len() as i64 - previous as i64);
+    }
+
     async fn load(&self) -> Result<VaultState> {
         if let Some(s) = self.vault.states.lock().await.get(&self.uid) {
             return Ok(s.clone());
@@ -258,11 +273,7 @@ impl<'a> Work<'a> {
             })?,
             None => VaultState::default(),
         };
-        self.vault
-            .states
-            .lock()
-            .await
-            .insert(self.uid.clone(), state.clone());
+        self.keep(&state).await;
         Ok(state)
     }
 
@@ -305,10 +316,7 @@ impl<'a> Work<'a> {
         )
         .await
         .map_err(Error::Kube)?;
-        let mut states = self.vault.states.lock().await;
-        states.insert(self.uid.clone(), state.clone());
-        let leases: usize = states.values().map(|s| s.leases.len()).sum();
-        self.ctx.metrics.credential_leases.set(leases as i64);
+        self.keep(state).await;
         Ok(())
     }
 }
@@ -349,8 +357,7 @@ pub async fn reconcile(
                     work.failed("login", None, "Vault session".into(), e)
                         .await?,
                 );
-                outcome.credentials = credential_statuses(plan, &state);
-                outcome.live = live(plan, &state);
+                (outcome.credentials, outcome.live) = delivered(plan, &state);
                 outcome.wake = Some(Utc::now() + chrono::Duration::seconds(5));
                 return Ok(outcome);
             }
@@ -365,31 +372,24 @@ pub async fn reconcile(
         outcome.error = Some(problem);
         outcome.wake = Some(Utc::now() + chrono::Duration::seconds(5));
     }
-    outcome.credentials = credential_statuses(plan, &state);
-    outcome.live = live(plan, &state);
+    (outcome.credentials, outcome.live) = delivered(plan, &state);
     Ok(outcome)
 }
 
-fn live(plan: &Plan, state: &VaultState) -> usize {
+/// The delivered credentials for the status, and how many of them have a lease that has not
+/// expired.
+fn delivered(plan: &Plan, state: &VaultState) -> (Vec<(String, CredentialStatus)>, usize) {
     let now = Utc::now();
-    plan.credentials
-        .iter()
-        .filter(|r| {
-            state.leases.iter().any(|l| {
-                l.is_current() && l.stage == r.stage && l.credential == r.name && l.expires_at > now
-            })
-        })
-        .count()
-}
-
-fn credential_statuses(plan: &Plan, state: &VaultState) -> Vec<(String, CredentialStatus)> {
-    plan.credentials
+    let mut live = 0;
+    let statuses = plan
+        .credentials
         .iter()
         .filter_map(|r| {
             let lease = state
                 .leases
                 .iter()
                 .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)?;
+            live += usize::from(lease.expires_at > now);
             Some((
                 r.stage.clone(),
                 CredentialStatus {
@@ -401,7 +401,8 @@ fn credential_statuses(plan: &Plan, state: &VaultState) -> Vec<(String, Credenti
                 },
             ))
         })
-        .collect()
+        .collect();
+    (statuses, live)
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {

@@ -145,3 +145,34 @@ pub async fn service_account_token(client: &kube::Client, ns: &str, sa: &str) ->
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| panic!("the TokenRequest for {ns}/{sa} returned no token"))
 }
+
+/// A Deployment `name` in `ns` that a credential's `restartTargets` can name (nothing runs its
+/// pods: the test control plane has no scheduler).
+pub async fn restart_target(client: &kube::Client, ns: &str, name: &str) {
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]},
+                },
+            },
+        }))
+        .expect("a Deployment");
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap_or_else(|e| panic!("create Deployment {ns}/{name}: {e}"));
+}
+
+/// The repository's root.
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file of the repository, as text.
+pub fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}

@@ -29,6 +29,8 @@ pub mod vault;
 #[allow(unused_imports)]
 pub use control_plane::{ControlPlane, ISSUER, control_plane};
 #[allow(unused_imports)]
-pub use helpers::{can_i, service_account_token, temp_namespace, wait_for};
+pub use helpers::{
+    can_i, read, restart_target, root, service_account_token, temp_namespace, wait_for,
+};
 #[allow(unused_imports)]
 pub use operator::{Operator, create_guardrails, guardrails_for};

@@ -9,6 +9,7 @@ use kube::api::{Api, PostParams};
 use portcullis::api::AccessGuardrail;
 use serde_json::{Value, json};
 
+use super::helpers::root;
 use super::process::Server;
 
 /// The `portcullis` binary: cargo names it for tests and benchmarks; other users of the
@@ -18,10 +19,6 @@ fn binary() -> PathBuf {
         Some(path) => PathBuf::from(path),
         None => root().join("target/debug/portcullis"),
     }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A `portcullis run` process under the harness's watchdog.

@@ -588,3 +588,70 @@ impl VaultDouble {
         check_requests(&self.mounts(), &self.request_log())
     }
 }
+
+/// How the operator's side of the double is set up, as the README's "Setting up Vault" says.
+pub struct OperatorSetup<'a> {
+    /// The operator's ServiceAccount, `namespace/name`.
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    /// The audience its login token carries, if the role checks one.
+    pub audience: Option<&'a str>,
+    /// The operator token's `token_period`.
+    pub period: &'a str,
+    /// Database roles to create, with their default and max TTL.
+    pub database_roles: &'a [&'a str],
+    pub database_ttl: &'a str,
+    pub database_max_ttl: &'a str,
+}
+
+impl VaultDouble {
+    /// Kubernetes auth (against the test control plane), the operator's policy from
+    /// `deploy/vault/portcullis-operator.hcl`, a periodic role for the operator's
+    /// ServiceAccount, and the database roles.
+    pub async fn set_up_for_operator(&self, setup: &OperatorSetup<'_>) {
+        let policy = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/vault/portcullis-operator.hcl"),
+        )
+        .expect("the operator's Vault policy");
+        let mut role = serde_json::json!({
+            "bound_service_account_names": [setup.service_account],
+            "bound_service_account_namespaces": [setup.namespace],
+            "token_policies": ["portcullis-operator"],
+            "token_period": setup.period,
+        });
+        if let Some(audience) = setup.audience {
+            role["audience"] = audience.into();
+        }
+        let mut writes = vec![
+            (
+                "auth/kubernetes/config".to_string(),
+                serde_json::json!({"kubernetes_host": super::control_plane().server_url()}),
+            ),
+            (
+                "sys/policies/acl/portcullis-operator".to_string(),
+                serde_json::json!({"policy": policy}),
+            ),
+            ("auth/kubernetes/role/portcullis-operator".to_string(), role),
+        ];
+        for name in setup.database_roles {
+            writes.push((
+                format!("database/roles/{name}"),
+                serde_json::json!({
+                    "db_name": "features",
+                    "creation_statements": ["CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}';"],
+                    "default_ttl": setup.database_ttl,
+                    "max_ttl": setup.database_max_ttl,
+                }),
+            ));
+        }
+        let root = self.client();
+        for (path, body) in writes {
+            let r = root
+                .post(&path, &body)
+                .await
+                .expect("the Vault double answers");
+            assert!(r.status < 300, "{path}: {} {:?}", r.status, r.errors());
+        }
+    }
+}
