@@ -1,4 +1,4 @@
-//! Starting etcd, kube-apiserver and kube-controller-manager (Kubernetes 1.20.2) on loopback.
+//! Starting etcd, kube-apiserver and kube-controller-manager (Kubernetes 1.36 by default) on loopback.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tempfile::TempDir;
 
@@ -285,6 +285,9 @@ async fn start_once(assets: &Path, begin: Instant) -> Result<ControlPlane, Failu
             format!("--service-account-signing-key-file={}", key.display()),
             format!("--service-account-issuer={ISSUER}"),
             format!("--api-audiences={ISSUER}"),
+            // Only one API server, on loopback: the `kubernetes` Service's endpoints would point
+            // nowhere, and the reconciler logs an error about it every 10 seconds.
+            "--endpoint-reconciler-type=none".into(),
         ],
     )?);
 
@@ -301,7 +304,6 @@ async fn start_once(assets: &Path, begin: Instant) -> Result<ControlPlane, Failu
         "--controllers=garbagecollector,namespace,serviceaccount-token,serviceaccount".into(),
         format!("--service-account-private-key-file={}", key.display()),
         "--leader-elect=false".into(),
-        "--port=0".into(),
         "--secure-port=0".into(),
         "--use-service-account-credentials=false".into(),
     ];
@@ -575,9 +577,7 @@ async fn wait_ready(servers: &mut [Server], client: &kube::Client) -> Result<(),
     }
 }
 
-/// Creates the CRDs of `crds/portcullis.yaml` with a plain create (Kubernetes 1.20 drops the
-/// fields it does not know, such as `x-kubernetes-validations`, where server-side apply would
-/// refuse the object) and waits until each is Established.
+/// Creates the CRDs of `crds/portcullis.yaml` and waits until each is Established.
 async fn install_crds(servers: &mut [Server], client: &kube::Client) -> Result<(), Failure> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/portcullis.yaml");
     let text = std::fs::read_to_string(&path)
@@ -586,12 +586,10 @@ async fn install_crds(servers: &mut [Server], client: &kube::Client) -> Result<(
         .map_err(|e| Failure::fatal(format!("parse {}: {e}", path.display())))?;
     let api = Api::<CustomResourceDefinition>::all(client.clone());
     let mut names = Vec::new();
-    let mut crds = Vec::new();
     for document in documents.into_iter().filter(|d| !d.is_null()) {
         let crd: CustomResourceDefinition = serde_json::from_value(document)
             .map_err(|e| Failure::fatal(format!("a CRD in {}: {e}", path.display())))?;
         let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.push(crd.clone());
         match api.create(&PostParams::default(), &crd).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.is_already_exists() => {}
@@ -625,62 +623,7 @@ async fn install_crds(servers: &mut [Server], client: &kube::Client) -> Result<(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    for crd in &crds {
-        probe_custom_resource(servers, client, crd).await?;
-    }
     Ok(())
-}
-
-/// Sends the API server a dry-run create of an (empty) custom resource of `crd`, which makes it
-/// decode and encode an unstructured object. Any answer, also a validation error, is fine; the
-/// server dying is not. Kubernetes 1.20 built with Go >= 1.18 against its vendored
-/// `github.com/modern-go/reflect2` v1.0.1 crashes right there (SIGSEGV in `mapiterinit`), which
-/// would otherwise surface in some test as a dropped connection.
-async fn probe_custom_resource(
-    servers: &mut [Server],
-    client: &kube::Client,
-    crd: &CustomResourceDefinition,
-) -> Result<(), Failure> {
-    let Some(version) = crd.spec.versions.iter().find(|v| v.served) else {
-        return Ok(());
-    };
-    let gvk = GroupVersionKind::gvk(&crd.spec.group, &version.name, &crd.spec.names.kind);
-    let resource = ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
-    let api: Api<DynamicObject> = if crd.spec.scope == "Namespaced" {
-        Api::namespaced_with(client.clone(), "default", &resource)
-    } else {
-        Api::all_with(client.clone(), &resource)
-    };
-    let probe = DynamicObject::new("envtest-probe", &resource);
-    let params = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    match api.create(&params, &probe).await {
-        Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
-        Err(e) => {
-            // Give a dying server a moment to exit, so the message says so.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut failure = failure(
-                servers,
-                &format!("a dry-run create of a {} failed: {e}", crd.spec.names.kind),
-            );
-            if servers
-                .iter_mut()
-                .any(|s| s.name == "kube-apiserver" && s.exited())
-            {
-                failure.message.push_str(
-                    "\nkube-apiserver died handling a custom resource. If its log shows \
-                     `fatal error: fault` in runtime.mapiterinit under \
-                     github.com/modern-go/reflect2, the binaries were compiled with Go >= 1.18 \
-                     against the vendored reflect2 v1.0.1: rebuild them with reflect2 v1.0.2 \
-                     vendored (see hack/envtest.sh), or use binaries from setup-envtest via \
-                     KUBEBUILDER_ASSETS.\n",
-                );
-            }
-            Err(failure)
-        }
-    }
 }
 
 /// Waits until the controller manager's serviceaccount controller has created
