@@ -7,7 +7,7 @@
 //! asserted: this prints figures (`make bench-converge`).
 //!
 //! Writes are counted cluster-wide, so both windows include what kube-controller-manager does
-//! in reaction (a token Secret per new ServiceAccount on 1.20); both windows create the same
+//! in reaction (on 1.20 a token Secret per new ServiceAccount; not since 1.24); both windows create the same
 //! number of ServiceAccounts, so the comparison stays fair, and the breakdown by resource shows
 //! it.
 
@@ -82,7 +82,7 @@ fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTree
 }
 
 /// The writes the operator makes: server-side applies, patches, deletes, and Events. The
-/// controller manager's reactions (token Secrets and ServiceAccount updates on 1.20) are POSTs
+/// controller manager's reactions (on old clusters, token Secrets) are POSTs
 /// and PUTs of other resources.
 fn by_operator(d: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     d.iter()

@@ -93,7 +93,7 @@ type Check<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
 async fn main() {
     let begin = Instant::now();
     println!(
-        "== Starting a Kubernetes 1.20 control plane on loopback (hack/envtest.sh builds it once) ..."
+        "== Starting a Kubernetes 1.36 control plane on loopback (hack/envtest.sh provides it) ..."
     );
     let cp = support::control_plane();
     let client = cp.client().await;

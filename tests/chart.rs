@@ -33,7 +33,7 @@ use support::process::Server;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// The control plane's Kubernetes version: renders meant for it use its API versions.
-const KUBE_VERSION: &str = "1.20.2";
+const KUBE_VERSION: &str = "1.36.2";
 /// The field manager of the dry runs.
 const DRY_RUN_MANAGER: &str = "portcullis-chart-test";
 /// Where the chart mounts the operator's projected ServiceAccount token for Vault.
@@ -831,24 +831,34 @@ fn chart_lints_and_validates_its_values() {
         run.stdout
     );
 
-    // Newer clusters get policy/v1 PodDisruptionBudgets; 1.20 only has v1beta1.
+    // Supported clusters (1.30 and newer) get policy/v1 PodDisruptionBudgets; older ones are
+    // refused by the chart's kubeVersion instead of failing later.
     let new = render("portcullis", "portcullis-system", &json!({}), "1.30.0");
     assert_eq!(
         one(&new, "PodDisruptionBudget")["apiVersion"],
         json!("policy/v1")
     );
-    let old = render("portcullis", "portcullis-system", &json!({}), KUBE_VERSION);
-    assert_eq!(
-        one(&old, "PodDisruptionBudget")["apiVersion"],
-        json!("policy/v1beta1")
+    let old = chart_py(
+        &[
+            "template",
+            chart_dir().to_str().expect("utf-8 path"),
+            "--kube-version",
+            "1.29.9",
+        ],
+        None,
+    );
+    assert!(
+        !old.ok && old.stderr.contains("kubeVersion"),
+        "a 1.29 cluster is refused: {}{}",
+        old.stdout,
+        old.stderr
     );
 }
 
 // --- tests against the control plane -------------------------------------------------------------
 
 /// A server-side dry run of `object`: a dry-run server-side apply, which also refuses fields the
-/// server does not know. CRDs are the exception: Kubernetes 1.20 refuses their CEL rules
-/// (`x-kubernetes-validations`) under server-side apply, so they get a dry-run replace instead.
+/// server does not know.
 async fn dry_run(client: &Client, object: &Value) -> Result<(), String> {
     let (group, version) = match object["apiVersion"]
         .as_str()
@@ -879,21 +889,6 @@ async fn dry_run(client: &Client, object: &Value) -> Result<(), String> {
         Scope::Cluster => Api::all_with(client.clone(), &resource),
     };
     let name = name_of(object);
-    if kind_of(object) == "CustomResourceDefinition" {
-        let live = api.get(name).await.map_err(|e| e.to_string())?;
-        let mut replacement: DynamicObject =
-            serde_json::from_value(object.clone()).map_err(|e| e.to_string())?;
-        replacement.metadata.resource_version = live.resource_version();
-        let params = PostParams {
-            dry_run: true,
-            field_manager: Some(DRY_RUN_MANAGER.into()),
-        };
-        return api
-            .replace(name, &params, &replacement)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-    }
     api.patch(
         name,
         &PatchParams::apply(DRY_RUN_MANAGER).dry_run(),
@@ -1835,7 +1830,7 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
         &ns,
         &ApiResource::from_gvk(&GroupVersionKind::gvk(
             "policy",
-            "v1beta1",
+            "v1",
             "PodDisruptionBudget",
         )),
     );

@@ -678,13 +678,14 @@ async fn an_invalid_spec_is_reported_once_and_waits() {
     let ns = support::temp_namespace(&client, "invalid", &[]).await;
     let op = Operator::start("operator-invalid", &ns, None);
     let mut pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
-    // Both a CIDR and a namespace: a CEL rule refuses this on newer clusters; 1.20 lets it in.
+    // A CIDR with host bits set: the CRD's schema admits it (a pattern cannot see host bits),
+    // the operator's validation does not.
     pipeline.spec.stages[0]
         .network
         .as_mut()
         .expect("network")
         .egress[0]
-        .namespace = Some("ml-platform".into());
+        .cidr = Some("10.20.0.1/16".into());
     create_pipeline(&client, &pipeline).await;
     let live = wait_ready(&client, &ns, "fraud-detector", "False", &op).await;
     let ready = condition(&live, "Ready").expect("Ready");

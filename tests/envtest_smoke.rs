@@ -1,4 +1,4 @@
-//! The envtest harness works: a real Kubernetes 1.20 control plane with the CRDs installed,
+//! The envtest harness works: a real Kubernetes control plane (1.36 by default) with the CRDs installed,
 //! server-side apply, RBAC seen through SubjectAccessReview and impersonation, garbage
 //! collection by the controller manager, and TokenRequest/TokenReview. Each test uses its own
 //! namespace on the control plane shared by this test binary.

@@ -19,7 +19,9 @@ pub use pipeline::{
     WorkloadKind,
 };
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
+};
 use kube::CustomResourceExt;
 
 /// The API group of the custom resources.
@@ -31,19 +33,24 @@ pub const GROUP: &str = "portcullis.dev";
 /// object, and a GitOps tool comparing Git with the cluster (Argo CD's default diff) would then
 /// report the object OutOfSync forever. The same defaults apply when Portcullis reads the
 /// objects (serde), so behaviour is unchanged.
+///
+/// Integer formats are the ones Kubernetes knows (`int32`, `int64`): schemars writes Rust's
+/// `uint16`/`uint32`, which current API servers warn about on every apply.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![AIPipeline::crd(), AccessGuardrail::crd()]
         .into_iter()
         .map(|mut crd| {
             for version in &mut crd.spec.versions {
-                let spec = version
+                let Some(root) = version
                     .schema
                     .as_mut()
                     .and_then(|s| s.open_api_v3_schema.as_mut())
-                    .and_then(|s| s.properties.as_mut())
-                    .and_then(|p| p.get_mut("spec"));
-                if let Some(spec) = spec {
-                    strip_defaults(spec);
+                else {
+                    continue;
+                };
+                visit(root, &mut kubernetes_integer_format);
+                if let Some(spec) = root.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+                    visit(spec, &mut |s| s.default = None);
                 }
             }
             crd
@@ -51,18 +58,26 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         .collect()
 }
 
-fn strip_defaults(
-    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
-) {
-    schema.default = None;
+/// Calls `f` on `schema` and every schema under it (properties and list items).
+fn visit(schema: &mut JSONSchemaProps, f: &mut impl FnMut(&mut JSONSchemaProps)) {
+    f(schema);
     for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
-        strip_defaults(child);
+        visit(child, f);
     }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) =
-        schema.items.as_mut()
-    {
-        strip_defaults(items);
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        visit(items, f);
     }
+}
+
+/// `uint8`/`uint16` become `int32` and `uint32` becomes `int64`; the `minimum: 0` schemars
+/// writes beside them keeps negative numbers out.
+fn kubernetes_integer_format(schema: &mut JSONSchemaProps) {
+    let wider = match schema.format.as_deref() {
+        Some("uint8" | "uint16") => "int32",
+        Some("uint32") => "int64",
+        _ => return,
+    };
+    schema.format = Some(wider.into());
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as committed in `crds/portcullis.yaml`.

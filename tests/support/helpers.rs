@@ -13,9 +13,8 @@ use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 
-/// Creates a namespace with a unique name starting with `prefix` and the given labels, plus
-/// `kubernetes.io/metadata.name: <name>` (Kubernetes 1.20 does not add that label itself), and
-/// returns its name. `prefix` must be a DNS-1123 label of at most 40 characters.
+/// Creates a namespace with a unique name starting with `prefix` and the given labels (the API
+/// server adds `kubernetes.io/metadata.name: <name>` itself), and returns its name. `prefix` must be a DNS-1123 label of at most 40 characters.
 pub async fn temp_namespace(
     client: &kube::Client,
     prefix: &str,
@@ -40,11 +39,10 @@ pub async fn temp_namespace(
         prefix.trim_end_matches('-'),
         (nanos ^ std::process::id().rotate_left(13)) & 0xfffff
     );
-    let mut all_labels: BTreeMap<String, String> = labels
+    let all_labels: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    all_labels.insert("kubernetes.io/metadata.name".into(), name.clone());
     let namespace = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),

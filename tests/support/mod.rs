@@ -1,4 +1,4 @@
-//! A real Kubernetes 1.20 control plane for integration tests: etcd, kube-apiserver and
+//! A real Kubernetes control plane (1.36 by default) for integration tests: etcd, kube-apiserver and
 //! kube-controller-manager from `hack/envtest.sh`, on loopback, one per test binary.
 //!
 //! ```ignore
