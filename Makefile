@@ -3,7 +3,7 @@
 CARGO ?= cargo
 EXAMPLES := -f examples/pipelines examples/namespaces.yaml --guardrails examples/guardrails
 
-.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge envtest
+.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-scale envtest
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,8 +38,13 @@ golden: ## Rewrite tests/golden after a deliberate change to the plan output; re
 bench: ## Plan 10,000 pipelines x 3 stages on one core; prints pipelines/s and peak memory.
 	taskset -c 0 $(CARGO) bench --locked --bench plan
 
-bench-converge: ## Cold convergence of 300 pipelines x 3 stages vs plain server-side apply; API writes; steady state.
+bench-converge: ## Cold convergence of 300 pipelines x 3 stages vs plain server-side apply; new-pipeline latency; API writes, CPU and RSS in steady state.
 	$(CARGO) bench --locked --bench converge
+
+bench-scale: ## The same at 3,000 pipelines (with the floor), then 1,000 and 10,000 (memory, latency, steady state).
+	PORTCULLIS_BENCH_PIPELINES=3000 $(CARGO) bench --locked --bench converge
+	PORTCULLIS_BENCH_PIPELINES=1000 PORTCULLIS_BENCH_FLOOR=0 $(CARGO) bench --locked --bench converge
+	PORTCULLIS_BENCH_PIPELINES=10000 PORTCULLIS_BENCH_FLOOR=0 PORTCULLIS_BENCH_STEADY=120 $(CARGO) bench --locked --bench converge
 
 envtest: ## Provide etcd, kube-apiserver and kube-controller-manager (built once, then cached).
 	@bash hack/envtest.sh
