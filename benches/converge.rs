@@ -167,7 +167,7 @@ async fn floor(
     let objects: Vec<Object> = pipelines(namespace)
         .iter()
         .flat_map(|p| {
-            plan::build(p, namespace, &labels, guardrails)
+            plan::validate_and_build(p, namespace, &labels, guardrails)
                 .expect("plans")
                 .objects
         })

@@ -659,7 +659,12 @@ fn run_once(mode: Mode) -> Run {
         Mode::Stream => {
             // Timed: each plan is built, consumed and dropped before the next.
             for p in &input.pipelines {
-                match plan::build(black_box(p), "default", &input.labels, &input.guardrails) {
+                match plan::validate_and_build(
+                    black_box(p),
+                    "default",
+                    &input.labels,
+                    &input.guardrails,
+                ) {
                     Ok(plan) => run.count(black_box(&plan)),
                     Err(_) => run.failed += 1,
                 }
@@ -670,7 +675,12 @@ fn run_once(mode: Mode) -> Run {
             // Timed: every plan is kept, as `portcullis plan -o json` keeps them.
             let mut plans: Vec<Plan> = Vec::with_capacity(input.pipelines.len());
             for p in &input.pipelines {
-                match plan::build(black_box(p), "default", &input.labels, &input.guardrails) {
+                match plan::validate_and_build(
+                    black_box(p),
+                    "default",
+                    &input.labels,
+                    &input.guardrails,
+                ) {
                     Ok(plan) => plans.push(plan),
                     Err(_) => run.failed += 1,
                 }

@@ -198,7 +198,7 @@ async fn check_pipeline(args: &CanIArgs) -> Result<bool, String> {
         .map(|n| n.labels().clone())
         .unwrap_or_default();
     labels.insert("kubernetes.io/metadata.name".into(), ns.clone());
-    let plan = plan::build(&pipeline, ns, &labels, &guardrails).map_err(|errors| {
+    let plan = plan::validate_and_build(&pipeline, ns, &labels, &guardrails).map_err(|errors| {
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
         format!(
             "AIPipeline {ns}/{} is invalid: {}",
@@ -256,6 +256,7 @@ async fn check_pipeline(args: &CanIArgs) -> Result<bool, String> {
             }
         }
         let others: Vec<String> = plan
+            .vault
             .credentials
             .iter()
             .filter(|c| c.stage != stage.name)

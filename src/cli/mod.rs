@@ -245,12 +245,7 @@ fn plan_each(
             labels.extend(args.namespace_labels.clone().unwrap_or_default());
             labels
         });
-        each(plan::build_validated(
-            pipeline,
-            &args.namespace,
-            labels,
-            guardrails,
-        ))?;
+        each(plan::build(pipeline, &args.namespace, labels, guardrails))?;
     }
     Ok(())
 }

@@ -125,14 +125,14 @@ impl<'a> CredentialView<'a> {
 /// A Vault policy: its name and its HCL.
 #[derive(Serialize)]
 struct PolicyView<'a> {
-    hcl: &'a str,
+    hcl: String,
     name: &'a str,
 }
 
 impl<'a> From<&'a VaultPolicy> for PolicyView<'a> {
     fn from(p: &'a VaultPolicy) -> PolicyView<'a> {
         PolicyView {
-            hcl: &p.hcl,
+            hcl: p.hcl(),
             name: &p.name,
         }
     }
@@ -200,9 +200,12 @@ impl Serialize for Document<'_> {
         doc.serialize_field(
             "credentials",
             &Seq(|| {
-                plans
-                    .iter()
-                    .flat_map(|p| p.credentials.iter().map(move |c| CredentialView::new(p, c)))
+                plans.iter().flat_map(|p| {
+                    p.vault
+                        .credentials
+                        .iter()
+                        .map(move |c| CredentialView::new(p, c))
+                })
             }),
         )?;
         doc.serialize_field(
@@ -234,7 +237,7 @@ impl Serialize for VaultSection<'_> {
             &Seq(|| {
                 plans
                     .iter()
-                    .flat_map(|p| &p.vault_policies)
+                    .flat_map(|p| &p.vault.policies)
                     .map(PolicyView::from)
             }),
         )?;
@@ -243,7 +246,7 @@ impl Serialize for VaultSection<'_> {
             &Seq(|| {
                 plans
                     .iter()
-                    .flat_map(|p| &p.vault_roles)
+                    .flat_map(|p| &p.vault.roles)
                     .map(RoleView::from)
             }),
         )?;
@@ -314,9 +317,9 @@ impl<W: Write> YamlWriter<W> {
 
 fn vault_comments(plan: &Plan, out: &mut String) {
     use std::fmt::Write as _;
-    for policy in &plan.vault_policies {
+    for policy in &plan.vault.policies {
         let _ = writeln!(out, "# Vault policy sys/policies/acl/{}", policy.name);
-        for line in policy.hcl.lines() {
+        for line in policy.hcl().lines() {
             if line.is_empty() {
                 out.push_str("#\n");
             } else {
@@ -324,7 +327,7 @@ fn vault_comments(plan: &Plan, out: &mut String) {
             }
         }
     }
-    for role in &plan.vault_roles {
+    for role in &plan.vault.roles {
         let _ = writeln!(
             out,
             "# Vault role auth/<workloads mount>/role/{}: bound_service_account_names={} bound_service_account_namespaces={} token_policies={} token_ttl={}s token_max_ttl={}s",
@@ -406,7 +409,7 @@ impl<W: Write> TableWriter<W> {
                 }
             }
         }
-        let mut names = plan.vault_policies.iter().map(|p| p.name.as_str());
+        let mut names = plan.vault.policies.iter().map(|p| p.name.as_str());
         if let Some(first) = names.next() {
             write!(out, "  vault policies and roles: {first}")?;
             for name in names {
