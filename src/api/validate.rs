@@ -168,7 +168,7 @@ pub fn parse_duration(s: &str) -> Option<u64> {
 }
 
 /// Writes seconds as the shortest duration string: 3600 -> `1h`, 5400 -> `1h30m`.
-pub fn format_duration(secs: u64) -> String {
+pub(crate) fn format_duration(secs: u64) -> String {
     if secs == 0 {
         return "0s".into();
     }
@@ -184,7 +184,7 @@ pub fn format_duration(secs: u64) -> String {
 }
 
 /// Parses a CIDR and insists on its canonical form (no host bits), the way a reader expects it.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if s.len() > 43 {
         return Err(format!(
             "{s:?} is longer than a CIDR can be; write it as 10.20.0.0/16 or fd00::/8"
@@ -273,7 +273,7 @@ fn check_duration(errors: &mut Errors, field: &Field<'_>, value: &str) {
 /// would mean.
 ///
 /// Only [`validate`] makes one, and the object cannot be changed afterwards: it is read through
-/// `Deref`, and [`Validated::into_inner`] gives it back (and forgets the parsed values).
+/// `Deref` (or [`Validated::pipeline`]).
 ///
 /// `T` is how the object is held: `Validated<AIPipeline>` owns it (as `portcullis plan` keeps
 /// what it read), `Validated<&AIPipeline>` borrows it (to plan a pipeline held elsewhere, such
@@ -302,13 +302,6 @@ impl<T> Deref for Validated<T> {
 
     fn deref(&self) -> &T {
         &self.object
-    }
-}
-
-impl<T> Validated<T> {
-    /// The object, without the parsed values.
-    pub fn into_inner(self) -> T {
-        self.object
     }
 }
 

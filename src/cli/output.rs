@@ -11,15 +11,9 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 use serde::ser::{SerializeStruct, Serializer};
-use serde_json::Value;
 
 use crate::plan::{CredentialRequest, Object, Plan, RestartRef, VaultPolicy, VaultRole};
 use crate::policy::Decision;
-
-/// The ServiceAccount a decision is about, as the API server names it.
-pub fn subject(plan: &Plan, stage: &str) -> String {
-    Subject::of(plan, stage).to_string()
-}
 
 /// `system:serviceaccount:<namespace>:<service account>`, written where it is needed.
 struct Subject<'a> {
@@ -254,11 +248,6 @@ impl Serialize for VaultSection<'_> {
     }
 }
 
-/// One decision as the JSON output and the decision log show it.
-pub fn decision_json(plan: &Plan, d: &Decision) -> Value {
-    serde_json::to_value(DecisionView::new(plan, d)).expect("decisions serialize to JSON")
-}
-
 /// Writes `{objects, vault: {policies, roles}, credentials, decisions}` for all plans, as one
 /// pretty-printed JSON document (keys sorted) and a newline.
 pub fn write_json(plans: &[Plan], mut out: impl Write) -> io::Result<()> {
@@ -278,7 +267,7 @@ pub fn json(plans: &[Plan]) -> String {
 ///
 /// The objects of each plan are written as the plan is given; the comments, which come after
 /// every object, are kept as text until [`YamlWriter::finish`].
-pub struct YamlWriter<W: Write> {
+pub(crate) struct YamlWriter<W: Write> {
     out: W,
     /// One object's YAML, reused.
     object: String,
@@ -342,7 +331,7 @@ fn vault_comments(plan: &Plan, out: &mut String) {
 }
 
 /// [`YamlWriter`] over all `plans`.
-pub fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
+fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
     let mut writer = YamlWriter::new(out);
     for plan in plans {
         writer.plan(plan)?;
@@ -360,7 +349,7 @@ pub fn yaml(plans: &[Plan]) -> String {
 
 /// Writes, per stage, what is granted and what is denied and why, one plan at a time; then,
 /// at [`TableWriter::finish`], the totals.
-pub struct TableWriter<W: Write> {
+pub(crate) struct TableWriter<W: Write> {
     out: W,
     pipelines: u64,
     stages: u64,
@@ -432,7 +421,7 @@ impl<W: Write> TableWriter<W> {
 }
 
 /// [`TableWriter`] over all `plans`.
-pub fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
+fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
     let mut writer = TableWriter::new(out);
     for plan in plans {
         writer.plan(plan)?;

@@ -20,11 +20,6 @@ pub struct VaultPlan {
 }
 
 impl VaultPlan {
-    /// Whether the plan asks nothing of Vault.
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty() && self.roles.is_empty() && self.credentials.is_empty()
-    }
-
     /// The policies, roles and credentials of the stages `keep` names (such as the stages whose
     /// identity was applied).
     pub fn for_stages(&self, keep: impl Fn(&str) -> bool) -> VaultPlan {

@@ -15,7 +15,8 @@ use super::{
 };
 
 /// Decides every item that stage `ctx.index` of `pipeline` requests, in spec order.
-pub fn evaluate_stage(
+#[cfg(test)]
+pub(crate) fn evaluate_stage(
     ctx: StageContext<'_>,
     pipeline: &Validated<impl Borrow<AIPipeline>>,
     scope: &Scope<'_>,
@@ -27,7 +28,7 @@ pub fn evaluate_stage(
 
 /// As [`evaluate_stage`], but appends the decisions to `out` (the planner collects the
 /// decisions of all stages in one vector).
-pub fn evaluate_stage_into(
+pub(crate) fn evaluate_stage_into(
     ctx: StageContext<'_>,
     pipeline: &Validated<impl Borrow<AIPipeline>>,
     scope: &Scope<'_>,
@@ -83,7 +84,7 @@ pub fn evaluate_stage_into(
 /// How many decisions [`evaluate_stage`] makes for `stage` (at most): one per verb, resource
 /// and group (and, for Secrets, per name), DNS, each network rule, each Vault path and
 /// capability, the token lifetime, each credential.
-pub fn decision_count(stage: &Stage) -> usize {
+pub(crate) fn decision_count(stage: &Stage) -> usize {
     let permissions: usize = stage
         .permissions
         .iter()

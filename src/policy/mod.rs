@@ -8,17 +8,19 @@
 //! when its namespaceSelector matches the pipeline's namespace and it sets a ceiling for the
 //! stage's role. When none applies, the built-in defaults ([`defaults::ceiling`]) are the ceiling.
 
-pub mod defaults;
+pub(crate) mod defaults;
 pub mod floor;
-pub mod vault_path;
+pub(crate) mod vault_path;
 
 mod decision;
 mod evaluate;
 mod scope;
 
 pub use decision::{Decision, Item, Reason, Verdict, WithCidr};
-pub use evaluate::{decision_count, evaluate_stage, evaluate_stage_into};
-pub use scope::{Scope, StageContext, applicable_guardrails, selects};
+#[cfg(test)]
+pub(crate) use evaluate::evaluate_stage;
+pub(crate) use evaluate::{decision_count, evaluate_stage_into};
+pub(crate) use scope::{Scope, StageContext, applicable_guardrails, selects};
 
 #[cfg(test)]
 mod tests;

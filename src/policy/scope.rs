@@ -17,7 +17,7 @@ use crate::api::{AccessGuardrail, Ceiling, StageRole};
 /// decision of those stages needs (the allow message, the guardrails' egress CIDRs) is worked
 /// out here once.
 #[derive(Debug)]
-pub struct Scope<'a> {
+pub(crate) struct Scope<'a> {
     /// The guardrails' ceilings for the stage's role, sorted by guardrail name.
     pub(super) ceilings: Vec<Bound<'a>>,
     /// True when no guardrail applies and the defaults are the ceiling.
@@ -59,7 +59,7 @@ impl<'a> Bound<'a> {
 /// by name (stable: guardrails of one name keep their order). A pipeline's stages all live in
 /// one namespace, so this is worked out once per pipeline; [`Scope::from_applicable`] then
 /// picks the ceilings of one role.
-pub fn applicable_guardrails<'a>(
+pub(crate) fn applicable_guardrails<'a>(
     namespace_labels: &BTreeMap<String, String>,
     guardrails: &'a [AccessGuardrail],
 ) -> Vec<&'a AccessGuardrail> {
@@ -77,7 +77,8 @@ fn guardrail_name(g: &AccessGuardrail) -> &str {
 
 impl<'a> Scope<'a> {
     /// The guardrails that apply to a stage of `role` in a namespace with `namespace_labels`.
-    pub fn new(
+    #[cfg(test)]
+    pub(crate) fn new(
         role: StageRole,
         namespace_labels: &BTreeMap<String, String>,
         guardrails: &'a [AccessGuardrail],
@@ -87,7 +88,10 @@ impl<'a> Scope<'a> {
 
     /// The scope of a stage of `role`, from the guardrails that select its namespace, as
     /// [`applicable_guardrails`] returns them.
-    pub fn from_applicable(role: StageRole, applicable: &[&'a AccessGuardrail]) -> Scope<'a> {
+    pub(crate) fn from_applicable(
+        role: StageRole,
+        applicable: &[&'a AccessGuardrail],
+    ) -> Scope<'a> {
         let applicable: Vec<(&'a AccessGuardrail, &'a Ceiling)> = applicable
             .iter()
             .filter_map(|g| Some((*g, g.spec.roles.get(role)?)))
@@ -124,7 +128,7 @@ impl<'a> Scope<'a> {
     }
 
     /// The names of the AccessGuardrails that bind the stage; empty when the defaults apply.
-    pub fn guardrail_names(&self) -> Vec<String> {
+    pub(crate) fn guardrail_names(&self) -> Vec<String> {
         if self.defaults {
             return Vec::new();
         }
@@ -178,7 +182,7 @@ fn ttl_of(ceiling: &Ceiling) -> u64 {
 
 /// Whether a namespace selector selects a namespace with these labels. An invalid selector
 /// selects nothing (validation reports it).
-pub fn selects(
+pub(crate) fn selects(
     selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
     labels: &BTreeMap<String, String>,
 ) -> bool {
@@ -188,7 +192,7 @@ pub fn selects(
 
 /// Names a stage is known by, given by the caller (the plan owns naming).
 #[derive(Debug, Clone, Copy)]
-pub struct StageContext<'a> {
+pub(crate) struct StageContext<'a> {
     pub namespace: &'a str,
     pub pipeline: &'a str,
     pub index: usize,
