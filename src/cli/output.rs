@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::ser::{SerializeStruct, Serializer};
 
 use crate::plan::{CredentialRequest, Object, Plan, RestartRef, VaultPolicy, VaultRole};
-use crate::policy::Decision;
+use crate::policy::{Decision, Reason, Verdict};
 
 /// `system:serviceaccount:<namespace>:<service account>`, written where it is needed.
 struct Subject<'a> {
@@ -63,11 +63,11 @@ struct DecisionView<'a> {
     message: &'a str,
     namespace: &'a str,
     pipeline: &'a str,
-    reason: &'static str,
+    reason: Reason,
     stage: &'a str,
     #[serde(serialize_with = "as_text")]
     subject: Subject<'a>,
-    verdict: &'static str,
+    verdict: Verdict,
 }
 
 impl<'a> DecisionView<'a> {
@@ -79,10 +79,10 @@ impl<'a> DecisionView<'a> {
             message: &d.message,
             namespace: &plan.namespace,
             pipeline: &plan.pipeline,
-            reason: d.reason.as_str(),
+            reason: d.reason,
             stage: &d.stage,
             subject: Subject::of(plan, &d.stage),
-            verdict: d.verdict.as_str(),
+            verdict: d.verdict,
         }
     }
 }

@@ -360,9 +360,9 @@ impl Evaluator<'_, '_> {
         }
     }
 
-    fn decide_egress(&self, rule: &EgressRule, cidr: Option<IpNet>) -> Outcome {
-        if let Some(net) = cidr {
-            let cidr = rule.cidr.as_deref().unwrap_or_default();
+    /// `net` is `rule.cidr`, parsed by validation.
+    fn decide_egress(&self, rule: &EgressRule, net: Option<IpNet>) -> Outcome {
+        if let (Some(cidr), Some(net)) = (&rule.cidr, net) {
             floor::egress(&net)?;
             return self.guardrail(
                 "network.egressCIDRs",
