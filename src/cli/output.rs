@@ -1,8 +1,8 @@
 //! Renders plans as a table for people, YAML for `kubectl apply`, or JSON for tools.
 //!
 //! Everything is written straight to an [`io::Write`]: no document is built in memory first.
-//! The table and the YAML stream are written one plan at a time ([`TableWriter`],
-//! [`YamlWriter`]), so `portcullis plan` can drop each plan once it is written; the JSON
+//! The table and the YAML stream are written one plan at a time (`TableWriter`,
+//! `YamlWriter`), so `portcullis plan` can drop each plan once it is written; the JSON
 //! document has one section per kind of thing across all plans, so it needs them all at once
 //! ([`write_json`]). The `String` functions ([`table`], [`yaml`], [`json`]) wrap the writers.
 
@@ -160,7 +160,7 @@ impl<'a> From<&'a VaultRole> for RoleView<'a> {
 
 /// A Kubernetes object with its keys sorted at every level, as the JSON output has always
 /// shown them (k8s-openapi writes `apiVersion` and `kind` first). Only this one object is
-/// turned into a [`Value`] on the way, never the document.
+/// turned into a [`serde_json::Value`] on the way, never the document.
 struct SortedObject<'a>(&'a Object);
 
 impl Serialize for SortedObject<'_> {
@@ -340,7 +340,7 @@ fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// [`write_yaml`] into a `String`.
+/// `write_yaml` into a `String`.
 pub fn yaml(plans: &[Plan]) -> String {
     let mut out = Vec::new();
     write_yaml(plans, &mut out).expect("writing to memory does not fail");
@@ -430,7 +430,7 @@ fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// [`write_table`] into a `String`.
+/// `write_table` into a `String`.
 pub fn table(plans: &[Plan]) -> String {
     let mut out = Vec::new();
     write_table(plans, &mut out).expect("writing to memory does not fail");

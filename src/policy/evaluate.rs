@@ -26,7 +26,7 @@ pub(crate) fn evaluate_stage(
     out
 }
 
-/// As [`evaluate_stage`], but appends the decisions to `out` (the planner collects the
+/// As `evaluate_stage`, but appends the decisions to `out` (the planner collects the
 /// decisions of all stages in one vector).
 pub(crate) fn evaluate_stage_into(
     ctx: StageContext<'_>,
@@ -81,7 +81,7 @@ pub(crate) fn evaluate_stage_into(
     ev.decisions.extend(credentials);
 }
 
-/// How many decisions [`evaluate_stage`] makes for `stage` (at most): one per verb, resource
+/// How many decisions `evaluate_stage` makes for `stage` (at most): one per verb, resource
 /// and group (and, for Secrets, per name), DNS, each network rule, each Vault path and
 /// capability, the token lifetime, each credential.
 pub(crate) fn decision_count(stage: &Stage) -> usize {

@@ -6,7 +6,12 @@
 //! stage, the cloud metadata address, Vault `sudo` and `sys/`). Then every AccessGuardrail that
 //! applies to the stage must allow the item: the stage gets the intersection. A guardrail applies
 //! when its namespaceSelector matches the pipeline's namespace and it sets a ceiling for the
-//! stage's role. When none applies, the built-in defaults ([`defaults::ceiling`]) are the ceiling.
+//! stage's role. When none applies, the built-in defaults (`defaults::ceiling`) are the ceiling.
+//!
+//! By concern: `decision` is the vocabulary ([`Item`], [`Verdict`], [`Reason`], [`Decision`]);
+//! `scope` finds the guardrails that bind a stage and fills in their Vault path templates;
+//! `evaluate` runs every requested item of a [validated](crate::api::validate::Validated) stage
+//! through the floor and the scope.
 
 pub(crate) mod defaults;
 pub mod floor;
