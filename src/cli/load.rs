@@ -81,7 +81,7 @@ pub enum Expect {
 
 /// The files under `paths`: files as given, folders searched recursively for .yaml, .yml and
 /// .json files, in name order.
-pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
+fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
     let mut out = Vec::new();
     for path in paths {
         collect(path, &mut out, true)?;
@@ -119,7 +119,7 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>, explicit: bool) -> Result<(), In
 
 impl Inputs {
     /// Reads every document of every file under `paths`.
-    pub fn read(&mut self, paths: &[PathBuf], expect: Expect) {
+    pub(crate) fn read(&mut self, paths: &[PathBuf], expect: Expect) {
         match files(paths) {
             Ok(files) => {
                 for file in files {

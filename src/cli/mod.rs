@@ -19,13 +19,13 @@ use crate::plan::{self, Plan};
 use load::{Expect, InputError, Inputs};
 
 /// Exit code when every requested item is allowed.
-pub const EXIT_ALLOWED: u8 = 0;
+pub(crate) const EXIT_ALLOWED: u8 = 0;
 /// Exit code for a failure that is not the input's fault.
-pub const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Exit code for input that is not valid.
-pub const EXIT_INVALID: u8 = 2;
+pub(crate) const EXIT_INVALID: u8 = 2;
 /// Exit code when anything requested is denied.
-pub const EXIT_DENIED: u8 = 3;
+pub(crate) const EXIT_DENIED: u8 = 3;
 
 /// Least privilege for the stages of AI pipelines on Kubernetes.
 #[derive(Debug, Parser)]
