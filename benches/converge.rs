@@ -180,7 +180,7 @@ async fn floor(
     let objects: Vec<Object> = pipelines(namespace, 0..count)
         .iter()
         .flat_map(|p| {
-            plan::build(p, namespace, &labels, guardrails)
+            plan::validate_and_build(p, namespace, &labels, guardrails)
                 .expect("plans")
                 .objects
         })

@@ -2,8 +2,8 @@
 //! example AccessGuardrails, measured two ways, each in processes of its own:
 //!
 //! - **(a) one at a time**, as the controller plans and as `portcullis plan -o table|yaml` plans
-//!   and prints: each plan is built (validation included, as `plan::build` does it), consumed
-//!   (its decisions and objects counted) and dropped. Its time and peak RSS are the figures
+//!   and prints: each plan is built (validation included, as `plan::validate_and_build` does
+//!   it), consumed (its decisions and objects counted) and dropped. Its time and peak RSS are the figures
 //!   checked against the targets: under 1 s and under 200 MiB on one core.
 //! - **(b) all kept**, as `portcullis plan -o json` does it: every plan is kept, then the JSON
 //!   document is streamed into a sink that counts bytes. Reported as information.
@@ -659,7 +659,12 @@ fn run_once(mode: Mode) -> Run {
         Mode::Stream => {
             // Timed: each plan is built, consumed and dropped before the next.
             for p in &input.pipelines {
-                match plan::build(black_box(p), "default", &input.labels, &input.guardrails) {
+                match plan::validate_and_build(
+                    black_box(p),
+                    "default",
+                    &input.labels,
+                    &input.guardrails,
+                ) {
                     Ok(plan) => run.count(black_box(&plan)),
                     Err(_) => run.failed += 1,
                 }
@@ -670,7 +675,12 @@ fn run_once(mode: Mode) -> Run {
             // Timed: every plan is kept, as `portcullis plan -o json` keeps them.
             let mut plans: Vec<Plan> = Vec::with_capacity(input.pipelines.len());
             for p in &input.pipelines {
-                match plan::build(black_box(p), "default", &input.labels, &input.guardrails) {
+                match plan::validate_and_build(
+                    black_box(p),
+                    "default",
+                    &input.labels,
+                    &input.guardrails,
+                ) {
                     Ok(plan) => plans.push(plan),
                     Err(_) => run.failed += 1,
                 }

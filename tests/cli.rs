@@ -118,6 +118,18 @@ fn a_bad_cidr_names_file_document_object_field_and_fix() {
 }
 
 #[test]
+fn a_lifetime_too_long_to_schedule_names_the_field_and_the_limit() {
+    // The CRD schema accepts it (16 characters); no clock arithmetic can hold it.
+    let yaml = format!("{VALID}      vault:\n        tokenTTL: 999999999999999h\n");
+    let (code, stdout, stderr) = plan_yaml(&yaml);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "nothing is planned: {stdout}");
+    assert!(stderr.contains("spec.stages[0].vault.tokenTTL"), "{stderr}");
+    assert!(stderr.contains("87600h or less"), "{stderr}");
+    assert_no_internals(&stderr);
+}
+
+#[test]
 fn an_unknown_role_and_an_unknown_field_are_named() {
     let (code, _, stderr) = plan_yaml(&VALID.replace("role: Deployment", "role: Serving"));
     assert_eq!(code, 2);

@@ -110,7 +110,7 @@ type Forbidden<'a> = (
 fn expected(pipeline: &AIPipeline, guardrails: &[AccessGuardrail]) -> Plan {
     let ns = pipeline.metadata.namespace.clone().expect("namespace");
     let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.clone())]);
-    plan::build(pipeline, &ns, &labels, guardrails).expect("example plans")
+    plan::validate_and_build(pipeline, &ns, &labels, guardrails).expect("example plans")
 }
 
 #[tokio::test]
@@ -139,6 +139,7 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
             Some(plan.denied())
         );
         let secrets: BTreeMap<String, String> = plan
+            .vault
             .credentials
             .iter()
             .map(|c| (c.secret_name.clone(), c.stage.clone()))

@@ -743,7 +743,7 @@ fn plan_of(pipeline: &AIPipeline, guardrails: &[AccessGuardrail]) -> Result<Plan
             "the generator made an invalid guardrail: {errors:?}"
         );
     }
-    match plan::build(pipeline, "default", &namespace_labels(), guardrails) {
+    match plan::validate_and_build(pipeline, "default", &namespace_labels(), guardrails) {
         Ok(plan) => Ok(plan),
         Err(errors) => Err(TestCaseError::fail(format!(
             "a valid pipeline was refused: {errors:?}"
@@ -1088,6 +1088,7 @@ fn check_role_rules_obey_floor(pipeline: &AIPipeline, plan: &Plan) -> Result<(),
 fn check_secrets_only_when_delivered(plan: &Plan) -> Result<(), TestCaseError> {
     for summary in &plan.stages {
         let delivered: BTreeSet<&str> = plan
+            .vault
             .credentials
             .iter()
             .filter(|c| c.stage == summary.name)
@@ -1122,22 +1123,24 @@ fn check_decisions_match_objects(pipeline: &AIPipeline, plan: &Plan) -> Result<(
         let ingress = peers(np, false);
         let hcl: BTreeMap<String, BTreeSet<String>> = {
             let policies: Vec<_> = plan
-                .vault_policies
+                .vault
+                .policies
                 .iter()
                 .filter(|p| p.stage == name)
                 .collect();
             prop_assert!(policies.len() <= 1);
             match policies.first() {
-                Some(p) => parse_hcl(&p.hcl).map_err(|e| {
+                Some(p) => parse_hcl(&p.hcl()).map_err(|e| {
                     TestCaseError::fail(format!(
                         "the Vault policy of stage {name} does not say what was decided: {e}\n{}",
-                        p.hcl
+                        p.hcl()
                     ))
                 })?,
                 None => BTreeMap::new(),
             }
         };
         let creds: Vec<_> = plan
+            .vault
             .credentials
             .iter()
             .filter(|c| c.stage == name)
@@ -1225,7 +1228,7 @@ fn check_decisions_match_objects(pipeline: &AIPipeline, plan: &Plan) -> Result<(
                     prop_assert!(false, "DNS is never denied, only left out");
                 }
                 Item::VaultTokenTtl { seconds } => {
-                    for r in plan.vault_roles.iter().filter(|r| r.stage == name) {
+                    for r in plan.vault.roles.iter().filter(|r| r.stage == name) {
                         prop_assert!(r.token_ttl < *seconds, "denied token TTL {seconds} is used");
                     }
                 }
@@ -1309,7 +1312,8 @@ fn check_decisions_match_objects(pipeline: &AIPipeline, plan: &Plan) -> Result<(
                 Item::VaultTokenTtl { seconds } => {
                     hcl.is_empty()
                         || plan
-                            .vault_roles
+                            .vault
+                            .roles
                             .iter()
                             .any(|r| r.stage == name && r.token_ttl == *seconds)
                 }
@@ -1374,10 +1378,10 @@ fn check_names(plan: &Plan) -> Result<(), TestCaseError> {
             );
         }
     }
-    for p in &plan.vault_policies {
+    for p in &plan.vault.policies {
         prop_assert!(is_dns_label_63(&p.name), "Vault policy {:?}", p.name);
     }
-    for r in &plan.vault_roles {
+    for r in &plan.vault.roles {
         prop_assert!(is_dns_label_63(&r.name), "Vault role {:?}", r.name);
         for sa in &r.bound_service_account_names {
             prop_assert!(is_dns_label_63(sa), "bound service account {sa:?}");
@@ -1392,7 +1396,7 @@ fn check_names(plan: &Plan) -> Result<(), TestCaseError> {
         );
     }
     let mut vault_names = BTreeSet::new();
-    for p in &plan.vault_policies {
+    for p in &plan.vault.policies {
         prop_assert!(
             vault_names.insert(p.name.as_str()),
             "two Vault policies {}",
@@ -1467,7 +1471,7 @@ proptest! {
             prop_assert!(errors.iter().any(|e| e.field == field), "{field} was not refused: {errors:?}");
         }
         if !hostile.is_empty() {
-            prop_assert!(plan::build(&pipeline, "default", &namespace_labels(), &[]).is_err());
+            prop_assert!(plan::validate_and_build(&pipeline, "default", &namespace_labels(), &[]).is_err());
         }
     }
 
@@ -1501,12 +1505,12 @@ proptest! {
         let plan = plan_of(&pipeline, &guardrails)?;
         for summary in &plan.stages {
             let max = smallest_max_ttl(&guardrails, summary.role);
-            for r in plan.vault_roles.iter().filter(|r| r.stage == summary.name) {
+            for r in plan.vault.roles.iter().filter(|r| r.stage == summary.name) {
                 prop_assert!(r.token_ttl <= r.token_max_ttl, "{r:?}");
                 prop_assert!(r.token_max_ttl <= max, "{r:?} exceeds the smallest maxTTL {max}");
                 prop_assert!(r.token_ttl > 0, "{r:?}");
             }
-            for c in plan.credentials.iter().filter(|c| c.stage == summary.name) {
+            for c in plan.vault.credentials.iter().filter(|c| c.stage == summary.name) {
                 prop_assert!(c.ttl <= max && c.ttl > 0, "{c:?} exceeds the smallest maxTTL {max}");
             }
         }
@@ -1569,11 +1573,11 @@ fn digest(text: &str) {
     guardrails.extend(example_guardrails().iter().cloned());
     for (_, ns_labels) in inputs.namespaces.iter().take(1) {
         for (_, p) in &inputs.pipelines {
-            let _ = plan::build(p, "default", ns_labels, &guardrails);
+            let _ = plan::validate_and_build(p, "default", ns_labels, &guardrails);
         }
     }
     for (_, p) in &inputs.pipelines {
-        let plan = plan::build(p, "default", &namespace_labels(), &guardrails);
+        let plan = plan::validate_and_build(p, "default", &namespace_labels(), &guardrails);
         assert!(plan.is_ok(), "a loaded pipeline does not plan: {plan:?}");
         let plan = plan.unwrap();
         let _ = portcullis::cli::output::json(std::slice::from_ref(&plan));
@@ -1601,7 +1605,7 @@ fn digest(text: &str) {
     typed_guardrails.extend(example_guardrails().iter().cloned());
     for p in typed_pipelines {
         let errors = validate_pipeline(&p);
-        let plan = plan::build(&p, "default", &namespace_labels(), &typed_guardrails);
+        let plan = plan::validate_and_build(&p, "default", &namespace_labels(), &typed_guardrails);
         assert_eq!(
             plan.is_ok(),
             errors.is_empty(),

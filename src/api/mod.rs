@@ -24,9 +24,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
-/// The API group of the custom resources.
-pub const GROUP: &str = "portcullis.dev";
-
 /// The CRDs, in the order they are written to `crds/`.
 ///
 /// The schemas carry no `default`s under `spec`: the API server would write them into every

@@ -2,16 +2,28 @@
 //! `portcullis plan` refuses the same input the API server would, and says how to fix it.
 //! A test in `tests/schema.rs` keeps these checks and the schema's patterns in agreement.
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::fmt;
+use std::ops::Deref;
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::{
     AIPipeline, AccessGuardrail, Ceiling, EgressRule, IngressRule, NetworkPort, PermissionRule,
-    Stage, StageVault,
+    Stage, StageVault, VaultCredential,
 };
+
+/// The longest credential or token lifetime a pipeline may ask for: 87600h (ten years).
+///
+/// The CRD schema accepts any duration of up to 16 characters (`999999999999999h` is more than
+/// 10^11 years), which no clock arithmetic can hold: a lease's expiry is `now + ttl` in chrono,
+/// whose durations end at about 2.9 * 10^8 years and whose dates end in the year 262143. So
+/// [`validate`] refuses a longer lifetime, naming the field and this limit, and everything
+/// downstream may add a validated lifetime to a date without overflow. Ten years is far above
+/// any lifetime Vault grants in practice (its default `max_lease_ttl` is 32 days).
+pub const TTL_LIMIT_SECONDS: u64 = 87_600 * 3600;
 
 /// One thing wrong with an object: where (a field path such as `spec.stages[1].name`) and what
 /// to do about it.
@@ -156,7 +168,7 @@ pub fn parse_duration(s: &str) -> Option<u64> {
 }
 
 /// Writes seconds as the shortest duration string: 3600 -> `1h`, 5400 -> `1h30m`.
-pub fn format_duration(secs: u64) -> String {
+pub(crate) fn format_duration(secs: u64) -> String {
     if secs == 0 {
         return "0s".into();
     }
@@ -172,7 +184,7 @@ pub fn format_duration(secs: u64) -> String {
 }
 
 /// Parses a CIDR and insists on its canonical form (no host bits), the way a reader expects it.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if s.len() > 43 {
         return Err(format!(
             "{s:?} is longer than a CIDR can be; write it as 10.20.0.0/16 or fd00::/8"
@@ -252,6 +264,202 @@ fn check_duration(errors: &mut Errors, field: &Field<'_>, value: &str) {
             field,
             format!("{value:?} is not a duration; use hours, minutes and seconds such as 15m, 1h or 1h30m"),
         ),
+    }
+}
+
+/// An object that passed validation, with the values validation parsed kept in typed form:
+/// durations as seconds (within [`TTL_LIMIT_SECONDS`]) and CIDRs as [`IpNet`]. Nothing
+/// downstream parses them again, so nothing downstream has to decide what an unparsable value
+/// would mean.
+///
+/// Only [`validate`] makes one, and the object cannot be changed afterwards: it is read through
+/// `Deref` (or [`Validated::pipeline`]).
+///
+/// `T` is how the object is held: `Validated<AIPipeline>` owns it (as `portcullis plan` keeps
+/// what it read), `Validated<&AIPipeline>` borrows it (to plan a pipeline held elsewhere, such
+/// as the controller's cached one, without copying it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated<T> {
+    object: T,
+    stages: Vec<StageValues>,
+}
+
+/// What validation parsed in one stage, in the order of the stage's lists.
+#[derive(Debug, Clone, PartialEq)]
+struct StageValues {
+    /// `vault.tokenTTL`, in seconds.
+    token_ttl: Option<u64>,
+    /// `vault.credentials[].ttl`, in seconds.
+    credential_ttls: Vec<u64>,
+    /// `network.egress[].cidr`.
+    egress_cidrs: Vec<Option<IpNet>>,
+    /// `network.ingress[].fromCIDR`.
+    ingress_cidrs: Vec<Option<IpNet>>,
+}
+
+impl<T> Deref for Validated<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.object
+    }
+}
+
+impl<P: Borrow<AIPipeline>> Validated<P> {
+    /// The pipeline.
+    pub fn pipeline(&self) -> &AIPipeline {
+        self.object.borrow()
+    }
+
+    /// Stage `index` of `spec.stages`, with its parsed values.
+    ///
+    /// # Panics
+    /// When there is no such stage.
+    pub fn stage(&self, index: usize) -> ValidStage<'_> {
+        ValidStage {
+            stage: &self.pipeline().spec.stages[index],
+            values: &self.stages[index],
+        }
+    }
+
+    /// The stages, in spec order, with their parsed values.
+    pub fn stages(&self) -> impl ExactSizeIterator<Item = ValidStage<'_>> {
+        self.pipeline()
+            .spec
+            .stages
+            .iter()
+            .zip(&self.stages)
+            .map(|(stage, values)| ValidStage { stage, values })
+    }
+}
+
+/// One stage of a [`Validated`] pipeline: the stage (through `Deref`) and its parsed values.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidStage<'a> {
+    stage: &'a Stage,
+    values: &'a StageValues,
+}
+
+impl<'a> Deref for ValidStage<'a> {
+    type Target = Stage;
+
+    fn deref(&self) -> &Stage {
+        self.stage
+    }
+}
+
+impl<'a> ValidStage<'a> {
+    /// The stage itself.
+    pub fn get(&self) -> &'a Stage {
+        self.stage
+    }
+
+    /// `vault.tokenTTL` in seconds, when set.
+    pub fn token_ttl(&self) -> Option<u64> {
+        self.values.token_ttl
+    }
+
+    /// `vault.credentials`, each with its `ttl` in seconds.
+    pub fn credentials(&self) -> impl Iterator<Item = (&'a VaultCredential, u64)> + use<'a> {
+        let ttls = &self.values.credential_ttls;
+        self.stage
+            .vault
+            .iter()
+            .flat_map(|v| &v.credentials)
+            .zip(ttls.iter().copied())
+    }
+
+    /// `network.egress`, each with its `cidr` parsed (None for a namespace destination).
+    pub fn egress(&self) -> impl Iterator<Item = (&'a EgressRule, Option<IpNet>)> + use<'a> {
+        let cidrs = &self.values.egress_cidrs;
+        self.stage
+            .network
+            .iter()
+            .flat_map(|n| &n.egress)
+            .zip(cidrs.iter().copied())
+    }
+
+    /// `network.ingress`, each with its `fromCIDR` parsed (None for a selector source).
+    pub fn ingress(&self) -> impl Iterator<Item = (&'a IngressRule, Option<IpNet>)> + use<'a> {
+        let cidrs = &self.values.ingress_cidrs;
+        self.stage
+            .network
+            .iter()
+            .flat_map(|n| &n.ingress)
+            .zip(cidrs.iter().copied())
+    }
+}
+
+/// Validates `pipeline` as [`validate_pipeline`] does, then refuses what the CRD schema cannot
+/// express (a lifetime over [`TTL_LIMIT_SECONDS`]), and keeps what it parsed. Every error is
+/// returned, each naming its field.
+///
+/// The API server stores a pipeline that only this second step refuses; the controller then
+/// reports it invalid in the pipeline's status, as it does any other invalid pipeline.
+pub fn validate<P: Borrow<AIPipeline>>(pipeline: P) -> Result<Validated<P>, Vec<FieldError>> {
+    let object = pipeline;
+    let pipeline: &AIPipeline = object.borrow();
+    let mut errors = Errors(validate_pipeline(pipeline));
+    let stages_field = Field::root("spec.stages");
+    let stages = pipeline
+        .spec
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, stage)| {
+            let field = stages_field.at(i);
+            let vault = field.key("vault");
+            let credentials = vault.key("credentials");
+            let network = stage.network.as_ref();
+            StageValues {
+                token_ttl: stage.vault.as_ref().and_then(|v| {
+                    let ttl = v.token_ttl.as_deref()?;
+                    Some(limited_ttl(&mut errors, &vault.key("tokenTTL"), ttl))
+                }),
+                credential_ttls: stage
+                    .vault
+                    .iter()
+                    .flat_map(|v| &v.credentials)
+                    .enumerate()
+                    .map(|(j, c)| limited_ttl(&mut errors, &credentials.at(j).key("ttl"), &c.ttl))
+                    .collect(),
+                egress_cidrs: network
+                    .iter()
+                    .flat_map(|n| &n.egress)
+                    .map(|r| r.cidr.as_deref().and_then(|c| parse_cidr(c).ok()))
+                    .collect(),
+                ingress_cidrs: network
+                    .iter()
+                    .flat_map(|n| &n.ingress)
+                    .map(|r| r.from_cidr.as_deref().and_then(|c| parse_cidr(c).ok()))
+                    .collect(),
+            }
+        })
+        .collect();
+    if errors.0.is_empty() {
+        Ok(Validated { object, stages })
+    } else {
+        Err(errors.0)
+    }
+}
+
+/// A lifetime in seconds; refused (with an error on `field`) over [`TTL_LIMIT_SECONDS`]. The
+/// value returned with an error is never used: [`validate`] then returns the errors.
+fn limited_ttl(errors: &mut Errors, field: &Field<'_>, value: &str) -> u64 {
+    match parse_duration(value) {
+        Some(seconds) if seconds <= TTL_LIMIT_SECONDS => seconds,
+        Some(_) => {
+            let limit = format_duration(TTL_LIMIT_SECONDS);
+            errors.push(
+                field,
+                format!(
+                    "{value:?} is longer than {limit} (ten years), the longest lifetime Portcullis accepts; ask for {limit} or less"
+                ),
+            );
+            0
+        }
+        // validate_pipeline has reported it.
+        None => 0,
     }
 }
 
@@ -645,6 +853,80 @@ mod tests {
         for secs in [1, 59, 60, 61, 3600, 5400, 86399] {
             assert_eq!(parse_duration(&format_duration(secs)), Some(secs));
         }
+    }
+
+    fn pipeline(token_ttl: &str, credential_ttl: &str) -> AIPipeline {
+        serde_saphyr::from_str(&format!(
+            r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {{name: fraud, namespace: ml}}
+spec:
+  stages:
+    - name: train
+      role: Training
+      network:
+        egress:
+          - cidr: 10.20.0.0/16
+          - namespace: ml
+        ingress:
+          - fromCIDR: fd00::/8
+      vault:
+        tokenTTL: {token_ttl}
+        policies: [{{path: kv/data/ml/*, capabilities: [read]}}]
+        credentials:
+          - {{name: db, path: database/creds/train, ttl: {credential_ttl}, secretName: train-db}}
+"#
+        ))
+        .expect("test pipeline parses")
+    }
+
+    #[test]
+    fn validation_keeps_what_it_parsed() {
+        let valid = validate(pipeline("1h30m", "15m")).expect("valid");
+        let stage = valid.stage(0);
+        assert_eq!(stage.token_ttl(), Some(5400));
+        let credentials: Vec<_> = stage
+            .credentials()
+            .map(|(c, t)| (c.name.as_str(), t))
+            .collect();
+        assert_eq!(credentials, [("db", 900)]);
+        let egress: Vec<_> = stage.egress().map(|(_, n)| n).collect();
+        assert_eq!(egress, [Some("10.20.0.0/16".parse().unwrap()), None]);
+        let ingress: Vec<_> = stage.ingress().map(|(_, n)| n).collect();
+        assert_eq!(ingress, [Some("fd00::/8".parse().unwrap())]);
+        assert_eq!(valid.stages().len(), 1);
+        // Borrowed, the same values.
+        let raw = pipeline("1h30m", "15m");
+        assert_eq!(
+            validate(&raw).expect("valid").stage(0).token_ttl(),
+            Some(5400)
+        );
+    }
+
+    #[test]
+    fn lifetimes_over_the_limit_are_refused_naming_field_and_limit() {
+        assert!(validate(pipeline("87600h", "87600h")).is_ok());
+        // Both accepted by the schema (and by validate_pipeline); too long to schedule.
+        let raw = pipeline("87600h1s", "999999999999999h");
+        assert!(validate_pipeline(&raw).is_empty());
+        let errors = validate(raw).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.stages[0].vault.tokenTTL",
+                "spec.stages[0].vault.credentials[0].ttl"
+            ]
+        );
+        for e in &errors {
+            assert!(e.message.contains("87600h"), "{e}");
+        }
+        // Other errors are reported with them.
+        let mut raw = pipeline("1h", "999999999999999h");
+        raw.spec.stages[0].name = "Train".into();
+        let errors = validate(raw).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub fn run_to(args: &AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 
 }
 
 /// What `audit verify` prints for a log that verifies.
-pub fn summary_text(file: &str, s: &VerifySummary) -> String {
+fn summary_text(file: &str, s: &VerifySummary) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     if s.records == 0 {

@@ -17,7 +17,7 @@ use crate::plan;
 use crate::policy::Item;
 
 #[derive(Debug, clap::Args)]
-pub struct CanIArgs {
+pub(crate) struct CanIArgs {
     /// The AIPipeline.
     pub pipeline: String,
 
@@ -37,7 +37,7 @@ pub struct CanIArgs {
 /// One access question: may the subject `verb` the `resource` (`/subresource`), optionally the
 /// object `name`, in `namespace` (None: cluster-wide)?
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
+pub(crate) struct Check {
     pub verb: String,
     pub group: String,
     pub resource: String,
@@ -95,7 +95,7 @@ impl Check {
 
 /// Requests no stage may make: other stages' Secrets, escalation, exec, cluster-scoped reads,
 /// other namespaces, impersonation, token minting.
-pub fn forbidden(namespace: &str, other_stages_secrets: &[String]) -> Vec<Check> {
+pub(crate) fn forbidden(namespace: &str, other_stages_secrets: &[String]) -> Vec<Check> {
     let ns = Some(namespace);
     let mut checks = vec![
         Check::new("list", "", "secrets", ns),
@@ -120,7 +120,7 @@ pub fn forbidden(namespace: &str, other_stages_secrets: &[String]) -> Vec<Check>
 }
 
 /// Asks the API server whether ServiceAccount `namespace/service_account` may do `check`.
-pub async fn allowed(
+pub(crate) async fn allowed(
     client: &Client,
     namespace: &str,
     service_account: &str,
@@ -157,7 +157,7 @@ pub async fn allowed(
 
 /// Runs `can-i`; exit 0 when the API server agrees with the plan, 1 when it does not, 2 when
 /// the pipeline cannot be read.
-pub fn run(args: &CanIArgs) -> u8 {
+pub(crate) fn run(args: &CanIArgs) -> u8 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -198,7 +198,7 @@ async fn check_pipeline(args: &CanIArgs) -> Result<bool, String> {
         .map(|n| n.labels().clone())
         .unwrap_or_default();
     labels.insert("kubernetes.io/metadata.name".into(), ns.clone());
-    let plan = plan::build(&pipeline, ns, &labels, &guardrails).map_err(|errors| {
+    let plan = plan::validate_and_build(&pipeline, ns, &labels, &guardrails).map_err(|errors| {
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
         format!(
             "AIPipeline {ns}/{} is invalid: {}",
@@ -256,6 +256,7 @@ async fn check_pipeline(args: &CanIArgs) -> Result<bool, String> {
             }
         }
         let others: Vec<String> = plan
+            .vault
             .credentials
             .iter()
             .filter(|c| c.stage != stage.name)

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::validate::{FieldError, validate_guardrail, validate_pipeline};
+use crate::api::validate::{FieldError, Validated, validate, validate_guardrail};
 use crate::api::{AIPipeline, AccessGuardrail};
 
 const API_VERSION: &str = "portcullis.dev/v1alpha1";
@@ -60,7 +60,8 @@ impl fmt::Display for InputError {
 /// What the files held.
 #[derive(Debug, Default)]
 pub struct Inputs {
-    pub pipelines: Vec<(Origin, AIPipeline)>,
+    /// The pipelines, validated.
+    pub pipelines: Vec<(Origin, Validated<AIPipeline>)>,
     pub guardrails: Vec<(Origin, AccessGuardrail)>,
     /// Labels of the Namespaces found, by name.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
@@ -80,7 +81,7 @@ pub enum Expect {
 
 /// The files under `paths`: files as given, folders searched recursively for .yaml, .yml and
 /// .json files, in name order.
-pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
+fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
     let mut out = Vec::new();
     for path in paths {
         collect(path, &mut out, true)?;
@@ -118,7 +119,7 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>, explicit: bool) -> Result<(), In
 
 impl Inputs {
     /// Reads every document of every file under `paths`.
-    pub fn read(&mut self, paths: &[PathBuf], expect: Expect) {
+    pub(crate) fn read(&mut self, paths: &[PathBuf], expect: Expect) {
         match files(paths) {
             Ok(files) => {
                 for file in files {
@@ -235,15 +236,14 @@ impl Inputs {
                 self.namespaces.insert(name.to_string(), labels);
             }
             (API_VERSION, "AIPipeline") if expect == Expect::Anything => match typed::<AIPipeline>(doc) {
-                Ok(p) => {
-                    let problems = validate_pipeline(&p);
-                    if problems.is_empty() {
-                        self.pipelines.push((origin.clone(), p));
+                Ok(p) => match validate(p) {
+                    Ok(p) => self.pipelines.push((origin.clone(), p)),
+                    Err(problems) => {
+                        for p in problems {
+                            self.errors.push(error(Some(p.field), p.message));
+                        }
                     }
-                    for p in problems {
-                        self.errors.push(error(Some(p.field), p.message));
-                    }
-                }
+                },
                 Err(e) => self.errors.push(error(Some(e.field), e.message)),
             },
             (API_VERSION, "AccessGuardrail") => match typed::<AccessGuardrail>(doc) {

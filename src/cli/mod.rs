@@ -19,24 +19,24 @@ use crate::plan::{self, Plan};
 use load::{Expect, InputError, Inputs};
 
 /// Exit code when every requested item is allowed.
-pub const EXIT_ALLOWED: u8 = 0;
+pub(crate) const EXIT_ALLOWED: u8 = 0;
 /// Exit code for a failure that is not the input's fault.
-pub const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Exit code for input that is not valid.
-pub const EXIT_INVALID: u8 = 2;
+pub(crate) const EXIT_INVALID: u8 = 2;
 /// Exit code when anything requested is denied.
-pub const EXIT_DENIED: u8 = 3;
+pub(crate) const EXIT_DENIED: u8 = 3;
 
 /// Least privilege for the stages of AI pipelines on Kubernetes.
 #[derive(Debug, Parser)]
 #[command(name = "portcullis", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Show what each pipeline stage would be granted and denied, without a cluster.
     ///
     /// Exit status: 0 when everything requested is allowed, 3 when anything is denied, 2 when
@@ -60,7 +60,7 @@ pub enum Command {
 
 /// Output formats of `plan`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Per stage, what is granted and what is denied with the reason.
     Table,
     /// The Kubernetes objects, ready for `kubectl apply`, then the Vault policies and roles as comments.
@@ -70,7 +70,7 @@ pub enum Format {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct PlanArgs {
+pub(crate) struct PlanArgs {
     /// Files or folders with AIPipelines (and AccessGuardrails and Namespaces). Folders are
     /// searched for .yaml, .yml and .json files; other kinds of object are skipped.
     #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR", required = true, num_args = 1..)]
@@ -155,7 +155,7 @@ fn report(errors: &[InputError]) -> u8 {
 /// pipelines are validated as they are read, and the checks across pipelines need only names.
 /// The table and the YAML are then written one pipeline at a time, each plan dropped once it is
 /// written; the JSON document needs every plan at once.
-pub fn run_plan(args: &PlanArgs) -> u8 {
+fn run_plan(args: &PlanArgs) -> u8 {
     let mut inputs = Inputs::default();
     inputs.read(&args.files, Expect::Anything);
     inputs.read(&args.guardrails, Expect::Guardrails);
@@ -204,21 +204,6 @@ pub fn run_plan(args: &PlanArgs) -> u8 {
     if denied { EXIT_DENIED } else { EXIT_ALLOWED }
 }
 
-/// Plans every pipeline read, after the checks of [`check_all`]; when a check fails, nothing
-/// is planned and the errors are returned.
-pub fn plan_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<Plan>, Vec<InputError>) {
-    let (guardrails, errors) = check_all(inputs, args);
-    if !errors.is_empty() {
-        return (Vec::new(), errors);
-    }
-    let mut plans = Vec::with_capacity(inputs.pipelines.len());
-    let _ = plan_each(inputs, args, &guardrails, |plan| {
-        plans.push(plan);
-        Ok(())
-    });
-    (plans, errors)
-}
-
 /// Plans the pipelines read, in input order, and gives each plan to `each`, stopping at the
 /// first error `each` returns. Every pipeline in `inputs` has been validated by the loader, and
 /// [`check_all`] has passed: planning cannot fail.
@@ -245,12 +230,7 @@ fn plan_each(
             labels.extend(args.namespace_labels.clone().unwrap_or_default());
             labels
         });
-        each(plan::build_validated(
-            pipeline,
-            &args.namespace,
-            labels,
-            guardrails,
-        ))?;
+        each(plan::build(pipeline, &args.namespace, labels, guardrails))?;
     }
     Ok(())
 }
@@ -258,7 +238,7 @@ fn plan_each(
 /// Checks what only shows across pipelines, from names alone (nothing is planned): the same
 /// pipeline twice, and two pipelines whose stage objects would share a name. Returns the
 /// guardrails by name, and the errors.
-pub fn check_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<AccessGuardrail>, Vec<InputError>) {
+fn check_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<AccessGuardrail>, Vec<InputError>) {
     let mut errors = Vec::new();
     let guardrails = unique_guardrails(inputs, &mut errors);
     let mut seen: BTreeMap<(&str, &str), &load::Origin> = BTreeMap::new();

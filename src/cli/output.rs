@@ -1,8 +1,8 @@
 //! Renders plans as a table for people, YAML for `kubectl apply`, or JSON for tools.
 //!
 //! Everything is written straight to an [`io::Write`]: no document is built in memory first.
-//! The table and the YAML stream are written one plan at a time ([`TableWriter`],
-//! [`YamlWriter`]), so `portcullis plan` can drop each plan once it is written; the JSON
+//! The table and the YAML stream are written one plan at a time (`TableWriter`,
+//! `YamlWriter`), so `portcullis plan` can drop each plan once it is written; the JSON
 //! document has one section per kind of thing across all plans, so it needs them all at once
 //! ([`write_json`]). The `String` functions ([`table`], [`yaml`], [`json`]) wrap the writers.
 
@@ -11,15 +11,9 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 use serde::ser::{SerializeStruct, Serializer};
-use serde_json::Value;
 
 use crate::plan::{CredentialRequest, Object, Plan, RestartRef, VaultPolicy, VaultRole};
-use crate::policy::Decision;
-
-/// The ServiceAccount a decision is about, as the API server names it.
-pub fn subject(plan: &Plan, stage: &str) -> String {
-    Subject::of(plan, stage).to_string()
-}
+use crate::policy::{Decision, Reason, Verdict};
 
 /// `system:serviceaccount:<namespace>:<service account>`, written where it is needed.
 struct Subject<'a> {
@@ -69,11 +63,11 @@ struct DecisionView<'a> {
     message: &'a str,
     namespace: &'a str,
     pipeline: &'a str,
-    reason: &'static str,
+    reason: Reason,
     stage: &'a str,
     #[serde(serialize_with = "as_text")]
     subject: Subject<'a>,
-    verdict: &'static str,
+    verdict: Verdict,
 }
 
 impl<'a> DecisionView<'a> {
@@ -85,10 +79,10 @@ impl<'a> DecisionView<'a> {
             message: &d.message,
             namespace: &plan.namespace,
             pipeline: &plan.pipeline,
-            reason: d.reason.as_str(),
+            reason: d.reason,
             stage: &d.stage,
             subject: Subject::of(plan, &d.stage),
-            verdict: d.verdict.as_str(),
+            verdict: d.verdict,
         }
     }
 }
@@ -125,14 +119,14 @@ impl<'a> CredentialView<'a> {
 /// A Vault policy: its name and its HCL.
 #[derive(Serialize)]
 struct PolicyView<'a> {
-    hcl: &'a str,
+    hcl: String,
     name: &'a str,
 }
 
 impl<'a> From<&'a VaultPolicy> for PolicyView<'a> {
     fn from(p: &'a VaultPolicy) -> PolicyView<'a> {
         PolicyView {
-            hcl: &p.hcl,
+            hcl: p.hcl(),
             name: &p.name,
         }
     }
@@ -166,7 +160,7 @@ impl<'a> From<&'a VaultRole> for RoleView<'a> {
 
 /// A Kubernetes object with its keys sorted at every level, as the JSON output has always
 /// shown them (k8s-openapi writes `apiVersion` and `kind` first). Only this one object is
-/// turned into a [`Value`] on the way, never the document.
+/// turned into a [`serde_json::Value`] on the way, never the document.
 struct SortedObject<'a>(&'a Object);
 
 impl Serialize for SortedObject<'_> {
@@ -200,9 +194,12 @@ impl Serialize for Document<'_> {
         doc.serialize_field(
             "credentials",
             &Seq(|| {
-                plans
-                    .iter()
-                    .flat_map(|p| p.credentials.iter().map(move |c| CredentialView::new(p, c)))
+                plans.iter().flat_map(|p| {
+                    p.vault
+                        .credentials
+                        .iter()
+                        .map(move |c| CredentialView::new(p, c))
+                })
             }),
         )?;
         doc.serialize_field(
@@ -234,7 +231,7 @@ impl Serialize for VaultSection<'_> {
             &Seq(|| {
                 plans
                     .iter()
-                    .flat_map(|p| &p.vault_policies)
+                    .flat_map(|p| &p.vault.policies)
                     .map(PolicyView::from)
             }),
         )?;
@@ -243,17 +240,12 @@ impl Serialize for VaultSection<'_> {
             &Seq(|| {
                 plans
                     .iter()
-                    .flat_map(|p| &p.vault_roles)
+                    .flat_map(|p| &p.vault.roles)
                     .map(RoleView::from)
             }),
         )?;
         vault.end()
     }
-}
-
-/// One decision as the JSON output and the decision log show it.
-pub fn decision_json(plan: &Plan, d: &Decision) -> Value {
-    serde_json::to_value(DecisionView::new(plan, d)).expect("decisions serialize to JSON")
 }
 
 /// Writes `{objects, vault: {policies, roles}, credentials, decisions}` for all plans, as one
@@ -275,7 +267,7 @@ pub fn json(plans: &[Plan]) -> String {
 ///
 /// The objects of each plan are written as the plan is given; the comments, which come after
 /// every object, are kept as text until [`YamlWriter::finish`].
-pub struct YamlWriter<W: Write> {
+pub(crate) struct YamlWriter<W: Write> {
     out: W,
     /// One object's YAML, reused.
     object: String,
@@ -314,9 +306,9 @@ impl<W: Write> YamlWriter<W> {
 
 fn vault_comments(plan: &Plan, out: &mut String) {
     use std::fmt::Write as _;
-    for policy in &plan.vault_policies {
+    for policy in &plan.vault.policies {
         let _ = writeln!(out, "# Vault policy sys/policies/acl/{}", policy.name);
-        for line in policy.hcl.lines() {
+        for line in policy.hcl().lines() {
             if line.is_empty() {
                 out.push_str("#\n");
             } else {
@@ -324,7 +316,7 @@ fn vault_comments(plan: &Plan, out: &mut String) {
             }
         }
     }
-    for role in &plan.vault_roles {
+    for role in &plan.vault.roles {
         let _ = writeln!(
             out,
             "# Vault role auth/<workloads mount>/role/{}: bound_service_account_names={} bound_service_account_namespaces={} token_policies={} token_ttl={}s token_max_ttl={}s",
@@ -339,7 +331,7 @@ fn vault_comments(plan: &Plan, out: &mut String) {
 }
 
 /// [`YamlWriter`] over all `plans`.
-pub fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
+fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
     let mut writer = YamlWriter::new(out);
     for plan in plans {
         writer.plan(plan)?;
@@ -348,7 +340,7 @@ pub fn write_yaml(plans: &[Plan], out: impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// [`write_yaml`] into a `String`.
+/// `write_yaml` into a `String`.
 pub fn yaml(plans: &[Plan]) -> String {
     let mut out = Vec::new();
     write_yaml(plans, &mut out).expect("writing to memory does not fail");
@@ -357,7 +349,7 @@ pub fn yaml(plans: &[Plan]) -> String {
 
 /// Writes, per stage, what is granted and what is denied and why, one plan at a time; then,
 /// at [`TableWriter::finish`], the totals.
-pub struct TableWriter<W: Write> {
+pub(crate) struct TableWriter<W: Write> {
     out: W,
     pipelines: u64,
     stages: u64,
@@ -406,7 +398,7 @@ impl<W: Write> TableWriter<W> {
                 }
             }
         }
-        let mut names = plan.vault_policies.iter().map(|p| p.name.as_str());
+        let mut names = plan.vault.policies.iter().map(|p| p.name.as_str());
         if let Some(first) = names.next() {
             write!(out, "  vault policies and roles: {first}")?;
             for name in names {
@@ -429,7 +421,7 @@ impl<W: Write> TableWriter<W> {
 }
 
 /// [`TableWriter`] over all `plans`.
-pub fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
+fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
     let mut writer = TableWriter::new(out);
     for plan in plans {
         writer.plan(plan)?;
@@ -438,7 +430,7 @@ pub fn write_table(plans: &[Plan], out: impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// [`write_table`] into a `String`.
+/// `write_table` into a `String`.
 pub fn table(plans: &[Plan]) -> String {
     let mut out = Vec::new();
     write_table(plans, &mut out).expect("writing to memory does not fail");

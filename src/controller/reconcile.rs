@@ -79,7 +79,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
         .iter()
         .map(|g| (**g).clone())
         .collect();
-    let plan = match plan::build(&pipeline, &namespace, &labels, &guardrails) {
+    let plan = match plan::validate_and_build(&pipeline, &namespace, &labels, &guardrails) {
         Ok(plan) => plan,
         Err(errors) => {
             let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -243,24 +243,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
         let granted_to = |stage: &str| !outcome.refused.iter().any(|(s, _)| s == stage);
         let granted = Plan {
             stages: plan.stages.clone(),
-            vault_policies: plan
-                .vault_policies
-                .iter()
-                .filter(|p| granted_to(&p.stage))
-                .cloned()
-                .collect(),
-            vault_roles: plan
-                .vault_roles
-                .iter()
-                .filter(|r| granted_to(&r.stage))
-                .cloned()
-                .collect(),
-            credentials: plan
-                .credentials
-                .iter()
-                .filter(|c| granted_to(&c.stage))
-                .cloned()
-                .collect(),
+            vault: plan.vault.for_stages(granted_to),
             ..Plan::default()
         };
         let v = vault::reconcile(&ctx, ctx.vault.as_ref(), &pipeline, &granted, &owner).await?;

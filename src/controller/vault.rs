@@ -162,8 +162,8 @@ fn problem(e: &VaultError) -> VaultProblem {
 
 /// Whether the plan or what is held for the pipeline involves Vault.
 pub fn involved(plan: &Plan, pipeline: &AIPipeline) -> bool {
-    !plan.vault_policies.is_empty()
-        || !plan.credentials.is_empty()
+    !plan.vault.policies.is_empty()
+        || !plan.vault.credentials.is_empty()
         || pipeline.finalizers().iter().any(|f| f == FINALIZER)
 }
 
@@ -331,11 +331,11 @@ pub async fn reconcile(
     owner: &OwnerReference,
 ) -> Result<VaultOutcome> {
     let mut outcome = VaultOutcome {
-        requested: plan.credentials.len(),
+        requested: plan.vault.credentials.len(),
         ..VaultOutcome::default()
     };
     let Some(vault) = vault else {
-        if !plan.vault_policies.is_empty() || !plan.credentials.is_empty() {
+        if !plan.vault.policies.is_empty() || !plan.vault.credentials.is_empty() {
             outcome.error = Some(VaultProblem {
                 reason: "VaultNotConfigured",
                 message: "the stages ask for Vault access, but the operator runs without --vault-address; nothing was written to Vault".into(),
@@ -382,6 +382,7 @@ fn delivered(plan: &Plan, state: &VaultState) -> (Vec<(String, CredentialStatus)
     let now = Utc::now();
     let mut live = 0;
     let statuses = plan
+        .vault
         .credentials
         .iter()
         .filter_map(|r| {
@@ -444,23 +445,25 @@ async fn converge(
 
     // 1. Policies and roles: names kept before they are written.
     let names_new = plan
-        .vault_policies
+        .vault
+        .policies
         .iter()
         .any(|p| !state.policies.contains(&p.name))
         || plan
-            .vault_roles
+            .vault
+            .roles
             .iter()
             .any(|r| !state.roles.contains(&r.name));
     if names_new {
         state
             .policies
-            .extend(plan.vault_policies.iter().map(|p| p.name.clone()));
+            .extend(plan.vault.policies.iter().map(|p| p.name.clone()));
         state
             .roles
-            .extend(plan.vault_roles.iter().map(|r| r.name.clone()));
+            .extend(plan.vault.roles.iter().map(|r| r.name.clone()));
         work.save(state).await?;
     }
-    for policy in &plan.vault_policies {
+    for policy in &plan.vault.policies {
         let object = format!("Vault policy {}", policy.name);
         let current = vault_call!(
             "policy_read",
@@ -468,7 +471,7 @@ async fn converge(
             object.clone(),
             endpoints::policy_read(client, &policy.name)
         );
-        if current.as_deref() != Some(policy.hcl.as_str()) {
+        if current.as_deref() != Some(policy.hcl().as_str()) {
             let why = if current.is_some() {
                 "it was changed outside Portcullis or the plan changed; writing the planned rules"
             } else {
@@ -486,12 +489,12 @@ async fn converge(
                 "policy_write",
                 Some(&policy.stage),
                 object.clone(),
-                endpoints::policy_write(client, &policy.name, &policy.hcl)
+                endpoints::policy_write(client, &policy.name, &policy.hcl())
             );
             info!(policy = %policy.name, "wrote a Vault policy");
         }
     }
-    for role in &plan.vault_roles {
+    for role in &plan.vault.roles {
         let object = format!("Vault role auth/{mount}/role/{}", role.name);
         let want = KubernetesRole {
             bound_service_account_names: role.bound_service_account_names.clone(),
@@ -549,9 +552,10 @@ async fn converge(
             .get(&ObjectRef::new(name).within(&work.namespace))
             .filter(|s| s.owner_references().iter().any(|o| o.uid == work.uid))
     };
-    let (steps, mut wake) = leases::due(Utc::now(), &plan.credentials, &state.leases, |name| {
-        secrets_of(name).is_some()
-    });
+    let (steps, mut wake) =
+        leases::due(Utc::now(), &plan.vault.credentials, &state.leases, |name| {
+            secrets_of(name).is_some()
+        });
     for step in steps {
         match step {
             Step::Issue {
@@ -559,7 +563,7 @@ async fn converge(
                 replaces,
                 why,
             } => {
-                let r = &plan.credentials[request];
+                let r = &plan.vault.credentials[request];
                 let object = format!("credential {}/{} ({})", r.stage, r.name, r.path);
                 if secrets_of(&r.secret_name).is_none() {
                     let api: Api<Secret> =
@@ -660,7 +664,7 @@ async fn converge(
                 wake = earliest(wake, record.renew_at);
             }
             Step::Renew { lease_id, request } => {
-                let r = &plan.credentials[request];
+                let r = &plan.vault.credentials[request];
                 let hash = leases::lease_hash(&lease_id);
                 let object = format!("credential {}/{} ({})", r.stage, r.name, r.path);
                 let mut e = work.entry(
@@ -757,6 +761,7 @@ async fn converge(
             && secret.labels().get(PIPELINE_LABEL) == Some(&work.name);
         if ours
             && !plan
+                .vault
                 .credentials
                 .iter()
                 .any(|r| r.secret_name == secret.name_any())
@@ -791,6 +796,7 @@ async fn converge(
     for i in pending {
         let lease = state.leases[i].clone();
         let Some(r) = plan
+            .vault
             .credentials
             .iter()
             .find(|r| r.stage == lease.stage && r.name == lease.credential)
@@ -1123,13 +1129,13 @@ async fn delete_unplanned(
     let roles: Vec<String> = state
         .roles
         .iter()
-        .filter(|n| !plan.vault_roles.iter().any(|r| &r.name == *n))
+        .filter(|n| !plan.vault.roles.iter().any(|r| &r.name == *n))
         .cloned()
         .collect();
     let policies: Vec<String> = state
         .policies
         .iter()
-        .filter(|n| !plan.vault_policies.iter().any(|p| &p.name == *n))
+        .filter(|n| !plan.vault.policies.iter().any(|p| &p.name == *n))
         .cloned()
         .collect();
     // Roles first: a role never points at a policy that is already gone.

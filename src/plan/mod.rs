@@ -6,7 +6,11 @@
 //! and every granted item has its allow decision.
 
 pub mod names;
+mod vault;
 
+pub use vault::{AclRule, CredentialRequest, RestartRef, VaultPlan, VaultPolicy, VaultRole};
+
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -19,10 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use crate::api::validate::{FieldError, parse_cidr, validate_pipeline};
-use crate::api::{
-    AIPipeline, AccessGuardrail, NetworkPort, StageRole, VaultCapability, WorkloadKind,
-};
+use crate::api::validate::{FieldError, Validated, validate};
+use crate::api::{AIPipeline, AccessGuardrail, NetworkPort, StageRole, VaultCapability};
 use crate::policy::{self, Decision, Item, Scope, StageContext, floor};
 
 /// A Kubernetes object the plan asks for.
@@ -59,48 +61,6 @@ impl Object {
     }
 }
 
-/// A Vault ACL policy.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VaultPolicy {
-    pub name: String,
-    pub stage: String,
-    pub hcl: String,
-}
-
-/// A role on the workloads' Kubernetes auth mount, with Vault's field names.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VaultRole {
-    pub name: String,
-    pub stage: String,
-    pub bound_service_account_names: Vec<String>,
-    pub bound_service_account_namespaces: Vec<String>,
-    pub token_policies: Vec<String>,
-    /// Seconds.
-    pub token_ttl: u64,
-    /// Seconds.
-    pub token_max_ttl: u64,
-}
-
-/// Dynamic credentials the operator issues for a stage and delivers as a Secret.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CredentialRequest {
-    pub stage: String,
-    pub name: String,
-    pub path: String,
-    /// Seconds.
-    pub ttl: u64,
-    pub secret_name: String,
-    pub restart_targets: Vec<RestartRef>,
-}
-
-/// A workload restarted when credentials change.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RestartRef {
-    pub kind: WorkloadKind,
-    pub name: String,
-}
-
 /// One stage's identity and the count of what it was granted and denied.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -121,9 +81,7 @@ pub struct Plan {
     pub namespace: String,
     pub stages: Vec<StageSummary>,
     pub objects: Vec<Object>,
-    pub vault_policies: Vec<VaultPolicy>,
-    pub vault_roles: Vec<VaultRole>,
-    pub credentials: Vec<CredentialRequest>,
+    pub vault: VaultPlan,
     pub decisions: Vec<Decision>,
 }
 
@@ -133,35 +91,32 @@ impl Plan {
     }
 }
 
-/// Plans `pipeline` in its namespace (`metadata.namespace`, else `default_namespace`), whose
-/// labels are `namespace_labels` (the `kubernetes.io/metadata.name` label is added here).
-pub fn build(
+/// Validates `pipeline` ([`validate`]) and plans it ([`build`]).
+pub fn validate_and_build(
     pipeline: &AIPipeline,
     default_namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
     guardrails: &[AccessGuardrail],
 ) -> Result<Plan, Vec<FieldError>> {
-    let errors = validate_pipeline(pipeline);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(build_validated(
-        pipeline,
+    let pipeline = validate(pipeline)?;
+    Ok(build(
+        &pipeline,
         default_namespace,
         namespace_labels,
         guardrails,
     ))
 }
 
-/// [`build`] for a pipeline that has already passed [`validate_pipeline`] (as every pipeline
-/// `cli::load` keeps has): the same plan, without validating the pipeline a second time.
-/// Planning a pipeline that is not valid gives a plan that means nothing.
-pub fn build_validated(
-    pipeline: &AIPipeline,
+/// Plans `pipeline` in its namespace (`metadata.namespace`, else `default_namespace`), whose
+/// labels are `namespace_labels` (the `kubernetes.io/metadata.name` label is added here).
+/// Only a [`Validated`] pipeline can be planned, so planning cannot fail.
+pub fn build(
+    validated: &Validated<impl Borrow<AIPipeline>>,
     default_namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
     guardrails: &[AccessGuardrail],
 ) -> Plan {
+    let pipeline = validated.pipeline();
     let name = pipeline.metadata.name.as_deref().unwrap_or_default();
     let namespace = pipeline
         .metadata
@@ -185,13 +140,15 @@ pub fn build_validated(
         namespace: namespace.into(),
         stages: Vec::with_capacity(stages.len()),
         objects: Vec::with_capacity(stages.len() * 4),
-        vault_policies: Vec::with_capacity(stages.len()),
-        vault_roles: Vec::with_capacity(stages.len()),
-        credentials: Vec::with_capacity(credentials),
+        vault: VaultPlan {
+            policies: Vec::with_capacity(stages.len()),
+            roles: Vec::with_capacity(stages.len()),
+            credentials: Vec::with_capacity(credentials),
+        },
         decisions: Vec::with_capacity(stages.iter().map(policy::decision_count).sum()),
     };
     let pipeline_label = names::label_value(name);
-    for (index, stage) in stages.iter().enumerate() {
+    for (index, stage) in validated.stages().enumerate() {
         let scope: &Scope<'_> = scopes[role_index(stage.role)]
             .get_or_insert_with(|| Scope::from_applicable(stage.role, &applicable));
         let ctx = StageContext {
@@ -200,7 +157,7 @@ pub fn build_validated(
             index,
         };
         let start = plan.decisions.len();
-        policy::evaluate_stage_into(ctx, &pipeline.spec, scope, &mut plan.decisions);
+        policy::evaluate_stage_into(ctx, validated, scope, &mut plan.decisions);
         let decisions = &plan.decisions[start..];
         let builder = StageBuilder {
             namespace,
@@ -217,26 +174,21 @@ pub fn build_validated(
             ]),
         };
         let sa = names::stage_object(namespace, name, &stage.name);
-        builder.objects(&sa, stage, decisions, &mut plan.objects);
-        builder.vault(
-            &sa,
-            decisions,
-            &mut plan.vault_policies,
-            &mut plan.vault_roles,
-        );
+        builder.objects(&sa, &stage, decisions, &mut plan.objects);
+        builder.vault(&sa, decisions, &mut plan.vault);
         let granted = decisions.iter().filter(|d| d.is_allowed()).count() as u32;
         let denied = decisions.len() as u32 - granted;
-        for cred in stage.vault.iter().flat_map(|v| &v.credentials) {
+        for (cred, ttl) in stage.credentials() {
             let allowed = decisions.iter().any(|d| {
                 d.is_allowed()
                     && matches!(&d.item, Item::Credential { name, .. } if *name == cred.name)
             });
             if allowed {
-                plan.credentials.push(CredentialRequest {
+                plan.vault.credentials.push(CredentialRequest {
                     stage: stage.name.clone(),
                     name: cred.name.clone(),
                     path: cred.path.clone(),
-                    ttl: crate::api::validate::parse_duration(&cred.ttl).unwrap_or_default(),
+                    ttl,
                     secret_name: cred.secret_name.clone(),
                     restart_targets: cred
                         .restart_targets
@@ -339,13 +291,7 @@ impl StageBuilder<'_> {
         }));
     }
 
-    fn vault(
-        &self,
-        sa: &str,
-        decisions: &[Decision],
-        policies: &mut Vec<VaultPolicy>,
-        roles: &mut Vec<VaultRole>,
-    ) {
+    fn vault(&self, sa: &str, decisions: &[Decision], out: &mut VaultPlan) {
         let mut paths: BTreeMap<&str, BTreeSet<VaultCapability>> = BTreeMap::new();
         let mut token_ttl = None;
         for d in decisions {
@@ -368,30 +314,20 @@ impl StageBuilder<'_> {
             return;
         }
         let name = names::vault_object(self.namespace, self.pipeline, self.stage);
-        let mut hcl = format!(
-            "# Managed by Portcullis: pipeline {}/{}, stage {}. Do not edit; changes are reverted.\n",
-            self.namespace, self.pipeline, self.stage
-        );
-        for (path, caps) in &paths {
-            hcl.push_str("\npath ");
-            hcl_string_into(path, &mut hcl);
-            hcl.push_str(" {\n  capabilities = [");
-            for (i, c) in caps.iter().enumerate() {
-                if i > 0 {
-                    hcl.push_str(", ");
-                }
-                hcl.push('"');
-                hcl.push_str(c.as_str());
-                hcl.push('"');
-            }
-            hcl.push_str("]\n}\n");
-        }
-        policies.push(VaultPolicy {
+        out.policies.push(VaultPolicy {
             name: name.clone(),
+            namespace: self.namespace.into(),
+            pipeline: self.pipeline.into(),
             stage: self.stage.into(),
-            hcl,
+            rules: paths
+                .into_iter()
+                .map(|(path, capabilities)| AclRule {
+                    path: path.into(),
+                    capabilities,
+                })
+                .collect(),
         });
-        roles.push(VaultRole {
+        out.roles.push(VaultRole {
             name: name.clone(),
             stage: self.stage.into(),
             bound_service_account_names: vec![sa.into()],
@@ -401,32 +337,6 @@ impl StageBuilder<'_> {
             token_max_ttl: self.scope.max_ttl,
         });
     }
-}
-
-/// `s` as an HCL string literal (tests).
-#[cfg(test)]
-fn hcl_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    hcl_string_into(s, &mut out);
-    out
-}
-
-/// Appends `s` as an HCL string literal to `out`. Validation already keeps quotes, backslashes
-/// and template markers out of Vault paths; escaping them here as well means no path can ever
-/// close the string and add rules of its own.
-fn hcl_string_into(s: &str, out: &mut String) {
-    out.push('"');
-    if s.contains(['\\', '"', '{']) {
-        let escaped = s
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace("${", "$${")
-            .replace("%{", "%%{");
-        out.push_str(&escaped);
-    } else {
-        out.push_str(s);
-    }
-    out.push('"');
 }
 
 /// resource -> verbs
@@ -528,11 +438,9 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
                 ]),
             }),
             Item::Egress(rule) => {
-                let peer = match (&rule.cidr, &rule.namespace) {
-                    (Some(cidr), _) => {
-                        let except = parse_cidr(cidr)
-                            .map(|n| floor::metadata_excepts(&n))
-                            .unwrap_or_default();
+                let peer = match (&rule.cidr, &rule.namespace, rule.net) {
+                    (Some(cidr), _, Some(net)) => {
+                        let except = floor::metadata_excepts(&net);
                         NetworkPolicyPeer {
                             ip_block: Some(IPBlock {
                                 cidr: cidr.clone(),
@@ -541,12 +449,12 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
                             ..NetworkPolicyPeer::default()
                         }
                     }
-                    (None, Some(ns)) => NetworkPolicyPeer {
+                    (None, Some(ns), _) => NetworkPolicyPeer {
                         namespace_selector: Some(namespace_by_name(ns)),
                         pod_selector: rule.pod_selector.clone(),
                         ip_block: None,
                     },
-                    (None, None) => continue,
+                    _ => continue,
                 };
                 egress.push(NetworkPolicyEgressRule {
                     to: Some(vec![peer]),
@@ -554,11 +462,9 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
                 });
             }
             Item::Ingress(rule) => {
-                let peer = match &rule.from_cidr {
-                    Some(cidr) => {
-                        let except = parse_cidr(cidr)
-                            .map(|n| floor::metadata_excepts(&n))
-                            .unwrap_or_default();
+                let peer = match (&rule.from_cidr, rule.net) {
+                    (Some(cidr), Some(net)) => {
+                        let except = floor::metadata_excepts(&net);
                         NetworkPolicyPeer {
                             ip_block: Some(IPBlock {
                                 cidr: cidr.clone(),
@@ -567,7 +473,7 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
                             ..NetworkPolicyPeer::default()
                         }
                     }
-                    None => NetworkPolicyPeer {
+                    _ => NetworkPolicyPeer {
                         namespace_selector: rule.from_namespace_selector.clone(),
                         pod_selector: rule.from_pod_selector.clone(),
                         ip_block: None,
@@ -586,21 +492,5 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
         policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
         ingress: (!ingress.is_empty()).then_some(ingress),
         egress: (!egress.is_empty()).then_some(egress),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hcl_strings_cannot_be_closed_from_inside() {
-        assert_eq!(hcl_string("kv/data/x/*"), "\"kv/data/x/*\"");
-        let hostile = r#"kv/x"{capabilities=["sudo"]}path"sys/*"#;
-        let quoted = hcl_string(hostile);
-        // Every quote inside is escaped, so the literal ends only at the last character.
-        let inner = &quoted[1..quoted.len() - 1];
-        assert!(!inner.replace("\\\"", "").contains('"'), "{quoted}");
-        assert_eq!(hcl_string("a${b}%{c}\\"), "\"a$${b}%%{c}\\\\\"");
     }
 }

@@ -7,12 +7,12 @@
 use sha2::{Digest, Sha256};
 
 /// The longest DNS-1123 label.
-pub const MAX_LABEL: usize = 63;
+const MAX_LABEL: usize = 63;
 
 /// The label every object Portcullis manages carries.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "portcullis");
+pub(crate) const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "portcullis");
 /// The label naming the pipeline an object belongs to.
-pub const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
+pub(crate) const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
 /// The label naming the stage an object belongs to.
 pub const STAGE_LABEL: &str = "portcullis.dev/stage";
 
@@ -53,17 +53,17 @@ fn join_within(parts: &[&str], identity: &[&str]) -> String {
 }
 
 /// The name of a stage's ServiceAccount, Role, RoleBinding and NetworkPolicy: `<pipeline>-<stage>`.
-pub fn stage_object(namespace: &str, pipeline: &str, stage: &str) -> String {
+pub(crate) fn stage_object(namespace: &str, pipeline: &str, stage: &str) -> String {
     join_within(&[pipeline, stage], &[namespace, pipeline, stage])
 }
 
 /// The name of a stage's Vault ACL policy and Kubernetes-auth role: `<namespace>-<pipeline>-<stage>`.
-pub fn vault_object(namespace: &str, pipeline: &str, stage: &str) -> String {
+pub(crate) fn vault_object(namespace: &str, pipeline: &str, stage: &str) -> String {
     join_within(&[namespace, pipeline, stage], &[namespace, pipeline, stage])
 }
 
 /// A label value: at most 63 characters, cut with a hash when longer.
-pub fn label_value(value: &str) -> String {
+pub(crate) fn label_value(value: &str) -> String {
     if value.len() <= MAX_LABEL {
         return value.to_string();
     }

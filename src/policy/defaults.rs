@@ -13,13 +13,13 @@ use crate::api::{
 };
 
 /// The longest lifetime when no guardrail says otherwise.
-pub const MAX_TTL_SECONDS: u64 = 3600;
+pub(crate) const MAX_TTL_SECONDS: u64 = 3600;
 
 /// The Vault token lifetime a stage gets when it does not ask for one (capped by maxTTL).
-pub const TOKEN_TTL_SECONDS: u64 = 20 * 60;
+pub(crate) const TOKEN_TTL_SECONDS: u64 = 20 * 60;
 
 /// The built-in ceiling.
-pub fn ceiling() -> &'static Ceiling {
+pub(crate) fn ceiling() -> &'static Ceiling {
     static CEILING: OnceLock<Ceiling> = OnceLock::new();
     CEILING.get_or_init(|| Ceiling {
         kubernetes: vec![KubernetesCeiling {

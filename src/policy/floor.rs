@@ -11,7 +11,7 @@ type Refusal = (Reason, String);
 pub const ESCALATION_VERBS: [&str; 5] = ["escalate", "bind", "impersonate", "approve", "sign"];
 
 /// Subresources that run code in, or reach into, other workloads, or mint tokens.
-pub const FORBIDDEN_SUBRESOURCES: [&str; 5] = [
+const FORBIDDEN_SUBRESOURCES: [&str; 5] = [
     "pods/exec",
     "pods/attach",
     "pods/portforward",
@@ -20,14 +20,14 @@ pub const FORBIDDEN_SUBRESOURCES: [&str; 5] = [
 ];
 
 /// API groups whose writes change who may do what in the cluster.
-pub const PRIVILEGED_WRITE_GROUPS: [&str; 3] = [
+const PRIVILEGED_WRITE_GROUPS: [&str; 3] = [
     "rbac.authorization.k8s.io",
     "admissionregistration.k8s.io",
     "apiextensions.k8s.io",
 ];
 
 /// Verbs that change objects.
-pub const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
+const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
 
 /// Cluster-scoped resources of the built-in API groups, as (group, resource).
 pub const CLUSTER_SCOPED: [(&str, &str); 24] = [
@@ -74,22 +74,22 @@ pub const CLUSTER_SCOPED: [(&str, &str); 24] = [
 
 /// Cloud instance metadata addresses: credentials of the node live behind them.
 /// The IPv4 address is also listed in its IPv4-mapped IPv6 form.
-pub const METADATA_ADDRESSES: [&str; 3] = [
+const METADATA_ADDRESSES: [&str; 3] = [
     "169.254.169.254/32",
     "fd00:ec2::254/128",
     "::ffff:169.254.169.254/128",
 ];
 
 /// Vault mounts that administer Vault itself.
-pub const VAULT_SYSTEM_MOUNTS: [&str; 3] = ["sys", "auth", "identity"];
+const VAULT_SYSTEM_MOUNTS: [&str; 3] = ["sys", "auth", "identity"];
 
 /// The resource without its subresource: `pods/log` -> `pods`.
-pub fn resource_base(resource: &str) -> &str {
+pub(crate) fn resource_base(resource: &str) -> &str {
     resource.split('/').next().unwrap_or(resource)
 }
 
 /// The floor for one verb on one resource.
-pub fn kubernetes(
+pub(crate) fn kubernetes(
     group: &str,
     resource: &str,
     verb: &str,
@@ -151,7 +151,7 @@ fn metadata_nets() -> &'static [IpNet; 3] {
 }
 
 /// The floor for one egress address range.
-pub fn egress(net: &IpNet) -> Result<(), Refusal> {
+pub(crate) fn egress(net: &IpNet) -> Result<(), Refusal> {
     for meta in metadata_nets() {
         if meta.contains(net) {
             return Err((
@@ -166,7 +166,7 @@ pub fn egress(net: &IpNet) -> Result<(), Refusal> {
 }
 
 /// The metadata addresses inside `net`, cut out of it with `except` in the NetworkPolicy.
-pub fn metadata_excepts(net: &IpNet) -> Vec<String> {
+pub(crate) fn metadata_excepts(net: &IpNet) -> Vec<String> {
     METADATA_ADDRESSES
         .iter()
         .zip(metadata_nets())
@@ -176,7 +176,7 @@ pub fn metadata_excepts(net: &IpNet) -> Vec<String> {
 }
 
 /// The floor for one capability on one Vault path.
-pub fn vault_path(path: &str, capability: VaultCapability) -> Result<(), Refusal> {
+pub(crate) fn vault_path(path: &str, capability: VaultCapability) -> Result<(), Refusal> {
     let Some(mount) = vault_path::mount(path) else {
         return Err((
             Reason::WildcardForbidden,

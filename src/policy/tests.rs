@@ -2,8 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use super::scope::placeholders;
 use super::*;
-use crate::api::{AIPipeline, AccessGuardrail};
+use crate::api::validate::validate;
+use crate::api::{AIPipeline, AccessGuardrail, StageRole};
 
 fn pipeline(yaml: &str) -> AIPipeline {
     serde_saphyr::from_str(yaml).expect("test pipeline parses")
@@ -37,7 +39,7 @@ fn decide(
         pipeline: "fraud",
         index,
     };
-    evaluate_stage(ctx, &p.spec, &scope)
+    evaluate_stage(ctx, &validate(p).expect("test pipeline is valid"), &scope)
         .into_iter()
         .map(|d| (d.item.to_string(), d.reason))
         .collect()
@@ -287,7 +289,7 @@ fn several_guardrails_intersect_and_the_refusing_one_is_named() {
         pipeline: "fraud",
         index: 0,
     };
-    let decisions = evaluate_stage(ctx, &p.spec, &scope);
+    let decisions = evaluate_stage(ctx, &validate(p).expect("test pipeline is valid"), &scope);
     let wide = decisions
         .iter()
         .find(|d| d.item.to_string() == "egress 0.0.0.0/0 all ports")

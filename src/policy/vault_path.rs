@@ -4,7 +4,7 @@
 /// Whether every path matched by `specific` is also matched by `general`.
 ///
 /// Both are Vault ACL paths. A concrete path (no globs) is covered when `general` matches it.
-pub fn covers(general: &str, specific: &str) -> bool {
+pub(crate) fn covers(general: &str, specific: &str) -> bool {
     let (g_body, g_star) = split_star(general);
     let (s_body, s_star) = split_star(specific);
     let mut g = g_body.split('/').peekable();
@@ -41,7 +41,7 @@ pub fn covers(general: &str, specific: &str) -> bool {
 }
 
 /// Whether the glob `pattern` matches the concrete path `path`.
-pub fn matches(pattern: &str, path: &str) -> bool {
+pub(crate) fn matches(pattern: &str, path: &str) -> bool {
     covers(pattern, path)
 }
 
@@ -53,7 +53,7 @@ fn split_star(path: &str) -> (&str, bool) {
 }
 
 /// The mount a path starts with (its first segment), or None when the first segment holds a glob.
-pub fn mount(path: &str) -> Option<&str> {
+pub(crate) fn mount(path: &str) -> Option<&str> {
     let first = path.split('/').next().unwrap_or("");
     let is_glob = first == "+" || path.len() == first.len() && path.ends_with('*');
     (!is_glob && !first.is_empty()).then_some(first)

@@ -1,0 +1,267 @@
+//! The decision vocabulary: what was asked for ([`Item`]), the verdict on it ([`Verdict`],
+//! [`Reason`]) and the [`Decision`] that holds all three with the message for the user.
+
+use std::fmt;
+use std::ops::Deref;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::api::validate::format_duration;
+use crate::api::{EgressRule, IngressRule, NetworkPort, VaultCapability};
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "Allow",
+            Verdict::Deny => "Deny",
+        }
+    }
+}
+
+/// Why a decision went the way it did. The names are stable: alerts, dashboards and the
+/// decision log match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Reason {
+    /// Allowed: every applicable AccessGuardrail allows it.
+    WithinGuardrail,
+    /// Allowed: no AccessGuardrail applies, and the built-in defaults allow it.
+    WithinDefaults,
+    /// Allowed: name resolution through kube-dns, which every stage gets unless a guardrail
+    /// turns it off.
+    DnsByDefault,
+    /// `*` in an API group, resource, verb, resource name or Vault mount.
+    WildcardForbidden,
+    /// escalate, bind, impersonate, approve or sign.
+    EscalationVerb,
+    /// pods/exec, pods/attach, pods/portforward, any `/proxy`, serviceaccounts/token.
+    ForbiddenSubresource,
+    /// A cluster-scoped resource: a Role in the pipeline's namespace cannot grant it.
+    ClusterScoped,
+    /// A write to RBAC, admission webhooks, CRDs or namespaces.
+    PrivilegedWrite,
+    /// Secrets without resourceNames, or a Secret not delivered to this stage.
+    SecretNotOwned,
+    /// Another stage's credentials.
+    CrossStageCredential,
+    /// Not allowed by an applicable AccessGuardrail (or by the defaults).
+    OutsideGuardrail,
+    /// Egress to the cloud metadata address.
+    MetadataEndpoint,
+    /// A credential or token lifetime longer than the guardrail's maxTTL.
+    TtlTooLong,
+    /// The Vault `sudo` capability.
+    SudoCapability,
+    /// Vault `sys/`, `auth/` or `identity/` paths.
+    VaultSystemPath,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::WithinGuardrail => "WithinGuardrail",
+            Reason::WithinDefaults => "WithinDefaults",
+            Reason::DnsByDefault => "DnsByDefault",
+            Reason::WildcardForbidden => "WildcardForbidden",
+            Reason::EscalationVerb => "EscalationVerb",
+            Reason::ForbiddenSubresource => "ForbiddenSubresource",
+            Reason::ClusterScoped => "ClusterScoped",
+            Reason::PrivilegedWrite => "PrivilegedWrite",
+            Reason::SecretNotOwned => "SecretNotOwned",
+            Reason::CrossStageCredential => "CrossStageCredential",
+            Reason::OutsideGuardrail => "OutsideGuardrail",
+            Reason::MetadataEndpoint => "MetadataEndpoint",
+            Reason::TtlTooLong => "TtlTooLong",
+            Reason::SudoCapability => "SudoCapability",
+            Reason::VaultSystemPath => "VaultSystemPath",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One requested item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// One verb on one resource (for Secrets: on one named Secret).
+    Kubernetes {
+        api_group: String,
+        resource: String,
+        verb: String,
+        resource_names: Vec<String>,
+    },
+    /// DNS to kube-dns; not requested, granted by default.
+    Dns,
+    /// One egress rule.
+    Egress(WithCidr<EgressRule>),
+    /// One ingress rule.
+    Ingress(WithCidr<IngressRule>),
+    /// One capability on one Vault path.
+    VaultPath {
+        path: String,
+        capability: VaultCapability,
+    },
+    /// The lifetime of the stage's Vault tokens.
+    VaultTokenTtl { seconds: u64 },
+    /// One dynamic credential.
+    Credential {
+        name: String,
+        path: String,
+        ttl_seconds: u64,
+        secret_name: String,
+    },
+}
+
+/// A network rule and the CIDR it names (`cidr`, `fromCIDR`), as validation parsed it; None
+/// when the rule names no CIDR. Reads as the rule itself through `Deref`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WithCidr<R> {
+    pub rule: R,
+    /// The CIDR, parsed. (Not named `cidr`: the field would hide `EgressRule::cidr`, the text.)
+    pub net: Option<IpNet>,
+}
+
+impl<R> Deref for WithCidr<R> {
+    type Target = R;
+
+    fn deref(&self) -> &R {
+        &self.rule
+    }
+}
+
+fn ports_text(ports: &[NetworkPort]) -> String {
+    if ports.is_empty() {
+        return "all ports".into();
+    }
+    ports
+        .iter()
+        .map(|p| format!("{}/{}", p.protocol.as_str(), p.port))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn selector_text(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    match kube::core::Selector::try_from(s.clone()) {
+        Ok(sel) if sel.selects_all() => "all".into(),
+        Ok(sel) => sel.to_string(),
+        Err(_) => "invalid selector".into(),
+    }
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Item::Kubernetes {
+                api_group,
+                resource,
+                verb,
+                resource_names,
+            } => {
+                let group = if api_group.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{api_group}")
+                };
+                write!(f, "{verb} {resource}{group}")?;
+                if !resource_names.is_empty() {
+                    write!(f, "/{}", resource_names.join(","))?;
+                }
+                Ok(())
+            }
+            Item::Dns => write!(f, "egress dns kube-system/kube-dns UDP/53,TCP/53"),
+            Item::Egress(rule) => {
+                write!(f, "egress ")?;
+                match (&rule.cidr, &rule.namespace) {
+                    (Some(cidr), _) => write!(f, "{cidr}")?,
+                    (None, Some(ns)) => {
+                        write!(f, "namespace {ns}")?;
+                        if let Some(pods) = &rule.pod_selector {
+                            write!(f, " pods {}", selector_text(pods))?;
+                        }
+                    }
+                    (None, None) => write!(f, "nowhere")?,
+                }
+                write!(f, " {}", ports_text(&rule.ports))
+            }
+            Item::Ingress(rule) => {
+                write!(f, "ingress from ")?;
+                if let Some(cidr) = &rule.from_cidr {
+                    write!(f, "{cidr}")?;
+                }
+                if let Some(ns) = &rule.from_namespace_selector {
+                    write!(f, "namespaces {}", selector_text(ns))?;
+                }
+                if let Some(pods) = &rule.from_pod_selector {
+                    let sep = if rule.from_namespace_selector.is_some() {
+                        " "
+                    } else {
+                        ""
+                    };
+                    write!(f, "{sep}pods {}", selector_text(pods))?;
+                }
+                write!(f, " {}", ports_text(&rule.ports))
+            }
+            Item::VaultPath { path, capability } => {
+                write!(f, "vault {} {path}", capability.as_str())
+            }
+            Item::VaultTokenTtl { seconds } => {
+                write!(f, "vault token ttl {}", format_duration(*seconds))
+            }
+            Item::Credential {
+                name,
+                path,
+                ttl_seconds,
+                ..
+            } => {
+                write!(
+                    f,
+                    "credential {name} from {path} ttl {}",
+                    format_duration(*ttl_seconds)
+                )
+            }
+        }
+    }
+}
+
+impl Item {
+    /// A short word for the kind of item, for tables and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Item::Kubernetes { .. } => "rbac",
+            Item::Dns | Item::Egress(_) | Item::Ingress(_) => "network",
+            Item::VaultPath { .. } | Item::VaultTokenTtl { .. } => "vault",
+            Item::Credential { .. } => "credential",
+        }
+    }
+}
+
+/// The verdict on one requested item of one stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The stage's name.
+    pub stage: String,
+    /// Where the item was asked for, such as `spec.stages[0].permissions[1]`.
+    pub field: String,
+    pub item: Item,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// What happened and, for a denial, what to do about it.
+    pub message: String,
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
