@@ -31,8 +31,9 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{error, info, warn};
 
+pub use crate::k8s::FIELD_MANAGER;
+pub use apply::json_subset;
 use apply::{AppliedState, ChildStores};
-pub use apply::{FIELD_MANAGER, json_subset};
 use metrics::Metrics;
 
 use crate::api::{AIPipeline, AccessGuardrail};
@@ -147,16 +148,9 @@ impl Context {
         Recorder::new(self.client.clone(), self.reporter.clone())
     }
 
-    /// A namespace's labels, with `kubernetes.io/metadata.name` (which clusters before 1.21 do
-    /// not set).
+    /// A namespace's labels as selectors see them.
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        let mut labels = self
-            .namespaces
-            .get(&ObjectRef::new(namespace))
-            .map(|n| n.labels().clone())
-            .unwrap_or_default();
-        labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
-        labels
+        crate::k8s::namespace_labels(&self.namespaces, namespace)
     }
 
     /// Drops what is remembered per AIPipeline for those no longer in `live` (uids): deleted
@@ -315,7 +309,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
             .filter_map(move |event| {
                 let own = match &event {
                     Ok(watcher::Event::Apply(o)) => applied.is_own_write(
-                        <$kind as k8s_openapi::Resource>::KIND,
+                        <$kind as crate::k8s::Managed>::KIND,
                         o.namespace().as_deref().unwrap_or_default(),
                         &o.name_any(),
                         o.resource_version().as_deref().unwrap_or_default(),
@@ -356,9 +350,9 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 scoped::<PartialObjectMeta<Secret>>(&client, &config.watch_namespace),
                 watcher::Config::default().labels(&format!(
                     "{}={},{}",
-                    vault::MANAGED_BY.0,
-                    vault::MANAGED_BY.1,
-                    vault::PIPELINE_LABEL
+                    crate::k8s::MANAGED_BY.0,
+                    crate::k8s::MANAGED_BY.1,
+                    crate::k8s::PIPELINE_LABEL
                 )),
             )
             .modify(|meta| meta.managed_fields_mut().clear()),
@@ -565,12 +559,8 @@ fn guardrail_mapper(
             .state()
             .iter()
             .filter(|p| {
-                let ns = p.namespace().unwrap_or_default();
-                let mut labels = namespaces
-                    .get(&ObjectRef::new(&ns))
-                    .map(|n| n.labels().clone())
-                    .unwrap_or_default();
-                labels.insert("kubernetes.io/metadata.name".into(), ns);
+                let labels =
+                    crate::k8s::namespace_labels(&namespaces, &p.namespace().unwrap_or_default());
                 versions.iter().any(|g| {
                     crate::policy::selects(&g.spec.namespace_selector, &labels)
                         && p.spec

@@ -12,13 +12,14 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::apply::{Applier, Change, FIELD_MANAGER, Intent};
+use super::apply::{Applier, Change, Intent};
 use super::metrics::{DecisionLabels, Metrics, ResultLabels};
 use super::status::{self, Outcome};
 use super::vault;
 use super::{Context, Error, Result};
 use crate::api::{AIPipeline, AIPipelineStatus};
 use crate::audit::{Action as AuditAction, Entry};
+use crate::k8s::FIELD_MANAGER;
 use crate::plan::{self, Plan};
 
 /// Reconciles one AIPipeline. Children are cleaned up by owner references when it is deleted.
@@ -194,7 +195,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
     for (change, error) in changes.iter().zip(&results) {
         match (&change.intent, error) {
             (Intent::RefuseAdoption { reason }, _) => {
-                Metrics::kind(&ctx.metrics.adoptions_refused, change.kind);
+                Metrics::kind(&ctx.metrics.adoptions_refused, change.kind.as_str());
                 outcome
                     .refused
                     .push((change.stage.clone(), change.object()));
@@ -214,10 +215,12 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
                     .errors
                     .push(format!("{} {}: {error}", intent.action(), change.object()));
             }
-            (Intent::Prune { .. }, None) => Metrics::kind(&ctx.metrics.pruned, change.kind),
+            (Intent::Prune { .. }, None) => {
+                Metrics::kind(&ctx.metrics.pruned, change.kind.as_str())
+            }
             (Intent::RevertDrift, None) => {
-                Metrics::kind(&ctx.metrics.drift_reverts, change.kind);
-                Metrics::kind(&ctx.metrics.applied, change.kind);
+                Metrics::kind(&ctx.metrics.drift_reverts, change.kind.as_str());
+                Metrics::kind(&ctx.metrics.applied, change.kind.as_str());
                 info!(object = %change.object(), "reverted a change made outside Portcullis");
                 publish(
                     &recorder,
@@ -232,7 +235,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
                 )
                 .await;
             }
-            (_, None) => Metrics::kind(&ctx.metrics.applied, change.kind),
+            (_, None) => Metrics::kind(&ctx.metrics.applied, change.kind.as_str()),
         }
     }
 

@@ -27,11 +27,11 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 use vaultrs::client::VaultClient;
 
-use super::apply::FIELD_MANAGER;
 use super::metrics::VaultLabels;
 use super::{Context, Error, Result};
 use crate::api::{AIPipeline, CredentialStatus, WorkloadKind};
 use crate::audit::{Action as AuditAction, Entry};
+use crate::k8s::{FIELD_MANAGER, MANAGED_BY, PIPELINE_LABEL, STAGE_LABEL};
 use crate::plan::{CredentialRequest, Plan};
 use crate::vault::endpoints::{self, KubernetesRole};
 use crate::vault::leases::{self, LeaseRecord, Step};
@@ -41,10 +41,6 @@ use crate::vault::{Session, VaultError};
 pub const FINALIZER: &str = "portcullis.dev/vault-cleanup";
 /// The pod-template annotation that restarts a workload.
 pub const RESTARTED_AT: &str = "portcullis.dev/restarted-at";
-/// Labels on the Secrets Portcullis writes.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "portcullis");
-pub const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
-pub const STAGE_LABEL: &str = "portcullis.dev/stage";
 
 /// Settings and state shared by every pipeline's Vault work.
 pub struct VaultCtx {

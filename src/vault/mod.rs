@@ -266,7 +266,7 @@ impl Session {
         });
         api.patch(
             TOKEN_SECRET,
-            &PatchParams::apply(crate::controller::FIELD_MANAGER).force(),
+            &PatchParams::apply(crate::k8s::FIELD_MANAGER).force(),
             &Patch::Apply(&secret),
         )
         .await
