@@ -1,4 +1,7 @@
-//! Vault: the operator's session (login, token renewal) and the typed calls it makes.
+//! Vault: the operator's session (login, token renewal) and the typed calls it makes. Vault
+//! HTTP only: this module knows nothing of Kubernetes or of the controller. Where the session
+//! keeps its token between restarts is a [`TokenStore`] it is given (the controller's is a
+//! Secret in the operator's namespace).
 //!
 //! The production path is [vaultrs] against a real Vault; [`endpoints`] adds the few routes
 //! vaultrs 0.8 lacks, on vaultrs's own client.
@@ -10,7 +13,7 @@
 //! theirs. Portcullis therefore:
 //! - logs in through Kubernetes auth with a role that gives a **periodic** token (`token_period`),
 //!   which has no max TTL and lives as long as it is renewed; it renews at half its TTL;
-//! - keeps the token in a Secret in its own namespace, so a restarted or new leader goes on
+//! - keeps the token in its [`TokenStore`] (a Secret in its own namespace), so a restarted or new leader goes on
 //!   with the same token (after `lookup-self` shows it is still valid) instead of logging in
 //!   again and leaving the old token, and every lease it made, to expire: the failure of Vault
 //!   Secrets Operator's issue #285;
@@ -23,21 +26,15 @@
 pub mod endpoints;
 pub mod leases;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
-use kube::api::{Patch, PatchParams};
-use serde_json::json;
 use tokio::sync::RwLock;
 use tracing::{info, warn};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
-
-/// Where the operator's Vault token is kept, in its own namespace.
-pub const TOKEN_SECRET: &str = "portcullis-vault-token";
 
 /// How to reach Vault and log in.
 #[derive(Debug, Clone)]
@@ -54,47 +51,130 @@ pub struct VaultConfig {
     /// The Kubernetes auth mount on which the workloads' roles are written.
     pub workload_auth_mount: String,
     pub request_timeout: Duration,
-    /// The operator's own namespace: its token Secret and the lease state Secrets live there.
+    /// The operator's own namespace: its token Secret and the lease state Secrets live there
+    /// (the controller's business; the session only hands it back).
     pub state_namespace: String,
+}
+
+/// Where the operator's token is kept across restarts and leader changes, so that a new leader
+/// resumes the token (and with it every lease it made) instead of logging in again.
+pub trait TokenStore: Send + Sync + 'static {
+    /// The kept token, if there is one.
+    fn load(&self) -> impl Future<Output = Result<Option<String>, TokenStoreError>> + Send;
+    /// Keeps `token`, replacing the one kept before.
+    fn save(&self, token: &str) -> impl Future<Output = Result<(), TokenStoreError>> + Send;
+}
+
+/// A [`TokenStore`] that failed: what it was doing, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{action}: {source}")]
+pub struct TokenStoreError {
+    /// Such as `reading Secret portcullis-system/portcullis-vault-token`.
+    pub action: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// A failed Vault call, sorted by what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
-    /// Vault could not be reached, timed out, is sealed, or failed (5xx): retry later.
-    #[error("Vault is unavailable: {0}")]
-    Unavailable(String),
+    /// Vault could not be reached or timed out: retry later.
+    #[error("Vault is unavailable: {operation}: {}", chain(source))]
+    Unreachable {
+        operation: String,
+        #[source]
+        source: ClientError,
+    },
+    /// Vault answered with a server error (5xx, such as sealed): retry later.
+    #[error("Vault is unavailable: {operation}: HTTP {code}: {}", errors.join("; "))]
+    ServerError {
+        operation: String,
+        code: u16,
+        errors: Vec<String>,
+    },
     /// Vault refused the request (4xx): a permission or configuration problem.
-    #[error("Vault refused the request: {0}")]
-    Refused(String),
+    #[error("Vault refused the request: {operation}: HTTP {code}: {}", errors.join("; "))]
+    Refused {
+        operation: String,
+        code: u16,
+        errors: Vec<String>,
+    },
+    /// The operator's ServiceAccount token, which it logs in with, cannot be read.
+    #[error(
+        "cannot log in to Vault: reading the ServiceAccount token {}: {source}; set --vault-auth-token-path",
+        path.display()
+    )]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Vault refused the operator's login.
+    #[error(
+        "cannot log in to Vault: auth/{mount}/login as role {role}: HTTP {code}: {}; check the role's bound ServiceAccount names and namespaces",
+        errors.join("; ")
+    )]
+    LoginRefused {
+        mount: String,
+        role: String,
+        code: u16,
+        errors: Vec<String>,
+    },
+    /// Keeping the operator's token in its [`TokenStore`] failed.
+    #[error("keeping the operator's Vault token: {0}")]
+    TokenStore(#[source] TokenStoreError),
+}
+
+/// What a [`VaultError`] means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaultErrorKind {
+    /// Vault is unreachable or failing: retry later.
+    Unavailable,
+    /// Vault refused the request.
+    Refused,
     /// The operator cannot log in.
-    #[error("cannot log in to Vault: {0}")]
-    Login(String),
-    /// Keeping the operator's token in its Secret failed.
-    #[error("Kubernetes API while keeping the Vault token: {0}")]
-    Kube(String),
+    Login,
+    /// The token store failed.
+    TokenStore,
 }
 
 impl VaultError {
     pub fn from_client(operation: &str, e: ClientError) -> VaultError {
+        let operation = operation.to_string();
         match e {
-            ClientError::APIError { code, errors } if code < 500 => {
-                VaultError::Refused(format!("{operation}: HTTP {code}: {}", errors.join("; ")))
+            ClientError::APIError { code, errors } if code < 500 => VaultError::Refused {
+                operation,
+                code,
+                errors,
+            },
+            ClientError::APIError { code, errors } => VaultError::ServerError {
+                operation,
+                code,
+                errors,
+            },
+            source => VaultError::Unreachable { operation, source },
+        }
+    }
+
+    pub fn kind(&self) -> VaultErrorKind {
+        match self {
+            VaultError::Unreachable { .. } | VaultError::ServerError { .. } => {
+                VaultErrorKind::Unavailable
             }
-            ClientError::APIError { code, errors } => {
-                VaultError::Unavailable(format!("{operation}: HTTP {code}: {}", errors.join("; ")))
-            }
-            other => VaultError::Unavailable(format!("{operation}: {}", chain(&other))),
+            VaultError::Refused { .. } => VaultErrorKind::Refused,
+            VaultError::TokenFile { .. } | VaultError::LoginRefused { .. } => VaultErrorKind::Login,
+            VaultError::TokenStore(_) => VaultErrorKind::TokenStore,
         }
     }
 
     /// A short, stable label for metrics.
     pub fn label(&self) -> &'static str {
-        match self {
-            VaultError::Unavailable(_) => "unavailable",
-            VaultError::Refused(_) => "refused",
-            VaultError::Login(_) => "login_failed",
-            VaultError::Kube(_) => "kube_error",
+        match self.kind() {
+            VaultErrorKind::Unavailable => "unavailable",
+            VaultErrorKind::Refused => "refused",
+            VaultErrorKind::Login => "login_failed",
+            // The token store is a Kubernetes Secret; the label predates the trait.
+            VaultErrorKind::TokenStore => "kube_error",
         }
     }
 }
@@ -111,23 +191,25 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The operator's Vault session: a client with a valid token, renewed in the background.
-pub struct Session {
+/// The operator's Vault session: a client with a valid token, renewed in the background, kept
+/// in `S`.
+pub struct Session<S> {
     config: VaultConfig,
-    kube: kube::Client,
+    store: S,
     client: RwLock<VaultClient>,
     /// Seconds the token had left at its last login, lookup or renewal, and whether it can be
     /// renewed.
     token_ttl: std::sync::Mutex<Option<(u64, bool)>>,
 }
 
-impl Session {
-    /// A session without a token yet: the first call logs in (or resumes the kept token).
-    pub fn new(config: VaultConfig, kube: kube::Client) -> Result<Arc<Session>, String> {
+impl<S: TokenStore> Session<S> {
+    /// A session without a token yet: the first call logs in (or resumes the token kept in
+    /// `store`).
+    pub fn new(config: VaultConfig, store: S) -> Result<Arc<Session<S>>, String> {
         let client = build_client(&config, "")?;
         Ok(Arc::new(Session {
             config,
-            kube,
+            store,
             client: RwLock::new(client),
             token_ttl: std::sync::Mutex::new(None),
         }))
@@ -175,7 +257,8 @@ impl Session {
 
     async fn establish(&self, client: &mut VaultClient) -> Result<(), VaultError> {
         // 1. The kept token, if Vault still knows it.
-        if let Some(token) = self.kept_token().await? {
+        let kept = self.store.load().await.map_err(VaultError::TokenStore)?;
+        if let Some(token) = kept.filter(|t| !t.is_empty()) {
             vaultrs::client::Client::set_token(client, &token);
             match endpoints::token_lookup_self(client).await {
                 Ok(lookup) if lookup.ttl > 0 => {
@@ -199,11 +282,11 @@ impl Session {
             vaultrs::client::Client::set_token(client, "");
         }
         // 2. Log in with the ServiceAccount token.
-        let jwt = std::fs::read_to_string(&self.config.auth_token_path).map_err(|e| {
-            VaultError::Login(format!(
-                "reading the ServiceAccount token {}: {e}; set --vault-auth-token-path",
-                self.config.auth_token_path.display()
-            ))
+        let jwt = std::fs::read_to_string(&self.config.auth_token_path).map_err(|source| {
+            VaultError::TokenFile {
+                path: self.config.auth_token_path.clone(),
+                source,
+            }
         })?;
         let auth = endpoints::kubernetes_login(
             client,
@@ -213,13 +296,15 @@ impl Session {
         )
         .await
         .map_err(|e| match e {
-            ClientError::APIError { code, errors } if code < 500 => VaultError::Login(format!(
-                "auth/{}/login as role {}: HTTP {code}: {}; check the role's bound ServiceAccount names and namespaces",
-                self.config.auth_mount,
-                self.config.auth_role,
-                errors.join("; ")
-            )),
-            other => VaultError::from_client(&format!("auth/{}/login", self.config.auth_mount), other),
+            ClientError::APIError { code, errors } if code < 500 => VaultError::LoginRefused {
+                mount: self.config.auth_mount.clone(),
+                role: self.config.auth_role.clone(),
+                code,
+                errors,
+            },
+            other => {
+                VaultError::from_client(&format!("auth/{}/login", self.config.auth_mount), other)
+            }
         })?;
         vaultrs::client::Client::set_token(client, &auth.client_token);
         let lookup = endpoints::token_lookup_self(client)
@@ -234,49 +319,10 @@ impl Session {
         }
         info!(policies = ?auth.policies, ttl_seconds = auth.lease_duration, period_seconds = lookup.period.unwrap_or(0), "logged in to Vault");
         *self.token_ttl.lock().expect("ttl lock") = Some((auth.lease_duration, auth.renewable));
-        self.keep_token(&auth.client_token).await
-    }
-
-    async fn kept_token(&self) -> Result<Option<String>, VaultError> {
-        let api: Api<Secret> = Api::namespaced(self.kube.clone(), &self.config.state_namespace);
-        let secret = api.get_opt(TOKEN_SECRET).await.map_err(|e| {
-            VaultError::Kube(format!(
-                "reading Secret {}/{TOKEN_SECRET}: {e}",
-                self.config.state_namespace
-            ))
-        })?;
-        Ok(secret
-            .and_then(|s| s.data)
-            .and_then(|d| d.get("token").cloned())
-            .and_then(|b| String::from_utf8(b.0).ok())
-            .filter(|t| !t.is_empty()))
-    }
-
-    async fn keep_token(&self, token: &str) -> Result<(), VaultError> {
-        let api: Api<Secret> = Api::namespaced(self.kube.clone(), &self.config.state_namespace);
-        let secret = json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": TOKEN_SECRET,
-                "labels": {"app.kubernetes.io/managed-by": "portcullis"},
-            },
-            "type": "Opaque",
-            "stringData": {"token": token},
-        });
-        api.patch(
-            TOKEN_SECRET,
-            &PatchParams::apply(crate::k8s::FIELD_MANAGER).force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .map_err(|e| {
-            VaultError::Kube(format!(
-                "writing Secret {}/{TOKEN_SECRET}: {e}",
-                self.config.state_namespace
-            ))
-        })?;
-        Ok(())
+        self.store
+            .save(&auth.client_token)
+            .await
+            .map_err(VaultError::TokenStore)
     }
 
     /// Renews the token at half its TTL, forever; a token Vault no longer knows is replaced by a
