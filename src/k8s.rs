@@ -31,8 +31,14 @@ pub use k8s_openapi::jiff::Timestamp;
 pub use kube::api::{
     ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, Preconditions,
 };
+pub use kube::runtime::controller::{Action, Config as ControllerConfig};
+pub use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 pub use kube::runtime::reflector::{ObjectRef, Store};
-pub use kube::{Api, Client, Resource, ResourceExt};
+pub use kube::runtime::{Controller, WatchStreamExt, predicates, reflector, watcher};
+pub use kube::{Api, Client, Error as KubeError, Resource, ResourceExt};
+
+/// A Kubernetes API call's result.
+pub type KubeResult<T> = Result<T, KubeError>;
 
 /// The field manager of every write Portcullis makes.
 pub const FIELD_MANAGER: &str = "portcullis";

@@ -19,9 +19,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::k8s::{
-    Api, Client, DeleteParams, FIELD_MANAGER, Managed, ManagedKind, NetworkPolicy, ObjectRef,
-    OwnerReference, PartialObjectMeta, Patch, PatchParams, Preconditions, ResourceExt, Role,
-    RoleBinding, STAGE_LABEL, ServiceAccount, Store, is_not_found,
+    Api, Client, DeleteParams, FIELD_MANAGER, KubeError, KubeResult, Managed, ManagedKind,
+    NetworkPolicy, ObjectRef, OwnerReference, PartialObjectMeta, Patch, PatchParams, Preconditions,
+    ResourceExt, Role, RoleBinding, STAGE_LABEL, ServiceAccount, Store, is_not_found,
 };
 use crate::plan::Object;
 
@@ -211,7 +211,7 @@ impl Applier<'_> {
         namespace: &str,
         objects: &[Object],
         owner: &OwnerReference,
-    ) -> kube::Result<Vec<Change>> {
+    ) -> KubeResult<Vec<Change>> {
         // One read per object at most, all at once.
         let reads = objects.iter().map(|object| async move {
             let mut value = serde_json::to_value(object).expect("planned objects serialize");
@@ -223,7 +223,7 @@ impl Applier<'_> {
                 self.intent::<K>(store, namespace, name, &value, &hash, uid)
                     .await
             })?;
-            Ok::<_, kube::Error>(intent.map(|intent| Change {
+            Ok::<_, KubeError>(intent.map(|intent| Change {
                 kind,
                 namespace: namespace.into(),
                 name: name.into(),
@@ -274,7 +274,7 @@ impl Applier<'_> {
         desired: &Value,
         hash: &str,
         uid: &str,
-    ) -> kube::Result<Option<Intent>>
+    ) -> KubeResult<Option<Intent>>
     where
         K: Managed,
     {
@@ -333,7 +333,7 @@ impl Applier<'_> {
     }
 
     /// Makes the changes. Returns, per change, the error if it failed.
-    pub async fn execute(&self, changes: &[Change]) -> Vec<Option<kube::Error>> {
+    pub async fn execute(&self, changes: &[Change]) -> Vec<Option<KubeError>> {
         let futures = changes.iter().map(|c| self.execute_one(c));
         futures::future::join_all(futures)
             .await
@@ -342,7 +342,7 @@ impl Applier<'_> {
             .collect()
     }
 
-    async fn execute_one(&self, change: &Change) -> kube::Result<()> {
+    async fn execute_one(&self, change: &Change) -> KubeResult<()> {
         match &change.intent {
             Intent::RefuseAdoption { .. } => Ok(()),
             _ => with_kind!(self.stores, change.kind, |K, _store| self
@@ -351,7 +351,7 @@ impl Applier<'_> {
         }
     }
 
-    async fn write<K>(&self, change: &Change) -> kube::Result<()>
+    async fn write<K>(&self, change: &Change) -> KubeResult<()>
     where
         K: Managed,
     {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::journal::JournalError;
 use super::vault::VaultProblem;
+use crate::k8s::KubeError;
 
 /// What kind of failure an [`Error`] is, which decides how it is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +48,7 @@ impl Category {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    Kube(#[from] KubeError),
     #[error("decision log: {0}")]
     Audit(#[from] JournalError),
     #[error("applying the plan: {0}")]
@@ -108,7 +109,7 @@ pub struct ApplyFailure {
     pub action: &'static str,
     /// `Kind namespace/name`.
     pub object: String,
-    pub source: kube::Error,
+    pub source: KubeError,
 }
 
 impl std::fmt::Display for ApplyFailure {

@@ -1,9 +1,8 @@
 //! Events on the AIPipeline.
 
-use kube::runtime::events::{Event, EventType, Recorder};
 use tracing::warn;
 
-use crate::k8s::ObjectReference;
+use crate::k8s::{Event, EventType, ObjectReference, Recorder};
 
 /// Publishes an Event about the pipeline at `reference`; a failure is logged, not returned.
 pub async fn publish(

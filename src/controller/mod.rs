@@ -32,8 +32,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::runtime::events::{Recorder, Reporter};
-
 pub use apply::json_subset;
 use apply::{AppliedState, ChildStores};
 pub use error::{ApplyFailure, ApplyFailures, Category, Error, Result};
@@ -43,7 +41,7 @@ pub use run::{RunError, run};
 use crate::api::{AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
 pub use crate::k8s::FIELD_MANAGER;
-use crate::k8s::{Client, Namespace, PartialObjectMeta, Store};
+use crate::k8s::{Client, Namespace, PartialObjectMeta, Recorder, Reporter, Store};
 
 /// Settings of `portcullis run`.
 #[derive(Debug, Clone)]

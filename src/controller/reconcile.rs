@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -29,8 +27,8 @@ use super::vault::{self, VaultOutcome, VaultSide};
 use super::{Context, Error, Result};
 use crate::api::{AIPipeline, AIPipelineStatus};
 use crate::k8s::{
-    Api, FIELD_MANAGER, ObjectReference, OwnerReference, Patch, PatchParams, Resource, ResourceExt,
-    now,
+    Action, Api, EventType, FIELD_MANAGER, ObjectReference, OwnerReference, Patch, PatchParams,
+    Recorder, Resource, ResourceExt, now,
 };
 use crate::plan::{self, Plan};
 

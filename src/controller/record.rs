@@ -1,7 +1,6 @@
 //! The record step: the plan's decisions and the changes about to be made go to the decision
 //! log, durably and in one append, before anything changes.
 
-use kube::runtime::events::EventType;
 use sha2::{Digest, Sha256};
 
 use super::apply::{Change, Intent};
@@ -10,6 +9,7 @@ use super::metrics::DecisionLabels;
 use super::reconcile::Target;
 use super::{Context, Result};
 use crate::audit::{Action as AuditAction, Entry};
+use crate::k8s::EventType;
 use crate::plan::Plan;
 
 /// What the record step came to.

@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use kube::runtime::events::Reporter;
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use tracing::{error, info, warn};
 
 use super::apply::{AppliedState, ChildStores};
@@ -19,15 +17,16 @@ use super::{Context, RunConfig, http, journal, reconcile};
 use crate::api::{AIPipeline, AccessGuardrail};
 use crate::audit::AuditLog;
 use crate::k8s::{
-    Api, Client, FIELD_MANAGER, MANAGED_BY, Managed, Namespace, NamespaceResourceScope,
-    NetworkPolicy, ObjectRef, PIPELINE_LABEL, PartialObjectMeta, ResourceExt, Role, RoleBinding,
-    Secret, ServiceAccount, Store,
+    Api, Client, Controller, ControllerConfig, FIELD_MANAGER, MANAGED_BY, Managed, Namespace,
+    NamespaceResourceScope, NetworkPolicy, ObjectRef, PIPELINE_LABEL, PartialObjectMeta, Reporter,
+    ResourceExt, Role, RoleBinding, Secret, ServiceAccount, Store, WatchStreamExt, predicates,
+    reflector, watcher,
 };
 
 /// An Api over every namespace, or over the one being watched.
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
 where
-    K: kube::Resource<Scope = NamespaceResourceScope>
+    K: crate::k8s::Resource<Scope = NamespaceResourceScope>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
@@ -265,12 +264,12 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     )
     .default_backoff()
     .applied_objects()
-    .predicate_filter(kube::runtime::predicates::generation, Default::default());
+    .predicate_filter(predicates::generation, Default::default());
     let controller = Controller::for_stream(pipeline_events, pipelines.clone())
         // A short debounce folds the burst of watch events that one reconcile's own writes cause
         // (and the controller manager's reactions to them) into one follow-up reconcile.
         .with_config(
-            kube::runtime::controller::Config::default()
+            ControllerConfig::default()
                 .concurrency(config.concurrency)
                 .debounce(Duration::from_millis(250)),
         );

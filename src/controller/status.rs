@@ -7,7 +7,7 @@
 //! written again.
 
 use crate::api::{AIPipelineStatus, CredentialStatus, DeniedItem, StageStatus};
-use crate::k8s::{Condition, Time};
+use crate::k8s::{Condition, Time, Timestamp};
 use crate::plan::Plan;
 
 /// Denied items listed per stage in the status; the rest are counted, and all are in the
@@ -119,7 +119,7 @@ fn condition(
         reason: reason.as_str().into(),
         message,
         observed_generation: generation,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
     }
 }
 
@@ -411,7 +411,7 @@ mod tests {
     use super::*;
 
     fn t(secs: i64) -> Time {
-        Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid time"))
+        Time(Timestamp::from_second(secs).expect("valid time"))
     }
 
     #[test]
@@ -461,7 +461,7 @@ mod vault_conditions {
             &outcome,
             Some(1),
             None,
-            Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            Time(Timestamp::UNIX_EPOCH),
         )
     }
 

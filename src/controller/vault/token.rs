@@ -1,10 +1,9 @@
 //! The operator's Vault token, kept in a Secret in its own namespace: the controller's
 //! [`TokenStore`] for the Vault session.
 
-use kube::Client;
 use serde_json::json;
 
-use crate::k8s::{Api, FIELD_MANAGER, MANAGED_BY, Patch, PatchParams, Secret};
+use crate::k8s::{Api, Client, FIELD_MANAGER, KubeError, MANAGED_BY, Patch, PatchParams, Secret};
 use crate::vault::{TokenStore, TokenStoreError};
 
 /// The Secret the operator's Vault token is kept in, in its own namespace.
@@ -28,7 +27,7 @@ impl SecretTokenStore {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    fn failed(&self, doing: &str, source: kube::Error) -> TokenStoreError {
+    fn failed(&self, doing: &str, source: KubeError) -> TokenStoreError {
         TokenStoreError {
             action: format!(
                 "Kubernetes API: {doing} Secret {}/{TOKEN_SECRET}",
