@@ -57,10 +57,19 @@ pub fn namespace_labels(
     namespaces: &Store<PartialObjectMeta<Namespace>>,
     namespace: &str,
 ) -> BTreeMap<String, String> {
-    let mut labels = namespaces
+    let labels = namespaces
         .get(&ObjectRef::new(namespace))
         .map(|n| n.labels().clone())
         .unwrap_or_default();
+    with_name_label(labels, namespace)
+}
+
+/// `labels` of `namespace` with `kubernetes.io/metadata.name` set to its name, as the API server
+/// sets it: the one place that label is added (pure, for the planner and the CLI too).
+pub fn with_name_label(
+    mut labels: BTreeMap<String, String>,
+    namespace: &str,
+) -> BTreeMap<String, String> {
     labels.insert(METADATA_NAME_LABEL.into(), namespace.into());
     labels
 }
