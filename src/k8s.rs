@@ -31,7 +31,7 @@ pub use k8s_openapi::jiff::Timestamp;
 pub use kube::api::{
     ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, Preconditions,
 };
-pub use kube::runtime::controller::{Action, Config as ControllerConfig};
+pub use kube::runtime::controller::{Action, Config as ControllerConfig, Error as ControllerError};
 pub use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 pub use kube::runtime::reflector::{ObjectRef, Store};
 pub use kube::runtime::{Controller, WatchStreamExt, predicates, reflector, watcher};

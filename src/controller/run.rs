@@ -2,11 +2,13 @@
 //! feed the controller, the housekeeping that forgets deleted pipelines, and shutdown.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use kube_lease_manager::LeaseManagerError;
 use tracing::{error, info, warn};
 
 use super::apply::{AppliedState, ChildStores};
@@ -15,12 +17,12 @@ use super::vault::token::SecretTokenStore;
 use super::vault::{VaultCtx, VaultSession};
 use super::{Context, RunConfig, http, journal, reconcile};
 use crate::api::{AIPipeline, AccessGuardrail};
-use crate::audit::AuditLog;
+use crate::audit::{AuditError, AuditLog};
 use crate::k8s::{
-    Api, Client, Controller, ControllerConfig, FIELD_MANAGER, MANAGED_BY, Managed, Namespace,
-    NamespaceResourceScope, NetworkPolicy, ObjectRef, PIPELINE_LABEL, PartialObjectMeta, Reporter,
-    ResourceExt, Role, RoleBinding, Secret, ServiceAccount, Store, WatchStreamExt, predicates,
-    reflector, watcher,
+    Api, Client, Controller, ControllerConfig, ControllerError, FIELD_MANAGER, MANAGED_BY, Managed,
+    Namespace, NamespaceResourceScope, NetworkPolicy, ObjectRef, PIPELINE_LABEL, PartialObjectMeta,
+    Reporter, ResourceExt, Role, RoleBinding, Secret, ServiceAccount, Store, WatchStreamExt,
+    predicates, reflector, watcher,
 };
 
 /// An Api over every namespace, or over the one being watched.
@@ -89,15 +91,15 @@ fn child<K: Managed>(
 
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
-    let key = crate::audit::load_key(&config.audit_key).map_err(|e| run_error(e.to_string()))?;
+    let key = crate::audit::load_key(&config.audit_key).map_err(RunError::AuditKey)?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(http::Health::default());
-    let listener = http::bind(config.metrics_addr).await.map_err(|e| {
-        run_error(format!(
-            "cannot listen on {} for /healthz, /readyz and /metrics: {e}",
-            config.metrics_addr
-        ))
-    })?;
+    let listener = http::bind(config.metrics_addr)
+        .await
+        .map_err(|source| RunError::Listen {
+            address: config.metrics_addr,
+            source,
+        })?;
     info!(address = %config.metrics_addr, "serving /healthz, /readyz and /metrics");
     tokio::spawn(http::serve(listener, health.clone(), metrics.clone()));
 
@@ -116,7 +118,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
                 .with_field_manager(FIELD_MANAGER)
                 .build()
                 .await
-                .map_err(|e| run_error(format!("leader election: {e}")))?;
+                .map_err(RunError::LeaderElection)?;
         let (mut is_leader, task) = manager.watch().await;
         health.ready.store(true, Ordering::Relaxed);
         info!(lease = %config.lease_name, namespace = %config.lease_namespace, identity = %config.identity, "waiting to become the leader");
@@ -126,7 +128,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
             }
             tokio::select! {
                 changed = is_leader.changed() => if changed.is_err() {
-                    return Err(run_error("leader election stopped"));
+                    return Err(RunError::LeaderElectionStopped);
                 },
                 () = &mut shutdown => {
                     info!("shutting down before becoming the leader");
@@ -144,8 +146,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 
     // The decision log is opened (its chain verified and continued) only now, as the leader: a
     // standby sharing the file must not hold a stale view of the chain.
-    let mut audit =
-        AuditLog::open(&config.audit_log, &key).map_err(|e| run_error(e.to_string()))?;
+    let mut audit = AuditLog::open(&config.audit_log, &key).map_err(RunError::AuditLog)?;
     if let Some(bytes) = audit.truncated_tail() {
         warn!(bytes, path = %config.audit_log.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
     }
@@ -214,7 +215,8 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let vault_ctx = match &config.vault {
         Some(v) => {
             let store = SecretTokenStore::new(client.clone(), &v.connection.state_namespace);
-            let session = VaultSession::new(v.connection.clone(), store).map_err(run_error)?;
+            let session =
+                VaultSession::new(v.connection.clone(), store).map_err(RunError::VaultClient)?;
             tokio::spawn(session.clone().keep_renewed());
             info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
             let chrono =
@@ -239,8 +241,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         children: children.clone(),
         applied: applied.clone(),
         metrics: metrics.clone(),
-        journal: journal::Journal::start(audit)
-            .map_err(|e| run_error(format!("cannot start the decision log writer: {e}")))?,
+        journal: journal::Journal::start(audit).map_err(RunError::Journal)?,
         reporter: Reporter {
             controller: "portcullis".into(),
             instance: Some(config.identity.clone()),
@@ -344,7 +345,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
             None => futures::future::pending::<()>().await,
         }
     };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
     let stop = async move {
         let _ = stop_rx.await;
     };
@@ -359,15 +360,25 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         .watches_stream(namespace_events, namespace_mapper)
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
+        .for_each(|result| {
+            match result {
+                // Counted and logged by error_policy.
+                Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
+                Err(ControllerError::ObjectNotFound(object)) => {
+                    tracing::debug!(%object, "a scheduled reconcile's pipeline is gone");
+                }
+                Err(error) => warn!(%error, "the controller's watch or queue failed"),
+            }
+            futures::future::ready(())
+        });
     tokio::pin!(run);
 
     let reason = tokio::select! {
-        () = &mut run => "the controller stopped",
-        () = &mut shutdown => "shutdown requested",
-        () = lost_leadership => "lost the leader Lease",
+        () = &mut run => Stop::ControllerStopped,
+        () = &mut shutdown => Stop::Shutdown,
+        () = lost_leadership => Stop::LostLease,
     };
-    info!(reason, "stopping: finishing the reconciles in flight");
+    info!(%reason, "stopping: finishing the reconciles in flight");
     let _ = stop_tx.send(reason);
     if tokio::time::timeout(Duration::from_secs(20), &mut run)
         .await
@@ -376,11 +387,11 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         warn!("reconciles did not finish within 20 s");
     }
     metrics.leader.set(0);
-    if reason == "lost the leader Lease" {
+    if reason == Stop::LostLease {
         error!(
             "another replica holds the leader Lease now; exiting so that this one restarts as a standby"
         );
-        return Err(run_error("lost the leader Lease"));
+        return Err(RunError::LostLease);
     }
     Ok(())
 }
@@ -453,11 +464,45 @@ fn namespace_mapper(
     }
 }
 
+/// Why the controller stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    ControllerStopped,
+    Shutdown,
+    LostLease,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::ControllerStopped => "the controller stopped",
+            Stop::Shutdown => "shutdown requested",
+            Stop::LostLease => "lost the leader Lease",
+        })
+    }
+}
+
 /// Why `portcullis run` could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RunError(pub String);
-
-fn run_error(message: impl Into<String>) -> RunError {
-    RunError(message.into())
+pub enum RunError {
+    #[error("{0}")]
+    AuditKey(#[source] AuditError),
+    #[error("cannot listen on {address} for /healthz, /readyz and /metrics: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("leader election: {0}")]
+    LeaderElection(#[source] LeaseManagerError),
+    #[error("leader election stopped")]
+    LeaderElectionStopped,
+    #[error("{0}")]
+    AuditLog(#[source] AuditError),
+    #[error("cannot start the decision log writer: {0}")]
+    Journal(#[source] std::io::Error),
+    #[error("{0}")]
+    VaultClient(#[source] crate::vault::ClientBuildError),
+    #[error("lost the leader Lease")]
+    LostLease,
 }

@@ -205,7 +205,7 @@ pub struct Session<S> {
 impl<S: TokenStore> Session<S> {
     /// A session without a token yet: the first call logs in (or resumes the token kept in
     /// `store`).
-    pub fn new(config: VaultConfig, store: S) -> Result<Arc<Session<S>>, String> {
+    pub fn new(config: VaultConfig, store: S) -> Result<Arc<Session<S>>, ClientBuildError> {
         let client = build_client(&config, "")?;
         Ok(Arc::new(Session {
             config,
@@ -381,7 +381,24 @@ impl<S: TokenStore> Session<S> {
     }
 }
 
-fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient, String> {
+/// The Vault client cannot be built from the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("--vault-address {address}: {source}")]
+    Settings {
+        address: String,
+        #[source]
+        source: vaultrs::client::VaultClientSettingsBuilderError,
+    },
+    #[error("--vault-address {address}: {}", chain(source))]
+    Client {
+        address: String,
+        #[source]
+        source: ClientError,
+    },
+}
+
+fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient, ClientBuildError> {
     // One TLS crypto provider in the process: ring, which kube uses too. vaultrs's HTTP client
     // is built without a provider of its own (feature `rustls-no-provider`) and takes this one.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -401,7 +418,12 @@ fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient, String
         .namespace(config.namespace.clone());
     let settings = settings
         .build()
-        .map_err(|e| format!("--vault-address {}: {e}", config.address))?;
-    VaultClient::new(settings)
-        .map_err(|e| format!("--vault-address {}: {}", config.address, chain(&e)))
+        .map_err(|source| ClientBuildError::Settings {
+            address: config.address.clone(),
+            source,
+        })?;
+    VaultClient::new(settings).map_err(|source| ClientBuildError::Client {
+        address: config.address.clone(),
+        source,
+    })
 }
