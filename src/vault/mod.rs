@@ -427,3 +427,45 @@ fn build_client(config: &VaultConfig, token: &str) -> Result<VaultClient, Client
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> ClientError {
+        ClientError::APIError {
+            code,
+            errors: vec!["permission denied".into(), "twice".into()],
+        }
+    }
+
+    #[test]
+    fn client_errors_are_sorted_by_what_to_do_and_say_what_failed() {
+        let refused = VaultError::from_client("policy_write", api(403));
+        assert_eq!(refused.kind(), VaultErrorKind::Refused);
+        assert_eq!(refused.label(), "refused");
+        assert_eq!(
+            refused.to_string(),
+            "Vault refused the request: policy_write: HTTP 403: permission denied; twice"
+        );
+        let sealed = VaultError::from_client("issue", api(503));
+        assert_eq!(sealed.kind(), VaultErrorKind::Unavailable);
+        assert_eq!(sealed.label(), "unavailable");
+        assert_eq!(
+            sealed.to_string(),
+            "Vault is unavailable: issue: HTTP 503: permission denied; twice"
+        );
+        let unreachable = VaultError::from_client("renew", ClientError::ResponseEmptyError);
+        assert_eq!(unreachable.kind(), VaultErrorKind::Unavailable);
+        assert_eq!(
+            unreachable.to_string(),
+            "Vault is unavailable: renew: The request returned an empty response"
+        );
+        let store = VaultError::TokenStore(TokenStoreError {
+            action: "reading the token".into(),
+            source: "gone".into(),
+        });
+        assert_eq!(store.label(), "kube_error");
+        assert!(std::error::Error::source(&store).is_some());
+    }
+}

@@ -399,3 +399,73 @@ fn earliest(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>>
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(code: u16) -> VaultProblem {
+        VaultProblem::Call(VaultError::from_client(
+            "issue",
+            ClientError::APIError {
+                code,
+                errors: vec!["x".into()],
+            },
+        ))
+    }
+
+    #[test]
+    fn each_problem_has_its_condition_reason_and_retry_category() {
+        assert_eq!(call(503).reason(), Reason::VaultUnavailable);
+        assert_eq!(call(503).category(), Category::Unavailable);
+        assert_eq!(call(403).reason(), Reason::VaultRefused);
+        assert_eq!(call(403).category(), Category::Refused);
+        let not_owned = VaultProblem::SecretNotOwned {
+            namespace: "ml".into(),
+            name: "db".into(),
+            credential: "credential ingest/db (database/creds/x)".into(),
+        };
+        assert_eq!(not_owned.reason(), Reason::SecretNotOwned);
+        assert_eq!(
+            not_owned.to_status().message,
+            "Secret ml/db exists and is not this pipeline's; no credentials were issued for credential ingest/db (database/creds/x). Delete or rename that Secret, or choose another secretName"
+        );
+        for p in [
+            VaultProblem::NotConfigured,
+            VaultProblem::CleanupNotConfigured,
+        ] {
+            assert_eq!(p.reason(), Reason::VaultNotConfigured);
+            assert_eq!(p.category(), Category::Invalid);
+        }
+        // The reconcile's error says "Vault: " and the problem, as the status does.
+        assert_eq!(
+            Error::Vault(call(403)).to_string(),
+            format!("Vault: {}", call(403))
+        );
+    }
+
+    #[test]
+    fn the_vault_side_keeps_only_the_stages_asked_for() {
+        let side = VaultSide {
+            policies: vec![VaultPolicy {
+                name: "p".into(),
+                stage: "ingest".into(),
+                hcl: String::new(),
+            }],
+            credentials: vec![CredentialRequest {
+                stage: "train".into(),
+                name: "db".into(),
+                path: "database/creds/x".into(),
+                ttl: 60,
+                secret_name: "db".into(),
+                restart_targets: Vec::new(),
+            }],
+            ..VaultSide::default()
+        };
+        assert!(side.asks_for_vault());
+        let side = side.only_stages(|s| s == "train");
+        assert!(side.policies.is_empty());
+        assert_eq!(side.credentials.len(), 1);
+        assert!(!side.only_stages(|_| false).asks_for_vault());
+    }
+}
