@@ -191,7 +191,7 @@ async fn apply(
     let results = applier.execute(changes).await;
     let mut applied = Applied::default();
     for (change, result) in changes.iter().zip(results) {
-        let kind = change.kind.as_str();
+        let kind = change.kind;
         match (&change.intent, result) {
             (Intent::RefuseAdoption { reason }, _) => {
                 Metrics::kind(&ctx.metrics.adoptions_refused, kind);
