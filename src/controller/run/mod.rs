@@ -27,7 +27,7 @@ use crate::k8s::{
     Client, Controller, ControllerConfig, ControllerError, PartialObjectMeta, Reporter, Secret,
     Store, WatchStreamExt, predicates, reflector, watcher,
 };
-use caches::Caches;
+use caches::{Caches, Streams};
 use leader::Elected;
 
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
@@ -141,20 +141,28 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         let _ = stop_rx.await;
     };
 
+    // Every stream, so that every cache fills: a new managed kind does not compile until its
+    // stream is handed to the controller here.
+    let Streams {
+        guardrails,
+        namespaces,
+        service_accounts,
+        roles,
+        role_bindings,
+        network_policies,
+        secrets,
+    } = streams;
     let run = controller
-        .owns_stream(streams.service_accounts)
-        .owns_stream(streams.roles)
-        .owns_stream(streams.role_bindings)
-        .owns_stream(streams.network_policies)
-        .owns_stream(streams.secrets)
+        .owns_stream(service_accounts)
+        .owns_stream(roles)
+        .owns_stream(role_bindings)
+        .owns_stream(network_policies)
+        .owns_stream(secrets)
         .watches_stream(
-            streams.guardrails,
+            guardrails,
             mappers::guardrail_mapper(pipelines.clone(), caches.namespaces.clone()),
         )
-        .watches_stream(
-            streams.namespaces,
-            mappers::namespace_mapper(pipelines.clone()),
-        )
+        .watches_stream(namespaces, mappers::namespace_mapper(pipelines.clone()))
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|result| {
