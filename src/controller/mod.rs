@@ -66,6 +66,9 @@ pub struct RunConfig {
 #[derive(Debug, Clone)]
 pub struct VaultRunConfig {
     pub connection: crate::vault::VaultConfig,
+    /// The operator's own namespace: its Vault token Secret and the pipelines' Vault state
+    /// Secrets live there.
+    pub state_namespace: String,
     /// How long replaced credentials stay valid after their consumers restart.
     pub revoke_grace: Duration,
     /// A workload is restarted at most once per this interval.

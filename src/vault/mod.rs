@@ -50,10 +50,8 @@ pub struct VaultConfig {
     /// The Kubernetes auth mount on which the workloads' roles are written.
     pub workload_auth_mount: String,
     pub request_timeout: Duration,
-    /// The operator's own namespace: its token Secret and the lease state Secrets live there
-    /// (the controller's business; the session only hands it back).
-    pub state_namespace: String,
 }
+
 /// Where the operator's token is kept across restarts and leader changes, so that a new leader
 /// resumes the token (and with it every lease it made) instead of logging in again.
 pub trait TokenStore: Send + Sync + 'static {

@@ -208,13 +208,14 @@ fn vault_context(
     v: &VaultRunConfig,
     secrets: Store<PartialObjectMeta<Secret>>,
 ) -> Result<VaultCtx, RunError> {
-    let store = SecretTokenStore::new(client.clone(), &v.connection.state_namespace);
+    let store = SecretTokenStore::new(client.clone(), &v.state_namespace);
     let session = VaultSession::new(v.connection.clone(), store).map_err(RunError::VaultClient)?;
     tokio::spawn(session.clone().keep_renewed());
     info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
     let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
     Ok(VaultCtx::new(
         session,
+        v.state_namespace.clone(),
         chrono(v.revoke_grace),
         chrono(v.restart_min_interval),
         v.max_restarts_per_minute,

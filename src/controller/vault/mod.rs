@@ -50,6 +50,8 @@ pub type VaultSession = Session<SecretTokenStore>;
 /// Settings and state shared by every pipeline's Vault work.
 pub struct VaultCtx {
     pub session: Arc<VaultSession>,
+    /// The operator's own namespace, where the pipelines' state Secrets live.
+    pub state_namespace: String,
     /// How long replaced credentials stay valid (after their consumers' restart).
     pub grace: chrono::Duration,
     /// Policies and roles are compared with Vault at least this often.
@@ -63,6 +65,7 @@ pub struct VaultCtx {
 impl VaultCtx {
     pub fn new(
         session: Arc<VaultSession>,
+        state_namespace: String,
         grace: chrono::Duration,
         restart_min_interval: chrono::Duration,
         max_restarts_per_minute: usize,
@@ -71,6 +74,7 @@ impl VaultCtx {
     ) -> VaultCtx {
         VaultCtx {
             session,
+            state_namespace,
             grace,
             resync,
             secrets,

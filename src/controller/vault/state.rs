@@ -38,10 +38,7 @@ fn secret_name(uid: &str) -> String {
 
 impl Work<'_> {
     fn state_api(&self) -> Api<Secret> {
-        Api::namespaced(
-            self.ctx.client.clone(),
-            &self.vault.session.config().state_namespace,
-        )
+        Api::namespaced(self.ctx.client.clone(), &self.vault.state_namespace)
     }
 
     /// Caches the pipeline's state, and moves the lease gauge by the change in its lease count.
