@@ -1,10 +1,10 @@
 //! `portcullis run`: the controller that applies plans to the cluster.
 //!
-//! - [`run`](mod@run): the process around the reconciles: leader election, the caches and
-//!   watches that feed them, and housekeeping;
-//! - [`reconcile`](mod@reconcile): one AIPipeline, as the steps
+//! - `run/`: the process around the reconciles: leader election, the caches and watches that
+//!   feed them, and housekeeping;
+//! - `reconcile`: one AIPipeline, as the steps
 //!   `cleanup | plan -> record -> apply -> vault -> status`;
-//! - [`apply`] (managed objects), [`record`] (the decision log), [`vault`] (the Vault side),
+//! - `apply` (managed objects), `record` (the decision log), `vault/` (the Vault side),
 //!   [`status`] (pure: the status from what the steps came to);
 //! - [`Error`]: everything a reconcile can fail with, by [`Category`].
 //!

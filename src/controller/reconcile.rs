@@ -5,10 +5,11 @@
 //!   | plan -> record -> apply -> vault -> status (every other)
 //! ```
 //!
-//! Each step is a named function with a typed outcome: [`plan`] a `Plan` (or the spec's
-//! errors), [`record`](super::record::record) what is now in the decision log, [`apply`] what
-//! became of the managed objects, [`vault`] the Vault side, and [`status`] the status it
-//! writes and what the reconcile returns.
+//! Each step is a named function with a typed outcome: [`cleanup()`] an `Action`, [`plan()`] a
+//! `Plan` (or the spec's errors), [`record()`](super::record::record) what is now in the
+//! decision log ([`Recorded`]), [`apply()`] what became of the managed objects ([`Applied`]),
+//! [`vault()`] the Vault side ([`VaultOutcome`]), and [`status()`] the status it writes and what
+//! the reconcile returns.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
