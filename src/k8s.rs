@@ -154,6 +154,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_planned_object_has_its_managed_kind() {
+        use crate::plan::Object;
+        for object in [
+            Object::ServiceAccount(ServiceAccount::default()),
+            Object::Role(Role::default()),
+            Object::RoleBinding(RoleBinding::default()),
+            Object::NetworkPolicy(NetworkPolicy::default()),
+        ] {
+            assert_eq!(ManagedKind::of(&object).as_str(), object.kind());
+        }
+    }
+
+    #[test]
     fn kind_names_are_the_kubernetes_kinds() {
         assert_eq!(ManagedKind::ServiceAccount.as_str(), "ServiceAccount");
         assert_eq!(ManagedKind::Role.as_str(), "Role");

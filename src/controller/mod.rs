@@ -106,6 +106,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// Reads and writes the managed objects.
+    fn applier(&self) -> apply::Applier<'_> {
+        apply::Applier {
+            client: &self.client,
+            stores: &self.children,
+            applied: &self.applied,
+        }
+    }
+
     fn recorder(&self) -> Recorder {
         Recorder::new(self.client.clone(), self.reporter.clone())
     }

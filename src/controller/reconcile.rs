@@ -51,11 +51,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
         Err(errors) => return invalid(&ctx, &target, &errors).await,
     };
     let owner = owner_reference(&pipeline)?;
-    let applier = Applier {
-        client: &ctx.client,
-        stores: &ctx.children,
-        applied: &ctx.applied,
-    };
+    let applier = ctx.applier();
     let changes = applier
         .intents(&target.namespace, &plan.objects, &owner)
         .await?;
