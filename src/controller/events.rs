@@ -1,16 +1,45 @@
 //! Events on the AIPipeline.
 
-use tracing::warn;
-
 use crate::k8s::{Event, EventType, ObjectReference, Recorder};
 
-/// Publishes an Event about the pipeline at `reference`; a failure is logged, not returned.
-pub async fn publish(
+/// Why an Event is published (its `reason`). Every one is a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventReason {
+    /// Requested items were denied (step: Plan).
+    AccessDenied,
+    /// The spec cannot be planned (step: Plan).
+    InvalidSpec,
+    /// An object of a stage's name exists and is not Portcullis's (step: Apply).
+    AdoptionRefused,
+    /// A managed object changed or deleted outside Portcullis was put back (step: Apply).
+    DriftReverted,
+}
+
+impl EventReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::AccessDenied => "AccessDenied",
+            EventReason::InvalidSpec => "InvalidSpec",
+            EventReason::AdoptionRefused => "AdoptionRefused",
+            EventReason::DriftReverted => "DriftReverted",
+        }
+    }
+
+    /// The step that publishes it (the Event's `action`).
+    fn action(self) -> &'static str {
+        match self {
+            EventReason::AccessDenied | EventReason::InvalidSpec => "Plan",
+            EventReason::AdoptionRefused | EventReason::DriftReverted => "Apply",
+        }
+    }
+}
+
+/// Publishes a warning Event about the pipeline at `reference`; a failure is logged, not
+/// returned.
+pub async fn warn(
     recorder: &Recorder,
     reference: &ObjectReference,
-    type_: EventType,
-    reason: &str,
-    action: &str,
+    reason: EventReason,
     note: String,
 ) {
     let mut note = note;
@@ -19,13 +48,13 @@ pub async fn publish(
         note.push_str(" ...");
     }
     let event = Event {
-        type_,
-        reason: reason.into(),
+        type_: EventType::Warning,
+        reason: reason.as_str().into(),
         note: Some(note),
-        action: action.into(),
+        action: reason.action().into(),
         secondary: None,
     };
     if let Err(error) = recorder.publish(&event, reference).await {
-        warn!(%error, reason, "publishing an event failed");
+        tracing::warn!(%error, reason = reason.as_str(), "publishing an event failed");
     }
 }

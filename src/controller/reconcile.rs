@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::apply::{Applier, Change, Intent};
 use super::error::{ApplyFailure, ApplyFailures};
-use super::events::publish;
+use super::events::{self, EventReason};
 use super::metrics::{Metrics, ResultLabels};
 use super::record::{self, Recorded};
 use super::status::{self, Reason};
@@ -28,8 +28,8 @@ use super::vault::{self, VaultOutcome, VaultSide};
 use super::{Context, Error, Result};
 use crate::api::{AIPipeline, AIPipelineStatus};
 use crate::k8s::{
-    Action, Api, EventType, FIELD_MANAGER, ObjectReference, OwnerReference, Patch, PatchParams,
-    Recorder, Resource, ResourceExt, now,
+    Action, Api, FIELD_MANAGER, ObjectReference, OwnerReference, Patch, PatchParams, Recorder,
+    Resource, ResourceExt, now,
 };
 use crate::plan::{self, Plan};
 
@@ -142,12 +142,10 @@ async fn invalid(ctx: &Context, target: &Target, errors: &[String]) -> Result<Ac
     let old = target.old_status.as_ref();
     let new = status::invalid(errors, target.generation, old, now());
     if old != Some(&new) {
-        publish(
+        events::warn(
             &target.recorder,
             &target.reference,
-            EventType::Warning,
-            "InvalidSpec",
-            "Plan",
+            EventReason::InvalidSpec,
             errors.join("; "),
         )
         .await;
@@ -195,12 +193,10 @@ async fn apply(
                 applied
                     .refused
                     .push((change.stage.clone(), change.object()));
-                publish(
+                events::warn(
                     &target.recorder,
                     &target.reference,
-                    EventType::Warning,
-                    "AdoptionRefused",
-                    "Apply",
+                    EventReason::AdoptionRefused,
                     reason.clone(),
                 )
                 .await;
@@ -218,12 +214,10 @@ async fn apply(
                 Metrics::kind(&ctx.metrics.drift_reverts, kind);
                 Metrics::kind(&ctx.metrics.applied, kind);
                 info!(object = %change.object(), "reverted a change made outside Portcullis");
-                publish(
+                events::warn(
                     &target.recorder,
                     &target.reference,
-                    EventType::Warning,
-                    "DriftReverted",
-                    "Apply",
+                    EventReason::DriftReverted,
                     format!(
                         "{} was changed or deleted outside Portcullis and was put back",
                         change.object()

@@ -4,12 +4,11 @@
 use sha2::{Digest, Sha256};
 
 use super::apply::{Change, Intent};
-use super::events::publish;
+use super::events::{self, EventReason};
 use super::metrics::DecisionLabels;
 use super::reconcile::Target;
 use super::{Context, Result};
 use crate::audit::{Action as AuditAction, Entry};
-use crate::k8s::EventType;
 use crate::plan::Plan;
 
 /// What the record step came to.
@@ -88,12 +87,10 @@ pub async fn record(
                 denied.len(),
                 denied.join("; ")
             );
-            publish(
+            events::warn(
                 &target.recorder,
                 &target.reference,
-                EventType::Warning,
-                "AccessDenied",
-                "Plan",
+                EventReason::AccessDenied,
                 note,
             )
             .await;
