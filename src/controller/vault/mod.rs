@@ -238,7 +238,7 @@ pub fn involved(side: &VaultSide, pipeline: &AIPipeline) -> bool {
 }
 
 /// One pipeline's Vault work, with what it needs from the reconcile.
-pub(crate) struct Work<'a> {
+struct Work<'a> {
     ctx: &'a Context,
     vault: &'a VaultCtx,
     namespace: String,
