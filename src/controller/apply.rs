@@ -115,7 +115,7 @@ pub enum Intent {
     /// No longer planned: delete it.
     Prune { uid: String },
     /// Exists and is not ours: leave it, and bind nothing of the stage to it.
-    RefuseAdoption { reason: String },
+    RefuseAdoption,
 }
 
 impl Intent {
@@ -125,7 +125,7 @@ impl Intent {
             Intent::Update => "update",
             Intent::RevertDrift => "drift-reverted",
             Intent::Prune { .. } => "prune",
-            Intent::RefuseAdoption { .. } => "adoption-refused",
+            Intent::RefuseAdoption => "adoption-refused",
         }
     }
 }
@@ -147,6 +147,14 @@ pub struct Change {
 impl Change {
     pub fn object(&self) -> String {
         format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+
+    /// Why the object is not taken over, and what to do: for a refused adoption.
+    pub fn refusal(&self) -> String {
+        format!(
+            "{} already exists and is not owned by this AIPipeline; Portcullis does not take over objects it did not create. Delete it if it is stale, or rename the stage",
+            self.object()
+        )
     }
 
     fn key(&self) -> ObjectKey {
@@ -241,12 +249,11 @@ impl Applier<'_> {
         // Role to a ServiceAccount that someone else controls.
         let refused: BTreeSet<String> = changes
             .iter()
-            .filter(|c| matches!(c.intent, Intent::RefuseAdoption { .. }))
+            .filter(|c| matches!(c.intent, Intent::RefuseAdoption))
             .map(|c| c.stage.clone())
             .collect();
-        changes.retain(|c| {
-            !refused.contains(&c.stage) || matches!(c.intent, Intent::RefuseAdoption { .. })
-        });
+        changes
+            .retain(|c| !refused.contains(&c.stage) || matches!(c.intent, Intent::RefuseAdoption));
 
         let planned: BTreeSet<(ManagedKind, &str)> = objects
             .iter()
@@ -284,7 +291,7 @@ impl Applier<'_> {
         match &cached {
             Some(meta) => {
                 if !owned_by(meta.owner_references(), uid) {
-                    return Ok(Some(refuse(K::KIND, namespace, name)));
+                    return Ok(Some(Intent::RefuseAdoption));
                 }
                 let rv = meta.resource_version().unwrap_or_default();
                 if remembered
@@ -310,7 +317,7 @@ impl Applier<'_> {
             }));
         };
         if !owned_by(live.owner_references(), uid) {
-            return Ok(Some(refuse(K::KIND, namespace, name)));
+            return Ok(Some(Intent::RefuseAdoption));
         }
         let live_value = serde_json::to_value(&live).expect("objects serialize");
         let mut want = desired.clone();
@@ -344,7 +351,7 @@ impl Applier<'_> {
 
     async fn execute_one(&self, change: &Change) -> KubeResult<()> {
         match &change.intent {
-            Intent::RefuseAdoption { .. } => Ok(()),
+            Intent::RefuseAdoption => Ok(()),
             _ => with_kind!(self.stores, change.kind, |K, _store| self
                 .write::<K>(change)
                 .await),
@@ -386,14 +393,6 @@ impl Applier<'_> {
                 Ok(())
             }
         }
-    }
-}
-
-fn refuse(kind: ManagedKind, namespace: &str, name: &str) -> Intent {
-    Intent::RefuseAdoption {
-        reason: format!(
-            "{kind} {namespace}/{name} already exists and is not owned by this AIPipeline; Portcullis does not take over objects it did not create. Delete it if it is stale, or rename the stage"
-        ),
     }
 }
 

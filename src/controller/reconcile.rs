@@ -188,7 +188,7 @@ async fn apply(
     for (change, result) in changes.iter().zip(results) {
         let kind = change.kind;
         match (&change.intent, result) {
-            (Intent::RefuseAdoption { reason }, _) => {
+            (Intent::RefuseAdoption, _) => {
                 Metrics::kind(&ctx.metrics.adoptions_refused, kind);
                 applied
                     .refused
@@ -197,7 +197,7 @@ async fn apply(
                     &target.recorder,
                     &target.reference,
                     EventReason::AdoptionRefused,
-                    reason.clone(),
+                    change.refusal(),
                 )
                 .await;
             }

@@ -134,7 +134,7 @@ fn change_entry(change: &Change, target: &Target, subject: &str) -> Entry {
             AuditAction::Prune,
             format!("deleting {}: no longer planned", change.object()),
         ),
-        Intent::RefuseAdoption { reason } => (AuditAction::AdoptionRefused, reason.clone()),
+        Intent::RefuseAdoption => (AuditAction::AdoptionRefused, change.refusal()),
     };
     Entry {
         action,
