@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod controller;
+pub mod k8s;
 pub mod plan;
 pub mod policy;
 pub mod vault;

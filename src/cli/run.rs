@@ -179,12 +179,12 @@ pub fn run(args: &RunArgs) -> u8 {
                     auth_token_path: args.vault.vault_auth_token_path.clone(),
                     workload_auth_mount: args.vault.vault_workload_auth_mount.clone(),
                     request_timeout: args.vault.vault_request_timeout,
-                    state_namespace: args
-                        .vault
-                        .vault_state_namespace
-                        .clone()
-                        .unwrap_or_else(|| args.lease_namespace.clone()),
                 },
+                state_namespace: args
+                    .vault
+                    .vault_state_namespace
+                    .clone()
+                    .unwrap_or_else(|| args.lease_namespace.clone()),
                 revoke_grace: args.vault.credential_revoke_grace,
                 restart_min_interval: args.vault.restart_min_interval,
                 max_restarts_per_minute: args.vault.max_restarts_per_minute.max(1),

@@ -15,58 +15,50 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::plan::{Object, names};
+use crate::k8s::{
+    Api, Client, DeleteParams, FIELD_MANAGER, KubeError, KubeResult, Managed, ManagedKind,
+    NetworkPolicy, ObjectRef, OwnerReference, PartialObjectMeta, Patch, PatchParams, Preconditions,
+    ResourceExt, Role, RoleBinding, STAGE_LABEL, ServiceAccount, Store, is_not_found,
+};
+use crate::plan::Object;
 
-/// The kinds Portcullis manages, by name.
-const KINDS: [&str; 4] = ["ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"];
-
-/// Evaluates `$body` with `$K` the typed kind named `$kind` (one of [`KINDS`]) and `$store` its
-/// metadata cache: the one place that maps a kind's name to its type and cache.
+/// Evaluates `$body` with `$K` the type of the managed kind `$kind` and `$store` its metadata
+/// cache: the one place that maps a kind to its type and cache. The match has no `_` arm, so a
+/// new [`ManagedKind`] does not compile until it is mapped here.
 macro_rules! with_kind {
-    ($applier:expr, $kind:expr, |$K:ident, $store:ident| $body:expr) => {
+    ($stores:expr, $kind:expr, |$K:ident, $store:ident| $body:expr) => {
         match $kind {
-            "ServiceAccount" => {
+            ManagedKind::ServiceAccount => {
                 type $K = ServiceAccount;
-                let $store = &$applier.stores.service_accounts;
+                let $store = &$stores.service_accounts;
                 $body
             }
-            "Role" => {
+            ManagedKind::Role => {
                 type $K = Role;
-                let $store = &$applier.stores.roles;
+                let $store = &$stores.roles;
                 $body
             }
-            "RoleBinding" => {
+            ManagedKind::RoleBinding => {
                 type $K = RoleBinding;
-                let $store = &$applier.stores.role_bindings;
+                let $store = &$stores.role_bindings;
                 $body
             }
-            _ => {
+            ManagedKind::NetworkPolicy => {
                 type $K = NetworkPolicy;
-                let $store = &$applier.stores.network_policies;
+                let $store = &$stores.network_policies;
                 $body
             }
         }
     };
 }
 
-/// The field manager of every write Portcullis makes.
-pub const FIELD_MANAGER: &str = "portcullis";
-
-/// The metadata caches of the four kinds Portcullis manages: every object of those kinds in the
-/// watched namespaces, its own and others' (to refuse taking over others' without a read), with
-/// `managedFields` dropped so that memory stays small.
+/// The metadata caches of the kinds Portcullis manages, one field per [`ManagedKind`]: every
+/// object of those kinds in the watched namespaces, its own and others' (to refuse taking over
+/// others' without a read), with `managedFields` dropped so that memory stays small. Where every
+/// kind must be handled (pruning here, watching in `run`), it is destructured exhaustively.
 #[derive(Clone)]
 pub struct ChildStores {
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
@@ -76,7 +68,7 @@ pub struct ChildStores {
 }
 
 /// (kind, namespace, name)
-pub type ObjectKey = (&'static str, String, String);
+pub type ObjectKey = (ManagedKind, String, String);
 
 /// What we last applied: the resourceVersion the API server returned and the hash of the
 /// content we sent.
@@ -97,7 +89,7 @@ impl AppliedState {
 
     /// Whether `rv` of this object is the one our own last write returned: its watch event is
     /// the echo of that write, and re-reconciling for it would find nothing to do.
-    pub fn is_own_write(&self, kind: &'static str, namespace: &str, name: &str, rv: &str) -> bool {
+    pub fn is_own_write(&self, kind: ManagedKind, namespace: &str, name: &str, rv: &str) -> bool {
         let key = (kind, namespace.to_string(), name.to_string());
         self.0
             .lock()
@@ -123,7 +115,7 @@ pub enum Intent {
     /// No longer planned: delete it.
     Prune { uid: String },
     /// Exists and is not ours: leave it, and bind nothing of the stage to it.
-    RefuseAdoption { reason: String },
+    RefuseAdoption,
 }
 
 impl Intent {
@@ -133,7 +125,7 @@ impl Intent {
             Intent::Update => "update",
             Intent::RevertDrift => "drift-reverted",
             Intent::Prune { .. } => "prune",
-            Intent::RefuseAdoption { .. } => "adoption-refused",
+            Intent::RefuseAdoption => "adoption-refused",
         }
     }
 }
@@ -141,7 +133,7 @@ impl Intent {
 /// One planned change to one object.
 #[derive(Debug, Clone)]
 pub struct Change {
-    pub kind: &'static str,
+    pub kind: ManagedKind,
     pub namespace: String,
     pub name: String,
     /// The stage the object belongs to.
@@ -155,6 +147,14 @@ pub struct Change {
 impl Change {
     pub fn object(&self) -> String {
         format!("{} {}/{}", self.kind, self.namespace, self.name)
+    }
+
+    /// Why the object is not taken over, and what to do: for a refused adoption.
+    pub fn refusal(&self) -> String {
+        format!(
+            "{} already exists and is not owned by this AIPipeline; Portcullis does not take over objects it did not create. Delete it if it is stale, or rename the stage",
+            self.object()
+        )
     }
 
     fn key(&self) -> ObjectKey {
@@ -206,7 +206,7 @@ fn stage_of(object: &Object) -> String {
         .metadata()
         .labels
         .as_ref()
-        .and_then(|l| l.get(names::STAGE_LABEL))
+        .and_then(|l| l.get(STAGE_LABEL))
         .cloned()
         .unwrap_or_default()
 }
@@ -219,19 +219,20 @@ impl Applier<'_> {
         namespace: &str,
         objects: &[Object],
         owner: &OwnerReference,
-    ) -> kube::Result<Vec<Change>> {
+    ) -> KubeResult<Vec<Change>> {
         // One read per object at most, all at once.
         let reads = objects.iter().map(|object| async move {
             let mut value = serde_json::to_value(object).expect("planned objects serialize");
             value["metadata"]["ownerReferences"] = serde_json::json!([owner]);
             let hash = content_hash(&value);
             let (name, uid) = (object.name(), owner.uid.as_str());
-            let intent = with_kind!(self, object.kind(), |K, store| {
+            let kind = ManagedKind::of(object);
+            let intent = with_kind!(self.stores, kind, |K, store| {
                 self.intent::<K>(store, namespace, name, &value, &hash, uid)
                     .await
             })?;
-            Ok::<_, kube::Error>(intent.map(|intent| Change {
-                kind: object.kind(),
+            Ok::<_, KubeError>(intent.map(|intent| Change {
+                kind,
                 namespace: namespace.into(),
                 name: name.into(),
                 stage: stage_of(object),
@@ -248,20 +249,27 @@ impl Applier<'_> {
         // Role to a ServiceAccount that someone else controls.
         let refused: BTreeSet<String> = changes
             .iter()
-            .filter(|c| matches!(c.intent, Intent::RefuseAdoption { .. }))
+            .filter(|c| matches!(c.intent, Intent::RefuseAdoption))
             .map(|c| c.stage.clone())
             .collect();
-        changes.retain(|c| {
-            !refused.contains(&c.stage) || matches!(c.intent, Intent::RefuseAdoption { .. })
-        });
+        changes
+            .retain(|c| !refused.contains(&c.stage) || matches!(c.intent, Intent::RefuseAdoption));
 
-        let planned: BTreeSet<(&str, &str)> =
-            objects.iter().map(|o| (o.kind(), o.name())).collect();
-        for kind in KINDS {
-            with_kind!(self, kind, |K, store| {
-                prune_candidates::<K>(store, kind, namespace, &owner.uid, &planned, &mut changes)
-            });
-        }
+        let planned: BTreeSet<(ManagedKind, &str)> = objects
+            .iter()
+            .map(|o| (ManagedKind::of(o), o.name()))
+            .collect();
+        let ChildStores {
+            service_accounts,
+            roles,
+            role_bindings,
+            network_policies,
+        } = self.stores;
+        let uid = &owner.uid;
+        prune_candidates(service_accounts, namespace, uid, &planned, &mut changes);
+        prune_candidates(roles, namespace, uid, &planned, &mut changes);
+        prune_candidates(role_bindings, namespace, uid, &planned, &mut changes);
+        prune_candidates(network_policies, namespace, uid, &planned, &mut changes);
         Ok(changes)
     }
 
@@ -273,22 +281,17 @@ impl Applier<'_> {
         desired: &Value,
         hash: &str,
         uid: &str,
-    ) -> kube::Result<Option<Intent>>
+    ) -> KubeResult<Option<Intent>>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + Serialize
-            + std::fmt::Debug,
+        K: Managed,
     {
-        let kind = K::kind(&()).to_string();
-        let key: ObjectKey = (kind_str(&kind), namespace.to_string(), name.to_string());
+        let key: ObjectKey = (K::KIND, namespace.to_string(), name.to_string());
         let remembered = self.applied.get(&key);
         let cached = store.get(&ObjectRef::new(name).within(namespace));
         match &cached {
             Some(meta) => {
                 if !owned_by(meta.owner_references(), uid) {
-                    return Ok(Some(refuse(&kind, namespace, name)));
+                    return Ok(Some(Intent::RefuseAdoption));
                 }
                 let rv = meta.resource_version().unwrap_or_default();
                 if remembered
@@ -314,7 +317,7 @@ impl Applier<'_> {
             }));
         };
         if !owned_by(live.owner_references(), uid) {
-            return Ok(Some(refuse(&kind, namespace, name)));
+            return Ok(Some(Intent::RefuseAdoption));
         }
         let live_value = serde_json::to_value(&live).expect("objects serialize");
         let mut want = desired.clone();
@@ -337,7 +340,7 @@ impl Applier<'_> {
     }
 
     /// Makes the changes. Returns, per change, the error if it failed.
-    pub async fn execute(&self, changes: &[Change]) -> Vec<Option<kube::Error>> {
+    pub async fn execute(&self, changes: &[Change]) -> Vec<Option<KubeError>> {
         let futures = changes.iter().map(|c| self.execute_one(c));
         futures::future::join_all(futures)
             .await
@@ -346,20 +349,18 @@ impl Applier<'_> {
             .collect()
     }
 
-    async fn execute_one(&self, change: &Change) -> kube::Result<()> {
+    async fn execute_one(&self, change: &Change) -> KubeResult<()> {
         match &change.intent {
-            Intent::RefuseAdoption { .. } => Ok(()),
-            _ => with_kind!(self, change.kind, |K, _store| self.write::<K>(change).await),
+            Intent::RefuseAdoption => Ok(()),
+            _ => with_kind!(self.stores, change.kind, |K, _store| self
+                .write::<K>(change)
+                .await),
         }
     }
 
-    async fn write<K>(&self, change: &Change) -> kube::Result<()>
+    async fn write<K>(&self, change: &Change) -> KubeResult<()>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + Serialize
-            + std::fmt::Debug,
+        K: Managed,
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), &change.namespace);
         match &change.intent {
@@ -374,7 +375,7 @@ impl Applier<'_> {
                 };
                 match api.delete(&change.name, &params).await {
                     Ok(_) => Ok(()),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                    Err(e) if is_not_found(&e) => Ok(()),
                     Err(e) => Err(e),
                 }
             }
@@ -395,33 +396,14 @@ impl Applier<'_> {
     }
 }
 
-fn refuse(kind: &str, namespace: &str, name: &str) -> Intent {
-    Intent::RefuseAdoption {
-        reason: format!(
-            "{kind} {namespace}/{name} already exists and is not owned by this AIPipeline; Portcullis does not take over objects it did not create. Delete it if it is stale, or rename the stage"
-        ),
-    }
-}
-
-fn kind_str(kind: &str) -> &'static str {
-    match kind {
-        "ServiceAccount" => "ServiceAccount",
-        "Role" => "Role",
-        "RoleBinding" => "RoleBinding",
-        _ => "NetworkPolicy",
-    }
-}
-
-fn prune_candidates<K>(
+fn prune_candidates<K: Managed>(
     store: &Store<PartialObjectMeta<K>>,
-    kind: &'static str,
     namespace: &str,
     uid: &str,
-    planned: &BTreeSet<(&str, &str)>,
+    planned: &BTreeSet<(ManagedKind, &str)>,
     out: &mut Vec<Change>,
-) where
-    K: Resource<DynamicType = ()> + Clone,
-{
+) {
+    let kind = K::KIND;
     let mut stale: Vec<_> = store
         .state()
         .into_iter()
@@ -436,11 +418,7 @@ fn prune_candidates<K>(
             kind,
             namespace: namespace.into(),
             name: meta.name_any(),
-            stage: meta
-                .labels()
-                .get(names::STAGE_LABEL)
-                .cloned()
-                .unwrap_or_default(),
+            stage: meta.labels().get(STAGE_LABEL).cloned().unwrap_or_default(),
             intent: Intent::Prune {
                 uid: meta.uid().unwrap_or_default(),
             },

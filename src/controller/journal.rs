@@ -6,14 +6,24 @@
 //! A record is still acknowledged only once it is durable; concurrent reconciles just share the
 //! fsync.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 
 use tokio::sync::oneshot;
 
-use crate::audit::{AuditLog, Entry};
+use crate::audit::{AuditError, AuditLog, Entry};
 
-type Reply = oneshot::Sender<Result<(), String>>;
+type Reply = oneshot::Sender<Result<(), JournalError>>;
+
+/// Why records could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    /// The append failed (shared by every reconcile whose records were in that batch).
+    #[error("{0}")]
+    Append(Arc<AuditError>),
+    #[error("the decision log writer has stopped")]
+    Stopped,
+}
 
 /// A handle to the writer thread. Cloning it is cheap; the thread stops when every handle is
 /// dropped.
@@ -37,7 +47,7 @@ impl Journal {
                     let result = log
                         .append(&entries, chrono::Utc::now())
                         .map(|_| ())
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| JournalError::Append(Arc::new(e)));
                     for (_, reply) in batch {
                         let _ = reply.send(result.clone());
                     }
@@ -47,16 +57,14 @@ impl Journal {
     }
 
     /// Appends `entries` and returns once they are on disk.
-    pub async fn record(&self, entries: Vec<Entry>) -> Result<(), String> {
+    pub async fn record(&self, entries: Vec<Entry>) -> Result<(), JournalError> {
         if entries.is_empty() {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
         self.requests
             .send((entries, reply))
-            .map_err(|_| "the decision log writer has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the decision log writer has stopped".to_string())?
+            .map_err(|_| JournalError::Stopped)?;
+        answer.await.map_err(|_| JournalError::Stopped)?
     }
 }

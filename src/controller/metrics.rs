@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::k8s::ManagedKind;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `ok`, or the error's stable label (`Error::metric_label`).
@@ -147,9 +149,11 @@ impl Metrics {
         out
     }
 
-    pub fn kind(family: &Family<KindLabels, Counter>, kind: &str) {
+    pub fn kind(family: &Family<KindLabels, Counter>, kind: ManagedKind) {
         family
-            .get_or_create(&KindLabels { kind: kind.into() })
+            .get_or_create(&KindLabels {
+                kind: kind.as_str().into(),
+            })
             .inc();
     }
 

@@ -1,24 +1,36 @@
-//! One AIPipeline's reconcile, as named steps: plan -> record -> apply -> status.
+//! One AIPipeline's reconcile, as the pipeline it is:
+//!
+//! ```text
+//! cleanup                                        (a deleted pipeline: its Vault state)
+//!   | plan -> record -> apply -> vault -> status (every other)
+//! ```
+//!
+//! Each step is a named function with a typed outcome: [`cleanup()`] an `Action`, [`plan()`] a
+//! `Plan` (or the spec's errors), [`record()`](super::record::record) what is now in the
+//! decision log ([`Recorded`]), [`apply()`] what became of the managed objects ([`Applied`]),
+//! [`vault()`] the Vault side ([`VaultOutcome`]), and [`status()`] the status it writes and what
+//! the reconcile returns.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
-use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::apply::{Applier, Change, FIELD_MANAGER, Intent};
-use super::metrics::{DecisionLabels, Metrics, ResultLabels};
-use super::status::{self, Outcome};
-use super::vault;
+use super::apply::{Applier, Change, Intent};
+use super::error::{ApplyFailure, ApplyFailures};
+use super::events::{self, EventReason};
+use super::metrics::{Metrics, ResultLabels};
+use super::record::{self, Recorded};
+use super::status::{self, Reason};
+use super::vault::{self, VaultOutcome, VaultSide};
 use super::{Context, Error, Result};
 use crate::api::{AIPipeline, AIPipelineStatus};
-use crate::audit::{Action as AuditAction, Entry};
+use crate::k8s::{
+    Action, Api, FIELD_MANAGER, ObjectReference, OwnerReference, Patch, PatchParams, Recorder,
+    Resource, ResourceExt, now,
+};
 use crate::plan::{self, Plan};
 
 /// Reconciles one AIPipeline. Children are cleaned up by owner references when it is deleted.
@@ -26,205 +38,186 @@ use crate::plan::{self, Plan};
 pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.time_reconcile();
     if pipeline.meta().deletion_timestamp.is_some() {
-        // Kubernetes objects go by owner references; Vault's are cleaned here, and the
-        // finalizer holds the deletion until they are.
-        return match vault::finalize(&ctx, ctx.vault.as_ref(), &pipeline).await? {
-            None => Ok(Action::await_change()),
-            Some(problem) => {
-                let namespace = pipeline.namespace().ok_or(Error::NotNamespaced)?;
-                let uid = pipeline.uid().unwrap_or_default();
-                let old = pipeline.status.clone();
-                let new = status::cleanup_pending(
-                    &problem,
-                    pipeline.meta().generation,
-                    old.as_ref(),
-                    now(),
-                );
-                write_status(
-                    &ctx,
-                    &namespace,
-                    &pipeline.name_any(),
-                    &uid,
-                    old.as_ref(),
-                    new,
-                )
-                .await?;
-                Err(Error::Vault(problem.message))
-            }
-        };
+        return cleanup(&ctx, &pipeline).await;
     }
-    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+    if !ctx.synced.load(Ordering::Acquire) {
         // Planning before the guardrail cache is full would apply the defaults and prune what
         // the guardrails allow. The caches fill within seconds of start-up.
-        return Ok(Action::requeue(std::time::Duration::from_millis(200)));
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let namespace = pipeline.namespace().ok_or(Error::NotNamespaced)?;
-    let name = pipeline.name_any();
-    let generation = pipeline.meta().generation;
-    // The status we last wrote is newer than a cached AIPipeline that predates that write.
-    let uid = pipeline.uid().unwrap_or_default();
-    let written = ctx.statuses.lock().expect("status lock").get(&uid).cloned();
-    let old_status = match (&written, pipeline.status.as_ref()) {
-        (Some(w), Some(cached)) if cached.observed_generation <= w.observed_generation => Some(w),
-        (Some(w), None) => Some(w),
-        (_, cached) => cached,
+    let target = Target::of(&ctx, &pipeline)?;
+    let plan = match plan(&ctx, &pipeline, &target) {
+        Ok(plan) => plan,
+        Err(errors) => return invalid(&ctx, &target, &errors).await,
     };
-    let recorder = ctx.recorder();
-    let reference = pipeline.object_ref(&());
+    let owner = owner_reference(&pipeline)?;
+    let applier = ctx.applier();
+    let changes = applier
+        .intents(&target.namespace, &plan.objects, &owner)
+        .await?;
+    let recorded = record::record(&ctx, &target, &plan, &changes).await?;
+    let applied = apply(&ctx, &target, &applier, &changes).await;
+    let vault = vault(&ctx, &pipeline, &plan, &applied, &owner).await?;
+    status(&ctx, &target, &plan, recorded, applied, vault).await
+}
 
-    let labels = ctx.namespace_labels(&namespace);
+/// What every step needs to know of the pipeline being reconciled.
+pub struct Target {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: Option<i64>,
+    /// The status last written: ours, when the cached AIPipeline predates our last write.
+    pub old_status: Option<AIPipelineStatus>,
+    pub recorder: Recorder,
+    pub reference: ObjectReference,
+}
+
+impl Target {
+    fn of(ctx: &Context, pipeline: &AIPipeline) -> Result<Target> {
+        let uid = pipeline.uid().unwrap_or_default();
+        let written = ctx.statuses.lock().expect("status lock").get(&uid).cloned();
+        let old_status = match (written, pipeline.status.as_ref()) {
+            (Some(w), Some(cached)) if cached.observed_generation <= w.observed_generation => {
+                Some(w)
+            }
+            (Some(w), None) => Some(w),
+            (_, cached) => cached.cloned(),
+        };
+        Ok(Target {
+            namespace: pipeline.namespace().ok_or(Error::NotNamespaced)?,
+            name: pipeline.name_any(),
+            uid,
+            generation: pipeline.meta().generation,
+            old_status,
+            recorder: ctx.recorder(),
+            reference: pipeline.object_ref(&()),
+        })
+    }
+}
+
+/// The cleanup step, for a deleted pipeline: Kubernetes objects go by owner references;
+/// Vault's are cleaned here, and the finalizer holds the deletion until they are.
+async fn cleanup(ctx: &Context, pipeline: &AIPipeline) -> Result<Action> {
+    match vault::finalize(ctx, pipeline).await {
+        Ok(()) => Ok(Action::await_change()),
+        Err(Error::Vault(problem)) => {
+            let namespace = pipeline.namespace().ok_or(Error::NotNamespaced)?;
+            let uid = pipeline.uid().unwrap_or_default();
+            let old = pipeline.status.as_ref();
+            let new = status::cleanup_pending(
+                &problem.to_status(),
+                pipeline.meta().generation,
+                old,
+                now(),
+            );
+            write_status(ctx, &namespace, &pipeline.name_any(), &uid, old, new).await?;
+            Err(Error::Vault(problem))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// The plan step: the pipeline against the guardrails and its namespace's labels, from the
+/// caches. Pure once they are read.
+fn plan(
+    ctx: &Context,
+    pipeline: &AIPipeline,
+    target: &Target,
+) -> std::result::Result<Plan, Vec<String>> {
+    let labels = ctx.namespace_labels(&target.namespace);
     let guardrails: Vec<_> = ctx
         .guardrails
         .state()
         .iter()
         .map(|g| (**g).clone())
         .collect();
-    let plan = match plan::validate_and_build(&pipeline, &namespace, &labels, &guardrails) {
-        Ok(plan) => plan,
-        Err(errors) => {
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            let new = status::invalid(&errors, generation, old_status, now());
-            if old_status != Some(&new) {
-                publish(
-                    &recorder,
-                    &reference,
-                    EventType::Warning,
-                    "InvalidSpec",
-                    "Plan",
-                    errors.join("; "),
-                )
-                .await;
-            }
-            write_status(&ctx, &namespace, &name, &uid, old_status, new).await?;
-            ctx.metrics
-                .reconciles
-                .get_or_create(&ResultLabels {
-                    result: "invalid_spec".into(),
-                })
-                .inc();
-            // A spec that cannot be planned waits for the next change; it never hot-loops.
-            return Ok(Action::await_change());
-        }
-    };
+    plan::validate_and_build(pipeline, &target.namespace, &labels, &guardrails)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+}
 
-    let subject = |stage: &str| {
-        let sa = plan
-            .stages
-            .iter()
-            .find(|s| s.name == stage)
-            .map(|s| s.service_account.as_str())
-            .unwrap_or_default();
-        format!("system:serviceaccount:{namespace}:{sa}")
-    };
-
-    // 1. Work out what must change (reads only).
-    let owner = owner_reference(&pipeline)?;
-    let applier = Applier {
-        client: &ctx.client,
-        stores: &ctx.children,
-        applied: &ctx.applied,
-    };
-    let changes = applier
-        .intents(&namespace, &plan.objects, &owner)
-        .await
-        .map_err(Error::Kube)?;
-
-    // 2. Record the decisions (once per distinct set: re-reconciling an unchanged pipeline does
-    //    not log the same grants again) and the changes, durably, in one append.
-    let digest = decisions_digest(&plan);
-    let already_recorded = old_status.and_then(|s| s.recorded_decisions.as_deref())
-        == Some(digest.as_str())
-        || ctx.recorded.lock().expect("recorded lock").get(&uid) == Some(&digest);
-    let mut entries: Vec<Entry> = Vec::new();
-    if !already_recorded {
-        entries.extend(
-            plan.decisions.iter().map(|d| {
-                Entry::from_decision(&namespace, &name, generation, &subject(&d.stage), d)
-            }),
-        );
+/// A spec that cannot be planned: say so in the status and an Event, and wait for the next
+/// change; it never hot-loops.
+async fn invalid(ctx: &Context, target: &Target, errors: &[String]) -> Result<Action> {
+    let old = target.old_status.as_ref();
+    let new = status::invalid(errors, target.generation, old, now());
+    if old != Some(&new) {
+        events::warn(
+            &target.recorder,
+            &target.reference,
+            EventReason::InvalidSpec,
+            errors.join("; "),
+        )
+        .await;
     }
-    entries.extend(
-        changes
-            .iter()
-            .map(|c| change_entry(c, &namespace, &name, generation, &subject(&c.stage))),
-    );
-    ctx.record(entries).await?;
-    if !already_recorded {
-        ctx.recorded
-            .lock()
-            .expect("recorded lock")
-            .insert(uid.clone(), digest.clone());
-        for d in &plan.decisions {
-            ctx.metrics
-                .decisions
-                .get_or_create(&DecisionLabels {
-                    verdict: d.verdict.as_str().into(),
-                    reason: d.reason.as_str().into(),
-                })
-                .inc();
-        }
-        let denied: Vec<String> = plan
-            .decisions
-            .iter()
-            .filter(|d| !d.is_allowed())
-            .map(|d| format!("{} {} [{}]", d.stage, d.item, d.reason))
-            .collect();
-        if !denied.is_empty() {
-            let note = format!(
-                "{} requested items denied: {}",
-                denied.len(),
-                denied.join("; ")
-            );
-            publish(
-                &recorder,
-                &reference,
-                EventType::Warning,
-                "AccessDenied",
-                "Plan",
-                note,
-            )
-            .await;
-        }
+    write_status(ctx, &target.namespace, &target.name, &target.uid, old, new).await?;
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels {
+            result: "invalid_spec".into(),
+        })
+        .inc();
+    Ok(Action::await_change())
+}
+
+/// What the apply step came to.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Objects Portcullis refused to take over, as (stage, `Kind namespace/name`).
+    pub refused: Vec<(String, String)>,
+    /// Writes that failed.
+    pub failures: ApplyFailures,
+}
+
+impl Applied {
+    fn stage_refused(&self, stage: &str) -> bool {
+        self.refused.iter().any(|(s, _)| s == stage)
     }
+}
 
-    // 3. Make the changes.
-    let results = applier.execute(&changes).await;
-
-    let mut outcome = Outcome::default();
-    for (change, error) in changes.iter().zip(&results) {
-        match (&change.intent, error) {
-            (Intent::RefuseAdoption { reason }, _) => {
-                Metrics::kind(&ctx.metrics.adoptions_refused, change.kind);
-                outcome
+/// The apply step: makes the recorded changes, counts them, and announces refused adoptions
+/// and reverted drift in Events.
+async fn apply(
+    ctx: &Context,
+    target: &Target,
+    applier: &Applier<'_>,
+    changes: &[Change],
+) -> Applied {
+    let results = applier.execute(changes).await;
+    let mut applied = Applied::default();
+    for (change, result) in changes.iter().zip(results) {
+        let kind = change.kind;
+        match (&change.intent, result) {
+            (Intent::RefuseAdoption, _) => {
+                Metrics::kind(&ctx.metrics.adoptions_refused, kind);
+                applied
                     .refused
                     .push((change.stage.clone(), change.object()));
-                publish(
-                    &recorder,
-                    &reference,
-                    EventType::Warning,
-                    "AdoptionRefused",
-                    "Apply",
-                    reason.clone(),
+                events::warn(
+                    &target.recorder,
+                    &target.reference,
+                    EventReason::AdoptionRefused,
+                    change.refusal(),
                 )
                 .await;
             }
             (intent, Some(error)) => {
                 warn!(object = %change.object(), action = intent.action(), %error, "applying a managed object failed");
-                outcome
-                    .errors
-                    .push(format!("{} {}: {error}", intent.action(), change.object()));
+                applied.failures.0.push(ApplyFailure {
+                    action: intent.action(),
+                    object: change.object(),
+                    source: error,
+                });
             }
-            (Intent::Prune { .. }, None) => Metrics::kind(&ctx.metrics.pruned, change.kind),
+            (Intent::Prune { .. }, None) => Metrics::kind(&ctx.metrics.pruned, kind),
             (Intent::RevertDrift, None) => {
-                Metrics::kind(&ctx.metrics.drift_reverts, change.kind);
-                Metrics::kind(&ctx.metrics.applied, change.kind);
+                Metrics::kind(&ctx.metrics.drift_reverts, kind);
+                Metrics::kind(&ctx.metrics.applied, kind);
                 info!(object = %change.object(), "reverted a change made outside Portcullis");
-                publish(
-                    &recorder,
-                    &reference,
-                    EventType::Warning,
-                    "DriftReverted",
-                    "Apply",
+                events::warn(
+                    &target.recorder,
+                    &target.reference,
+                    EventReason::DriftReverted,
                     format!(
                         "{} was changed or deleted outside Portcullis and was put back",
                         change.object()
@@ -232,43 +225,67 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
                 )
                 .await;
             }
-            (_, None) => Metrics::kind(&ctx.metrics.applied, change.kind),
+            (_, None) => Metrics::kind(&ctx.metrics.applied, kind),
         }
     }
+    applied
+}
 
-    // 4. Vault: policies, roles and credentials, for the stages that got their identity.
-    let mut wake = None;
-    if vault::involved(&plan, &pipeline) {
-        // Only the Vault side of the plan, for the stages whose identity was applied.
-        let granted_to = |stage: &str| !outcome.refused.iter().any(|(s, _)| s == stage);
-        let granted = Plan {
-            stages: plan.stages.clone(),
-            vault: plan.vault.for_stages(granted_to),
-            ..Plan::default()
-        };
-        let v = vault::reconcile(&ctx, ctx.vault.as_ref(), &pipeline, &granted, &owner).await?;
-        wake = v.wake;
-        outcome.vault = Some(v);
+/// The Vault step: policies, roles and credentials, only for the stages whose identity was
+/// applied (a stage refused for adoption gets no Vault role bound to a ServiceAccount name that
+/// someone else owns). `None` when the pipeline does not involve Vault.
+async fn vault(
+    ctx: &Context,
+    pipeline: &AIPipeline,
+    plan: &Plan,
+    applied: &Applied,
+    owner: &OwnerReference,
+) -> Result<Option<VaultOutcome>> {
+    let side = VaultSide::of(plan);
+    if !vault::involved(&side, pipeline) {
+        return Ok(None);
     }
+    let side = side.only_stages(|stage| !applied.stage_refused(stage));
+    vault::reconcile(ctx, pipeline, &side, owner)
+        .await
+        .map(Some)
+}
 
-    // 5. Status.
-    let mut new = status::for_plan(&plan, &outcome, generation, old_status, now());
-    new.recorded_decisions = Some(digest);
-    write_status(&ctx, &namespace, &name, &uid, old_status, new).await?;
+/// The status step: writes the status the steps came to, and turns what failed into the
+/// reconcile's error (retried by category), or what is scheduled into when to come back.
+async fn status(
+    ctx: &Context,
+    target: &Target,
+    plan: &Plan,
+    recorded: Recorded,
+    applied: Applied,
+    vault: Option<VaultOutcome>,
+) -> Result<Action> {
+    let outcome = status::Outcome {
+        refused: applied.refused,
+        errors: applied.failures.0.iter().map(ToString::to_string).collect(),
+        vault: vault.as_ref().map(VaultOutcome::summary),
+    };
+    let old = target.old_status.as_ref();
+    let mut new = status::for_plan(plan, &outcome, target.generation, old, now());
+    new.recorded_decisions = Some(recorded.digest);
+    write_status(ctx, &target.namespace, &target.name, &target.uid, old, new).await?;
 
-    if !outcome.errors.is_empty() {
-        return Err(Error::Apply(outcome.errors.join("; ")));
+    if !applied.failures.0.is_empty() {
+        return Err(Error::Apply(applied.failures));
     }
-    if let Some(problem) = outcome
-        .vault
-        .as_ref()
-        .and_then(|v| v.error.as_ref())
-        .filter(|p| p.reason != "VaultNotConfigured")
-    {
+    let (problem, wake) = match vault {
+        Some(v) => (v.problem, v.wake),
+        None => (None, None),
+    };
+    if let Some(problem) = problem.filter(|p| p.reason() != Reason::VaultNotConfigured) {
         // Retried with backoff; the Secrets already delivered stay until their leases end.
-        return Err(Error::Vault(problem.message.clone()));
+        return Err(Error::Vault(problem));
     }
-    ctx.failures.lock().expect("failures lock").remove(&uid);
+    ctx.failures
+        .lock()
+        .expect("failures lock")
+        .remove(&target.uid);
     ctx.metrics
         .reconciles
         .get_or_create(&ResultLabels {
@@ -281,13 +298,14 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
             (at - chrono::Utc::now())
                 .to_std()
                 .unwrap_or_default()
-                .max(std::time::Duration::from_millis(500)),
+                .max(Duration::from_millis(500)),
         ),
         None => Action::await_change(),
     })
 }
 
-/// What `error_policy` does: count, log, and retry with a delay that depends on the error.
+/// What `error_policy` does: count, log, and retry with a delay that depends on the error's
+/// category.
 pub fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = {
         let mut map = ctx.failures.lock().expect("failures lock");
@@ -301,29 +319,8 @@ pub fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Context>)
             result: error.metric_label().into(),
         })
         .inc();
-    warn!(pipeline = %pipeline.name_any(), namespace = pipeline.namespace().unwrap_or_default(), %error, "reconcile failed");
+    warn!(pipeline = %pipeline.name_any(), namespace = pipeline.namespace().unwrap_or_default(), %error, category = ?error.category(), "reconcile failed");
     Action::requeue(error.retry_after(failures))
-}
-
-fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-/// SHA-256 over the decisions, as recorded: the key that stops the same grants being logged
-/// twice.
-pub fn decisions_digest(plan: &Plan) -> String {
-    let mut h = Sha256::new();
-    for d in &plan.decisions {
-        h.update(format!(
-            "{}\0{}\0{}\0{}\0{}\n",
-            d.stage,
-            d.field,
-            d.item,
-            d.verdict.as_str(),
-            d.reason.as_str()
-        ));
-    }
-    hex::encode(&h.finalize()[..16])
 }
 
 fn owner_reference(pipeline: &AIPipeline) -> Result<OwnerReference> {
@@ -334,46 +331,6 @@ fn owner_reference(pipeline: &AIPipeline) -> Result<OwnerReference> {
             r.block_owner_deletion = Some(true);
             r
         })
-}
-
-fn change_entry(
-    change: &Change,
-    namespace: &str,
-    pipeline: &str,
-    generation: Option<i64>,
-    subject: &str,
-) -> Entry {
-    let (action, message) = match &change.intent {
-        Intent::Create => (AuditAction::Create, format!("creating {}", change.object())),
-        Intent::Update => (
-            AuditAction::Update,
-            format!("updating {} to the current plan", change.object()),
-        ),
-        Intent::RevertDrift => (
-            AuditAction::DriftReverted,
-            format!(
-                "{} was changed or deleted outside Portcullis; putting it back",
-                change.object()
-            ),
-        ),
-        Intent::Prune { .. } => (
-            AuditAction::Prune,
-            format!("deleting {}: no longer planned", change.object()),
-        ),
-        Intent::RefuseAdoption { reason } => (AuditAction::AdoptionRefused, reason.clone()),
-    };
-    Entry {
-        action,
-        namespace: namespace.into(),
-        pipeline: pipeline.into(),
-        stage: (!change.stage.is_empty()).then(|| change.stage.clone()),
-        subject: Some(subject.into()),
-        object: Some(change.object()),
-        verdict: None,
-        reason: None,
-        message,
-        generation,
-    }
 }
 
 /// Writes the status when it differs from what is there (steady state writes nothing).
@@ -399,36 +356,10 @@ async fn write_status(
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await
-    .map_err(Error::Kube)?;
+    .await?;
     ctx.statuses
         .lock()
         .expect("status lock")
         .insert(uid.to_string(), new);
     Ok(())
-}
-
-async fn publish(
-    recorder: &Recorder,
-    reference: &ObjectReference,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let mut note = note;
-    if note.len() > 1000 {
-        note.truncate(note.floor_char_boundary(990));
-        note.push_str(" ...");
-    }
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(error) = recorder.publish(&event, reference).await {
-        warn!(%error, reason, "publishing an event failed");
-    }
 }

@@ -1,12 +1,13 @@
-//! The AIPipeline's status, built from the plan and what applying it did. Pure.
+//! The AIPipeline's status, built from the plan and what applying it did. Pure: it is handed
+//! plain data ([`Outcome`], [`VaultSummary`], [`Problem`]) and imports nothing of the steps
+//! that produce it.
 //!
 //! Conditions follow the Kubernetes API conventions: `lastTransitionTime` changes only when a
 //! condition's status changes, so an unchanged pipeline's status is byte-identical and is not
 //! written again.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-
-use crate::api::{AIPipelineStatus, DeniedItem, StageStatus};
+use crate::api::{AIPipelineStatus, CredentialStatus, DeniedItem, StageStatus};
+use crate::k8s::{Condition, Time, Timestamp};
 use crate::plan::Plan;
 
 /// Denied items listed per stage in the status; the rest are counted, and all are in the
@@ -21,7 +22,79 @@ pub struct Outcome {
     /// Errors while applying or pruning, as messages.
     pub errors: Vec<String>,
     /// The Vault side, when the pipeline involves Vault.
-    pub vault: Option<super::vault::VaultOutcome>,
+    pub vault: Option<VaultSummary>,
+}
+
+/// What the Vault side came to, as the status shows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VaultSummary {
+    /// Why Vault is not in the state the plan asks for.
+    pub problem: Option<Problem>,
+    /// Per stage, its delivered credentials.
+    pub credentials: Vec<(String, CredentialStatus)>,
+    /// How many credentials are requested.
+    pub requested: usize,
+    /// How many of them are delivered with a lease that has not expired.
+    pub live: usize,
+}
+
+/// Something wrong, as a condition shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// The reasons of the conditions Portcullis sets, as they appear in `reason:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Reconciled,
+    AdoptionRefused,
+    ApplyFailed,
+    InvalidSpec,
+    AllAllowed,
+    ItemsDenied,
+    Healthy,
+    Synced,
+    Delivered,
+    Issuing,
+    VaultCleanupPending,
+    VaultUnavailable,
+    VaultRefused,
+    VaultLoginFailed,
+    VaultNotConfigured,
+    SecretNotOwned,
+    KubernetesError,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Reconciled => "Reconciled",
+            Reason::AdoptionRefused => "AdoptionRefused",
+            Reason::ApplyFailed => "ApplyFailed",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::AllAllowed => "AllAllowed",
+            Reason::ItemsDenied => "ItemsDenied",
+            Reason::Healthy => "Healthy",
+            Reason::Synced => "Synced",
+            Reason::Delivered => "Delivered",
+            Reason::Issuing => "Issuing",
+            Reason::VaultCleanupPending => "VaultCleanupPending",
+            Reason::VaultUnavailable => "VaultUnavailable",
+            Reason::VaultRefused => "VaultRefused",
+            Reason::VaultLoginFailed => "VaultLoginFailed",
+            Reason::VaultNotConfigured => "VaultNotConfigured",
+            Reason::SecretNotOwned => "SecretNotOwned",
+            Reason::KubernetesError => "KubernetesError",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The condition types Portcullis sets.
@@ -36,17 +109,17 @@ pub mod types {
 fn condition(
     type_: &str,
     ok: bool,
-    reason: &str,
+    reason: Reason,
     message: String,
     generation: Option<i64>,
 ) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message,
         observed_generation: generation,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
     }
 }
 
@@ -108,9 +181,9 @@ pub fn for_plan(
     let vault_problem = outcome
         .vault
         .as_ref()
-        .and_then(|v| v.error.as_ref())
-        .filter(|p| p.reason != "VaultNotConfigured");
-    let vault_note = outcome.vault.as_ref().and_then(|v| v.error.as_ref());
+        .and_then(|v| v.problem.as_ref())
+        .filter(|p| p.reason != Reason::VaultNotConfigured);
+    let vault_note = outcome.vault.as_ref().and_then(|v| v.problem.as_ref());
     let ready = outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
     let ready_condition = if let (true, Some(p)) = (
         outcome.refused.is_empty() && outcome.errors.is_empty(),
@@ -126,7 +199,7 @@ pub fn for_plan(
         condition(
             types::READY,
             false,
-            "AdoptionRefused",
+            Reason::AdoptionRefused,
             format!(
                 "{} already exist and are not Portcullis's; nothing of those stages is bound to them. Delete or rename them, or rename the stage",
                 objects.join(", ")
@@ -137,7 +210,7 @@ pub fn for_plan(
         condition(
             types::READY,
             false,
-            "ApplyFailed",
+            Reason::ApplyFailed,
             outcome.errors.join("; "),
             generation,
         )
@@ -145,7 +218,7 @@ pub fn for_plan(
         condition(
             types::READY,
             true,
-            "Reconciled",
+            Reason::Reconciled,
             format!(
                 "{} stages have their identities, RBAC and network policies",
                 plan.stages.len()
@@ -157,7 +230,7 @@ pub fn for_plan(
         condition(
             types::GUARDRAILS_SATISFIED,
             true,
-            "AllAllowed",
+            Reason::AllAllowed,
             "everything requested is allowed".into(),
             generation,
         )
@@ -171,7 +244,7 @@ pub fn for_plan(
         condition(
             types::GUARDRAILS_SATISFIED,
             false,
-            "ItemsDenied",
+            Reason::ItemsDenied,
             format!(
                 "{denied} requested items are denied and not granted{first}; see status.stages[].deniedItems"
             ),
@@ -182,13 +255,13 @@ pub fn for_plan(
         types::DEGRADED,
         !ready,
         if ready {
-            "Healthy"
+            Reason::Healthy
         } else if !outcome.refused.is_empty() {
-            "AdoptionRefused"
+            Reason::AdoptionRefused
         } else if !outcome.errors.is_empty() {
-            "ApplyFailed"
+            Reason::ApplyFailed
         } else {
-            vault_problem.map_or("ApplyFailed", |p| p.reason)
+            vault_problem.map_or(Reason::ApplyFailed, |p| p.reason)
         },
         if ready {
             "nothing is wrong".into()
@@ -203,7 +276,7 @@ pub fn for_plan(
             None => condition(
                 types::VAULT_SYNCED,
                 true,
-                "Synced",
+                Reason::Synced,
                 "the stages' Vault policies and roles are written as planned".into(),
                 generation,
             ),
@@ -223,7 +296,7 @@ pub fn for_plan(
             condition(
                 types::CREDENTIALS_READY,
                 true,
-                "Delivered",
+                Reason::Delivered,
                 match vault_problem {
                     None => format!("{delivered} credentials are delivered and their leases are current"),
                     Some(p) => format!(
@@ -237,7 +310,7 @@ pub fn for_plan(
             condition(
                 types::CREDENTIALS_READY,
                 false,
-                vault_problem.map_or("Issuing", |p| p.reason),
+                vault_problem.map_or(Reason::Issuing, |p| p.reason),
                 format!(
                     "{delivered} of {} credentials are delivered{}",
                     v.requested,
@@ -263,7 +336,7 @@ pub fn for_plan(
 
 /// The status of a deleted pipeline whose Vault clean-up waits for Vault.
 pub fn cleanup_pending(
-    problem: &super::vault::VaultProblem,
+    problem: &Problem,
     generation: Option<i64>,
     old: Option<&AIPipelineStatus>,
     now: Time,
@@ -276,7 +349,7 @@ pub fn cleanup_pending(
         condition(
             types::READY,
             false,
-            "VaultCleanupPending",
+            Reason::VaultCleanupPending,
             message.clone(),
             generation,
         ),
@@ -307,11 +380,17 @@ pub fn invalid(
         condition(
             types::READY,
             false,
-            "InvalidSpec",
+            Reason::InvalidSpec,
             message.clone(),
             generation,
         ),
-        condition(types::DEGRADED, true, "InvalidSpec", message, generation),
+        condition(
+            types::DEGRADED,
+            true,
+            Reason::InvalidSpec,
+            message,
+            generation,
+        ),
     ];
     carry_transitions(
         &mut conditions,
@@ -332,21 +411,33 @@ mod tests {
     use super::*;
 
     fn t(secs: i64) -> Time {
-        Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid time"))
+        Time(Timestamp::from_second(secs).expect("valid time"))
     }
 
     #[test]
     fn transition_time_is_kept_while_status_is_unchanged() {
-        let old = vec![condition("Ready", true, "Reconciled", "a".into(), Some(1))];
+        let old = vec![condition(
+            "Ready",
+            true,
+            Reason::Reconciled,
+            "a".into(),
+            Some(1),
+        )];
         let mut old = old;
         old[0].last_transition_time = t(100);
-        let mut same = vec![condition("Ready", true, "Reconciled", "b".into(), Some(2))];
+        let mut same = vec![condition(
+            "Ready",
+            true,
+            Reason::Reconciled,
+            "b".into(),
+            Some(2),
+        )];
         carry_transitions(&mut same, &old, t(200));
         assert_eq!(same[0].last_transition_time, t(100));
         let mut flipped = vec![condition(
             "Ready",
             false,
-            "ApplyFailed",
+            Reason::ApplyFailed,
             "c".into(),
             Some(2),
         )];
@@ -359,9 +450,8 @@ mod tests {
 mod vault_conditions {
     use super::*;
     use crate::api::CredentialStatus;
-    use crate::controller::vault::{VaultOutcome, VaultProblem};
 
-    fn status_with(vault: VaultOutcome) -> AIPipelineStatus {
+    fn status_with(vault: VaultSummary) -> AIPipelineStatus {
         let outcome = Outcome {
             vault: Some(vault),
             ..Outcome::default()
@@ -371,7 +461,7 @@ mod vault_conditions {
             &outcome,
             Some(1),
             None,
-            Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            Time(Timestamp::UNIX_EPOCH),
         )
     }
 
@@ -384,8 +474,8 @@ mod vault_conditions {
         (c.status.clone(), c.reason.clone())
     }
 
-    fn problem(reason: &'static str) -> Option<VaultProblem> {
-        Some(VaultProblem {
+    fn problem(reason: Reason) -> Option<Problem> {
+        Some(Problem {
             reason,
             message: "x".into(),
         })
@@ -397,10 +487,10 @@ mod vault_conditions {
 
     #[test]
     fn an_operator_without_vault_keeps_the_pipeline_ready_and_says_so() {
-        let s = status_with(VaultOutcome {
-            error: problem("VaultNotConfigured"),
+        let s = status_with(VaultSummary {
+            problem: problem(Reason::VaultNotConfigured),
             requested: 1,
-            ..VaultOutcome::default()
+            ..VaultSummary::default()
         });
         assert_eq!(get(&s, "Ready"), ("True".into(), "Reconciled".into()));
         assert_eq!(get(&s, "Degraded").0, "False");
@@ -416,12 +506,11 @@ mod vault_conditions {
 
     #[test]
     fn an_outage_degrades_but_live_credentials_stay_delivered() {
-        let s = status_with(VaultOutcome {
-            error: problem("VaultUnavailable"),
+        let s = status_with(VaultSummary {
+            problem: problem(Reason::VaultUnavailable),
             credentials: delivered(),
             requested: 1,
             live: 1,
-            wake: None,
         });
         assert_eq!(
             get(&s, "Ready"),
@@ -436,12 +525,11 @@ mod vault_conditions {
             ("True".into(), "Delivered".into())
         );
         // Once the lease has expired, the credentials are no longer ready.
-        let s = status_with(VaultOutcome {
-            error: problem("VaultUnavailable"),
+        let s = status_with(VaultSummary {
+            problem: problem(Reason::VaultUnavailable),
             credentials: delivered(),
             requested: 1,
             live: 0,
-            wake: None,
         });
         assert_eq!(
             get(&s, "CredentialsReady"),
@@ -451,7 +539,7 @@ mod vault_conditions {
 
     #[test]
     fn a_healthy_vault_side_is_synced_and_without_credentials_has_no_credentials_condition() {
-        let s = status_with(VaultOutcome::default());
+        let s = status_with(VaultSummary::default());
         assert_eq!(get(&s, "Ready").0, "True");
         assert_eq!(get(&s, "VaultSynced"), ("True".into(), "Synced".into()));
         assert!(s.conditions.iter().all(|c| c.type_ != "CredentialsReady"));

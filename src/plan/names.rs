@@ -10,9 +10,9 @@ use sha2::{Digest, Sha256};
 const MAX_LABEL: usize = 63;
 
 /// The label every object Portcullis manages carries.
-pub(crate) const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "portcullis");
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "portcullis");
 /// The label naming the pipeline an object belongs to.
-pub(crate) const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
+pub const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
 /// The label naming the stage an object belongs to.
 pub const STAGE_LABEL: &str = "portcullis.dev/stage";
 

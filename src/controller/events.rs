@@ -1,0 +1,60 @@
+//! Events on the AIPipeline.
+
+use crate::k8s::{Event, EventType, ObjectReference, Recorder};
+
+/// Why an Event is published (its `reason`). Every one is a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventReason {
+    /// Requested items were denied (step: Plan).
+    AccessDenied,
+    /// The spec cannot be planned (step: Plan).
+    InvalidSpec,
+    /// An object of a stage's name exists and is not Portcullis's (step: Apply).
+    AdoptionRefused,
+    /// A managed object changed or deleted outside Portcullis was put back (step: Apply).
+    DriftReverted,
+}
+
+impl EventReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::AccessDenied => "AccessDenied",
+            EventReason::InvalidSpec => "InvalidSpec",
+            EventReason::AdoptionRefused => "AdoptionRefused",
+            EventReason::DriftReverted => "DriftReverted",
+        }
+    }
+
+    /// The step that publishes it (the Event's `action`).
+    fn action(self) -> &'static str {
+        match self {
+            EventReason::AccessDenied | EventReason::InvalidSpec => "Plan",
+            EventReason::AdoptionRefused | EventReason::DriftReverted => "Apply",
+        }
+    }
+}
+
+/// Publishes a warning Event about the pipeline at `reference`; a failure is logged, not
+/// returned.
+pub async fn warn(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    reason: EventReason,
+    note: String,
+) {
+    let mut note = note;
+    if note.len() > 1000 {
+        note.truncate(note.floor_char_boundary(990));
+        note.push_str(" ...");
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.as_str().into(),
+        note: Some(note),
+        action: reason.action().into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, reference).await {
+        tracing::warn!(%error, reason = reason.as_str(), "publishing an event failed");
+    }
+}

@@ -1,0 +1,278 @@
+//! The operator process around the reconciles: the HTTP endpoints, leader election
+//! ([`leader`]), the caches and watches that feed the controller ([`caches`], [`mappers`]), the
+//! housekeeping that forgets deleted pipelines ([`housekeeping`]), and shutdown.
+
+mod caches;
+mod housekeeping;
+mod leader;
+mod mappers;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube_lease_manager::LeaseManagerError;
+use tracing::{error, info, warn};
+
+use super::apply::AppliedState;
+use super::metrics::Metrics;
+use super::vault::token::SecretTokenStore;
+use super::vault::{VaultCtx, VaultSession};
+use super::{Context, RunConfig, VaultRunConfig, http, journal, reconcile};
+use crate::api::AIPipeline;
+use crate::audit::{AuditError, AuditLog};
+use crate::k8s::{
+    Client, Controller, ControllerConfig, ControllerError, PartialObjectMeta, Reporter, Secret,
+    Store, WatchStreamExt, predicates, reflector, watcher,
+};
+use caches::{Caches, Streams};
+use leader::Elected;
+
+/// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
+pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
+    let key = crate::audit::load_key(&config.audit_key).map_err(RunError::AuditKey)?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(http::Health::default());
+    let listener = http::bind(config.metrics_addr)
+        .await
+        .map_err(|source| RunError::Listen {
+            address: config.metrics_addr,
+            source,
+        })?;
+    info!(address = %config.metrics_addr, "serving /healthz, /readyz and /metrics");
+    tokio::spawn(http::serve(listener, health.clone(), metrics.clone()));
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let leadership = match leader::elect(&client, &config, &health, &metrics, &mut shutdown).await?
+    {
+        Elected::Leader(leadership) => leadership,
+        Elected::ShutDown => return Ok(()),
+    };
+    health.ready.store(false, Ordering::Relaxed);
+
+    // The decision log is opened (its chain verified and continued) only now, as the leader: a
+    // standby sharing the file must not hold a stale view of the chain.
+    let mut audit = AuditLog::open(&config.audit_log, &key).map_err(RunError::AuditLog)?;
+    if let Some(bytes) = audit.truncated_tail() {
+        warn!(bytes, path = %config.audit_log.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
+    }
+    if config.echo_decisions {
+        audit = audit.with_echo(Box::new(std::io::stdout()));
+    }
+
+    let applied = Arc::new(AppliedState::default());
+    let (caches, streams) = Caches::start(
+        &client,
+        &config.watch_namespace,
+        config.vault.is_some(),
+        &applied,
+    );
+    let vault = match &config.vault {
+        Some(v) => Some(vault_context(&client, v, caches.secrets.clone())?),
+        None => None,
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        guardrails: caches.guardrails.clone(),
+        namespaces: caches.namespaces.clone(),
+        children: caches.children.clone(),
+        applied,
+        metrics: metrics.clone(),
+        journal: journal::Journal::start(audit).map_err(RunError::Journal)?,
+        reporter: Reporter {
+            controller: "portcullis".into(),
+            instance: Some(config.identity.clone()),
+        },
+        synced: Arc::new(AtomicBool::new(false)),
+        recorded: Mutex::default(),
+        statuses: Mutex::default(),
+        failures: Mutex::default(),
+        vault,
+    });
+
+    // AIPipelines trigger a reconcile when their generation changes (a new spec, or deletion):
+    // not for the echo of the operator's own status writes, nor for label or annotation edits.
+    let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
+    let pipeline_events = reflector::reflector(
+        pipeline_writer,
+        watcher(
+            caches::scoped::<AIPipeline>(&client, &config.watch_namespace),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::for_stream(pipeline_events, pipelines.clone())
+        // A short debounce folds the burst of watch events that one reconcile's own writes cause
+        // (and the controller manager's reactions to them) into one follow-up reconcile.
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(config.concurrency)
+                .debounce(Duration::from_millis(250)),
+        );
+
+    // No reconcile plans before the caches are full (see `Context::synced`).
+    {
+        let (caches, ctx, health) = (caches.clone(), ctx.clone(), health.clone());
+        tokio::spawn(async move {
+            if caches.wait_synced().await {
+                ctx.synced.store(true, Ordering::Release);
+                health.ready.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+    tokio::spawn(housekeeping::forget_deleted_pipelines(
+        ctx.clone(),
+        pipelines.clone(),
+    ));
+
+    let lost_leadership = async move {
+        match leadership {
+            Some(leadership) => leadership.lost().await,
+            None => futures::future::pending::<()>().await,
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+
+    // Every stream, so that every cache fills: a new managed kind does not compile until its
+    // stream is handed to the controller here.
+    let Streams {
+        guardrails,
+        namespaces,
+        service_accounts,
+        roles,
+        role_bindings,
+        network_policies,
+        secrets,
+    } = streams;
+    let run = controller
+        .owns_stream(service_accounts)
+        .owns_stream(roles)
+        .owns_stream(role_bindings)
+        .owns_stream(network_policies)
+        .owns_stream(secrets)
+        .watches_stream(
+            guardrails,
+            mappers::guardrail_mapper(pipelines.clone(), caches.namespaces.clone()),
+        )
+        .watches_stream(namespaces, mappers::namespace_mapper(pipelines.clone()))
+        .graceful_shutdown_on(stop)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|result| {
+            match result {
+                // Counted and logged by error_policy.
+                Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
+                Err(ControllerError::ObjectNotFound(object)) => {
+                    tracing::debug!(%object, "a scheduled reconcile's pipeline is gone");
+                }
+                Err(error) => warn!(%error, "the controller's watch or queue failed"),
+            }
+            futures::future::ready(())
+        });
+    tokio::pin!(run);
+
+    let reason = tokio::select! {
+        () = &mut run => Stop::ControllerStopped,
+        () = &mut shutdown => Stop::Shutdown,
+        () = lost_leadership => Stop::LostLease,
+    };
+    info!(%reason, "stopping: finishing the reconciles in flight");
+    let _ = stop_tx.send(reason);
+    if tokio::time::timeout(Duration::from_secs(20), &mut run)
+        .await
+        .is_err()
+    {
+        warn!("reconciles did not finish within 20 s");
+    }
+    metrics.leader.set(0);
+    if reason == Stop::LostLease {
+        error!(
+            "another replica holds the leader Lease now; exiting so that this one restarts as a standby"
+        );
+        return Err(RunError::LostLease);
+    }
+    Ok(())
+}
+
+/// The Vault session (its token kept in a Secret, renewed in the background) and the settings
+/// every pipeline's Vault work shares.
+fn vault_context(
+    client: &Client,
+    v: &VaultRunConfig,
+    secrets: Store<PartialObjectMeta<Secret>>,
+) -> Result<VaultCtx, RunError> {
+    let store = SecretTokenStore::new(client.clone(), &v.state_namespace);
+    let session = VaultSession::new(v.connection.clone(), store).map_err(RunError::VaultClient)?;
+    tokio::spawn(session.clone().keep_renewed());
+    info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
+    let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    Ok(VaultCtx::new(
+        session,
+        v.state_namespace.clone(),
+        chrono(v.revoke_grace),
+        chrono(v.restart_min_interval),
+        v.max_restarts_per_minute,
+        v.resync,
+        secrets,
+    ))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Why the controller stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    ControllerStopped,
+    Shutdown,
+    LostLease,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::ControllerStopped => "the controller stopped",
+            Stop::Shutdown => "shutdown requested",
+            Stop::LostLease => "lost the leader Lease",
+        })
+    }
+}
+
+/// Why `portcullis run` could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    AuditKey(#[source] AuditError),
+    #[error("cannot listen on {address} for /healthz, /readyz and /metrics: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("leader election: {0}")]
+    LeaderElection(#[source] LeaseManagerError),
+    #[error("leader election stopped")]
+    LeaderElectionStopped,
+    #[error("{0}")]
+    AuditLog(#[source] AuditError),
+    #[error("cannot start the decision log writer: {0}")]
+    Journal(#[source] std::io::Error),
+    #[error("{0}")]
+    VaultClient(#[source] crate::vault::ClientBuildError),
+    #[error("lost the leader Lease")]
+    LostLease,
+}

@@ -1,0 +1,311 @@
+//! Credentials: leases issued, renewed, replaced and revoked on the schedule
+//! `vault::leases::due` works out, each recorded before it is made.
+
+use chrono::{DateTime, Utc};
+use tracing::{info, warn};
+use vaultrs::client::VaultClient;
+use vaultrs::error::ClientError;
+
+use super::state::VaultState;
+use super::{VaultSide, Work, earliest, rfc3339, secrets};
+use crate::api::CredentialStatus;
+use crate::audit::Action as AuditAction;
+use crate::controller::Result;
+use crate::k8s::OwnerReference;
+use crate::plan::CredentialRequest;
+use crate::vault::VaultError;
+use crate::vault::endpoints;
+use crate::vault::leases::{self, LeaseRecord, Step};
+
+/// Issues, renews, replaces and revokes what is due now. Returns the earliest time something
+/// falls due next.
+pub(super) async fn converge(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    owner: &OwnerReference,
+    state: &mut VaultState,
+) -> Result<Option<DateTime<Utc>>> {
+    let (steps, mut wake) =
+        leases::due(Utc::now(), &side.vault.credentials, &state.leases, |name| {
+            secrets::delivered(work, name)
+        });
+    for step in steps {
+        match step {
+            Step::Issue {
+                request,
+                replaces,
+                why,
+            } => {
+                let r = &side.vault.credentials[request];
+                let renew_at = issue(work, client, side, owner, state, r, replaces, why).await?;
+                wake = earliest(wake, renew_at);
+            }
+            Step::Renew { lease_id, request } => {
+                let r = &side.vault.credentials[request];
+                if let Some(renew_at) =
+                    renew(work, client, side, owner, state, r, &lease_id).await?
+                {
+                    wake = earliest(wake, renew_at);
+                }
+            }
+            Step::Revoke { lease_id, why } => {
+                let stage = state
+                    .leases
+                    .iter()
+                    .find(|l| l.lease_id == lease_id)
+                    .map(|l| l.stage.clone())
+                    .unwrap_or_default();
+                revoke(work, client, state, &lease_id, why, side.subject(&stage)).await?;
+            }
+        }
+    }
+    Ok(wake)
+}
+
+fn object(r: &CredentialRequest) -> String {
+    format!("credential {}/{} ({})", r.stage, r.name, r.path)
+}
+
+/// Records, then issues new credentials into the request's Secret; the lease it replaces (if
+/// any) is retired after the grace period. Returns when to renew the new lease.
+#[allow(clippy::too_many_arguments)]
+async fn issue(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    owner: &OwnerReference,
+    state: &mut VaultState,
+    r: &CredentialRequest,
+    replaces: Option<String>,
+    why: &str,
+) -> Result<DateTime<Utc>> {
+    let object = object(r);
+    secrets::refuse_foreign(work, side, r, &object).await?;
+    let (action, message) = match &replaces {
+        Some(old) => (
+            AuditAction::CredentialRotated,
+            format!(
+                "issuing new credentials from {} for stage {} into Secret {} ({why}); lease {} is revoked {}s after its consumers restart",
+                r.path,
+                r.stage,
+                r.secret_name,
+                leases::lease_hash(old),
+                work.vault.grace.num_seconds()
+            ),
+        ),
+        None => (
+            AuditAction::CredentialIssued,
+            format!(
+                "issuing credentials from {} for stage {} into Secret {} ({why})",
+                r.path, r.stage, r.secret_name
+            ),
+        ),
+    };
+    let mut e = work.entry(action, Some(&r.stage), object.clone(), message);
+    e.subject = side.subject(&r.stage);
+    work.record(e).await?;
+    let issued = work
+        .call(
+            "issue",
+            Some(&r.stage),
+            &object,
+            endpoints::read_credentials(client, &r.path),
+        )
+        .await?;
+    let now = Utc::now();
+    let ttl = chrono::Duration::seconds(r.ttl as i64);
+    let expires_at = leases::planned_expiry(
+        now,
+        chrono::Duration::seconds(issued.lease_duration as i64),
+        ttl,
+    );
+    let record = LeaseRecord {
+        stage: r.stage.clone(),
+        credential: r.name.clone(),
+        path: r.path.clone(),
+        secret_name: r.secret_name.clone(),
+        lease_id: issued.lease_id.clone(),
+        issued_at: now,
+        expires_at,
+        renew_at: leases::renew_at(now, expires_at - now, &issued.lease_id),
+        renewable: issued.renewable,
+        granted_seconds: issued.lease_duration,
+        replace_next: false,
+        retire_at: None,
+        restart_pending: replaces.is_some() && !r.restart_targets.is_empty(),
+    };
+    if let Some(old) = &replaces
+        && let Some(l) = state.leases.iter_mut().find(|l| &l.lease_id == old)
+    {
+        l.retire_at = Some(now + work.vault.grace);
+    }
+    state.leases.push(record.clone());
+    if let Err(e) = work.save(state).await {
+        // Not kept: revoke it now rather than leave it untracked.
+        warn!(error = %e, "could not keep a new lease; revoking it");
+        let _ = endpoints::lease_revoke(client, &issued.lease_id).await;
+        state.leases.retain(|l| l.lease_id != issued.lease_id);
+        return Err(e);
+    }
+    secrets::write(work, r, &record, Some(&issued.data), owner).await?;
+    info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
+    Ok(record.renew_at)
+}
+
+/// Records, then renews a lease. A lease Vault no longer knows is marked for replacement.
+/// Returns when to look at it again.
+async fn renew(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    owner: &OwnerReference,
+    state: &mut VaultState,
+    r: &CredentialRequest,
+    lease_id: &str,
+) -> Result<Option<DateTime<Utc>>> {
+    let hash = leases::lease_hash(lease_id);
+    let object = object(r);
+    let mut e = work.entry(
+        AuditAction::CredentialRenewed,
+        Some(&r.stage),
+        object.clone(),
+        format!("renewing lease {hash} by {}s", r.ttl),
+    );
+    e.subject = side.subject(&r.stage);
+    work.record(e).await?;
+    let renewed = match endpoints::lease_renew(client, lease_id, r.ttl).await {
+        Ok(v) => {
+            work.count("renew", "ok");
+            Some(v)
+        }
+        Err(ClientError::APIError {
+            code: 400 | 404,
+            errors,
+        }) => {
+            // The lease is gone (expired, revoked, or its token was): replace it.
+            work.count("renew", "refused");
+            work.record(work.entry(
+                AuditAction::VaultFailed,
+                Some(&r.stage),
+                object.clone(),
+                format!(
+                    "renewing lease {hash} was refused ({}); issuing new credentials",
+                    errors.join("; ")
+                ),
+            ))
+            .await?;
+            None
+        }
+        Err(e) => {
+            let e = VaultError::from_client("renew", e);
+            return Err(work.failed("renew", Some(&r.stage), object, e).await);
+        }
+    };
+    let now = Utc::now();
+    let Some(l) = state.leases.iter_mut().find(|l| l.lease_id == lease_id) else {
+        return Ok(None);
+    };
+    match renewed {
+        Some(renewed) => {
+            let ttl = chrono::Duration::seconds(r.ttl as i64);
+            l.expires_at = leases::planned_expiry(
+                now,
+                chrono::Duration::seconds(renewed.lease_duration as i64),
+                ttl,
+            );
+            l.renewable = renewed.renewable;
+            // Vault cut the renewal short: the max TTL is near. Replace the lease now, while it
+            // still has time left for the grace period.
+            l.replace_next = leases::cut_short(renewed.lease_duration, r.ttl, l.granted_seconds);
+            l.renew_at = if l.replace_next {
+                now
+            } else {
+                leases::renew_at(now, l.expires_at - now, lease_id)
+            };
+            l.granted_seconds = renewed.lease_duration;
+        }
+        None => {
+            l.replace_next = true;
+            l.renewable = false;
+            l.renew_at = now;
+        }
+    }
+    let record = l.clone();
+    work.save(state).await?;
+    secrets::write(work, r, &record, None, owner).await?;
+    Ok(Some(record.renew_at))
+}
+
+/// Records, then revokes a lease and forgets it.
+pub(super) async fn revoke(
+    work: &Work<'_>,
+    client: &VaultClient,
+    state: &mut VaultState,
+    lease_id: &str,
+    why: &str,
+    subject: Option<String>,
+) -> Result<()> {
+    let Some(lease) = state
+        .leases
+        .iter()
+        .find(|l| l.lease_id == lease_id)
+        .cloned()
+    else {
+        return Ok(());
+    };
+    let object = format!(
+        "credential {}/{} ({})",
+        lease.stage, lease.credential, lease.path
+    );
+    let mut e = work.entry(
+        AuditAction::CredentialRevoked,
+        Some(&lease.stage),
+        object.clone(),
+        format!("revoking lease {}: {why}", leases::lease_hash(lease_id)),
+    );
+    e.subject = subject;
+    work.record(e).await?;
+    work.call(
+        "revoke",
+        Some(&lease.stage),
+        &object,
+        endpoints::lease_revoke(client, lease_id),
+    )
+    .await?;
+    state.leases.retain(|l| l.lease_id != lease_id);
+    work.save(state).await
+}
+
+/// The delivered credentials for the status, and how many of them have a lease that has not
+/// expired.
+pub(super) fn delivered(
+    side: &VaultSide,
+    state: &VaultState,
+) -> (Vec<(String, CredentialStatus)>, usize) {
+    let now = Utc::now();
+    let mut live = 0;
+    let statuses = side
+        .vault
+        .credentials
+        .iter()
+        .filter_map(|r| {
+            let lease = state
+                .leases
+                .iter()
+                .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)?;
+            live += usize::from(lease.expires_at > now);
+            Some((
+                r.stage.clone(),
+                CredentialStatus {
+                    name: r.name.clone(),
+                    secret_name: Some(r.secret_name.clone()),
+                    lease_expires_at: Some(rfc3339(lease.expires_at)),
+                    rotated_at: Some(rfc3339(lease.issued_at)),
+                    lease_hash: Some(leases::lease_hash(&lease.lease_id)),
+                },
+            ))
+        })
+        .collect();
+    (statuses, live)
+}

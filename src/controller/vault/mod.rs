@@ -1,0 +1,477 @@
+//! One AIPipeline's Vault side: its stages' ACL policies and Kubernetes-auth roles
+//! ([`policies`]), the credentials delivered as Secrets, issued, renewed, replaced and revoked
+//! ([`credentials`], [`secrets`]), the restarts of their consumers ([`restarts`]), and the
+//! clean-up that the `portcullis.dev/vault-cleanup` finalizer holds deletion for
+//! ([`finalizer`]).
+//!
+//! What the operator has created in Vault for a pipeline (policy and role names, lease ids) is
+//! kept in a Secret in the operator's own namespace ([`state`]): workloads and pipeline owners
+//! cannot read lease ids there, and a restarted operator knows what to renew and what to clean
+//! up. Names are added there before they are written in Vault, and lease ids right after Vault
+//! returns them, so the state Secret never misses what exists in Vault.
+//!
+//! Every Vault action is recorded in the decision log before it is made; failures after. A
+//! failed Vault call is an [`Error::Vault`]: the step stops there, and [`reconcile`] turns it
+//! into the outcome's problem (shown in the status, retried with backoff). Kubernetes and
+//! decision-log errors end the reconcile.
+
+pub mod credentials;
+pub mod finalizer;
+pub mod policies;
+pub mod restarts;
+pub mod secrets;
+pub mod state;
+pub mod token;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tracing::warn;
+use vaultrs::error::ClientError;
+
+use super::metrics::VaultLabels;
+use super::status::{Problem, Reason, VaultSummary};
+use super::{Category, Context, Error, Result};
+use crate::api::{AIPipeline, CredentialStatus};
+use crate::audit::{Action as AuditAction, Entry};
+use crate::k8s::{OwnerReference, PartialObjectMeta, ResourceExt, Secret, Store};
+use crate::plan::{Plan, VaultPlan};
+use crate::vault::{Session, VaultError, VaultErrorKind};
+
+pub use finalizer::{FINALIZER, finalize};
+use state::VaultState;
+use token::SecretTokenStore;
+
+/// The operator's Vault session, its token kept in a Secret.
+pub type VaultSession = Session<SecretTokenStore>;
+
+/// Settings and state shared by every pipeline's Vault work.
+pub struct VaultCtx {
+    pub session: Arc<VaultSession>,
+    /// The operator's own namespace, where the pipelines' state Secrets live.
+    pub state_namespace: String,
+    /// How long replaced credentials stay valid (after their consumers' restart).
+    pub grace: chrono::Duration,
+    /// Policies and roles are compared with Vault at least this often.
+    pub resync: std::time::Duration,
+    /// The credential Secrets (metadata, by label), in the watched namespaces.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    restarts: restarts::Restarts,
+    states: tokio::sync::Mutex<HashMap<String, VaultState>>,
+}
+
+impl VaultCtx {
+    pub fn new(
+        session: Arc<VaultSession>,
+        state_namespace: String,
+        grace: chrono::Duration,
+        restart_min_interval: chrono::Duration,
+        max_restarts_per_minute: usize,
+        resync: std::time::Duration,
+        secrets: Store<PartialObjectMeta<Secret>>,
+    ) -> VaultCtx {
+        VaultCtx {
+            session,
+            state_namespace,
+            grace,
+            resync,
+            secrets,
+            restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
+            states: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Drops the cached state of pipelines no longer in `live` (uids).
+    pub async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
+        self.states.lock().await.retain(|uid, _| live.contains(uid));
+    }
+}
+
+/// Why Vault is not in the state the plan asks for.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultProblem {
+    /// A Vault call (or the operator's login) failed.
+    #[error(transparent)]
+    Call(#[from] VaultError),
+    /// The credential's Secret exists and belongs to someone else.
+    #[error(
+        "Secret {namespace}/{name} exists and is not this pipeline's; no credentials were issued for {credential}. Delete or rename that Secret, or choose another secretName"
+    )]
+    SecretNotOwned {
+        namespace: String,
+        name: String,
+        /// `credential <stage>/<name> (<path>)`
+        credential: String,
+    },
+    /// The stages ask for Vault, and the operator runs without it.
+    #[error(
+        "the stages ask for Vault access, but the operator runs without --vault-address; nothing was written to Vault"
+    )]
+    NotConfigured,
+    /// A deleted pipeline holds Vault state, and the operator runs without Vault.
+    #[error(
+        "the pipeline's leases, Vault policies and roles are still in Vault, and the operator runs without --vault-address: run it with Vault to clean them up, or remove the finalizer {FINALIZER} by hand to abandon them"
+    )]
+    CleanupNotConfigured,
+}
+
+impl VaultProblem {
+    /// The condition reason that shows it.
+    pub fn reason(&self) -> Reason {
+        match self {
+            VaultProblem::Call(e) => match e.kind() {
+                VaultErrorKind::Unavailable => Reason::VaultUnavailable,
+                VaultErrorKind::Refused => Reason::VaultRefused,
+                VaultErrorKind::Login => Reason::VaultLoginFailed,
+                VaultErrorKind::TokenStore => Reason::KubernetesError,
+            },
+            VaultProblem::SecretNotOwned { .. } => Reason::SecretNotOwned,
+            VaultProblem::NotConfigured | VaultProblem::CleanupNotConfigured => {
+                Reason::VaultNotConfigured
+            }
+        }
+    }
+
+    pub fn category(&self) -> Category {
+        match self {
+            VaultProblem::Call(e) => match e.kind() {
+                VaultErrorKind::Unavailable | VaultErrorKind::TokenStore => Category::Unavailable,
+                VaultErrorKind::Refused | VaultErrorKind::Login => Category::Refused,
+            },
+            VaultProblem::SecretNotOwned { .. } => Category::Refused,
+            VaultProblem::NotConfigured | VaultProblem::CleanupNotConfigured => Category::Invalid,
+        }
+    }
+
+    /// The problem as a condition shows it.
+    pub fn to_status(&self) -> Problem {
+        Problem {
+            reason: self.reason(),
+            message: self.to_string(),
+        }
+    }
+}
+
+/// What the Vault side of a reconcile came to.
+#[derive(Debug, Default)]
+pub struct VaultOutcome {
+    /// Why Vault is not in the state the plan asks for.
+    pub problem: Option<VaultProblem>,
+    /// Per stage, its delivered credentials.
+    pub credentials: Vec<(String, CredentialStatus)>,
+    /// How many credentials are requested.
+    pub requested: usize,
+    /// How many of them are delivered with a lease that has not expired.
+    pub live: usize,
+    /// When to look again.
+    pub wake: Option<DateTime<Utc>>,
+}
+
+impl VaultOutcome {
+    /// The outcome as the status shows it.
+    pub fn summary(&self) -> VaultSummary {
+        VaultSummary {
+            problem: self.problem.as_ref().map(VaultProblem::to_status),
+            credentials: self.credentials.clone(),
+            requested: self.requested,
+            live: self.live,
+        }
+    }
+}
+
+/// The Vault side of a plan. This is the one place the controller reads the plan's Vault
+/// fields; every Vault step works from it.
+#[derive(Debug, Clone, Default)]
+pub struct VaultSide {
+    pub vault: VaultPlan,
+    /// Per stage, its ServiceAccount's user name: the subject of its decision-log records.
+    subjects: BTreeMap<String, String>,
+}
+
+impl VaultSide {
+    pub fn of(plan: &Plan) -> VaultSide {
+        VaultSide {
+            vault: plan.vault.clone(),
+            subjects: plan
+                .stages
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        format!(
+                            "system:serviceaccount:{}:{}",
+                            plan.namespace, s.service_account
+                        ),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether the plan asks anything of Vault.
+    pub fn asks_for_vault(&self) -> bool {
+        !self.vault.policies.is_empty() || !self.vault.credentials.is_empty()
+    }
+
+    /// Only what belongs to the stages `keep` keeps.
+    pub fn only_stages(self, keep: impl Fn(&str) -> bool) -> VaultSide {
+        VaultSide {
+            vault: self.vault.for_stages(keep),
+            subjects: self.subjects,
+        }
+    }
+
+    fn subject(&self, stage: &str) -> Option<String> {
+        self.subjects.get(stage).cloned()
+    }
+}
+
+/// Whether the plan or what is held for the pipeline involves Vault.
+pub fn involved(side: &VaultSide, pipeline: &AIPipeline) -> bool {
+    side.asks_for_vault() || finalizer::holds(pipeline)
+}
+
+/// One pipeline's Vault work, with what it needs from the reconcile.
+struct Work<'a> {
+    ctx: &'a Context,
+    vault: &'a VaultCtx,
+    namespace: String,
+    name: String,
+    uid: String,
+    generation: Option<i64>,
+}
+
+impl<'a> Work<'a> {
+    fn new(ctx: &'a Context, vault: &'a VaultCtx, pipeline: &AIPipeline) -> Work<'a> {
+        Work {
+            ctx,
+            vault,
+            namespace: pipeline.namespace().unwrap_or_default(),
+            name: pipeline.name_any(),
+            uid: pipeline.uid().unwrap_or_default(),
+            generation: pipeline.metadata.generation,
+        }
+    }
+
+    fn entry(
+        &self,
+        action: AuditAction,
+        stage: Option<&str>,
+        object: String,
+        message: String,
+    ) -> Entry {
+        let mut e = Entry::new(action, &self.namespace, &self.name, message);
+        e.stage = stage.map(str::to_string);
+        e.object = Some(object);
+        e.generation = self.generation;
+        e
+    }
+
+    async fn record(&self, entry: Entry) -> Result<()> {
+        self.ctx.record(vec![entry]).await
+    }
+
+    /// Makes one Vault call: counted, and when it fails, recorded and returned as
+    /// [`Error::Vault`].
+    async fn call<T>(
+        &self,
+        operation: &str,
+        stage: Option<&str>,
+        object: &str,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T> {
+        match call.await {
+            Ok(v) => {
+                self.count(operation, "ok");
+                Ok(v)
+            }
+            Err(e) => Err(self
+                .failed(
+                    operation,
+                    stage,
+                    object.to_string(),
+                    VaultError::from_client(operation, e),
+                )
+                .await),
+        }
+    }
+
+    /// Records a failed Vault call. The error to return: the Vault problem, or the decision
+    /// log's if the failure could not be recorded.
+    async fn failed(
+        &self,
+        operation: &str,
+        stage: Option<&str>,
+        object: String,
+        e: VaultError,
+    ) -> Error {
+        self.count(operation, e.label());
+        warn!(pipeline = %self.name, namespace = %self.namespace, operation, error = %e, "a Vault call failed");
+        match self
+            .record(self.entry(AuditAction::VaultFailed, stage, object, e.to_string()))
+            .await
+        {
+            Ok(()) => Error::Vault(VaultProblem::Call(e)),
+            Err(log) => log,
+        }
+    }
+
+    fn count(&self, operation: &str, result: &str) {
+        self.ctx
+            .metrics
+            .vault_operations
+            .get_or_create(&VaultLabels {
+                operation: operation.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+}
+
+/// Puts the Vault side of the plan in place. Errors are Kubernetes or decision-log errors;
+/// Vault problems are in the outcome (recorded, and retried at the returned wake time).
+pub async fn reconcile(
+    ctx: &Context,
+    pipeline: &AIPipeline,
+    side: &VaultSide,
+    owner: &OwnerReference,
+) -> Result<VaultOutcome> {
+    let mut outcome = VaultOutcome {
+        requested: side.vault.credentials.len(),
+        ..VaultOutcome::default()
+    };
+    let Some(vault) = ctx.vault.as_ref() else {
+        if side.asks_for_vault() {
+            outcome.problem = Some(VaultProblem::NotConfigured);
+        }
+        return Ok(outcome);
+    };
+    let work = Work::new(ctx, vault, pipeline);
+    let mut state = work.load().await?;
+    if !finalizer::holds(pipeline) {
+        finalizer::add(ctx, pipeline).await?;
+    }
+    match converge(&work, side, owner, &mut state).await {
+        Ok(wake) => outcome.wake = wake,
+        Err(Error::Vault(problem)) => {
+            if problem.reason() == Reason::VaultRefused {
+                // A refused call may mean the operator's token is gone; check it outside the
+                // call.
+                vault.session.check_token().await;
+            }
+            outcome.problem = Some(problem);
+            outcome.wake = Some(Utc::now() + chrono::Duration::seconds(5));
+        }
+        Err(other) => return Err(other),
+    }
+    (outcome.credentials, outcome.live) = credentials::delivered(side, &state);
+    Ok(outcome)
+}
+
+/// The Vault steps in order; when to come back.
+async fn converge(
+    work: &Work<'_>,
+    side: &VaultSide,
+    owner: &OwnerReference,
+    state: &mut VaultState,
+) -> Result<Option<DateTime<Utc>>> {
+    let client = match work.vault.session.client().await {
+        Ok(client) => client,
+        Err(e) => return Err(work.failed("login", None, "Vault session".into(), e).await),
+    };
+    policies::converge(work, &client, side, state).await?;
+    let wake = credentials::converge(work, &client, side, owner, state).await?;
+    secrets::prune(work, side).await?;
+    let wake = restarts::converge(work, side, state, wake).await?;
+    Ok(earliest(
+        wake,
+        Utc::now()
+            + chrono::Duration::from_std(work.vault.resync).unwrap_or(chrono::Duration::minutes(5)),
+    ))
+}
+
+fn earliest(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{CredentialRequest, VaultPolicy};
+
+    fn call(code: u16) -> VaultProblem {
+        VaultProblem::Call(VaultError::from_client(
+            "issue",
+            ClientError::APIError {
+                code,
+                errors: vec!["x".into()],
+            },
+        ))
+    }
+
+    #[test]
+    fn each_problem_has_its_condition_reason_and_retry_category() {
+        assert_eq!(call(503).reason(), Reason::VaultUnavailable);
+        assert_eq!(call(503).category(), Category::Unavailable);
+        assert_eq!(call(403).reason(), Reason::VaultRefused);
+        assert_eq!(call(403).category(), Category::Refused);
+        let not_owned = VaultProblem::SecretNotOwned {
+            namespace: "ml".into(),
+            name: "db".into(),
+            credential: "credential ingest/db (database/creds/x)".into(),
+        };
+        assert_eq!(not_owned.reason(), Reason::SecretNotOwned);
+        assert_eq!(
+            not_owned.to_status().message,
+            "Secret ml/db exists and is not this pipeline's; no credentials were issued for credential ingest/db (database/creds/x). Delete or rename that Secret, or choose another secretName"
+        );
+        for p in [
+            VaultProblem::NotConfigured,
+            VaultProblem::CleanupNotConfigured,
+        ] {
+            assert_eq!(p.reason(), Reason::VaultNotConfigured);
+            assert_eq!(p.category(), Category::Invalid);
+        }
+        // The reconcile's error says "Vault: " and the problem, as the status does.
+        assert_eq!(
+            Error::Vault(call(403)).to_string(),
+            format!("Vault: {}", call(403))
+        );
+    }
+
+    #[test]
+    fn the_vault_side_keeps_only_the_stages_asked_for() {
+        let side = VaultSide {
+            vault: VaultPlan {
+                policies: vec![VaultPolicy {
+                    name: "p".into(),
+                    namespace: "ml".into(),
+                    pipeline: "fraud".into(),
+                    stage: "ingest".into(),
+                    rules: Vec::new(),
+                }],
+                roles: Vec::new(),
+                credentials: vec![CredentialRequest {
+                    stage: "train".into(),
+                    name: "db".into(),
+                    path: "database/creds/x".into(),
+                    ttl: 60,
+                    secret_name: "db".into(),
+                    restart_targets: Vec::new(),
+                }],
+            },
+            ..VaultSide::default()
+        };
+        assert!(side.asks_for_vault());
+        let side = side.only_stages(|s| s == "train");
+        assert!(side.vault.policies.is_empty());
+        assert_eq!(side.vault.credentials.len(), 1);
+        assert!(!side.only_stages(|_| false).asks_for_vault());
+    }
+}

@@ -1,0 +1,201 @@
+//! The stages' Vault ACL policies and Kubernetes-auth roles: their names kept before they are
+//! written, written when Vault's differ from the plan, and deleted (then forgotten) when no
+//! longer planned.
+
+use tracing::info;
+use vaultrs::client::VaultClient;
+
+use super::state::VaultState;
+use super::{VaultSide, Work};
+use crate::audit::Action as AuditAction;
+use crate::controller::Result;
+use crate::vault::endpoints::{self, KubernetesRole};
+
+/// Puts the planned policies and roles in Vault and deletes the ones no longer planned.
+pub(super) async fn converge(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    state: &mut VaultState,
+) -> Result<()> {
+    let mount = work.vault.session.config().workload_auth_mount.clone();
+    let names_new = side
+        .vault
+        .policies
+        .iter()
+        .any(|p| !state.policies.contains(&p.name))
+        || side
+            .vault
+            .roles
+            .iter()
+            .any(|r| !state.roles.contains(&r.name));
+    if names_new {
+        state
+            .policies
+            .extend(side.vault.policies.iter().map(|p| p.name.clone()));
+        state
+            .roles
+            .extend(side.vault.roles.iter().map(|r| r.name.clone()));
+        work.save(state).await?;
+    }
+    for policy in &side.vault.policies {
+        let object = format!("Vault policy {}", policy.name);
+        let stage = Some(policy.stage.as_str());
+        let hcl = policy.hcl();
+        let current = work
+            .call(
+                "policy_read",
+                stage,
+                &object,
+                endpoints::policy_read(client, &policy.name),
+            )
+            .await?;
+        if current.as_deref() == Some(hcl.as_str()) {
+            continue;
+        }
+        let why = if current.is_some() {
+            "it was changed outside Portcullis or the plan changed; writing the planned rules"
+        } else {
+            "writing the stage's allowed paths"
+        };
+        let mut e = work.entry(
+            AuditAction::PolicyWritten,
+            stage,
+            object.clone(),
+            format!("{object}: {why}"),
+        );
+        e.subject = side.subject(&policy.stage);
+        work.record(e).await?;
+        work.call(
+            "policy_write",
+            stage,
+            &object,
+            endpoints::policy_write(client, &policy.name, &hcl),
+        )
+        .await?;
+        info!(policy = %policy.name, "wrote a Vault policy");
+    }
+    for role in &side.vault.roles {
+        let object = format!("Vault role auth/{mount}/role/{}", role.name);
+        let stage = Some(role.stage.as_str());
+        let want = KubernetesRole {
+            bound_service_account_names: role.bound_service_account_names.clone(),
+            bound_service_account_namespaces: role.bound_service_account_namespaces.clone(),
+            token_policies: role.token_policies.clone(),
+            token_ttl: role.token_ttl,
+            token_max_ttl: role.token_max_ttl,
+            token_no_default_policy: true,
+        };
+        let current = work
+            .call(
+                "role_read",
+                stage,
+                &object,
+                endpoints::role_read(client, &mount, &role.name),
+            )
+            .await?;
+        if current.as_ref() == Some(&want) {
+            continue;
+        }
+        let why = if current.is_some() {
+            "it was changed outside Portcullis or the plan changed; writing the planned binding"
+        } else {
+            "binding it to the stage's ServiceAccount"
+        };
+        let mut e = work.entry(
+            AuditAction::RoleWritten,
+            stage,
+            object.clone(),
+            format!(
+                "{object}: {why} (bound to {}/{}, policy {}, token TTL {}s, max {}s)",
+                work.namespace,
+                role.bound_service_account_names.join(","),
+                role.token_policies.join(","),
+                role.token_ttl,
+                role.token_max_ttl
+            ),
+        );
+        e.subject = side.subject(&role.stage);
+        work.record(e).await?;
+        work.call(
+            "role_write",
+            stage,
+            &object,
+            endpoints::role_write(client, &mount, &role.name, &want),
+        )
+        .await?;
+        info!(role = %role.name, "wrote a Vault Kubernetes-auth role");
+    }
+    delete_unplanned(work, client, state, side, "no longer planned").await
+}
+
+/// A policy or role Portcullis wrote and no longer plans.
+enum Unplanned {
+    Role(String),
+    Policy(String),
+}
+
+/// Records, then deletes the roles and policies `side` no longer has, and forgets them.
+pub(super) async fn delete_unplanned(
+    work: &Work<'_>,
+    client: &VaultClient,
+    state: &mut VaultState,
+    side: &VaultSide,
+    why: &str,
+) -> Result<()> {
+    let mount = work.vault.session.config().workload_auth_mount.clone();
+    let roles = state
+        .roles
+        .iter()
+        .filter(|n| !side.vault.roles.iter().any(|r| &r.name == *n))
+        .cloned()
+        .map(Unplanned::Role);
+    let policies = state
+        .policies
+        .iter()
+        .filter(|n| !side.vault.policies.iter().any(|p| &p.name == *n))
+        .cloned()
+        .map(Unplanned::Policy);
+    // Roles first: a role never points at a policy that is already gone.
+    let targets: Vec<Unplanned> = roles.chain(policies).collect();
+    for target in targets {
+        let (object, operation) = match &target {
+            Unplanned::Role(name) => (
+                format!("Vault role auth/{mount}/role/{name}"),
+                "role_delete",
+            ),
+            Unplanned::Policy(name) => (format!("Vault policy {name}"), "policy_delete"),
+        };
+        work.record(work.entry(
+            AuditAction::Prune,
+            None,
+            object.clone(),
+            format!("deleting {object}: {why}"),
+        ))
+        .await?;
+        match &target {
+            Unplanned::Role(name) => {
+                work.call(
+                    operation,
+                    None,
+                    &object,
+                    endpoints::role_delete(client, &mount, name),
+                )
+                .await?;
+                state.roles.remove(name);
+            }
+            Unplanned::Policy(name) => {
+                work.call(
+                    operation,
+                    None,
+                    &object,
+                    endpoints::policy_delete(client, name),
+                )
+                .await?;
+                state.policies.remove(name);
+            }
+        }
+        work.save(state).await?;
+    }
+    Ok(())
+}
