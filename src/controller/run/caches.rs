@@ -13,7 +13,7 @@ use crate::controller::apply::{AppliedState, ChildStores};
 use crate::k8s::{
     Api, Client, MANAGED_BY, Managed, Namespace, NamespaceResourceScope, NetworkPolicy,
     PIPELINE_LABEL, PartialObjectMeta, ResourceExt, Role, RoleBinding, Secret, ServiceAccount,
-    Store, WatchStreamExt, reflector, watcher,
+    Store, WatchStreamExt, reflector, trim_cached_metadata, watcher,
 };
 
 /// A stream of changed objects that should trigger reconciles.
@@ -102,7 +102,7 @@ impl Caches {
                         MANAGED_BY.0, MANAGED_BY.1
                     )),
                 )
-                .modify(|meta| meta.managed_fields_mut().clear()),
+                .modify(|meta| trim_cached_metadata(&mut meta.metadata)),
             )
             .default_backoff()
             .touched_objects()
@@ -192,11 +192,7 @@ fn child<K: Managed>(
             scoped::<PartialObjectMeta<K>>(client, namespace),
             watcher::Config::default(),
         )
-        .modify(|meta| {
-            meta.managed_fields_mut().clear();
-            meta.annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
-        }),
+        .modify(|meta| trim_cached_metadata(&mut meta.metadata)),
     )
     .default_backoff()
     .filter_map(move |event| {

@@ -24,8 +24,8 @@ use super::{Context, RunConfig, VaultRunConfig, http, journal, reconcile};
 use crate::api::AIPipeline;
 use crate::audit::{AuditError, AuditLog};
 use crate::k8s::{
-    Client, Controller, ControllerConfig, ControllerError, PartialObjectMeta, Reporter, Secret,
-    Store, WatchStreamExt, predicates, reflector, watcher,
+    Client, Controller, ControllerConfig, ControllerError, LAST_APPLIED, PartialObjectMeta,
+    Reporter, Secret, Store, WatchStreamExt, predicates, reflector, watcher,
 };
 use caches::{Caches, Streams};
 use leader::Elected;
@@ -101,7 +101,15 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         watcher(
             caches::scoped::<AIPipeline>(&client, &config.watch_namespace),
             watcher::Config::default(),
-        ),
+        )
+        // Managed fields and kubectl's copy of the whole object are never read, and would be
+        // most of what the cache holds per pipeline.
+        .modify(|p| {
+            p.metadata.managed_fields = None;
+            if let Some(annotations) = p.metadata.annotations.as_mut() {
+                annotations.remove(LAST_APPLIED);
+            }
+        }),
     )
     .default_backoff()
     .applied_objects()
