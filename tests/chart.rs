@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::root;
+use support::{WAIT, root};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,9 +29,8 @@ use kube::discovery::Scope;
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
-use support::process::Server;
+use support::Operator;
 
-const WAIT: Duration = Duration::from_secs(90);
 /// The control plane's Kubernetes version: renders meant for it use its API versions.
 const KUBE_VERSION: &str = "1.36.2";
 /// The field manager of the dry runs.
@@ -1276,85 +1275,44 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     assert_eq!(flatten(&roles["vault-self-portcullis"]), vault_namespaced);
 }
 
-/// The operator, started as in its Pod: the Deployment's own arguments, with the paths and
-/// address of this machine, the Pod's namespace and name filled in, and a kubeconfig instead of
-/// the in-cluster configuration.
-struct Operator {
-    server: Server,
-    dir: tempfile::TempDir,
-}
-
-impl Operator {
-    /// `files` replaces the value after each of those flags (paths in the Pod: the projected
-    /// Vault token, say) with a path on this machine.
-    fn start(
-        manifest_objects: &[Value],
-        namespace: &str,
-        key: &[u8],
-        kubeconfig: &Path,
-        files: &[(&str, &Path)],
-    ) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let key_file = dir.path().join("key");
-        std::fs::write(&key_file, key).expect("key written");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let mut args = args_of(manifest_objects);
-        let mut replace_after = |flag: &str, value: String| {
-            let at = args
-                .iter()
-                .position(|a| a == flag)
-                .unwrap_or_else(|| panic!("the chart passes {flag}"));
+/// The operator, started as in its Pod: the Deployment's own arguments, with the Pod's namespace
+/// and name filled in, and run by the one launcher (`support::Operator::launch`), which puts
+/// this machine's paths and address after the chart's `--audit-log`, `--audit-key` and
+/// `--metrics-addr`, with `key` as the audit key and `kubeconfig` instead of the in-cluster
+/// configuration. `files` replaces the value after each of those flags (paths in the Pod: the
+/// projected Vault token, say) with a path on this machine.
+fn start_as_deployed(
+    manifest_objects: &[Value],
+    namespace: &str,
+    key: &[u8],
+    kubeconfig: &Path,
+    files: &[(&str, &Path)],
+) -> Operator {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("audit.key"), key).expect("key written");
+    let mut args = args_of(manifest_objects);
+    let mut replace_after = |flag: &str, value: Option<String>| {
+        let at = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("the chart passes {flag}"));
+        if let Some(value) = value {
             args[at + 1] = value;
-        };
-        replace_after(
-            "--audit-log",
-            dir.path().join("decisions.log").display().to_string(),
-        );
-        replace_after("--audit-key", key_file.display().to_string());
-        replace_after("--metrics-addr", format!("127.0.0.1:{port}"));
-        for (flag, path) in files {
-            replace_after(flag, path.display().to_string());
         }
-        for arg in &mut args {
-            *arg = arg
-                .replace("$(POD_NAMESPACE)", namespace)
-                .replace("$(POD_NAME)", "portcullis-0");
-        }
-        args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
-        let server = Server::spawn(
-            "operator",
-            dir.path(),
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            &args,
-        )
-        .expect("the operator starts");
-        Operator { server, dir }
+    };
+    // The launcher sets these three; the chart must pass them.
+    for flag in ["--audit-log", "--audit-key", "--metrics-addr"] {
+        replace_after(flag, None);
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    for (flag, path) in files {
+        replace_after(flag, Some(path.display().to_string()));
     }
-
-    fn verify_log(&self) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["audit", "verify"])
-            .arg(self.dir.path().join("decisions.log"))
-            .arg("--key")
-            .arg(self.dir.path().join("key"))
-            .output()
-            .expect("audit verify runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+    for arg in &mut args {
+        *arg = arg
+            .replace("$(POD_NAMESPACE)", namespace)
+            .replace("$(POD_NAME)", "portcullis-0");
     }
+    Operator::launch("operator", dir, args, Some(kubeconfig))
 }
 
 /// A kubeconfig that authenticates as the admin and impersonates ServiceAccount `ns/sa`: every
@@ -1384,49 +1342,9 @@ fn impersonating_kubeconfig(dir: &Path, ns: &str, sa: &str) -> PathBuf {
     path
 }
 
-/// Creates the example guardrails for `ns` and examples/pipelines/fraud-detector.yaml in it.
-async fn create_example(client: &Client, ns: &str) -> AIPipeline {
-    support::create_guardrails(client, &support::guardrails_for(ns)).await;
-    let text = std::fs::read_to_string(root().join("examples/pipelines/fraud-detector.yaml"))
-        .expect("example readable");
-    let mut pipeline: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
-    pipeline.metadata.namespace = Some(ns.into());
-    Api::<AIPipeline>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pipeline)
-        .await
-        .expect("pipeline created")
-}
-
-/// Waits until AIPipeline `ns/name` describes its current generation with Ready=True.
-async fn wait_ready(client: &Client, ns: &str, name: &str, op: &Operator) -> AIPipeline {
-    let api: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
-    let start = Instant::now();
-    loop {
-        if let Ok(p) = api.get(name).await {
-            let status = p.status.as_ref();
-            let current = status.is_some_and(|s| s.observed_generation == p.metadata.generation);
-            let ready = status.is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            });
-            if current && ready {
-                return p;
-            }
-        }
-        if start.elapsed() > WAIT {
-            panic!(
-                "AIPipeline {ns}/{name} was not Ready=True within {WAIT:?}; operator log:\n{}",
-                op.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The operator's own log shows no refused request.
 fn assert_no_forbidden(op: &Operator) {
-    let log = op.log();
+    let log = op.full_log();
     for line in log.lines() {
         let lower = line.to_lowercase();
         assert!(
@@ -1458,24 +1376,16 @@ async fn audit_key(client: &Client, manifest: &[Value], release_ns: &str) -> Vec
 /// Waits until the operator holds the Lease of the release namespace (create, get, patch).
 async fn wait_for_lease(client: &Client, release_ns: &str, op: &Operator) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), release_ns);
-    let start = Instant::now();
-    loop {
+    wait_logged(op, "the operator to take the Lease", WAIT, || async {
         let holder = leases
             .get_opt("portcullis-leader")
             .await
             .ok()
             .flatten()
             .and_then(|l| l.spec?.holder_identity);
-        if holder.as_deref() == Some("portcullis-0") {
-            break;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the operator did not take the Lease; its log:\n{}",
-            op.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (holder.as_deref() == Some("portcullis-0")).then_some(())
+    })
+    .await;
 }
 
 /// Runs the operator as the release's ServiceAccount (leader election in the release namespace,
@@ -1492,12 +1402,14 @@ async fn operator_makes_the_example_ready(
 
     let kubeconfig_dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = impersonating_kubeconfig(kubeconfig_dir.path(), release_ns, sa);
-    let op = Operator::start(manifest, release_ns, &key, &kubeconfig, &[]);
+    let op = start_as_deployed(manifest, release_ns, &key, &kubeconfig, &[]);
     wait_for_lease(client, release_ns, &op).await;
 
-    let pipeline = create_example(client, pipeline_ns).await;
+    support::create_guardrails(client, &support::guardrails_for(pipeline_ns)).await;
+    let example = support::example("examples/pipelines/fraud-detector.yaml", pipeline_ns);
+    let pipeline = support::create_pipeline(client, &example).await;
     let name = pipeline.name_any();
-    let ready = wait_ready(client, pipeline_ns, &name, &op).await;
+    let ready = support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
     let stages = &ready.status.as_ref().expect("status").stages;
     assert_eq!(stages.len(), 3, "three stages");
     // It wrote Events (for the items the guardrails deny here): events.k8s.io create.
@@ -1513,7 +1425,7 @@ async fn operator_makes_the_example_ready(
             .any(|e| e.reporting_controller.as_deref() == Some("portcullis")),
         "the operator published no Event (the example is expected to have denied items here); \
          its log:\n{}",
-        op.log()
+        op.full_log()
     );
     // Its Roles and RoleBindings exist: escalate and bind worked.
     let roles: Api<Role> = Api::namespaced(client.clone(), pipeline_ns);
@@ -1569,14 +1481,14 @@ async fn operator_makes_the_example_ready(
             start.elapsed() < WAIT,
             "the removed stage was not pruned (ServiceAccount, Role, RoleBinding, NetworkPolicy \
              left: {left:?}); operator log:\n{}",
-            op.log()
+            op.full_log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_ready(client, pipeline_ns, &name, &op).await;
+    support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
 
     assert_no_forbidden(&op);
-    let (ok, out) = op.verify_log();
+    let (ok, out) = op.verify();
     assert!(ok, "the decision log verifies with the chart's key: {out}");
     op
 }
@@ -1866,7 +1778,7 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
         let pipeline_ns = support::temp_namespace(&client, "chart-pipeline", &[]).await;
         let mut op =
             operator_makes_the_example_ready(&client, &manifest, &ns, sa, &pipeline_ns).await;
-        op.server.stop();
+        op.stop();
     }
 
     // Upgrade: one replica, other resources; the PodDisruptionBudget goes, the key stays.
@@ -2067,7 +1979,7 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
     {
         let _one_operator = operator_lock().lock().await;
         let mut op = operator_makes_the_example_ready(&client, &manifest, &ns, sa, &watched).await;
-        op.server.stop();
+        op.stop();
     }
 
     helm("uninstall", release, &ns, None).await;
@@ -2267,33 +2179,10 @@ where
         assert!(
             start.elapsed() < timeout,
             "timed out after {timeout:?} waiting for {what}; operator log:\n{}",
-            op.log()
+            op.full_log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A token for ServiceAccount `ns/sa` with audience `audience`, valid 10 minutes: what the
-/// kubelet writes into the chart's projected Vault token volume.
-async fn projected_token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    let request = TokenRequest {
-        metadata: Default::default(),
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_string()],
-            expiration_seconds: Some(600),
-            bound_object_ref: None,
-        },
-        status: None,
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &request)
-        .await
-        .unwrap_or_else(|e| panic!("a token for {ns}/{sa}: {e}"))
-        .status
-        .map(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .expect("the TokenRequest returned a token")
 }
 
 /// The Vault double, set up as the README's "Setting up Vault" says: Kubernetes auth, the
@@ -2420,12 +2309,13 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let token_file = token_dir.path().join("token");
     std::fs::write(
         &token_file,
-        projected_token(&client, &ns, sa, audience).await,
+        // Valid 10 minutes, for the chart's audience, as the projected Vault token volume.
+        support::service_account_token_with(&client, &ns, sa, &[audience], 600).await,
     )
     .expect("token written");
     let key = audit_key(&client, &manifest, &ns).await;
     let kubeconfig = impersonating_kubeconfig(token_dir.path(), &ns, sa);
-    let mut op = Operator::start(
+    let mut op = start_as_deployed(
         &manifest,
         &ns,
         &key,
@@ -2469,7 +2359,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
         assert!(
             own.get_opt(name).await.expect("get").is_some(),
             "Secret {ns}/{name}; operator log:\n{}",
-            op.log()
+            op.full_log()
         );
     }
     assert!(
@@ -2574,8 +2464,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     .await;
 
     assert_no_forbidden(&op);
-    let (ok, out) = op.verify_log();
+    let (ok, out) = op.verify();
     assert!(ok, "the decision log verifies with the chart's key: {out}");
-    op.server.stop();
+    op.stop();
     helm("uninstall", release, &ns, None).await;
 }

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 mod control_plane;
+mod fixture;
 mod helpers;
 pub mod operator;
 /// Processes under a watchdog that stops them when the test process exits; also for the
@@ -29,8 +30,14 @@ pub mod vault;
 #[allow(unused_imports)]
 pub use control_plane::{ControlPlane, ISSUER, control_plane};
 #[allow(unused_imports)]
+pub use fixture::{
+    Fixture, WAIT, condition, create_pipeline, example, get_raw, guarded_namespace,
+    pipelines_request, wait_ready, wait_ready_raw, with_pipeline,
+};
+#[allow(unused_imports)]
 pub use helpers::{
-    can_i, read, restart_target, root, service_account_token, temp_namespace, wait_for,
+    can_i, read, restart_target, root, service_account_token, service_account_token_with,
+    temp_namespace, wait_for,
 };
 #[allow(unused_imports)]
 pub use operator::{Operator, create_guardrails, guardrails_for};
