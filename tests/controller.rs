@@ -43,6 +43,14 @@ fn plugin(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// `kubectl portcullis can-i <pipeline> -n <ns> [more...]` against the control plane.
+fn plugin_can_i(pipeline: &str, ns: &str, more: &[&str]) -> (i32, String) {
+    let kubeconfig = support::control_plane().kubeconfig().display().to_string();
+    let mut args = vec!["can-i", pipeline, "-n", ns, "--kubeconfig", &kubeconfig];
+    args.extend(more);
+    plugin(&args)
+}
+
 /// (verb, group, resource, subresource, name, namespace)
 type Forbidden<'a> = (
     &'a str,
@@ -225,15 +233,7 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
     assert_eq!(op.http_status("/nope").await, 404);
 
     // The kubectl plugin agrees: every grant allowed, nothing of the matrix.
-    let kubeconfig = support::control_plane().kubeconfig().display().to_string();
-    let (code, out) = plugin(&[
-        "can-i",
-        "fraud-detector",
-        "-n",
-        &ns,
-        "--kubeconfig",
-        &kubeconfig,
-    ]);
+    let (code, out) = plugin_can_i("fraud-detector", &ns, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!("yes   get configmaps ingest-config in {ns}")),
@@ -346,18 +346,14 @@ async fn drift_is_reverted_and_recorded() {
             }
         })
         .await;
-    assert!(
-        reverted.contains(&format!("Role {ns}/fraud-detector-ingest")),
-        "{reverted:?}"
-    );
-    assert!(
-        reverted.contains(&format!("NetworkPolicy {ns}/fraud-detector-serve")),
-        "{reverted:?}"
-    );
-    assert!(
-        reverted.contains(&format!("ServiceAccount {ns}/fraud-detector-train")),
-        "{reverted:?}"
-    );
+    for object in [
+        "Role {ns}/fraud-detector-ingest",
+        "NetworkPolicy {ns}/fraud-detector-serve",
+        "ServiceAccount {ns}/fraud-detector-train",
+    ] {
+        let object = object.replace("{ns}", ns);
+        assert!(reverted.contains(&object), "{object}: {reverted:?}");
+    }
     assert!(op.metric("portcullis_drift_reverts_total").await >= 3.0);
     assert!(op.verify().0, "{}", op.verify().1);
 }
@@ -575,17 +571,7 @@ async fn an_existing_service_account_is_not_adopted() {
             .any(|r| r["action"] == "adoption-refused")
     );
     // can-i shows the stage lacks what its plan grants, and exits 1.
-    let kubeconfig = support::control_plane().kubeconfig().display().to_string();
-    let (code, out) = plugin(&[
-        "can-i",
-        "fraud-detector",
-        "--stage",
-        "train",
-        "-n",
-        &ns,
-        "--kubeconfig",
-        &kubeconfig,
-    ]);
+    let (code, out) = plugin_can_i("fraud-detector", &ns, &["--stage", "train"]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("granted by the plan but not by the cluster"),
