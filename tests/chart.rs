@@ -131,6 +131,11 @@ fn objects(manifest: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `helm lint` of the chart, with `values` merged into its values.yaml.
+fn lint(values: Option<&Value>) -> Run {
+    chart_py(&["lint", chart_dir().to_str().expect("utf-8 path")], values)
+}
+
 /// Renders the chart (Helm's template engine, no cluster) for Kubernetes `kube_version`.
 fn render(release: &str, namespace: &str, values: &Value, kube_version: &str) -> Vec<Value> {
     let run = chart_py(
@@ -577,63 +582,71 @@ fn check_vault_volumes(objects: &[Value], values: &Value) {
     }
 }
 
-/// The rules Vault adds to the namespaced rules (vault.address).
-fn vault_rule_set() -> BTreeSet<(String, String, String)> {
-    let mut set = BTreeSet::new();
-    for verb in ["get", "list", "watch", "create", "patch", "delete"] {
-        set.insert((String::new(), "secrets".to_string(), verb.to_string()));
-    }
-    for resource in ["deployments", "statefulsets", "daemonsets"] {
-        for verb in ["get", "patch"] {
-            set.insert(("apps".to_string(), resource.to_string(), verb.to_string()));
+/// (group, resource, verb) triples of RBAC rules.
+type Rules = BTreeSet<(String, String, String)>;
+
+const READ: &[&str] = &["get", "list", "watch"];
+const WRITE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+
+/// Every verb on every resource of `group`.
+fn rule_set(group: &str, resources: &[&str], verbs: &[&str]) -> Rules {
+    let mut set = Rules::new();
+    for r in resources {
+        for v in verbs {
+            set.insert((group.to_string(), r.to_string(), v.to_string()));
         }
     }
-    set.insert((
-        "portcullis.dev".to_string(),
-        "aipipelines".to_string(),
-        "patch".to_string(),
+    set
+}
+
+/// The rules Vault adds to the namespaced rules (vault.address).
+fn vault_rule_set() -> Rules {
+    let mut set = rule_set("", &["secrets"], WRITE);
+    set.extend(rule_set(
+        "apps",
+        &["deployments", "statefulsets", "daemonsets"],
+        &["get", "patch"],
     ));
+    set.extend(rule_set("portcullis.dev", &["aipipelines"], &["patch"]));
     set
 }
 
 /// The namespaced rules the operator needs, wherever they are (ClusterRole or Role).
-fn namespaced_rule_set() -> BTreeSet<(String, String, String)> {
-    let mut set = BTreeSet::new();
-    let mut add = |group: &str, resources: &[&str], verbs: &[&str]| {
-        for r in resources {
-            for v in verbs {
-                set.insert((group.to_string(), r.to_string(), v.to_string()));
-            }
-        }
-    };
-    add(
-        "portcullis.dev",
-        &["aipipelines"],
-        &["get", "list", "watch"],
-    );
-    add("portcullis.dev", &["aipipelines/status"], &["patch"]);
-    add("portcullis.dev", &["aipipelines/finalizers"], &["update"]);
-    let write = ["get", "list", "watch", "create", "patch", "delete"];
-    add("", &["serviceaccounts"], &write);
-    add(
-        "rbac.authorization.k8s.io",
-        &["roles", "rolebindings"],
-        &write,
-    );
-    add(
-        "rbac.authorization.k8s.io",
-        &["roles"],
-        &["escalate", "bind"],
-    );
-    add("networking.k8s.io", &["networkpolicies"], &write);
-    add("events.k8s.io", &["events"], &["create", "patch"]);
+fn namespaced_rule_set() -> Rules {
+    [
+        rule_set("portcullis.dev", &["aipipelines"], READ),
+        rule_set("portcullis.dev", &["aipipelines/status"], &["patch"]),
+        rule_set("portcullis.dev", &["aipipelines/finalizers"], &["update"]),
+        rule_set("", &["serviceaccounts"], WRITE),
+        rule_set(
+            "rbac.authorization.k8s.io",
+            &["roles", "rolebindings"],
+            WRITE,
+        ),
+        rule_set(
+            "rbac.authorization.k8s.io",
+            &["roles"],
+            &["escalate", "bind"],
+        ),
+        rule_set("networking.k8s.io", &["networkpolicies"], WRITE),
+        rule_set("events.k8s.io", &["events"], &["create", "patch"]),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The cluster-wide reads every install has: guardrails and namespaces.
+fn cluster_read_set() -> Rules {
+    let mut set = rule_set("portcullis.dev", &["accessguardrails"], READ);
+    set.extend(rule_set("", &["namespaces"], READ));
     set
 }
 
 /// (group, resource, verb) of the rules of one object, asserting none has resourceNames unless
 /// `named`.
-fn flatten(o: &Value) -> BTreeSet<(String, String, String)> {
-    let mut set = BTreeSet::new();
+fn flatten(o: &Value) -> Rules {
+    let mut set = Rules::new();
     for rule in o["rules"].as_array().expect("rules") {
         for g in strings(&rule["apiGroups"]) {
             for r in strings(&rule["resources"]) {
@@ -703,7 +716,7 @@ fn chart_crds_are_the_repository_crds() {
 
 #[test]
 fn chart_lints_and_validates_its_values() {
-    let run = chart_py(&["lint", chart_dir().to_str().expect("utf-8 path")], None);
+    let run = lint(None);
     assert!(
         run.ok,
         "helm lint found warnings or errors (helm-sdkpy keeps only the file of each message):\n{}{}",
@@ -810,20 +823,14 @@ fn chart_lints_and_validates_its_values() {
             "networkPolicy": {"enabled": true, "vault": {"cidrs": ["10.40.0.0/24"]}},
         }),
     ] {
-        let run = chart_py(
-            &["lint", chart_dir().to_str().expect("utf-8 path")],
-            Some(&values),
-        );
+        let run = lint(Some(&values));
         assert!(
             run.ok,
             "helm lint with {values} found warnings or errors:\n{}{}",
             run.stdout, run.stderr
         );
     }
-    let run = chart_py(
-        &["lint", chart_dir().to_str().expect("utf-8 path")],
-        Some(&json!({"vault": {"adress": "https://vault:8200"}})),
-    );
+    let run = lint(Some(&json!({"vault": {"adress": "https://vault:8200"}})));
     assert!(
         !run.ok,
         "helm lint accepted a misspelled vault key:\n{}",
@@ -1048,28 +1055,18 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     let defaults = by_release["defaults"];
     let cluster_role = one(defaults, "ClusterRole");
     let mut expected = namespaced_rule_set();
-    for verb in ["get", "list", "watch"] {
-        expected.insert((
-            "portcullis.dev".into(),
-            "accessguardrails".into(),
-            verb.into(),
-        ));
-        expected.insert((String::new(), "namespaces".into(), verb.into()));
-    }
+    expected.extend(cluster_read_set());
     assert_eq!(flatten(cluster_role), expected, "the ClusterRole's rules");
     let roles = find(defaults, "Role");
     assert_eq!(roles.len(), 1, "only the leader-election Role");
     assert_eq!(roles[0]["metadata"]["namespace"], json!(ns));
     assert_eq!(
         flatten(roles[0]),
-        ["create", "get", "patch"]
-            .iter()
-            .map(|v| (
-                "coordination.k8s.io".to_string(),
-                "leases".to_string(),
-                v.to_string()
-            ))
-            .collect::<BTreeSet<_>>(),
+        rule_set(
+            "coordination.k8s.io",
+            &["leases"],
+            &["create", "get", "patch"]
+        ),
     );
     let deployment = one(defaults, "Deployment");
     let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
@@ -1089,16 +1086,7 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     // watchNamespace: the namespaced rules in a Role there; the ClusterRole reads only.
     let watch = by_release["watch"];
     let cluster_role = one(watch, "ClusterRole");
-    let mut expected = BTreeSet::new();
-    for verb in ["get", "list", "watch"] {
-        expected.insert((
-            "portcullis.dev".to_string(),
-            "accessguardrails".to_string(),
-            verb.to_string(),
-        ));
-        expected.insert((String::new(), "namespaces".to_string(), verb.to_string()));
-    }
-    assert_eq!(flatten(cluster_role), expected);
+    assert_eq!(flatten(cluster_role), cluster_read_set());
     let namespace_rule = cluster_role["rules"]
         .as_array()
         .expect("rules")
@@ -1171,15 +1159,7 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     assert_eq!(find(extras, "CustomResourceDefinition").len(), 2);
 
     let cluster_reads = |watched: Option<&str>| {
-        let mut set = BTreeSet::new();
-        for verb in ["get", "list", "watch"] {
-            set.insert((
-                "portcullis.dev".to_string(),
-                "accessguardrails".to_string(),
-                verb.to_string(),
-            ));
-            set.insert((String::new(), "namespaces".to_string(), verb.to_string()));
-        }
+        let mut set = cluster_read_set();
         if watched.is_none() {
             set.extend(namespaced_rule_set());
             set.extend(vault_rule_set());
@@ -1753,21 +1733,7 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
     // Least privilege: what it needs, cluster-wide and in any namespace ...
     let mut needs = namespaced_needs(None);
     needs.extend(namespaced_needs(Some(other.as_str())));
-    for verb in ["get", "list", "watch"] {
-        needs.push(access(verb, "portcullis.dev", "accessguardrails"));
-        needs.push(access(verb, "", "namespaces"));
-    }
-    needs.push(access("create", "coordination.k8s.io", "leases").r#in(&ns));
-    needs.push(
-        access("get", "coordination.k8s.io", "leases")
-            .r#in(&ns)
-            .named("portcullis-leader"),
-    );
-    needs.push(
-        access("patch", "coordination.k8s.io", "leases")
-            .r#in(&ns)
-            .named("portcullis-leader"),
-    );
+    needs.extend(cluster_and_lease_needs(&ns, None));
     expect_access(&client, &ns, sa, &needs, true).await;
     // ... and nothing else.
     expect_access(&client, &ns, sa, &never(&ns, &other), false).await;
@@ -1959,12 +1925,8 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
         true,
     )
     .await;
-    let mut cluster_reads = vec![];
-    for verb in ["get", "list", "watch"] {
-        cluster_reads.push(access(verb, "portcullis.dev", "accessguardrails"));
-        cluster_reads.push(access(verb, "", "namespaces").named(&watched));
-    }
-    expect_access(&client, &ns, sa, &cluster_reads, true).await;
+    let cluster_and_lease = cluster_and_lease_needs(&ns, Some(&watched));
+    expect_access(&client, &ns, sa, &cluster_and_lease, true).await;
 
     let mut denied = namespaced_needs(Some(other.as_str()));
     denied.extend(namespaced_needs(None));
