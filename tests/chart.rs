@@ -215,6 +215,16 @@ async fn helm_with(
         .unwrap_or_else(|e| panic!("chart.py {action} printed no JSON ({e}): {}", run.stdout))
 }
 
+/// Installs the chart with `values` as `release` in `namespace`; returns the objects of its
+/// manifest, checked with `check_common`.
+async fn install(release: &str, namespace: &str, values: Value) -> Vec<Value> {
+    let installed = helm("install", release, namespace, Some(values.clone())).await;
+    assert_eq!(installed["status"], json!("deployed"), "{installed}");
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    check_common(&manifest, &values);
+    manifest
+}
+
 // --- rendered objects ------------------------------------------------------------------------------
 
 fn kind_of(o: &Value) -> &str {
@@ -1693,10 +1703,7 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
     let release = "portcullis";
     let sa = "portcullis";
 
-    let installed = helm("install", release, &ns, None).await;
-    assert_eq!(installed["status"], json!("deployed"), "{installed}");
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
-    check_common(&manifest, &json!({}));
+    let manifest = install(release, &ns, json!({})).await;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let deployment = deployments.get("portcullis").await.expect("the Deployment");
@@ -1908,14 +1915,7 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
     let release = "pc";
     let sa = "pc-portcullis";
 
-    let installed = helm(
-        "install",
-        release,
-        &ns,
-        Some(json!({"watchNamespace": watched})),
-    )
-    .await;
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    let manifest = install(release, &ns, json!({"watchNamespace": watched})).await;
 
     expect_access(
         &client,
@@ -2044,9 +2044,7 @@ async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off
     let sa = "vc-portcullis";
 
     let values = json!({"vault": {"address": "https://vault.vault.svc:8200"}});
-    let installed = helm("install", release, &ns, Some(values.clone())).await;
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
-    check_common(&manifest, &values);
+    install(release, &ns, values.clone()).await;
 
     let mut needs = namespaced_needs(None);
     needs.extend(namespaced_needs(Some(other.as_str())));
@@ -2227,9 +2225,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
             "restartMinInterval": "1s",
         },
     });
-    let installed = helm("install", release, &ns, Some(values.clone())).await;
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
-    check_common(&manifest, &values);
+    let manifest = install(release, &ns, values.clone()).await;
 
     // Least privilege, asked of the authorizer.
     let mut needs = namespaced_needs(Some(watched.as_str()));
