@@ -425,20 +425,21 @@ async fn a_tightened_guardrail_removes_what_it_no_longer_allows() {
     let (client, ns, op) = (&f.client, &f.ns, &f.op);
     assert_eq!(f.name(), "support-llm");
     f.wait_ready("True").await;
-    assert!(
+    // Whether the finetune stage may `verb` pods in the namespace.
+    let pods = |verb: &'static str| {
         support::can_i(
             client,
             ns,
             "support-llm-finetune",
-            "list",
+            verb,
             "",
             "pods",
             None,
             None,
-            Some(ns)
+            Some(ns),
         )
-        .await
-    );
+    };
+    assert!(pods("list").await);
 
     // The platform team drops `list` from the training ceiling.
     let api: Api<AccessGuardrail> = Api::all(client.clone());
@@ -449,41 +450,11 @@ async fn a_tightened_guardrail_removes_what_it_no_longer_allows() {
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("guardrail tightened");
-    support::wait_for("list pods to be revoked", WAIT, || {
-        let client = client.clone();
-        let ns = ns.clone();
-        async move {
-            (!support::can_i(
-                &client,
-                &ns,
-                "support-llm-finetune",
-                "list",
-                "",
-                "pods",
-                None,
-                None,
-                Some(&ns),
-            )
-            .await)
-                .then_some(())
-        }
+    support::wait_for("list pods to be revoked", WAIT, || async {
+        (!pods("list").await).then_some(())
     })
     .await;
-    assert!(
-        support::can_i(
-            client,
-            ns,
-            "support-llm-finetune",
-            "get",
-            "",
-            "pods",
-            None,
-            None,
-            Some(ns)
-        )
-        .await,
-        "get stays"
-    );
+    assert!(pods("get").await, "get stays");
     let live = Api::<AIPipeline>::namespaced(client.clone(), ns)
         .get("support-llm")
         .await
