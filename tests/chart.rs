@@ -1541,20 +1541,7 @@ impl<'a> Access<'a> {
 /// Asks the API server's authorizer about every entry; panics listing each one whose answer is
 /// not `expected`.
 async fn expect_access(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>], expected: bool) {
-    let answers = futures::future::join_all(checks.iter().map(|c| {
-        support::can_i(
-            client,
-            ns,
-            sa,
-            c.verb,
-            c.group,
-            c.resource,
-            c.subresource,
-            c.name,
-            c.namespace,
-        )
-    }))
-    .await;
+    let answers = allowed(client, ns, sa, checks).await;
     let wrong: Vec<String> = checks
         .iter()
         .zip(answers)
@@ -1567,6 +1554,24 @@ async fn expect_access(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>
         if expected { "" } else { "NOT " },
         wrong.join("\n  ")
     );
+}
+
+/// The authorizer's answer to each of `checks` for ServiceAccount `ns/sa`.
+async fn allowed(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>]) -> Vec<bool> {
+    futures::future::join_all(checks.iter().map(|c| {
+        support::can_i(
+            client,
+            ns,
+            sa,
+            c.verb,
+            c.group,
+            c.resource,
+            c.subresource,
+            c.name,
+            c.namespace,
+        )
+    }))
+    .await
 }
 
 /// What the operator may do in `scope` (a namespace, or cluster-wide with None).
@@ -2085,40 +2090,9 @@ async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off
     let mut gone = vault_needs(None);
     gone.extend(vault_needs(Some(other.as_str())));
     gone.extend(vault_needs(Some(ns.as_str())));
-    support::wait_for("the Vault rules to go", WAIT, || {
-        let client = client.clone();
-        let ns = ns.clone();
-        let checks: Vec<(String, String, String, Option<String>)> = gone
-            .iter()
-            .map(|a| {
-                (
-                    a.verb.to_string(),
-                    a.group.to_string(),
-                    a.resource.to_string(),
-                    a.namespace.map(String::from),
-                )
-            })
-            .collect();
-        async move {
-            for (verb, group, resource, namespace) in &checks {
-                if support::can_i(
-                    &client,
-                    &ns,
-                    sa,
-                    verb,
-                    group,
-                    resource,
-                    None,
-                    None,
-                    namespace.as_deref(),
-                )
-                .await
-                {
-                    return None;
-                }
-            }
-            Some(())
-        }
+    support::wait_for("the Vault rules to go", WAIT, || async {
+        let answers = allowed(&client, &ns, sa, &gone).await;
+        (!answers.contains(&true)).then_some(())
     })
     .await;
     expect_access(&client, &ns, sa, &never(&ns, &other), false).await;
