@@ -595,8 +595,44 @@ fn check_vault_volumes(objects: &[Value], values: &Value) {
 /// (group, resource, verb) triples of RBAC rules.
 type Rules = BTreeSet<(String, String, String)>;
 
+/// RBAC needs as a table: (group, resources, verbs).
+type Needs = &'static [(&'static str, Strs, Strs)];
+type Strs = &'static [&'static str];
+
 const READ: &[&str] = &["get", "list", "watch"];
 const WRITE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+
+/// What the operator needs in every namespace it watches, wherever the rules are (ClusterRole
+/// or Role).
+const NAMESPACED: Needs = &[
+    ("portcullis.dev", &["aipipelines"], READ),
+    ("portcullis.dev", &["aipipelines/status"], &["patch"]),
+    ("portcullis.dev", &["aipipelines/finalizers"], &["update"]),
+    ("", &["serviceaccounts"], WRITE),
+    (
+        "rbac.authorization.k8s.io",
+        &["roles", "rolebindings"],
+        WRITE,
+    ),
+    (
+        "rbac.authorization.k8s.io",
+        &["roles"],
+        &["escalate", "bind"],
+    ),
+    ("networking.k8s.io", &["networkpolicies"], WRITE),
+    ("events.k8s.io", &["events"], &["create", "patch"]),
+];
+
+/// What Vault (vault.address) adds to [`NAMESPACED`].
+const VAULT: Needs = &[
+    ("", &["secrets"], WRITE),
+    (
+        "apps",
+        &["deployments", "statefulsets", "daemonsets"],
+        &["get", "patch"],
+    ),
+    ("portcullis.dev", &["aipipelines"], &["patch"]),
+];
 
 /// Every verb on every resource of `group`.
 fn rule_set(group: &str, resources: &[&str], verbs: &[&str]) -> Rules {
@@ -609,41 +645,12 @@ fn rule_set(group: &str, resources: &[&str], verbs: &[&str]) -> Rules {
     set
 }
 
-/// The rules Vault adds to the namespaced rules (vault.address).
-fn vault_rule_set() -> Rules {
-    let mut set = rule_set("", &["secrets"], WRITE);
-    set.extend(rule_set(
-        "apps",
-        &["deployments", "statefulsets", "daemonsets"],
-        &["get", "patch"],
-    ));
-    set.extend(rule_set("portcullis.dev", &["aipipelines"], &["patch"]));
-    set
-}
-
-/// The namespaced rules the operator needs, wherever they are (ClusterRole or Role).
-fn namespaced_rule_set() -> Rules {
-    [
-        rule_set("portcullis.dev", &["aipipelines"], READ),
-        rule_set("portcullis.dev", &["aipipelines/status"], &["patch"]),
-        rule_set("portcullis.dev", &["aipipelines/finalizers"], &["update"]),
-        rule_set("", &["serviceaccounts"], WRITE),
-        rule_set(
-            "rbac.authorization.k8s.io",
-            &["roles", "rolebindings"],
-            WRITE,
-        ),
-        rule_set(
-            "rbac.authorization.k8s.io",
-            &["roles"],
-            &["escalate", "bind"],
-        ),
-        rule_set("networking.k8s.io", &["networkpolicies"], WRITE),
-        rule_set("events.k8s.io", &["events"], &["create", "patch"]),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
+/// The rules of a table of needs.
+fn rules_of(needs: Needs) -> Rules {
+    needs
+        .iter()
+        .flat_map(|(group, resources, verbs)| rule_set(group, resources, verbs))
+        .collect()
 }
 
 /// The cluster-wide reads every install has: guardrails and namespaces.
@@ -1064,7 +1071,7 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     // Defaults: everything namespaced in the ClusterRole; leases only in the release namespace.
     let defaults = by_release["defaults"];
     let cluster_role = one(defaults, "ClusterRole");
-    let mut expected = namespaced_rule_set();
+    let mut expected = rules_of(NAMESPACED);
     expected.extend(cluster_read_set());
     assert_eq!(flatten(cluster_role), expected, "the ClusterRole's rules");
     let roles = find(defaults, "Role");
@@ -1108,7 +1115,7 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
         .into_iter()
         .find(|r| r["metadata"]["namespace"] == json!(watched))
         .expect("a Role in the watched namespace");
-    assert_eq!(flatten(watched_role), namespaced_rule_set());
+    assert_eq!(flatten(watched_role), rules_of(NAMESPACED));
     assert!(
         find(watch, "RoleBinding")
             .iter()
@@ -1171,8 +1178,8 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     let cluster_reads = |watched: Option<&str>| {
         let mut set = cluster_read_set();
         if watched.is_none() {
-            set.extend(namespaced_rule_set());
-            set.extend(vault_rule_set());
+            set.extend(rules_of(NAMESPACED));
+            set.extend(rules_of(VAULT));
         }
         set
     };
@@ -1183,8 +1190,8 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
             .map(|r| (name_of(r).to_string(), r.clone()))
             .collect()
     };
-    let mut vault_namespaced = namespaced_rule_set();
-    vault_namespaced.extend(vault_rule_set());
+    let mut vault_namespaced = rules_of(NAMESPACED);
+    vault_namespaced.extend(rules_of(VAULT));
 
     // Vault, every namespace: the Vault rules join the ClusterRole, which also covers the release
     // namespace's token and state Secrets (no Role of its own); egress to Vault.
@@ -1574,26 +1581,19 @@ async fn allowed(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>]) -> 
     .await
 }
 
-/// What the operator may do in `scope` (a namespace, or cluster-wide with None).
-fn namespaced_needs(scope: Option<&str>) -> Vec<Access<'_>> {
+/// The SubjectAccessReview checks of a table of needs, in `scope` (a namespace, or cluster-wide
+/// with None).
+fn checks_of(needs: Needs, scope: Option<&str>) -> Vec<Access<'_>> {
     let mut out = Vec::new();
-    let mut add = |verbs: &[&'static str], group: &'static str, resource: &'static str| {
-        for verb in verbs {
-            let mut a = access(verb, group, resource);
-            a.namespace = scope;
-            out.push(a);
+    for (group, resources, verbs) in needs {
+        for resource in *resources {
+            for verb in *verbs {
+                let mut a = access(verb, group, resource);
+                a.namespace = scope;
+                out.push(a);
+            }
         }
-    };
-    let write: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
-    add(&["get", "list", "watch"], "portcullis.dev", "aipipelines");
-    add(&["patch"], "portcullis.dev", "aipipelines/status");
-    add(&["update"], "portcullis.dev", "aipipelines/finalizers");
-    add(write, "", "serviceaccounts");
-    add(write, "rbac.authorization.k8s.io", "roles");
-    add(write, "rbac.authorization.k8s.io", "rolebindings");
-    add(&["escalate", "bind"], "rbac.authorization.k8s.io", "roles");
-    add(write, "networking.k8s.io", "networkpolicies");
-    add(&["create", "patch"], "events.k8s.io", "events");
+    }
     out
 }
 
@@ -1743,8 +1743,8 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
         .expect("the PodDisruptionBudget");
 
     // Least privilege: what it needs, cluster-wide and in any namespace ...
-    let mut needs = namespaced_needs(None);
-    needs.extend(namespaced_needs(Some(other.as_str())));
+    let mut needs = checks_of(NAMESPACED, None);
+    needs.extend(checks_of(NAMESPACED, Some(other.as_str())));
     needs.extend(cluster_and_lease_needs(&ns, None));
     expect_access(&client, &ns, sa, &needs, true).await;
     // ... and nothing else.
@@ -1926,16 +1926,16 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
         &client,
         &ns,
         sa,
-        &namespaced_needs(Some(watched.as_str())),
+        &checks_of(NAMESPACED, Some(watched.as_str())),
         true,
     )
     .await;
     let cluster_and_lease = cluster_and_lease_needs(&ns, Some(&watched));
     expect_access(&client, &ns, sa, &cluster_and_lease, true).await;
 
-    let mut denied = namespaced_needs(Some(other.as_str()));
-    denied.extend(namespaced_needs(None));
-    denied.extend(namespaced_needs(Some(ns.as_str())));
+    let mut denied = checks_of(NAMESPACED, Some(other.as_str()));
+    denied.extend(checks_of(NAMESPACED, None));
+    denied.extend(checks_of(NAMESPACED, Some(ns.as_str())));
     for verb in ["get", "list", "watch"] {
         denied.push(access(verb, "", "namespaces"));
         denied.push(access(verb, "", "namespaces").named(&other));
@@ -1965,28 +1965,6 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
 }
 
 // --- Vault ------------------------------------------------------------------------------------------
-
-/// What Vault adds to the operator's needs in `scope` (a namespace, or cluster-wide with None).
-fn vault_needs(scope: Option<&str>) -> Vec<Access<'_>> {
-    let mut out = Vec::new();
-    let mut add = |verbs: &[&'static str], group: &'static str, resource: &'static str| {
-        for verb in verbs {
-            let mut a = access(verb, group, resource);
-            a.namespace = scope;
-            out.push(a);
-        }
-    };
-    add(
-        &["get", "list", "watch", "create", "patch", "delete"],
-        "",
-        "secrets",
-    );
-    for workload in ["deployments", "statefulsets", "daemonsets"] {
-        add(&["get", "patch"], "apps", workload);
-    }
-    add(&["patch"], "portcullis.dev", "aipipelines");
-    out
-}
 
 /// What the operator still must not do with Vault on, in `scope`: no other verb on Secrets or
 /// workloads, no other workload, nothing else on AIPipelines.
@@ -2051,12 +2029,12 @@ async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off
     let values = json!({"vault": {"address": "https://vault.vault.svc:8200"}});
     install(release, &ns, values.clone()).await;
 
-    let mut needs = namespaced_needs(None);
-    needs.extend(namespaced_needs(Some(other.as_str())));
-    needs.extend(vault_needs(None));
-    needs.extend(vault_needs(Some(other.as_str())));
+    let mut needs = checks_of(NAMESPACED, None);
+    needs.extend(checks_of(NAMESPACED, Some(other.as_str())));
+    needs.extend(checks_of(VAULT, None));
+    needs.extend(checks_of(VAULT, Some(other.as_str())));
     // Its token and state Secrets in its own namespace.
-    needs.extend(vault_needs(Some(ns.as_str())));
+    needs.extend(checks_of(VAULT, Some(ns.as_str())));
     for verb in ["get", "patch", "delete"] {
         needs.push(
             access(verb, "", "secrets")
@@ -2087,9 +2065,9 @@ async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off
     // Vault off again: the Vault rules go.
     let upgraded = helm("upgrade", release, &ns, Some(json!({}))).await;
     assert_eq!(upgraded["revision"], json!(2), "{upgraded}");
-    let mut gone = vault_needs(None);
-    gone.extend(vault_needs(Some(other.as_str())));
-    gone.extend(vault_needs(Some(ns.as_str())));
+    let mut gone = checks_of(VAULT, None);
+    gone.extend(checks_of(VAULT, Some(other.as_str())));
+    gone.extend(checks_of(VAULT, Some(ns.as_str())));
     support::wait_for("the Vault rules to go", WAIT, || async {
         let answers = allowed(&client, &ns, sa, &gone).await;
         (!answers.contains(&true)).then_some(())
@@ -2202,8 +2180,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let manifest = install(release, &ns, values.clone()).await;
 
     // Least privilege, asked of the authorizer.
-    let mut needs = namespaced_needs(Some(watched.as_str()));
-    needs.extend(vault_needs(Some(watched.as_str())));
+    let mut needs = checks_of(NAMESPACED, Some(watched.as_str()));
+    needs.extend(checks_of(VAULT, Some(watched.as_str())));
     for verb in ["get", "create", "patch", "delete"] {
         needs.push(access(verb, "", "secrets").r#in(&ns));
     }
@@ -2217,14 +2195,14 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     needs.extend(cluster_and_lease_needs(&ns, Some(&watched)));
     expect_access(&client, &ns, sa, &needs, true).await;
 
-    let mut denied = namespaced_needs(Some(other.as_str()));
-    denied.extend(namespaced_needs(None));
-    denied.extend(namespaced_needs(Some(ns.as_str())));
-    denied.extend(vault_needs(Some(other.as_str())));
-    denied.extend(vault_needs(None));
+    let mut denied = checks_of(NAMESPACED, Some(other.as_str()));
+    denied.extend(checks_of(NAMESPACED, None));
+    denied.extend(checks_of(NAMESPACED, Some(ns.as_str())));
+    denied.extend(checks_of(VAULT, Some(other.as_str())));
+    denied.extend(checks_of(VAULT, None));
     denied.extend(vault_never(Some(watched.as_str())));
     // In its own namespace: no list or watch of Secrets, no workloads, no AIPipelines.
-    denied.extend(vault_needs(Some(ns.as_str())).into_iter().filter(|a| {
+    denied.extend(checks_of(VAULT, Some(ns.as_str())).into_iter().filter(|a| {
         !(a.resource == "secrets" && ["get", "create", "patch", "delete"].contains(&a.verb))
     }));
     denied.push(access("update", "", "secrets").r#in(&ns));
