@@ -1969,27 +1969,19 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
 /// What the operator still must not do with Vault on, in `scope`: no other verb on Secrets or
 /// workloads, no other workload, nothing else on AIPipelines.
 fn vault_never(scope: Option<&str>) -> Vec<Access<'_>> {
-    let mut out = Vec::new();
-    let mut add = |verb: &'static str, group: &'static str, resource: &'static str| {
-        let mut a = access(verb, group, resource);
-        a.namespace = scope;
-        out.push(a);
-    };
-    add("update", "", "secrets");
-    add("deletecollection", "", "secrets");
-    for workload in ["deployments", "statefulsets", "daemonsets"] {
-        for verb in ["create", "update", "delete", "list", "watch"] {
-            add(verb, "apps", workload);
-        }
-    }
-    add("patch", "apps", "deployments/scale");
-    add("patch", "apps", "replicasets");
-    add("patch", "", "pods");
-    add("delete", "", "pods");
-    add("update", "portcullis.dev", "aipipelines");
-    add("delete", "portcullis.dev", "aipipelines");
-    add("update", "portcullis.dev", "aipipelines/status");
-    out
+    const NEVER: Needs = &[
+        ("", &["secrets"], &["update", "deletecollection"]),
+        (
+            "apps",
+            &["deployments", "statefulsets", "daemonsets"],
+            &["create", "update", "delete", "list", "watch"],
+        ),
+        ("apps", &["deployments/scale", "replicasets"], &["patch"]),
+        ("", &["pods"], &["patch", "delete"]),
+        ("portcullis.dev", &["aipipelines"], &["update", "delete"]),
+        ("portcullis.dev", &["aipipelines/status"], &["update"]),
+    ];
+    checks_of(NEVER, scope)
 }
 
 /// The cluster-scoped reads and the Lease, which every install needs.
