@@ -11,7 +11,19 @@
 //!     let ns = support::temp_namespace(&client, "something", &[]).await;
 //!     // ...
 //! }
+//!
+//! #[tokio::test]
+//! async fn an_operator_on_an_example() {
+//!     // A namespace with the example guardrails, the pipeline created, an operator watching.
+//!     let f = support::with_pipeline("drift", "examples/pipelines/fraud-detector.yaml").await;
+//!     let live = f.wait_ready("True").await;
+//!     // ... f.client, f.ns, f.op.records(), f.op.verify() ...
+//! }
 //! ```
+//!
+//! The one way to start the operator is [`Operator::launch`] (any arguments, optionally a
+//! kubeconfig other than the admin's); [`Operator::start`] and [`Operator::start_with`] build the
+//! usual arguments for it.
 //!
 //! Every server runs under a watchdog that stops it when the test process exits, also when it
 //! panics or is killed; the temporary directory (data, certificates, logs) is removed then too,
