@@ -19,15 +19,15 @@ plan-denied: ## Plan the examples that ask for too much, and show what is denied
 
 test: ## Formatting, lints, every test, and the CRD drift check.
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
-	$(CARGO) test --locked --lib --bins --tests --examples
+	$(CARGO) clippy --locked --all-targets --features envtest -- -D warnings
+	$(CARGO) test --locked --features envtest --lib --bins --tests --examples
 	$(CARGO) run --quiet --locked -- crds | diff -u crds/portcullis.yaml - || { echo "crds/ is stale: run 'make crds' and commit"; exit 1; }
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
 lint: ## Clippy with warnings as errors.
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features envtest -- -D warnings
 
 crds: ## Regenerate crds/ from src/api.
 	$(CARGO) run --quiet -- crds > crds/portcullis.yaml

@@ -315,58 +315,15 @@ async fn main() {
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().expect("dir");
-    let key = dir.path().join("audit.key");
-    std::fs::write(&key, "bench-hmac-key-0123456789abcdef0123456789abcdef").expect("key");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let metrics_addr = format!("127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "run",
-        "--kubeconfig",
-        &cp.kubeconfig().display().to_string(),
-        "--audit-log",
-        &dir.path().join("audit.log").display().to_string(),
-        "--audit-key",
-        &key.display().to_string(),
-        "--metrics-addr",
-        &metrics_addr,
-        "--watch-namespace",
-        &op_ns,
-        "--no-leader-election",
-        "--concurrency",
-        "32",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let concurrency = ["--concurrency".to_string(), "32".to_string()];
     let before = writes(cp).await;
     let start = Instant::now();
-    let mut operator = support::process::Server::spawn(
-        "operator",
-        dir.path(),
-        Path::new(env!("CARGO_BIN_EXE_portcullis")),
-        &args,
-    )
-    .expect("operator starts");
+    let mut operator = support::Operator::start_with("operator", &op_ns, None, dir, &concurrency);
     // Start-up (process, client, caches) measured apart: /readyz answers once caches are synced.
     let synced = support::wait_for(
         "the operator's caches synced",
         Duration::from_secs(300),
-        || async move {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()?;
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            stream
-                .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-                .await
-                .ok()?;
-            let mut reply = String::new();
-            stream.read_to_string(&mut reply).await.ok()?;
-            (reply.split_whitespace().nth(1) == Some("200")).then(|| start.elapsed())
-        },
+        || async { (operator.http_status("/readyz").await == 200).then(|| start.elapsed()) },
     )
     .await;
     // Watched, not polled: listing every pipeline every 100 ms would load the API server that
@@ -406,7 +363,7 @@ async fn main() {
         total(&converge_writes),
         total(&by_operator(&converge_writes))
     );
-    let pid = std::fs::read_to_string(dir.path().join("operator.pid")).unwrap_or_default();
+    let pid = std::fs::read_to_string(operator.dir.path().join("operator.pid")).unwrap_or_default();
     let rss_converged = rss_of(&pid);
 
     // New pipelines, one at a time, while `count` are managed: apply -> Ready.

@@ -149,6 +149,28 @@ pub fn now() -> Time {
     Time(Timestamp::now())
 }
 
+/// The annotation `kubectl apply` writes: a copy of the whole object, never read here.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Keeps of a cached object's metadata only what the reconciles read: its identity (name,
+/// namespace, uid, resourceVersion), deletion, Portcullis's labels, and its owner references to
+/// AIPipelines (whole, as the controller maps owned objects to their pipeline by them). Managed
+/// fields, annotations and everyone else's labels and owners go: they are most of the bytes of
+/// an object's metadata, and the caches hold every object of the managed kinds.
+pub fn trim_cached_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.creation_timestamp = None;
+    meta.generation = None;
+    meta.finalizers = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|key, _| key.starts_with("portcullis.dev/") || key == MANAGED_BY.0);
+    }
+    if let Some(owners) = meta.owner_references.as_mut() {
+        owners.retain(|o| o.kind == "AIPipeline" && o.api_version.starts_with("portcullis.dev/"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,27 +194,5 @@ mod tests {
         assert_eq!(ManagedKind::Role.as_str(), "Role");
         assert_eq!(ManagedKind::RoleBinding.as_str(), "RoleBinding");
         assert_eq!(ManagedKind::NetworkPolicy.as_str(), "NetworkPolicy");
-    }
-}
-
-/// The annotation `kubectl apply` writes: a copy of the whole object, never read here.
-pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Keeps of a cached object's metadata only what the reconciles read: its identity (name,
-/// namespace, uid, resourceVersion), deletion, Portcullis's labels, and its owner references to
-/// AIPipelines (whole, as the controller maps owned objects to their pipeline by them). Managed
-/// fields, annotations and everyone else's labels and owners go: they are most of the bytes of
-/// an object's metadata, and the caches hold every object of the managed kinds.
-pub fn trim_cached_metadata(meta: &mut ObjectMeta) {
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.creation_timestamp = None;
-    meta.generation = None;
-    meta.finalizers = None;
-    if let Some(labels) = meta.labels.as_mut() {
-        labels.retain(|key, _| key.starts_with("portcullis.dev/") || key == MANAGED_BY.0);
-    }
-    if let Some(owners) = meta.owner_references.as_mut() {
-        owners.retain(|o| o.kind == "AIPipeline" && o.api_version.starts_with("portcullis.dev/"));
     }
 }

@@ -6,24 +6,20 @@
 
 mod support;
 
-use support::{read, root};
+use support::{get_raw, pipelines_request, read, root, wait_ready_raw};
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Client;
 use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
 use kube::core::Request;
-use portcullis::api::AccessGuardrail;
 use serde_json::{Value, json};
 
 /// The `argocd-cm` key Argo CD reads the AIPipeline health check from.
 const HEALTH_KEY: &str = "resource.customizations.health.portcullis.dev_AIPipeline";
-const WAIT: Duration = Duration::from_secs(90);
-const PIPELINES: &str = "/apis/portcullis.dev/v1alpha1/namespaces";
 
 // ---------------------------------------------------------------------------------------------
 // The interpreter and the harness.
@@ -505,19 +501,8 @@ fn the_application_manifests_parse_and_say_what_the_readme_says() {
 // ---------------------------------------------------------------------------------------------
 // Real statuses, written by the operator against a real API server.
 
-/// The live AIPipeline as the API server serves it (what Argo CD hands the health check).
-async fn get_pipeline(client: &Client, ns: &str, name: &str) -> Value {
-    let request = Request::new(format!("{PIPELINES}/{ns}/aipipelines"))
-        .get(name, &GetParams::default())
-        .expect("request");
-    client
-        .request::<Value>(request)
-        .await
-        .unwrap_or_else(|e| panic!("get AIPipeline {ns}/{name}: {e}"))
-}
-
 async fn create_pipeline(client: &Client, ns: &str, manifest: &Value) {
-    let request = Request::new(format!("{PIPELINES}/{ns}/aipipelines"))
+    let request = pipelines_request(ns)
         .create(
             &PostParams::default(),
             serde_json::to_vec(manifest).expect("JSON"),
@@ -529,31 +514,6 @@ async fn create_pipeline(client: &Client, ns: &str, manifest: &Value) {
         .unwrap_or_else(|e| panic!("create AIPipeline {}: {e}", manifest["metadata"]["name"]));
 }
 
-/// Waits until the status describes the current generation and Ready is `ready`.
-async fn wait_ready(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    ready: &str,
-    op: &support::Operator,
-) -> Value {
-    let what = format!("AIPipeline {ns}/{name} Ready={ready}");
-    let found = tokio::time::timeout(
-        WAIT,
-        support::wait_for(&what, WAIT, || async move {
-            let p = get_pipeline(client, ns, name).await;
-            let current = p["status"]["observedGeneration"] == p["metadata"]["generation"];
-            let is = p["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == ready);
-            (current && is).then_some(p)
-        }),
-    )
-    .await;
-    found.unwrap_or_else(|_| panic!("{what} timed out; operator log:\n{}", op.log()))
-}
-
 fn fraud_detector(ns: &str) -> Value {
     let mut p: Value = serde_saphyr::from_str(&read("examples/pipelines/fraud-detector.yaml"))
         .expect("example parses");
@@ -563,16 +523,7 @@ fn fraud_detector(ns: &str) -> Value {
 
 #[tokio::test]
 async fn the_operators_real_statuses_are_judged_right() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "argocd-health", &[]).await;
-    let guardrails: Api<AccessGuardrail> = Api::all(client.clone());
-    for g in support::guardrails_for(&ns) {
-        guardrails
-            .create(&PostParams::default(), &g)
-            .await
-            .expect("guardrail created");
-    }
+    let (client, ns, _) = support::guarded_namespace("argocd-health").await;
 
     // Healthy: the example.
     let good = fraud_detector(&ns);
@@ -604,21 +555,21 @@ async fn the_operators_real_statuses_are_judged_right() {
         create_pipeline(&client, &ns, manifest).await;
     }
     // Before any operator has seen them: no status, Progressing.
-    let (s, m) = health(&get_pipeline(&client, &ns, "fraud-detector").await);
+    let (s, m) = health(&get_raw(&client, &ns, "fraud-detector").await);
     assert_eq!(s, "Progressing", "{m}");
 
     let mut op = support::Operator::start("operator-argocd", &ns, None);
-    let live = wait_ready(&client, &ns, "fraud-detector", "True", &op).await;
+    let live = wait_ready_raw(&client, &ns, "fraud-detector", "True", &op).await;
     let (s, m) = health(&live);
     assert_eq!(s, "Healthy", "{m}\n{live:#}");
 
-    let live = wait_ready(&client, &ns, "host-bits", "False", &op).await;
+    let live = wait_ready_raw(&client, &ns, "host-bits", "False", &op).await;
     let (s, m) = health(&live);
     assert_eq!(s, "Degraded", "{m}\n{live:#}");
     assert!(m.starts_with("InvalidSpec: the spec is invalid"), "{m}");
     assert!(m.contains("has host bits set"), "{m}");
 
-    let live = wait_ready(&client, &ns, "taken", "False", &op).await;
+    let live = wait_ready_raw(&client, &ns, "taken", "False", &op).await;
     let (s, m) = health(&live);
     assert_eq!(s, "Degraded", "{m}\n{live:#}");
     assert!(
@@ -629,7 +580,7 @@ async fn the_operators_real_statuses_are_judged_right() {
 
     // A new spec the operator has not reconciled yet (it is stopped): Progressing until it has.
     op.stop();
-    let api = Request::new(format!("{PIPELINES}/{ns}/aipipelines"));
+    let api = pipelines_request(&ns);
     let patch = json!({"spec": {"stages": [{"name": "serve", "role": "Deployment", "automountServiceAccountToken": false}]}});
     let request = api
         .patch("taken", &PatchParams::default(), &Patch::Merge(&patch))
@@ -638,7 +589,7 @@ async fn the_operators_real_statuses_are_judged_right() {
         .request::<Value>(request)
         .await
         .expect("spec changed");
-    let live = get_pipeline(&client, &ns, "taken").await;
+    let live = get_raw(&client, &ns, "taken").await;
     assert_eq!(live["metadata"]["generation"], 2);
     let (s, m) = health(&live);
     assert_eq!(s, "Progressing", "{m}");

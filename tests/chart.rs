@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::root;
+use support::{WAIT, root};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,9 +29,8 @@ use kube::discovery::Scope;
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
-use support::process::Server;
+use support::Operator;
 
-const WAIT: Duration = Duration::from_secs(90);
 /// The control plane's Kubernetes version: renders meant for it use its API versions.
 const KUBE_VERSION: &str = "1.36.2";
 /// The field manager of the dry runs.
@@ -132,6 +131,11 @@ fn objects(manifest: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `helm lint` of the chart, with `values` merged into its values.yaml.
+fn lint(values: Option<&Value>) -> Run {
+    chart_py(&["lint", chart_dir().to_str().expect("utf-8 path")], values)
+}
+
 /// Renders the chart (Helm's template engine, no cluster) for Kubernetes `kube_version`.
 fn render(release: &str, namespace: &str, values: &Value, kube_version: &str) -> Vec<Value> {
     let run = chart_py(
@@ -209,6 +213,16 @@ async fn helm_with(
     );
     serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("chart.py {action} printed no JSON ({e}): {}", run.stdout))
+}
+
+/// Installs the chart with `values` as `release` in `namespace`; returns the objects of its
+/// manifest, checked with `check_common`.
+async fn install(release: &str, namespace: &str, values: Value) -> Vec<Value> {
+    let installed = helm("install", release, namespace, Some(values.clone())).await;
+    assert_eq!(installed["status"], json!("deployed"), "{installed}");
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    check_common(&manifest, &values);
+    manifest
 }
 
 // --- rendered objects ------------------------------------------------------------------------------
@@ -578,63 +592,78 @@ fn check_vault_volumes(objects: &[Value], values: &Value) {
     }
 }
 
-/// The rules Vault adds to the namespaced rules (vault.address).
-fn vault_rule_set() -> BTreeSet<(String, String, String)> {
-    let mut set = BTreeSet::new();
-    for verb in ["get", "list", "watch", "create", "patch", "delete"] {
-        set.insert((String::new(), "secrets".to_string(), verb.to_string()));
-    }
-    for resource in ["deployments", "statefulsets", "daemonsets"] {
-        for verb in ["get", "patch"] {
-            set.insert(("apps".to_string(), resource.to_string(), verb.to_string()));
-        }
-    }
-    set.insert((
-        "portcullis.dev".to_string(),
-        "aipipelines".to_string(),
-        "patch".to_string(),
-    ));
-    set
-}
+/// (group, resource, verb) triples of RBAC rules.
+type Rules = BTreeSet<(String, String, String)>;
 
-/// The namespaced rules the operator needs, wherever they are (ClusterRole or Role).
-fn namespaced_rule_set() -> BTreeSet<(String, String, String)> {
-    let mut set = BTreeSet::new();
-    let mut add = |group: &str, resources: &[&str], verbs: &[&str]| {
-        for r in resources {
-            for v in verbs {
-                set.insert((group.to_string(), r.to_string(), v.to_string()));
-            }
-        }
-    };
-    add(
-        "portcullis.dev",
-        &["aipipelines"],
-        &["get", "list", "watch"],
-    );
-    add("portcullis.dev", &["aipipelines/status"], &["patch"]);
-    add("portcullis.dev", &["aipipelines/finalizers"], &["update"]);
-    let write = ["get", "list", "watch", "create", "patch", "delete"];
-    add("", &["serviceaccounts"], &write);
-    add(
+/// RBAC needs as a table: (group, resources, verbs).
+type Needs = &'static [(&'static str, Strs, Strs)];
+type Strs = &'static [&'static str];
+
+const READ: &[&str] = &["get", "list", "watch"];
+const WRITE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+
+/// What the operator needs in every namespace it watches, wherever the rules are (ClusterRole
+/// or Role).
+const NAMESPACED: Needs = &[
+    ("portcullis.dev", &["aipipelines"], READ),
+    ("portcullis.dev", &["aipipelines/status"], &["patch"]),
+    ("portcullis.dev", &["aipipelines/finalizers"], &["update"]),
+    ("", &["serviceaccounts"], WRITE),
+    (
         "rbac.authorization.k8s.io",
         &["roles", "rolebindings"],
-        &write,
-    );
-    add(
+        WRITE,
+    ),
+    (
         "rbac.authorization.k8s.io",
         &["roles"],
         &["escalate", "bind"],
-    );
-    add("networking.k8s.io", &["networkpolicies"], &write);
-    add("events.k8s.io", &["events"], &["create", "patch"]);
+    ),
+    ("networking.k8s.io", &["networkpolicies"], WRITE),
+    ("events.k8s.io", &["events"], &["create", "patch"]),
+];
+
+/// What Vault (vault.address) adds to [`NAMESPACED`].
+const VAULT: Needs = &[
+    ("", &["secrets"], WRITE),
+    (
+        "apps",
+        &["deployments", "statefulsets", "daemonsets"],
+        &["get", "patch"],
+    ),
+    ("portcullis.dev", &["aipipelines"], &["patch"]),
+];
+
+/// Every verb on every resource of `group`.
+fn rule_set(group: &str, resources: &[&str], verbs: &[&str]) -> Rules {
+    let mut set = Rules::new();
+    for r in resources {
+        for v in verbs {
+            set.insert((group.to_string(), r.to_string(), v.to_string()));
+        }
+    }
+    set
+}
+
+/// The rules of a table of needs.
+fn rules_of(needs: Needs) -> Rules {
+    needs
+        .iter()
+        .flat_map(|(group, resources, verbs)| rule_set(group, resources, verbs))
+        .collect()
+}
+
+/// The cluster-wide reads every install has: guardrails and namespaces.
+fn cluster_read_set() -> Rules {
+    let mut set = rule_set("portcullis.dev", &["accessguardrails"], READ);
+    set.extend(rule_set("", &["namespaces"], READ));
     set
 }
 
 /// (group, resource, verb) of the rules of one object, asserting none has resourceNames unless
 /// `named`.
-fn flatten(o: &Value) -> BTreeSet<(String, String, String)> {
-    let mut set = BTreeSet::new();
+fn flatten(o: &Value) -> Rules {
+    let mut set = Rules::new();
     for rule in o["rules"].as_array().expect("rules") {
         for g in strings(&rule["apiGroups"]) {
             for r in strings(&rule["resources"]) {
@@ -704,7 +733,7 @@ fn chart_crds_are_the_repository_crds() {
 
 #[test]
 fn chart_lints_and_validates_its_values() {
-    let run = chart_py(&["lint", chart_dir().to_str().expect("utf-8 path")], None);
+    let run = lint(None);
     assert!(
         run.ok,
         "helm lint found warnings or errors (helm-sdkpy keeps only the file of each message):\n{}{}",
@@ -811,20 +840,14 @@ fn chart_lints_and_validates_its_values() {
             "networkPolicy": {"enabled": true, "vault": {"cidrs": ["10.40.0.0/24"]}},
         }),
     ] {
-        let run = chart_py(
-            &["lint", chart_dir().to_str().expect("utf-8 path")],
-            Some(&values),
-        );
+        let run = lint(Some(&values));
         assert!(
             run.ok,
             "helm lint with {values} found warnings or errors:\n{}{}",
             run.stdout, run.stderr
         );
     }
-    let run = chart_py(
-        &["lint", chart_dir().to_str().expect("utf-8 path")],
-        Some(&json!({"vault": {"adress": "https://vault:8200"}})),
-    );
+    let run = lint(Some(&json!({"vault": {"adress": "https://vault:8200"}})));
     assert!(
         !run.ok,
         "helm lint accepted a misspelled vault key:\n{}",
@@ -1048,29 +1071,19 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     // Defaults: everything namespaced in the ClusterRole; leases only in the release namespace.
     let defaults = by_release["defaults"];
     let cluster_role = one(defaults, "ClusterRole");
-    let mut expected = namespaced_rule_set();
-    for verb in ["get", "list", "watch"] {
-        expected.insert((
-            "portcullis.dev".into(),
-            "accessguardrails".into(),
-            verb.into(),
-        ));
-        expected.insert((String::new(), "namespaces".into(), verb.into()));
-    }
+    let mut expected = rules_of(NAMESPACED);
+    expected.extend(cluster_read_set());
     assert_eq!(flatten(cluster_role), expected, "the ClusterRole's rules");
     let roles = find(defaults, "Role");
     assert_eq!(roles.len(), 1, "only the leader-election Role");
     assert_eq!(roles[0]["metadata"]["namespace"], json!(ns));
     assert_eq!(
         flatten(roles[0]),
-        ["create", "get", "patch"]
-            .iter()
-            .map(|v| (
-                "coordination.k8s.io".to_string(),
-                "leases".to_string(),
-                v.to_string()
-            ))
-            .collect::<BTreeSet<_>>(),
+        rule_set(
+            "coordination.k8s.io",
+            &["leases"],
+            &["create", "get", "patch"]
+        ),
     );
     let deployment = one(defaults, "Deployment");
     let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
@@ -1090,16 +1103,7 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     // watchNamespace: the namespaced rules in a Role there; the ClusterRole reads only.
     let watch = by_release["watch"];
     let cluster_role = one(watch, "ClusterRole");
-    let mut expected = BTreeSet::new();
-    for verb in ["get", "list", "watch"] {
-        expected.insert((
-            "portcullis.dev".to_string(),
-            "accessguardrails".to_string(),
-            verb.to_string(),
-        ));
-        expected.insert((String::new(), "namespaces".to_string(), verb.to_string()));
-    }
-    assert_eq!(flatten(cluster_role), expected);
+    assert_eq!(flatten(cluster_role), cluster_read_set());
     let namespace_rule = cluster_role["rules"]
         .as_array()
         .expect("rules")
@@ -1111,7 +1115,7 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
         .into_iter()
         .find(|r| r["metadata"]["namespace"] == json!(watched))
         .expect("a Role in the watched namespace");
-    assert_eq!(flatten(watched_role), namespaced_rule_set());
+    assert_eq!(flatten(watched_role), rules_of(NAMESPACED));
     assert!(
         find(watch, "RoleBinding")
             .iter()
@@ -1172,18 +1176,10 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     assert_eq!(find(extras, "CustomResourceDefinition").len(), 2);
 
     let cluster_reads = |watched: Option<&str>| {
-        let mut set = BTreeSet::new();
-        for verb in ["get", "list", "watch"] {
-            set.insert((
-                "portcullis.dev".to_string(),
-                "accessguardrails".to_string(),
-                verb.to_string(),
-            ));
-            set.insert((String::new(), "namespaces".to_string(), verb.to_string()));
-        }
+        let mut set = cluster_read_set();
         if watched.is_none() {
-            set.extend(namespaced_rule_set());
-            set.extend(vault_rule_set());
+            set.extend(rules_of(NAMESPACED));
+            set.extend(rules_of(VAULT));
         }
         set
     };
@@ -1194,8 +1190,8 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
             .map(|r| (name_of(r).to_string(), r.clone()))
             .collect()
     };
-    let mut vault_namespaced = namespaced_rule_set();
-    vault_namespaced.extend(vault_rule_set());
+    let mut vault_namespaced = rules_of(NAMESPACED);
+    vault_namespaced.extend(rules_of(VAULT));
 
     // Vault, every namespace: the Vault rules join the ClusterRole, which also covers the release
     // namespace's token and state Secrets (no Role of its own); egress to Vault.
@@ -1276,85 +1272,44 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
     assert_eq!(flatten(&roles["vault-self-portcullis"]), vault_namespaced);
 }
 
-/// The operator, started as in its Pod: the Deployment's own arguments, with the paths and
-/// address of this machine, the Pod's namespace and name filled in, and a kubeconfig instead of
-/// the in-cluster configuration.
-struct Operator {
-    server: Server,
-    dir: tempfile::TempDir,
-}
-
-impl Operator {
-    /// `files` replaces the value after each of those flags (paths in the Pod: the projected
-    /// Vault token, say) with a path on this machine.
-    fn start(
-        manifest_objects: &[Value],
-        namespace: &str,
-        key: &[u8],
-        kubeconfig: &Path,
-        files: &[(&str, &Path)],
-    ) -> Operator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let key_file = dir.path().join("key");
-        std::fs::write(&key_file, key).expect("key written");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let mut args = args_of(manifest_objects);
-        let mut replace_after = |flag: &str, value: String| {
-            let at = args
-                .iter()
-                .position(|a| a == flag)
-                .unwrap_or_else(|| panic!("the chart passes {flag}"));
+/// The operator, started as in its Pod: the Deployment's own arguments, with the Pod's namespace
+/// and name filled in, and run by the one launcher (`support::Operator::launch`), which puts
+/// this machine's paths and address after the chart's `--audit-log`, `--audit-key` and
+/// `--metrics-addr`, with `key` as the audit key and `kubeconfig` instead of the in-cluster
+/// configuration. `files` replaces the value after each of those flags (paths in the Pod: the
+/// projected Vault token, say) with a path on this machine.
+fn start_as_deployed(
+    manifest_objects: &[Value],
+    namespace: &str,
+    key: &[u8],
+    kubeconfig: &Path,
+    files: &[(&str, &Path)],
+) -> Operator {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("audit.key"), key).expect("key written");
+    let mut args = args_of(manifest_objects);
+    let mut replace_after = |flag: &str, value: Option<String>| {
+        let at = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("the chart passes {flag}"));
+        if let Some(value) = value {
             args[at + 1] = value;
-        };
-        replace_after(
-            "--audit-log",
-            dir.path().join("decisions.log").display().to_string(),
-        );
-        replace_after("--audit-key", key_file.display().to_string());
-        replace_after("--metrics-addr", format!("127.0.0.1:{port}"));
-        for (flag, path) in files {
-            replace_after(flag, path.display().to_string());
         }
-        for arg in &mut args {
-            *arg = arg
-                .replace("$(POD_NAMESPACE)", namespace)
-                .replace("$(POD_NAME)", "portcullis-0");
-        }
-        args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
-        let server = Server::spawn(
-            "operator",
-            dir.path(),
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            &args,
-        )
-        .expect("the operator starts");
-        Operator { server, dir }
+    };
+    // The launcher sets these three; the chart must pass them.
+    for flag in ["--audit-log", "--audit-key", "--metrics-addr"] {
+        replace_after(flag, None);
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+    for (flag, path) in files {
+        replace_after(flag, Some(path.display().to_string()));
     }
-
-    fn verify_log(&self) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["audit", "verify"])
-            .arg(self.dir.path().join("decisions.log"))
-            .arg("--key")
-            .arg(self.dir.path().join("key"))
-            .output()
-            .expect("audit verify runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+    for arg in &mut args {
+        *arg = arg
+            .replace("$(POD_NAMESPACE)", namespace)
+            .replace("$(POD_NAME)", "portcullis-0");
     }
+    Operator::launch("operator", dir, args, Some(kubeconfig))
 }
 
 /// A kubeconfig that authenticates as the admin and impersonates ServiceAccount `ns/sa`: every
@@ -1384,49 +1339,9 @@ fn impersonating_kubeconfig(dir: &Path, ns: &str, sa: &str) -> PathBuf {
     path
 }
 
-/// Creates the example guardrails for `ns` and examples/pipelines/fraud-detector.yaml in it.
-async fn create_example(client: &Client, ns: &str) -> AIPipeline {
-    support::create_guardrails(client, &support::guardrails_for(ns)).await;
-    let text = std::fs::read_to_string(root().join("examples/pipelines/fraud-detector.yaml"))
-        .expect("example readable");
-    let mut pipeline: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
-    pipeline.metadata.namespace = Some(ns.into());
-    Api::<AIPipeline>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pipeline)
-        .await
-        .expect("pipeline created")
-}
-
-/// Waits until AIPipeline `ns/name` describes its current generation with Ready=True.
-async fn wait_ready(client: &Client, ns: &str, name: &str, op: &Operator) -> AIPipeline {
-    let api: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
-    let start = Instant::now();
-    loop {
-        if let Ok(p) = api.get(name).await {
-            let status = p.status.as_ref();
-            let current = status.is_some_and(|s| s.observed_generation == p.metadata.generation);
-            let ready = status.is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            });
-            if current && ready {
-                return p;
-            }
-        }
-        if start.elapsed() > WAIT {
-            panic!(
-                "AIPipeline {ns}/{name} was not Ready=True within {WAIT:?}; operator log:\n{}",
-                op.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The operator's own log shows no refused request.
 fn assert_no_forbidden(op: &Operator) {
-    let log = op.log();
+    let log = op.full_log();
     for line in log.lines() {
         let lower = line.to_lowercase();
         assert!(
@@ -1458,24 +1373,16 @@ async fn audit_key(client: &Client, manifest: &[Value], release_ns: &str) -> Vec
 /// Waits until the operator holds the Lease of the release namespace (create, get, patch).
 async fn wait_for_lease(client: &Client, release_ns: &str, op: &Operator) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), release_ns);
-    let start = Instant::now();
-    loop {
+    wait_logged(op, "the operator to take the Lease", WAIT, || async {
         let holder = leases
             .get_opt("portcullis-leader")
             .await
             .ok()
             .flatten()
             .and_then(|l| l.spec?.holder_identity);
-        if holder.as_deref() == Some("portcullis-0") {
-            break;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the operator did not take the Lease; its log:\n{}",
-            op.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (holder.as_deref() == Some("portcullis-0")).then_some(())
+    })
+    .await;
 }
 
 /// Runs the operator as the release's ServiceAccount (leader election in the release namespace,
@@ -1492,12 +1399,14 @@ async fn operator_makes_the_example_ready(
 
     let kubeconfig_dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = impersonating_kubeconfig(kubeconfig_dir.path(), release_ns, sa);
-    let op = Operator::start(manifest, release_ns, &key, &kubeconfig, &[]);
+    let op = start_as_deployed(manifest, release_ns, &key, &kubeconfig, &[]);
     wait_for_lease(client, release_ns, &op).await;
 
-    let pipeline = create_example(client, pipeline_ns).await;
+    support::create_guardrails(client, &support::guardrails_for(pipeline_ns)).await;
+    let example = support::example("examples/pipelines/fraud-detector.yaml", pipeline_ns);
+    let pipeline = support::create_pipeline(client, &example).await;
     let name = pipeline.name_any();
-    let ready = wait_ready(client, pipeline_ns, &name, &op).await;
+    let ready = support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
     let stages = &ready.status.as_ref().expect("status").stages;
     assert_eq!(stages.len(), 3, "three stages");
     // It wrote Events (for the items the guardrails deny here): events.k8s.io create.
@@ -1513,7 +1422,7 @@ async fn operator_makes_the_example_ready(
             .any(|e| e.reporting_controller.as_deref() == Some("portcullis")),
         "the operator published no Event (the example is expected to have denied items here); \
          its log:\n{}",
-        op.log()
+        op.full_log()
     );
     // Its Roles and RoleBindings exist: escalate and bind worked.
     let roles: Api<Role> = Api::namespaced(client.clone(), pipeline_ns);
@@ -1569,14 +1478,14 @@ async fn operator_makes_the_example_ready(
             start.elapsed() < WAIT,
             "the removed stage was not pruned (ServiceAccount, Role, RoleBinding, NetworkPolicy \
              left: {left:?}); operator log:\n{}",
-            op.log()
+            op.full_log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_ready(client, pipeline_ns, &name, &op).await;
+    support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
 
     assert_no_forbidden(&op);
-    let (ok, out) = op.verify_log();
+    let (ok, out) = op.verify();
     assert!(ok, "the decision log verifies with the chart's key: {out}");
     op
 }
@@ -1639,20 +1548,7 @@ impl<'a> Access<'a> {
 /// Asks the API server's authorizer about every entry; panics listing each one whose answer is
 /// not `expected`.
 async fn expect_access(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>], expected: bool) {
-    let answers = futures::future::join_all(checks.iter().map(|c| {
-        support::can_i(
-            client,
-            ns,
-            sa,
-            c.verb,
-            c.group,
-            c.resource,
-            c.subresource,
-            c.name,
-            c.namespace,
-        )
-    }))
-    .await;
+    let answers = allowed(client, ns, sa, checks).await;
     let wrong: Vec<String> = checks
         .iter()
         .zip(answers)
@@ -1667,26 +1563,37 @@ async fn expect_access(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>
     );
 }
 
-/// What the operator may do in `scope` (a namespace, or cluster-wide with None).
-fn namespaced_needs(scope: Option<&str>) -> Vec<Access<'_>> {
+/// The authorizer's answer to each of `checks` for ServiceAccount `ns/sa`.
+async fn allowed(client: &Client, ns: &str, sa: &str, checks: &[Access<'_>]) -> Vec<bool> {
+    futures::future::join_all(checks.iter().map(|c| {
+        support::can_i(
+            client,
+            ns,
+            sa,
+            c.verb,
+            c.group,
+            c.resource,
+            c.subresource,
+            c.name,
+            c.namespace,
+        )
+    }))
+    .await
+}
+
+/// The SubjectAccessReview checks of a table of needs, in `scope` (a namespace, or cluster-wide
+/// with None).
+fn checks_of(needs: Needs, scope: Option<&str>) -> Vec<Access<'_>> {
     let mut out = Vec::new();
-    let mut add = |verbs: &[&'static str], group: &'static str, resource: &'static str| {
-        for verb in verbs {
-            let mut a = access(verb, group, resource);
-            a.namespace = scope;
-            out.push(a);
+    for (group, resources, verbs) in needs {
+        for resource in *resources {
+            for verb in *verbs {
+                let mut a = access(verb, group, resource);
+                a.namespace = scope;
+                out.push(a);
+            }
         }
-    };
-    let write: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
-    add(&["get", "list", "watch"], "portcullis.dev", "aipipelines");
-    add(&["patch"], "portcullis.dev", "aipipelines/status");
-    add(&["update"], "portcullis.dev", "aipipelines/finalizers");
-    add(write, "", "serviceaccounts");
-    add(write, "rbac.authorization.k8s.io", "roles");
-    add(write, "rbac.authorization.k8s.io", "rolebindings");
-    add(&["escalate", "bind"], "rbac.authorization.k8s.io", "roles");
-    add(write, "networking.k8s.io", "networkpolicies");
-    add(&["create", "patch"], "events.k8s.io", "events");
+    }
     out
 }
 
@@ -1801,10 +1708,7 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
     let release = "portcullis";
     let sa = "portcullis";
 
-    let installed = helm("install", release, &ns, None).await;
-    assert_eq!(installed["status"], json!("deployed"), "{installed}");
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
-    check_common(&manifest, &json!({}));
+    let manifest = install(release, &ns, json!({})).await;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let deployment = deployments.get("portcullis").await.expect("the Deployment");
@@ -1839,23 +1743,9 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
         .expect("the PodDisruptionBudget");
 
     // Least privilege: what it needs, cluster-wide and in any namespace ...
-    let mut needs = namespaced_needs(None);
-    needs.extend(namespaced_needs(Some(other.as_str())));
-    for verb in ["get", "list", "watch"] {
-        needs.push(access(verb, "portcullis.dev", "accessguardrails"));
-        needs.push(access(verb, "", "namespaces"));
-    }
-    needs.push(access("create", "coordination.k8s.io", "leases").r#in(&ns));
-    needs.push(
-        access("get", "coordination.k8s.io", "leases")
-            .r#in(&ns)
-            .named("portcullis-leader"),
-    );
-    needs.push(
-        access("patch", "coordination.k8s.io", "leases")
-            .r#in(&ns)
-            .named("portcullis-leader"),
-    );
+    let mut needs = checks_of(NAMESPACED, None);
+    needs.extend(checks_of(NAMESPACED, Some(other.as_str())));
+    needs.extend(cluster_and_lease_needs(&ns, None));
     expect_access(&client, &ns, sa, &needs, true).await;
     // ... and nothing else.
     expect_access(&client, &ns, sa, &never(&ns, &other), false).await;
@@ -1866,7 +1756,7 @@ async fn chart_installs_least_privilege_that_is_enough_upgrades_and_uninstalls()
         let pipeline_ns = support::temp_namespace(&client, "chart-pipeline", &[]).await;
         let mut op =
             operator_makes_the_example_ready(&client, &manifest, &ns, sa, &pipeline_ns).await;
-        op.server.stop();
+        op.stop();
     }
 
     // Upgrade: one replica, other resources; the PodDisruptionBudget goes, the key stays.
@@ -2030,33 +1920,22 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
     let release = "pc";
     let sa = "pc-portcullis";
 
-    let installed = helm(
-        "install",
-        release,
-        &ns,
-        Some(json!({"watchNamespace": watched})),
-    )
-    .await;
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    let manifest = install(release, &ns, json!({"watchNamespace": watched})).await;
 
     expect_access(
         &client,
         &ns,
         sa,
-        &namespaced_needs(Some(watched.as_str())),
+        &checks_of(NAMESPACED, Some(watched.as_str())),
         true,
     )
     .await;
-    let mut cluster_reads = vec![];
-    for verb in ["get", "list", "watch"] {
-        cluster_reads.push(access(verb, "portcullis.dev", "accessguardrails"));
-        cluster_reads.push(access(verb, "", "namespaces").named(&watched));
-    }
-    expect_access(&client, &ns, sa, &cluster_reads, true).await;
+    let cluster_and_lease = cluster_and_lease_needs(&ns, Some(&watched));
+    expect_access(&client, &ns, sa, &cluster_and_lease, true).await;
 
-    let mut denied = namespaced_needs(Some(other.as_str()));
-    denied.extend(namespaced_needs(None));
-    denied.extend(namespaced_needs(Some(ns.as_str())));
+    let mut denied = checks_of(NAMESPACED, Some(other.as_str()));
+    denied.extend(checks_of(NAMESPACED, None));
+    denied.extend(checks_of(NAMESPACED, Some(ns.as_str())));
     for verb in ["get", "list", "watch"] {
         denied.push(access(verb, "", "namespaces"));
         denied.push(access(verb, "", "namespaces").named(&other));
@@ -2067,7 +1946,7 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
     {
         let _one_operator = operator_lock().lock().await;
         let mut op = operator_makes_the_example_ready(&client, &manifest, &ns, sa, &watched).await;
-        op.server.stop();
+        op.stop();
     }
 
     helm("uninstall", release, &ns, None).await;
@@ -2087,52 +1966,22 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
 
 // --- Vault ------------------------------------------------------------------------------------------
 
-/// What Vault adds to the operator's needs in `scope` (a namespace, or cluster-wide with None).
-fn vault_needs(scope: Option<&str>) -> Vec<Access<'_>> {
-    let mut out = Vec::new();
-    let mut add = |verbs: &[&'static str], group: &'static str, resource: &'static str| {
-        for verb in verbs {
-            let mut a = access(verb, group, resource);
-            a.namespace = scope;
-            out.push(a);
-        }
-    };
-    add(
-        &["get", "list", "watch", "create", "patch", "delete"],
-        "",
-        "secrets",
-    );
-    for workload in ["deployments", "statefulsets", "daemonsets"] {
-        add(&["get", "patch"], "apps", workload);
-    }
-    add(&["patch"], "portcullis.dev", "aipipelines");
-    out
-}
-
 /// What the operator still must not do with Vault on, in `scope`: no other verb on Secrets or
 /// workloads, no other workload, nothing else on AIPipelines.
 fn vault_never(scope: Option<&str>) -> Vec<Access<'_>> {
-    let mut out = Vec::new();
-    let mut add = |verb: &'static str, group: &'static str, resource: &'static str| {
-        let mut a = access(verb, group, resource);
-        a.namespace = scope;
-        out.push(a);
-    };
-    add("update", "", "secrets");
-    add("deletecollection", "", "secrets");
-    for workload in ["deployments", "statefulsets", "daemonsets"] {
-        for verb in ["create", "update", "delete", "list", "watch"] {
-            add(verb, "apps", workload);
-        }
-    }
-    add("patch", "apps", "deployments/scale");
-    add("patch", "apps", "replicasets");
-    add("patch", "", "pods");
-    add("delete", "", "pods");
-    add("update", "portcullis.dev", "aipipelines");
-    add("delete", "portcullis.dev", "aipipelines");
-    add("update", "portcullis.dev", "aipipelines/status");
-    out
+    const NEVER: Needs = &[
+        ("", &["secrets"], &["update", "deletecollection"]),
+        (
+            "apps",
+            &["deployments", "statefulsets", "daemonsets"],
+            &["create", "update", "delete", "list", "watch"],
+        ),
+        ("apps", &["deployments/scale", "replicasets"], &["patch"]),
+        ("", &["pods"], &["patch", "delete"]),
+        ("portcullis.dev", &["aipipelines"], &["update", "delete"]),
+        ("portcullis.dev", &["aipipelines/status"], &["update"]),
+    ];
+    checks_of(NEVER, scope)
 }
 
 /// The cluster-scoped reads and the Lease, which every install needs.
@@ -2170,16 +2019,14 @@ async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off
     let sa = "vc-portcullis";
 
     let values = json!({"vault": {"address": "https://vault.vault.svc:8200"}});
-    let installed = helm("install", release, &ns, Some(values.clone())).await;
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
-    check_common(&manifest, &values);
+    install(release, &ns, values.clone()).await;
 
-    let mut needs = namespaced_needs(None);
-    needs.extend(namespaced_needs(Some(other.as_str())));
-    needs.extend(vault_needs(None));
-    needs.extend(vault_needs(Some(other.as_str())));
+    let mut needs = checks_of(NAMESPACED, None);
+    needs.extend(checks_of(NAMESPACED, Some(other.as_str())));
+    needs.extend(checks_of(VAULT, None));
+    needs.extend(checks_of(VAULT, Some(other.as_str())));
     // Its token and state Secrets in its own namespace.
-    needs.extend(vault_needs(Some(ns.as_str())));
+    needs.extend(checks_of(VAULT, Some(ns.as_str())));
     for verb in ["get", "patch", "delete"] {
         needs.push(
             access(verb, "", "secrets")
@@ -2210,43 +2057,12 @@ async fn chart_with_vault_grants_what_vault_needs_and_loses_it_when_vault_is_off
     // Vault off again: the Vault rules go.
     let upgraded = helm("upgrade", release, &ns, Some(json!({}))).await;
     assert_eq!(upgraded["revision"], json!(2), "{upgraded}");
-    let mut gone = vault_needs(None);
-    gone.extend(vault_needs(Some(other.as_str())));
-    gone.extend(vault_needs(Some(ns.as_str())));
-    support::wait_for("the Vault rules to go", WAIT, || {
-        let client = client.clone();
-        let ns = ns.clone();
-        let checks: Vec<(String, String, String, Option<String>)> = gone
-            .iter()
-            .map(|a| {
-                (
-                    a.verb.to_string(),
-                    a.group.to_string(),
-                    a.resource.to_string(),
-                    a.namespace.map(String::from),
-                )
-            })
-            .collect();
-        async move {
-            for (verb, group, resource, namespace) in &checks {
-                if support::can_i(
-                    &client,
-                    &ns,
-                    sa,
-                    verb,
-                    group,
-                    resource,
-                    None,
-                    None,
-                    namespace.as_deref(),
-                )
-                .await
-                {
-                    return None;
-                }
-            }
-            Some(())
-        }
+    let mut gone = checks_of(VAULT, None);
+    gone.extend(checks_of(VAULT, Some(other.as_str())));
+    gone.extend(checks_of(VAULT, Some(ns.as_str())));
+    support::wait_for("the Vault rules to go", WAIT, || async {
+        let answers = allowed(&client, &ns, sa, &gone).await;
+        (!answers.contains(&true)).then_some(())
     })
     .await;
     expect_access(&client, &ns, sa, &never(&ns, &other), false).await;
@@ -2267,33 +2083,10 @@ where
         assert!(
             start.elapsed() < timeout,
             "timed out after {timeout:?} waiting for {what}; operator log:\n{}",
-            op.log()
+            op.full_log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A token for ServiceAccount `ns/sa` with audience `audience`, valid 10 minutes: what the
-/// kubelet writes into the chart's projected Vault token volume.
-async fn projected_token(client: &Client, ns: &str, sa: &str, audience: &str) -> String {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    let request = TokenRequest {
-        metadata: Default::default(),
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_string()],
-            expiration_seconds: Some(600),
-            bound_object_ref: None,
-        },
-        status: None,
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &request)
-        .await
-        .unwrap_or_else(|e| panic!("a token for {ns}/{sa}: {e}"))
-        .status
-        .map(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .expect("the TokenRequest returned a token")
 }
 
 /// The Vault double, set up as the README's "Setting up Vault" says: Kubernetes auth, the
@@ -2376,13 +2169,11 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
             "restartMinInterval": "1s",
         },
     });
-    let installed = helm("install", release, &ns, Some(values.clone())).await;
-    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
-    check_common(&manifest, &values);
+    let manifest = install(release, &ns, values.clone()).await;
 
     // Least privilege, asked of the authorizer.
-    let mut needs = namespaced_needs(Some(watched.as_str()));
-    needs.extend(vault_needs(Some(watched.as_str())));
+    let mut needs = checks_of(NAMESPACED, Some(watched.as_str()));
+    needs.extend(checks_of(VAULT, Some(watched.as_str())));
     for verb in ["get", "create", "patch", "delete"] {
         needs.push(access(verb, "", "secrets").r#in(&ns));
     }
@@ -2396,14 +2187,14 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     needs.extend(cluster_and_lease_needs(&ns, Some(&watched)));
     expect_access(&client, &ns, sa, &needs, true).await;
 
-    let mut denied = namespaced_needs(Some(other.as_str()));
-    denied.extend(namespaced_needs(None));
-    denied.extend(namespaced_needs(Some(ns.as_str())));
-    denied.extend(vault_needs(Some(other.as_str())));
-    denied.extend(vault_needs(None));
+    let mut denied = checks_of(NAMESPACED, Some(other.as_str()));
+    denied.extend(checks_of(NAMESPACED, None));
+    denied.extend(checks_of(NAMESPACED, Some(ns.as_str())));
+    denied.extend(checks_of(VAULT, Some(other.as_str())));
+    denied.extend(checks_of(VAULT, None));
     denied.extend(vault_never(Some(watched.as_str())));
     // In its own namespace: no list or watch of Secrets, no workloads, no AIPipelines.
-    denied.extend(vault_needs(Some(ns.as_str())).into_iter().filter(|a| {
+    denied.extend(checks_of(VAULT, Some(ns.as_str())).into_iter().filter(|a| {
         !(a.resource == "secrets" && ["get", "create", "patch", "delete"].contains(&a.verb))
     }));
     denied.push(access("update", "", "secrets").r#in(&ns));
@@ -2420,12 +2211,13 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let token_file = token_dir.path().join("token");
     std::fs::write(
         &token_file,
-        projected_token(&client, &ns, sa, audience).await,
+        // Valid 10 minutes, for the chart's audience, as the projected Vault token volume.
+        support::service_account_token_with(&client, &ns, sa, &[audience], 600).await,
     )
     .expect("token written");
     let key = audit_key(&client, &manifest, &ns).await;
     let kubeconfig = impersonating_kubeconfig(token_dir.path(), &ns, sa);
-    let mut op = Operator::start(
+    let mut op = start_as_deployed(
         &manifest,
         &ns,
         &key,
@@ -2469,7 +2261,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
         assert!(
             own.get_opt(name).await.expect("get").is_some(),
             "Secret {ns}/{name}; operator log:\n{}",
-            op.log()
+            op.full_log()
         );
     }
     assert!(
@@ -2574,8 +2366,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     .await;
 
     assert_no_forbidden(&op);
-    let (ok, out) = op.verify_log();
+    let (ok, out) = op.verify();
     assert!(ok, "the decision log verifies with the chart's key: {out}");
-    op.server.stop();
+    op.stop();
     helm("uninstall", release, &ns, None).await;
 }

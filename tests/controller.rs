@@ -5,8 +5,6 @@
 
 mod support;
 
-use support::root;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
@@ -15,15 +13,16 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use portcullis::api::{AIPipeline, AccessGuardrail};
 use portcullis::plan::{self, Plan};
 use portcullis::policy::Item;
 use serde_json::{Value, json};
-use support::{Operator, create_guardrails, guardrails_for};
-
-const WAIT: Duration = Duration::from_secs(90);
+use support::{
+    Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_ready,
+    with_pipeline,
+};
 
 /// Runs the binary as the kubectl plugin (`kubectl-portcullis`, through a symlink) with `args`.
 fn plugin(args: &[&str]) -> (i32, String) {
@@ -44,57 +43,12 @@ fn plugin(args: &[&str]) -> (i32, String) {
     )
 }
 
-fn example(path: &str, namespace: &str) -> AIPipeline {
-    let text = std::fs::read_to_string(root().join(path)).expect("example readable");
-    let mut p: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
-    p.metadata.namespace = Some(namespace.into());
-    p
-}
-
-async fn create_pipeline(client: &Client, pipeline: &AIPipeline) {
-    let api: Api<AIPipeline> = Api::namespaced(
-        client.clone(),
-        pipeline.metadata.namespace.as_deref().expect("namespace"),
-    );
-    api.create(&PostParams::default(), pipeline)
-        .await
-        .expect("pipeline created");
-}
-
-fn condition<'a>(
-    p: &'a AIPipeline,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    p.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-}
-
-/// Waits until the pipeline's status describes its current generation with Ready = `ready`.
-async fn wait_ready(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    ready: &str,
-    op: &Operator,
-) -> AIPipeline {
-    let api: Api<AIPipeline> = Api::namespaced(client.clone(), namespace);
-    let what = format!("AIPipeline {namespace}/{name} Ready={ready}");
-    let found = tokio::time::timeout(
-        WAIT,
-        support::wait_for(&what, WAIT, || {
-            let api = api.clone();
-            async move {
-                let p = api.get(name).await.ok()?;
-                let current = p.status.as_ref()?.observed_generation == p.metadata.generation;
-                (current && condition(&p, "Ready").is_some_and(|c| c.status == ready)).then_some(p)
-            }
-        }),
-    )
-    .await;
-    found.unwrap_or_else(|_| panic!("{what} timed out; operator log:\n{}", op.log()))
+/// `kubectl portcullis can-i <pipeline> -n <ns> [more...]` against the control plane.
+fn plugin_can_i(pipeline: &str, ns: &str, more: &[&str]) -> (i32, String) {
+    let kubeconfig = support::control_plane().kubeconfig().display().to_string();
+    let mut args = vec!["can-i", pipeline, "-n", ns, "--kubeconfig", &kubeconfig];
+    args.extend(more);
+    plugin(&args)
 }
 
 /// (verb, group, resource, subresource, name, namespace)
@@ -115,11 +69,7 @@ fn expected(pipeline: &AIPipeline, guardrails: &[AccessGuardrail]) -> Plan {
 
 #[tokio::test]
 async fn every_example_stage_gets_exactly_what_is_allowed() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "examples", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
+    let (client, ns, guardrails) = guarded_namespace("examples").await;
     let pipelines: Vec<AIPipeline> = ["fraud-detector", "llm-finetune", "rag-assistant"]
         .iter()
         .map(|f| example(&format!("examples/pipelines/{f}.yaml"), &ns))
@@ -284,15 +234,7 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
     assert_eq!(op.http_status("/nope").await, 404);
 
     // The kubectl plugin agrees: every grant allowed, nothing of the matrix.
-    let kubeconfig = cp.kubeconfig().display().to_string();
-    let (code, out) = plugin(&[
-        "can-i",
-        "fraud-detector",
-        "-n",
-        &ns,
-        "--kubeconfig",
-        &kubeconfig,
-    ]);
+    let (code, out) = plugin_can_i("fraud-detector", &ns, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!("yes   get configmaps ingest-config in {ns}")),
@@ -323,17 +265,11 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
 
 #[tokio::test]
 async fn drift_is_reverted_and_recorded() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "drift", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
-    let pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
-    let op = Operator::start("operator-drift", &ns, None);
-    create_pipeline(&client, &pipeline).await;
-    wait_ready(&client, &ns, "fraud-detector", "True", &op).await;
+    let f = with_pipeline("drift", "examples/pipelines/fraud-detector.yaml").await;
+    let (client, ns, op) = (&f.client, &f.ns, &f.op);
+    f.wait_ready("True").await;
 
-    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     let original = roles
         .get("fraud-detector-ingest")
         .await
@@ -356,7 +292,7 @@ async fn drift_is_reverted_and_recorded() {
     })
     .await;
 
-    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     policies
         .delete("fraud-detector-serve", &DeleteParams::default())
         .await
@@ -373,7 +309,7 @@ async fn drift_is_reverted_and_recorded() {
     })
     .await;
 
-    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let sa: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     sa.patch(
         "fraud-detector-train",
         &PatchParams::default(),
@@ -411,44 +347,35 @@ async fn drift_is_reverted_and_recorded() {
             }
         })
         .await;
-    assert!(
-        reverted.contains(&format!("Role {ns}/fraud-detector-ingest")),
-        "{reverted:?}"
-    );
-    assert!(
-        reverted.contains(&format!("NetworkPolicy {ns}/fraud-detector-serve")),
-        "{reverted:?}"
-    );
-    assert!(
-        reverted.contains(&format!("ServiceAccount {ns}/fraud-detector-train")),
-        "{reverted:?}"
-    );
+    for object in [
+        "Role {ns}/fraud-detector-ingest",
+        "NetworkPolicy {ns}/fraud-detector-serve",
+        "ServiceAccount {ns}/fraud-detector-train",
+    ] {
+        let object = object.replace("{ns}", ns);
+        assert!(reverted.contains(&object), "{object}: {reverted:?}");
+    }
     assert!(op.metric("portcullis_drift_reverts_total").await >= 3.0);
     assert!(op.verify().0, "{}", op.verify().1);
 }
 
 #[tokio::test]
 async fn removed_stages_are_pruned_and_deletion_removes_everything() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "prune", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
-    let mut pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
-    let op = Operator::start("operator-prune", &ns, None);
-    create_pipeline(&client, &pipeline).await;
-    wait_ready(&client, &ns, "fraud-detector", "True", &op).await;
+    let f = with_pipeline("prune", "examples/pipelines/fraud-detector.yaml").await;
+    let (client, ns, op) = (&f.client, &f.ns, &f.op);
+    let mut pipeline = example("examples/pipelines/fraud-detector.yaml", ns);
+    f.wait_ready("True").await;
 
-    let api: Api<AIPipeline> = Api::namespaced(client.clone(), &ns);
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
     let live = api.get("fraud-detector").await.expect("pipeline");
     pipeline.metadata.resource_version = live.metadata.resource_version.clone();
     pipeline.spec.stages.retain(|s| s.name != "train");
     api.replace("fraud-detector", &PostParams::default(), &pipeline)
         .await
         .expect("stage removed");
-    wait_ready(&client, &ns, "fraud-detector", "True", &op).await;
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    wait_ready(client, ns, "fraud-detector", "True", op).await;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     support::wait_for("the train stage's objects to be pruned", WAIT, || {
         let (sas, roles) = (sas.clone(), roles.clone());
         async move {
@@ -472,8 +399,8 @@ async fn removed_stages_are_pruned_and_deletion_removes_everything() {
         .await
         .expect("pipeline deleted");
     let selector = ListParams::default().labels("app.kubernetes.io/managed-by=portcullis");
-    let rbs: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
-    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let rbs: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     support::wait_for("garbage collection of every managed object", WAIT, || {
         let (sas, roles, rbs, nps, selector) = (
             sas.clone(),
@@ -495,29 +422,25 @@ async fn removed_stages_are_pruned_and_deletion_removes_everything() {
 
 #[tokio::test]
 async fn a_tightened_guardrail_removes_what_it_no_longer_allows() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "tighten", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
-    let pipeline = example("examples/pipelines/llm-finetune.yaml", &ns);
-    let op = Operator::start("operator-tighten", &ns, None);
-    create_pipeline(&client, &pipeline).await;
-    wait_ready(&client, &ns, "support-llm", "True", &op).await;
-    assert!(
+    let f = with_pipeline("tighten", "examples/pipelines/llm-finetune.yaml").await;
+    let (client, ns, op) = (&f.client, &f.ns, &f.op);
+    assert_eq!(f.name(), "support-llm");
+    f.wait_ready("True").await;
+    // Whether the finetune stage may `verb` pods in the namespace.
+    let pods = |verb: &'static str| {
         support::can_i(
-            &client,
-            &ns,
+            client,
+            ns,
             "support-llm-finetune",
-            "list",
+            verb,
             "",
             "pods",
             None,
             None,
-            Some(&ns)
+            Some(ns),
         )
-        .await
-    );
+    };
+    assert!(pods("list").await);
 
     // The platform team drops `list` from the training ceiling.
     let api: Api<AccessGuardrail> = Api::all(client.clone());
@@ -528,42 +451,12 @@ async fn a_tightened_guardrail_removes_what_it_no_longer_allows() {
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("guardrail tightened");
-    support::wait_for("list pods to be revoked", WAIT, || {
-        let client = client.clone();
-        let ns = ns.clone();
-        async move {
-            (!support::can_i(
-                &client,
-                &ns,
-                "support-llm-finetune",
-                "list",
-                "",
-                "pods",
-                None,
-                None,
-                Some(&ns),
-            )
-            .await)
-                .then_some(())
-        }
+    support::wait_for("list pods to be revoked", WAIT, || async {
+        (!pods("list").await).then_some(())
     })
     .await;
-    assert!(
-        support::can_i(
-            &client,
-            &ns,
-            "support-llm-finetune",
-            "get",
-            "",
-            "pods",
-            None,
-            None,
-            Some(&ns)
-        )
-        .await,
-        "get stays"
-    );
-    let live = Api::<AIPipeline>::namespaced(client.clone(), &ns)
+    assert!(pods("get").await, "get stays");
+    let live = Api::<AIPipeline>::namespaced(client.clone(), ns)
         .get("support-llm")
         .await
         .expect("pipeline");
@@ -583,11 +476,7 @@ async fn a_tightened_guardrail_removes_what_it_no_longer_allows() {
 
 #[tokio::test]
 async fn an_existing_service_account_is_not_adopted() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "adopt", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
+    let (client, ns, _) = guarded_namespace("adopt").await;
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
     let foreign: ServiceAccount = serde_json::from_value(
         json!({"metadata": {"name": "fraud-detector-train", "labels": {"team": "someone-else"}}}),
@@ -654,17 +543,7 @@ async fn an_existing_service_account_is_not_adopted() {
             .any(|r| r["action"] == "adoption-refused")
     );
     // can-i shows the stage lacks what its plan grants, and exits 1.
-    let kubeconfig = cp.kubeconfig().display().to_string();
-    let (code, out) = plugin(&[
-        "can-i",
-        "fraud-detector",
-        "--stage",
-        "train",
-        "-n",
-        &ns,
-        "--kubeconfig",
-        &kubeconfig,
-    ]);
+    let (code, out) = plugin_can_i("fraud-detector", &ns, &["--stage", "train"]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("granted by the plan but not by the cluster"),
@@ -715,11 +594,7 @@ async fn an_invalid_spec_is_reported_once_and_waits() {
 
 #[tokio::test]
 async fn a_killed_operator_converges_on_restart() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "restart", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
+    let (client, ns, _) = guarded_namespace("restart").await;
     let template = example("examples/pipelines/rag-assistant.yaml", &ns);
     let count = 24;
     for i in 0..count {
@@ -745,7 +620,7 @@ async fn a_killed_operator_converges_on_restart() {
     }
     let dir = tempfile::tempdir().expect("dir");
     let audit = dir.path().join("audit.log");
-    let mut first = Operator::start_in("operator-restart", &ns, None, dir);
+    let mut first = Operator::start_with("operator-restart", &ns, None, dir, &[]);
     // Kill it in the middle: some objects are written, not all.
     support::wait_for("the first objects to be created", WAIT, || {
         let text = std::fs::read_to_string(&audit).unwrap_or_default();
@@ -754,7 +629,7 @@ async fn a_killed_operator_converges_on_restart() {
     .await;
     first.kill();
     let dir = std::mem::replace(&mut first.dir, tempfile::tempdir().expect("dir"));
-    let second = Operator::start_in("operator-restart", &ns, None, dir);
+    let second = Operator::start_with("operator-restart", &ns, None, dir, &[]);
     for i in 0..count {
         wait_ready(&client, &ns, &format!("rag-{i}"), "True", &second).await;
     }
@@ -798,7 +673,7 @@ async fn a_killed_operator_converges_on_restart() {
     let mut second = second;
     second.stop();
     let dir = std::mem::replace(&mut second.dir, tempfile::tempdir().expect("dir"));
-    let third = Operator::start_in("operator-restart", &ns, None, dir);
+    let third = Operator::start_with("operator-restart", &ns, None, dir, &[]);
     support::wait_for("every pipeline reconciled after the restart", WAIT, || {
         let third = &third;
         async move {
@@ -819,11 +694,7 @@ async fn a_killed_operator_converges_on_restart() {
 
 #[tokio::test]
 async fn only_the_leader_writes_and_a_standby_takes_over() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "leader", &[]).await;
-    let guardrails = guardrails_for(&ns);
-    create_guardrails(&client, &guardrails).await;
+    let (client, ns, _) = guarded_namespace("leader").await;
     let mut a = Operator::start("operator-a", &ns, Some(&ns));
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let holder = support::wait_for("a leader", WAIT, || {

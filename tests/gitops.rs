@@ -7,20 +7,17 @@
 
 mod support;
 
-use support::read;
+use support::{get_raw, pipelines_request, read, wait_ready_raw};
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{GetParams, Patch, PatchParams};
-use kube::core::Request;
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(90);
 const ARGOCD: &str = "argocd-controller";
 const OPERATOR: &str = "portcullis";
-const PIPELINES: &str = "/apis/portcullis.dev/v1alpha1/namespaces";
 
 /// `examples/pipelines/fraud-detector.yaml` in `ns`, labelled and annotated as Argo CD tracks
 /// what it applies.
@@ -74,10 +71,6 @@ fn with_explicit_protocols(mut manifest: Value) -> Value {
     manifest
 }
 
-fn pipelines(ns: &str) -> Request {
-    Request::new(format!("{PIPELINES}/{ns}/aipipelines"))
-}
-
 /// Server-side apply of `manifest` by `manager`, never forcing, as Argo CD's
 /// `ServerSideApply=true` sync does; with `dry_run`, as its Server-Side Diff does.
 async fn apply(
@@ -90,38 +83,10 @@ async fn apply(
     let name = manifest["metadata"]["name"].as_str().expect("name");
     let mut params = PatchParams::apply(manager);
     params.dry_run = dry_run;
-    let request = pipelines(ns)
+    let request = pipelines_request(ns)
         .patch(name, &params, &Patch::Apply(manifest))
         .expect("request");
     client.request::<Value>(request).await
-}
-
-async fn get(client: &Client, ns: &str, name: &str) -> Value {
-    let request = pipelines(ns)
-        .get(name, &GetParams::default())
-        .expect("request");
-    client
-        .request::<Value>(request)
-        .await
-        .unwrap_or_else(|e| panic!("get AIPipeline {ns}/{name}: {e}"))
-}
-
-async fn wait_ready(client: &Client, ns: &str, name: &str, op: &support::Operator) -> Value {
-    let what = format!("AIPipeline {ns}/{name} Ready=True");
-    let found = tokio::time::timeout(
-        WAIT,
-        support::wait_for(&what, WAIT, || async move {
-            let p = get(client, ns, name).await;
-            let current = p["status"]["observedGeneration"] == p["metadata"]["generation"];
-            let ready = p["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            (current && ready).then_some(p)
-        }),
-    )
-    .await;
-    found.unwrap_or_else(|_| panic!("{what} timed out; operator log:\n{}", op.log()))
 }
 
 fn keys(v: &Value) -> BTreeSet<String> {
@@ -164,10 +129,7 @@ fn assert_as_applied(manifest: &Value, live: &Value, when: &str) {
 
 #[tokio::test]
 async fn the_operator_leaves_an_argocd_applied_pipeline_as_applied() {
-    let cp = support::control_plane();
-    let client = cp.client().await;
-    let ns = support::temp_namespace(&client, "gitops", &[]).await;
-    support::create_guardrails(&client, &support::guardrails_for(&ns)).await;
+    let (client, ns, _) = support::guarded_namespace("gitops").await;
     let op = support::Operator::start("operator-gitops", &ns, None);
 
     // As Git should hold it: every port says its protocol (see the next test for why).
@@ -180,10 +142,10 @@ async fn the_operator_leaves_an_argocd_applied_pipeline_as_applied() {
     // No defaulting, no mutation: what the API server stored is what was applied.
     assert_as_applied(&manifest, &applied, "as stored");
 
-    let live = wait_ready(&client, &ns, "fraud-detector", &op).await;
+    let live = wait_ready_raw(&client, &ns, "fraud-detector", "True", &op).await;
     // Let the operator finish whatever it does after Ready; nothing more should be written.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let settled = get(&client, &ns, "fraud-detector").await;
+    let settled = get_raw(&client, &ns, "fraud-detector").await;
     assert_eq!(
         settled["metadata"]["resourceVersion"], live["metadata"]["resourceVersion"],
         "the operator keeps writing to a reconciled pipeline"
@@ -266,7 +228,7 @@ async fn the_operator_leaves_an_argocd_applied_pipeline_as_applied() {
     assert_eq!(predicted["metadata"]["generation"], generation);
     // And the operator does not react to it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let last = get(&client, &ns, "fraud-detector").await;
+    let last = get_raw(&client, &ns, "fraud-detector").await;
     assert_eq!(last["metadata"]["generation"], generation);
     assert_eq!(last["status"], settled["status"], "the status changed");
     assert_as_applied(&manifest, &last, "at the end");

@@ -24,9 +24,7 @@ use serde_json::{Value, json};
 use support::vault::{
     LeaseState, Operation, OperatorSetup, RevokeCause, VaultDouble, VaultDoubleConfig,
 };
-use support::{
-    Operator, control_plane, create_guardrails, guardrails_for, temp_namespace, wait_for,
-};
+use support::{Operator, guarded_namespace, temp_namespace, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PIPELINE: &str = "fraud";
@@ -94,11 +92,8 @@ impl Drop for Setup {
 
 impl Setup {
     async fn new(name: &str, options: &Options) -> Setup {
-        let cp = control_plane();
-        let client = cp.client().await;
-        let ns = temp_namespace(&client, name, &[]).await;
+        let (client, ns, _) = guarded_namespace(name).await;
         let ops = temp_namespace(&client, &format!("{name}-ops"), &[]).await;
-        create_guardrails(&client, &guardrails_for(&ns)).await;
         let sa: ServiceAccount =
             serde_json::from_value(json!({"metadata": {"name": "portcullis"}})).unwrap();
         Api::<ServiceAccount>::namespaced(client.clone(), &ops)

@@ -387,109 +387,97 @@ def cmd_template(args: argparse.Namespace) -> int:
     return 0
 
 
-def release_config(args: argparse.Namespace):
+def cmd_release(args: argparse.Namespace) -> int:
+    """install, upgrade and uninstall, against the cluster of --kubeconfig."""
+    command = args.command
+    values = load_values(args.values, args.set_json) if command != "uninstall" else {}
     h = helm()
-    return h, h.Configuration(namespace=args.namespace, kubeconfig=args.kubeconfig)
+    config = h.Configuration(namespace=args.namespace, kubeconfig=args.kubeconfig)
 
+    async def act() -> Any:
+        if command == "uninstall":
+            return await h.Uninstall(config).run(args.release, wait=False)
+        options: dict[str, Any] = {
+            "values": values,
+            "wait": False,
+            "timeout": args.timeout,
+            "take_ownership": args.take_ownership,
+        }
+        if command == "upgrade":
+            options["reset_values"] = True
+        action = h.Install(config) if command == "install" else h.Upgrade(config)
+        return await action.run(args.release, str(Path(args.chart).resolve()), **options)
 
-def cmd_install(args: argparse.Namespace) -> int:
-    values = load_values(args.values, args.set_json)
-    h, config = release_config(args)
     try:
-        release = asyncio.run(
-            h.Install(config).run(
-                args.release,
-                str(Path(args.chart).resolve()),
-                values=values,
-                wait=False,
-                timeout=args.timeout,
-                take_ownership=args.take_ownership,
-            )
-        )
+        result = asyncio.run(act())
     except h.HelmError as e:
-        print(f"chart.py install: {e}", file=sys.stderr)
+        print(f"chart.py {command}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary(release)))
+    print(json.dumps(result if command == "uninstall" else summary(result)))
     return 0
 
 
-def cmd_upgrade(args: argparse.Namespace) -> int:
-    values = load_values(args.values, args.set_json)
-    h, config = release_config(args)
-    try:
-        release = asyncio.run(
-            h.Upgrade(config).run(
-                args.release,
-                str(Path(args.chart).resolve()),
-                values=values,
-                wait=False,
-                timeout=args.timeout,
-                take_ownership=args.take_ownership,
-                reset_values=True,
-            )
-        )
-    except h.HelmError as e:
-        print(f"chart.py upgrade: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary(release)))
-    return 0
+# --- arguments ------------------------------------------------------------------------------
+# Each subcommand takes some of these option groups; `cluster` says whether it acts on a real
+# cluster (--release, --namespace and --kubeconfig required) or renders only (defaults).
 
 
-def cmd_uninstall(args: argparse.Namespace) -> int:
-    h, config = release_config(args)
-    try:
-        result = asyncio.run(h.Uninstall(config).run(args.release, wait=False))
-    except h.HelmError as e:
-        print(f"chart.py uninstall: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
+def chart_options(p: argparse.ArgumentParser, cluster: bool) -> None:
+    p.add_argument("chart")
+
+
+def values_options(p: argparse.ArgumentParser, cluster: bool) -> None:
+    p.add_argument("-f", "--values", action="append", default=[], help="values file (YAML/JSON)")
+    p.add_argument(
+        "--set-json", action="append", default=[], metavar="PATH=JSON", help="a.b.c=<json>"
+    )
+
+
+def release_options(p: argparse.ArgumentParser, cluster: bool) -> None:
+    if cluster:
+        p.add_argument("--release", required=True)
+        p.add_argument("-n", "--namespace", required=True)
+        p.add_argument("--kubeconfig", required=True)
+    else:
+        p.add_argument("--release", default="portcullis")
+        p.add_argument("-n", "--namespace", default="portcullis-system")
+
+
+def apply_options(p: argparse.ArgumentParser, cluster: bool) -> None:
+    p.add_argument("--timeout", type=int, default=120)
+    p.add_argument(
+        "--take-ownership",
+        action="store_true",
+        help="adopt existing objects without Helm's ownership metadata (e.g. the CRDs)",
+    )
+
+
+def template_options(p: argparse.ArgumentParser, cluster: bool) -> None:
+    p.add_argument("--kube-version", default="1.30.0", help="Kubernetes version to render for")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (manifest, notes)")
+
+
+RENDER = (chart_options, release_options, template_options, values_options)
+APPLY = (chart_options, release_options, apply_options, values_options)
+
+# name, help, what it runs, whether it needs a cluster, its option groups.
+COMMANDS = [
+    ("lint", "helm lint", cmd_lint, False, (chart_options, values_options)),
+    ("template", "render without a cluster", cmd_template, False, RENDER),
+    ("install", "helm install (wait=False)", cmd_release, True, APPLY),
+    ("upgrade", "helm upgrade (wait=False)", cmd_release, True, APPLY),
+    ("uninstall", "helm uninstall (wait=False)", cmd_release, True, (release_options,)),
+]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="chart.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def values_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-f", "--values", action="append", default=[], help="values file (YAML/JSON)")
-        p.add_argument(
-            "--set-json", action="append", default=[], metavar="PATH=JSON", help="a.b.c=<json>"
-        )
-
-    p = sub.add_parser("lint", help="helm lint")
-    p.add_argument("chart")
-    values_options(p)
-    p.set_defaults(run=cmd_lint)
-
-    p = sub.add_parser("template", help="render without a cluster")
-    p.add_argument("chart")
-    p.add_argument("--release", default="portcullis")
-    p.add_argument("-n", "--namespace", default="portcullis-system")
-    p.add_argument("--kube-version", default="1.30.0", help="Kubernetes version to render for")
-    p.add_argument("--json", action="store_true", help="print a JSON summary (manifest, notes)")
-    values_options(p)
-    p.set_defaults(run=cmd_template)
-
-    for name, run in (("install", cmd_install), ("upgrade", cmd_upgrade)):
-        p = sub.add_parser(name, help=f"helm {name} (wait=False)")
-        p.add_argument("chart")
-        p.add_argument("--release", required=True)
-        p.add_argument("-n", "--namespace", required=True)
-        p.add_argument("--kubeconfig", required=True)
-        p.add_argument("--timeout", type=int, default=120)
-        p.add_argument(
-            "--take-ownership",
-            action="store_true",
-            help="adopt existing objects without Helm's ownership metadata (e.g. the CRDs)",
-        )
-        values_options(p)
+    for name, about, run, cluster, groups in COMMANDS:
+        p = sub.add_parser(name, help=about)
+        for group in groups:
+            group(p, cluster)
         p.set_defaults(run=run)
-
-    p = sub.add_parser("uninstall", help="helm uninstall (wait=False)")
-    p.add_argument("--release", required=True)
-    p.add_argument("-n", "--namespace", required=True)
-    p.add_argument("--kubeconfig", required=True)
-    p.set_defaults(run=cmd_uninstall)
 
     args = parser.parse_args(argv)
     if args.command == "template":

@@ -124,11 +124,23 @@ pub async fn can_i(
 /// A bound token (one hour, the API server's audience) for ServiceAccount `ns/sa`, from a
 /// `TokenRequest`.
 pub async fn service_account_token(client: &kube::Client, ns: &str, sa: &str) -> String {
+    service_account_token_with(client, ns, sa, &[], 3600).await
+}
+
+/// A token for ServiceAccount `ns/sa` for `audiences` (none: the API server's), valid `seconds`:
+/// what the kubelet writes into a projected token volume.
+pub async fn service_account_token_with(
+    client: &kube::Client,
+    ns: &str,
+    sa: &str,
+    audiences: &[&str],
+    seconds: i64,
+) -> String {
     let request = TokenRequest {
         metadata: ObjectMeta::default(),
         spec: TokenRequestSpec {
-            audiences: Vec::new(),
-            expiration_seconds: Some(3600),
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            expiration_seconds: Some(seconds),
             bound_object_ref: None,
         },
         status: None,

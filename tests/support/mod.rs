@@ -11,7 +11,19 @@
 //!     let ns = support::temp_namespace(&client, "something", &[]).await;
 //!     // ...
 //! }
+//!
+//! #[tokio::test]
+//! async fn an_operator_on_an_example() {
+//!     // A namespace with the example guardrails, the pipeline created, an operator watching.
+//!     let f = support::with_pipeline("drift", "examples/pipelines/fraud-detector.yaml").await;
+//!     let live = f.wait_ready("True").await;
+//!     // ... f.client, f.ns, f.op.records(), f.op.verify() ...
+//! }
 //! ```
+//!
+//! The one way to start the operator is [`Operator::launch`] (any arguments, optionally a
+//! kubeconfig other than the admin's); [`Operator::start`] and [`Operator::start_with`] build the
+//! usual arguments for it.
 //!
 //! Every server runs under a watchdog that stops it when the test process exits, also when it
 //! panics or is killed; the temporary directory (data, certificates, logs) is removed then too,
@@ -19,6 +31,7 @@
 #![allow(dead_code)]
 
 mod control_plane;
+mod fixture;
 mod helpers;
 pub mod operator;
 /// Processes under a watchdog that stops them when the test process exits; also for the
@@ -29,8 +42,14 @@ pub mod vault;
 #[allow(unused_imports)]
 pub use control_plane::{ControlPlane, ISSUER, control_plane};
 #[allow(unused_imports)]
+pub use fixture::{
+    Fixture, WAIT, condition, create_pipeline, example, get_raw, guarded_namespace,
+    pipelines_request, wait_ready, wait_ready_raw, with_pipeline,
+};
+#[allow(unused_imports)]
 pub use helpers::{
-    can_i, read, restart_target, root, service_account_token, temp_namespace, wait_for,
+    can_i, read, restart_target, root, service_account_token, service_account_token_with,
+    temp_namespace, wait_for,
 };
 #[allow(unused_imports)]
 pub use operator::{Operator, create_guardrails, guardrails_for};

@@ -1,7 +1,7 @@
 //! The operator under test: `portcullis run` as its own process, under the harness's watchdog,
 //! and the example guardrails scoped to one test namespace.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kube::Client;
@@ -37,24 +37,27 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The test's HMAC key for the decision log, unless the caller put one in the operator's folder.
+const TEST_KEY: &str = "an-hmac-key-for-tests-that-is-long-enough-0123456789";
+
+/// Sets `flag` to `value` in `args`: replaces the value after it, or appends both.
+fn set_flag(args: &mut Vec<String>, flag: &str, value: String) {
+    match args.iter().position(|a| a == flag) {
+        Some(at) if at + 1 < args.len() => args[at + 1] = value,
+        _ => args.extend([flag.to_string(), value]),
+    }
+}
+
 impl Operator {
     /// Starts an operator watching `namespace`; with `lease`, under leader election with that
     /// Lease namespace and this identity.
     pub fn start(name: &'static str, namespace: &str, lease: Option<&str>) -> Operator {
         let dir = tempfile::tempdir().expect("temp dir");
-        Self::start_in(name, namespace, lease, dir)
-    }
-
-    pub fn start_in(
-        name: &'static str,
-        namespace: &str,
-        lease: Option<&str>,
-        dir: tempfile::TempDir,
-    ) -> Operator {
         Self::start_with(name, namespace, lease, dir, &[])
     }
 
-    /// As [`Operator::start_in`], with more arguments (Vault settings, say).
+    /// As [`Operator::start`], in `dir` (an earlier operator's, to restart on its decision log)
+    /// and with more arguments (Vault settings, say).
     pub fn start_with(
         name: &'static str,
         namespace: &str,
@@ -62,23 +65,8 @@ impl Operator {
         dir: tempfile::TempDir,
         extra: &[String],
     ) -> Operator {
-        let key = dir.path().join("audit.key");
-        if !key.exists() {
-            std::fs::write(&key, "an-hmac-key-for-tests-that-is-long-enough-0123456789")
-                .expect("key written");
-        }
-        let port = free_port();
-        let cp = super::control_plane();
-        let mut args = vec![
-            "run".to_string(),
-            "--kubeconfig".into(),
-            cp.kubeconfig().display().to_string(),
-            "--audit-log".into(),
-            dir.path().join("audit.log").display().to_string(),
-            "--audit-key".into(),
-            key.display().to_string(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{port}"),
+        let mut args: Vec<String> = vec![
+            "run".into(),
             "--watch-namespace".into(),
             namespace.into(),
             "--identity".into(),
@@ -91,6 +79,34 @@ impl Operator {
             None => args.push("--no-leader-election".into()),
         }
         args.extend(extra.iter().cloned());
+        Self::launch(name, dir, args, None)
+    }
+
+    /// The one launcher: `portcullis <args>` under the harness's watchdog, in `dir`, with what
+    /// only this machine knows set whether `args` has the flag or not: `--audit-log
+    /// <dir>/audit.log`, `--audit-key <dir>/audit.key` (the test key unless that file exists),
+    /// `--metrics-addr 127.0.0.1:<a free port>` and `--kubeconfig` (`kubeconfig`, else the
+    /// control plane's admin).
+    pub fn launch(
+        name: &'static str,
+        dir: tempfile::TempDir,
+        mut args: Vec<String>,
+        kubeconfig: Option<&Path>,
+    ) -> Operator {
+        let key = dir.path().join("audit.key");
+        if !key.exists() {
+            std::fs::write(&key, TEST_KEY).expect("key written");
+        }
+        let port = free_port();
+        let kubeconfig = match kubeconfig {
+            Some(path) => path.to_path_buf(),
+            None => super::control_plane().kubeconfig().to_path_buf(),
+        };
+        set_flag(&mut args, "--kubeconfig", kubeconfig.display().to_string());
+        let log = dir.path().join("audit.log");
+        set_flag(&mut args, "--audit-log", log.display().to_string());
+        set_flag(&mut args, "--audit-key", key.display().to_string());
+        set_flag(&mut args, "--metrics-addr", format!("127.0.0.1:{port}"));
         let server = Server::spawn(name, dir.path(), &binary(), &args).expect("operator starts");
         Operator {
             server,
@@ -186,8 +202,14 @@ impl Operator {
         self.server.stop();
     }
 
+    /// The last 60 lines of the operator's log.
     pub fn log(&self) -> String {
         self.server.log_tail(60)
+    }
+
+    /// The operator's whole log.
+    pub fn full_log(&self) -> String {
+        std::fs::read_to_string(&self.server.log).unwrap_or_default()
     }
 }
 
