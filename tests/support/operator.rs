@@ -107,7 +107,19 @@ impl Operator {
         set_flag(&mut args, "--audit-log", log.display().to_string());
         set_flag(&mut args, "--audit-key", key.display().to_string());
         set_flag(&mut args, "--metrics-addr", format!("127.0.0.1:{port}"));
-        let server = Server::spawn(name, dir.path(), &binary(), &args).expect("operator starts");
+        // `PORTCULLIS_OPERATOR_WRAPPER` runs the operator under a profiler (for example
+        // `heaptrack -o /tmp/operator`): its words, then the binary and its arguments.
+        let wrapper = std::env::var("PORTCULLIS_OPERATOR_WRAPPER").unwrap_or_default();
+        let mut words: Vec<String> = wrapper.split_whitespace().map(String::from).collect();
+        let program = if words.is_empty() {
+            binary()
+        } else {
+            words.push(binary().display().to_string());
+            words.append(&mut args);
+            args = words.split_off(1);
+            PathBuf::from(&words[0])
+        };
+        let server = Server::spawn(name, dir.path(), &program, &args).expect("operator starts");
         Operator {
             server,
             dir,

@@ -115,13 +115,10 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     .applied_objects()
     .predicate_filter(predicates::generation, Default::default());
     let controller = Controller::for_stream(pipeline_events, pipelines.clone())
-        // A short debounce folds the burst of watch events that one reconcile's own writes cause
-        // (and the controller manager's reactions to them) into one follow-up reconcile.
-        .with_config(
-            ControllerConfig::default()
-                .concurrency(config.concurrency)
-                .debounce(Duration::from_millis(250)),
-        );
+        // No debounce: the echo of the operator's own writes is filtered out where it arrives
+        // (see `caches`), so a debounce would only delay every first reconcile of a new
+        // pipeline (it was 250 ms, most of a new pipeline's time to Ready).
+        .with_config(ControllerConfig::default().concurrency(config.concurrency));
 
     // No reconcile plans before the caches are full (see `Context::synced`).
     {
