@@ -28,6 +28,8 @@ pub struct Operator {
     pub dir: tempfile::TempDir,
     name: &'static str,
     port: u16,
+    /// The decision log's file name in `dir` (a shard's has the shard's suffix).
+    audit_file: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -54,7 +56,9 @@ impl Operator {
         Self::start_with(name, namespace, lease, dir, &[])
     }
 
-    /// As [`Operator::start_in`], with more arguments (Vault settings, say).
+    /// As [`Operator::start_in`], with more arguments (Vault settings, say). An empty
+    /// `namespace` watches every namespace; with `--shard-count`/`--shard-index` in `extra`,
+    /// [`Operator::audit_log`] is that shard's file.
     pub fn start_with(
         name: &'static str,
         namespace: &str,
@@ -79,11 +83,12 @@ impl Operator {
             key.display().to_string(),
             "--metrics-addr".into(),
             format!("127.0.0.1:{port}"),
-            "--watch-namespace".into(),
-            namespace.into(),
             "--identity".into(),
             name.into(),
         ];
+        if !namespace.is_empty() {
+            args.extend(["--watch-namespace".to_string(), namespace.to_string()]);
+        }
         match lease {
             Some(lease_namespace) => {
                 args.extend(["--lease-namespace".to_string(), lease_namespace.to_string()])
@@ -91,17 +96,30 @@ impl Operator {
             None => args.push("--no-leader-election".into()),
         }
         args.extend(extra.iter().cloned());
+        let flag = |name: &str| {
+            extra
+                .iter()
+                .position(|a| a == name)
+                .and_then(|i| extra.get(i + 1)?.parse::<u32>().ok())
+        };
+        let shard = portcullis::shard::Shard::new(
+            flag("--shard-index").unwrap_or(0),
+            flag("--shard-count").unwrap_or(1),
+        )
+        .expect("a valid shard");
+        let audit_file = shard.path(std::path::Path::new("audit.log"));
         let server = Server::spawn(name, dir.path(), &binary(), &args).expect("operator starts");
         Operator {
             server,
             dir,
             name,
             port,
+            audit_file,
         }
     }
 
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit.log")
+        self.dir.path().join(&self.audit_file)
     }
 
     pub fn records(&self) -> Vec<Value> {

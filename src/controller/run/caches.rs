@@ -271,3 +271,65 @@ fn child<K: Managed>(
     });
     (store, stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::k8s::ObjectMeta;
+
+    fn sa(namespace: &str) -> PartialObjectMeta<ServiceAccount> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some("sa".into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    /// The events of namespaces another shard owns never reach the reflector.
+    #[tokio::test]
+    async fn a_shard_keeps_only_its_namespaces_events() {
+        // Of two shards, "team-a" and "ml-prod" belong to 0, "default" and "kube-system" to 1.
+        let scope = WatchScope {
+            namespace: None,
+            shard: Shard::new(0, 2).unwrap(),
+        };
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(sa("team-a"))),
+            Ok(watcher::Event::InitApply(sa("default"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(sa("kube-system"))),
+            Ok(watcher::Event::Apply(sa("ml-prod"))),
+            Ok(watcher::Event::Delete(sa("default"))),
+            Ok(watcher::Event::Delete(sa("team-a"))),
+        ];
+        let kept: Vec<String> = futures::stream::iter(events)
+            .filter(scope.keep_namespaced())
+            .map(|e| match e {
+                Ok(watcher::Event::Init) => "init".to_string(),
+                Ok(watcher::Event::InitDone) => "done".to_string(),
+                Ok(
+                    watcher::Event::Apply(o)
+                    | watcher::Event::InitApply(o)
+                    | watcher::Event::Delete(o),
+                ) => o.namespace().unwrap_or_default(),
+                Err(e) => e.to_string(),
+            })
+            .collect()
+            .await;
+        assert_eq!(kept, ["init", "team-a", "done", "ml-prod", "team-a"]);
+
+        let one = WatchScope {
+            namespace: Some("team-a".into()),
+            shard: Shard::ALL,
+        };
+        assert!(one.owns("team-a") && !one.owns("default"));
+        assert!(WatchScope::default().owns("default"));
+    }
+}
