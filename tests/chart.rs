@@ -2173,6 +2173,63 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
     .await;
 }
 
+/// A sharded release installs (two Deployments the API server accepts), and its ServiceAccount
+/// may get and patch each shard's Lease and no other.
+#[tokio::test]
+async fn chart_with_shards_installs_and_grants_each_shard_its_lease() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-shards", &[]).await;
+    let (release, sa) = ("ps", "ps-portcullis");
+    let installed = helm(
+        "install",
+        release,
+        &ns,
+        Some(json!({"sharding": {"count": 2}})),
+    )
+    .await;
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    let deployments: Vec<&str> = find(&manifest, "Deployment")
+        .into_iter()
+        .map(name_of)
+        .collect();
+    assert_eq!(
+        deployments,
+        ["ps-portcullis-shard-0", "ps-portcullis-shard-1"]
+    );
+    let live = Api::<Deployment>::namespaced(client.clone(), &ns);
+    for name in &deployments {
+        live.get(name).await.expect("the shard's Deployment exists");
+    }
+    let leases = [
+        "portcullis-leader-shard-0-of-2",
+        "portcullis-leader-shard-1-of-2",
+    ];
+    let mut allowed = vec![access("create", "coordination.k8s.io", "leases").r#in(&ns)];
+    for lease in leases {
+        for verb in ["get", "patch"] {
+            allowed.push(
+                access(verb, "coordination.k8s.io", "leases")
+                    .named(lease)
+                    .r#in(&ns),
+            );
+        }
+    }
+    expect_access(&client, &ns, sa, &allowed, true).await;
+    let mut denied = vec![];
+    for lease in ["portcullis-leader", "portcullis-leader-shard-2-of-3"] {
+        for verb in ["get", "patch"] {
+            denied.push(
+                access(verb, "coordination.k8s.io", "leases")
+                    .named(lease)
+                    .r#in(&ns),
+            );
+        }
+    }
+    expect_access(&client, &ns, sa, &denied, false).await;
+    helm("uninstall", release, &ns, None).await;
+}
+
 // --- Vault ------------------------------------------------------------------------------------------
 
 /// What Vault adds to the operator's needs in `scope` (a namespace, or cluster-wide with None).
