@@ -107,8 +107,8 @@ impl Caches {
                         MANAGED_BY.0, MANAGED_BY.1
                     )),
                 )
-                .modify(|meta| meta.managed_fields_mut().clear())
-                .filter(scope.keep_namespaced()),
+                .filter(scope.keep_namespaced())
+                .modify(|meta| meta.managed_fields_mut().clear()),
             )
             .default_backoff()
             .touched_objects()
@@ -195,7 +195,8 @@ impl WatchScope {
         self.namespace.as_deref().is_none_or(|ns| ns == namespace) && self.shard.owns(namespace)
     }
 
-    /// A filter for a watch stream, put between the watcher and its reflector: it drops the
+    /// A filter for a watch stream, put between the watcher and its reflector (before any
+    /// `.modify`, so that nothing is done for what is dropped): it drops the
     /// events of objects in namespaces this shard does not own (`namespace_of` says which
     /// namespace an object is of; `None` keeps it), so that neither the cache nor the
     /// controller sees them. Errors and the list's start and end markers pass.
@@ -242,12 +243,12 @@ fn child<K: Managed>(
             scope.api::<PartialObjectMeta<K>>(client),
             watcher::Config::default(),
         )
+        .filter(scope.keep_namespaced())
         .modify(|meta| {
             meta.managed_fields_mut().clear();
             meta.annotations_mut()
                 .remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
-        .filter(scope.keep_namespaced()),
+        }),
     )
     .default_backoff()
     .filter_map(move |event| {
