@@ -121,6 +121,7 @@ async fn main() {
         lease_name: "portcullis-leader".into(),
         identity: "demo".into(),
         concurrency: 4,
+        shard: Default::default(),
         watch_namespace: None,
         echo_decisions: false,
         vault: None,
@@ -339,6 +340,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         lease_name: "portcullis-leader".into(),
         identity: "demo-vault".into(),
         concurrency: 4,
+        shard: Default::default(),
         watch_namespace: Some(ns.into()),
         echo_decisions: false,
         vault: Some(controller::VaultRunConfig {

@@ -12,4 +12,5 @@ pub mod controller;
 pub mod k8s;
 pub mod plan;
 pub mod policy;
+pub mod shard;
 pub mod vault;

@@ -878,6 +878,94 @@ fn chart_lints_and_validates_its_values() {
     );
 }
 
+/// `sharding.count: 3` renders one Deployment per shard with its flags, labels and PodDisruptionBudget
+/// (and, with persistence, decision-log PVC), and the leader-election Role names each shard's
+/// Lease; `watchNamespace` is refused with it.
+#[test]
+fn chart_renders_one_deployment_per_shard() {
+    let values = json!({"sharding": {"count": 3}});
+    let objects = render("portcullis", "portcullis-system", &values, KUBE_VERSION);
+    let deployments = find(&objects, "Deployment");
+    assert_eq!(deployments.len(), 3);
+    for (i, d) in deployments.iter().enumerate() {
+        assert_eq!(name_of(d), format!("portcullis-shard-{i}"));
+        let args = strings(&d["spec"]["template"]["spec"]["containers"][0]["args"]);
+        let flags: Vec<&[String]> = args.windows(2).collect();
+        assert!(
+            flags.contains(&&["--shard-count".to_string(), "3".to_string()][..])
+                && flags.contains(&&["--shard-index".to_string(), i.to_string()][..]),
+            "shard {i}: {args:?}"
+        );
+        let selector = &d["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector["portcullis.dev/shard"], i.to_string());
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["labels"]["portcullis.dev/shard"],
+            i.to_string()
+        );
+    }
+    let pdbs = find(&objects, "PodDisruptionBudget");
+    assert_eq!(
+        pdbs.iter().map(|p| name_of(p)).collect::<Vec<_>>(),
+        [
+            "portcullis-shard-0",
+            "portcullis-shard-1",
+            "portcullis-shard-2"
+        ]
+    );
+    // The metrics Service selects every shard's Pods.
+    let service = one(&objects, "Service");
+    assert!(service["spec"]["selector"]["portcullis.dev/shard"].is_null());
+    let leases: Vec<String> = rules(&objects)
+        .iter()
+        .filter(|(_, r)| strings(&r["resources"]) == ["leases"])
+        .flat_map(|(_, r)| strings(&r["resourceNames"]))
+        .collect();
+    assert_eq!(
+        leases,
+        [
+            "portcullis-leader-shard-0-of-3",
+            "portcullis-leader-shard-1-of-3",
+            "portcullis-leader-shard-2-of-3"
+        ]
+    );
+
+    let persistent = json!({
+        "sharding": {"count": 2},
+        "replicaCount": 1,
+        "auditLog": {"persistence": {"enabled": true}},
+    });
+    let objects = render("portcullis", "portcullis-system", &persistent, KUBE_VERSION);
+    let claims: Vec<&str> = find(&objects, "PersistentVolumeClaim")
+        .into_iter()
+        .map(name_of)
+        .collect();
+    assert_eq!(
+        claims,
+        [
+            "portcullis-decision-log-shard-0",
+            "portcullis-decision-log-shard-1"
+        ]
+    );
+    for (i, d) in find(&objects, "Deployment").iter().enumerate() {
+        let volumes = d["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes");
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["persistentVolumeClaim"]["claimName"]
+                    == format!("portcullis-decision-log-shard-{i}")),
+            "shard {i} mounts its own PVC"
+        );
+    }
+
+    let error = render_error(&json!({"sharding": {"count": 2}, "watchNamespace": "team-a"}));
+    assert!(
+        error.contains("watchNamespace and sharding.count > 1 exclude each other"),
+        "{error}"
+    );
+}
+
 // --- tests against the control plane -------------------------------------------------------------
 
 /// A server-side dry run of `object`: a dry-run server-side apply, which also refuses fields the
@@ -1962,6 +2050,63 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
         }
     })
     .await;
+}
+
+/// A sharded release installs (two Deployments the API server accepts), and its ServiceAccount
+/// may get and patch each shard's Lease and no other.
+#[tokio::test]
+async fn chart_with_shards_installs_and_grants_each_shard_its_lease() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-shards", &[]).await;
+    let (release, sa) = ("ps", "ps-portcullis");
+    let installed = helm(
+        "install",
+        release,
+        &ns,
+        Some(json!({"sharding": {"count": 2}})),
+    )
+    .await;
+    let manifest = objects(installed["manifest"].as_str().expect("manifest"));
+    let deployments: Vec<&str> = find(&manifest, "Deployment")
+        .into_iter()
+        .map(name_of)
+        .collect();
+    assert_eq!(
+        deployments,
+        ["ps-portcullis-shard-0", "ps-portcullis-shard-1"]
+    );
+    let live = Api::<Deployment>::namespaced(client.clone(), &ns);
+    for name in &deployments {
+        live.get(name).await.expect("the shard's Deployment exists");
+    }
+    let leases = [
+        "portcullis-leader-shard-0-of-2",
+        "portcullis-leader-shard-1-of-2",
+    ];
+    let mut allowed = vec![access("create", "coordination.k8s.io", "leases").r#in(&ns)];
+    for lease in leases {
+        for verb in ["get", "patch"] {
+            allowed.push(
+                access(verb, "coordination.k8s.io", "leases")
+                    .named(lease)
+                    .r#in(&ns),
+            );
+        }
+    }
+    expect_access(&client, &ns, sa, &allowed, true).await;
+    let mut denied = vec![];
+    for lease in ["portcullis-leader", "portcullis-leader-shard-2-of-3"] {
+        for verb in ["get", "patch"] {
+            denied.push(
+                access(verb, "coordination.k8s.io", "leases")
+                    .named(lease)
+                    .r#in(&ns),
+            );
+        }
+    }
+    expect_access(&client, &ns, sa, &denied, false).await;
+    helm("uninstall", release, &ns, None).await;
 }
 
 // --- Vault ------------------------------------------------------------------------------------------

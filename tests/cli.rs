@@ -330,6 +330,40 @@ fn bad_flags_exit_2_with_usage() {
 }
 
 #[test]
+fn bad_shard_flags_exit_2_naming_the_flag() {
+    let base = [
+        "run",
+        "--audit-log",
+        "/nonexistent/log",
+        "--audit-key",
+        "/nonexistent/key",
+    ];
+    let run = |more: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(more).copied().collect();
+        let out = portcullis(&args);
+        (out.status.code(), text(&out.stderr))
+    };
+    let (code, err) = run(&["--shard-count", "2", "--shard-index", "2"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "--shard-index 2 is out of range: with --shard-count 2 it must be from 0 to 1"
+        ),
+        "{err}"
+    );
+    let (code, err) = run(&["--shard-count", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--shard-count"), "{err}");
+    let (code, err) = run(&["--shard-count", "2", "--watch-namespace", "team-a"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--watch-namespace and --shard-count 2"),
+        "{err}"
+    );
+    assert_no_internals(&err);
+}
+
+#[test]
 fn crds_prints_the_committed_crds() {
     let out = portcullis(&["crds"]);
     assert_eq!(out.status.code(), Some(0));

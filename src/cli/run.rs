@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::controller::{self, RunConfig};
+use crate::shard::Shard;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -40,6 +41,27 @@ pub struct RunArgs {
     /// default every namespace is watched.
     #[arg(long, value_name = "NAMESPACE")]
     pub watch_namespace: Option<String>,
+
+    /// Run as one of this many shards: each reconciles only the AIPipelines of the namespaces
+    /// it owns (the first 8 bytes of the SHA-256 of the namespace's name, big-endian, modulo
+    /// the count), under its own leader Lease. All shards need the same count.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PORTCULLIS_SHARD_COUNT",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub shard_count: u32,
+
+    /// Which shard this operator is, from 0 to `--shard-count` - 1.
+    #[arg(
+        long,
+        value_name = "I",
+        env = "PORTCULLIS_SHARD_INDEX",
+        default_value_t = 0
+    )]
+    pub shard_index: u32,
 
     /// The kubeconfig to use; in a pod the in-cluster configuration is used when unset.
     #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
@@ -138,6 +160,20 @@ fn init_logging() {
 
 /// Runs the operator; returns the process exit code.
 pub fn run(args: &RunArgs) -> u8 {
+    let shard = match Shard::new(args.shard_index, args.shard_count) {
+        Ok(shard) => shard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return super::EXIT_INVALID;
+        }
+    };
+    if shard.is_sharded() && args.watch_namespace.is_some() {
+        eprintln!(
+            "error: --watch-namespace and --shard-count {} exclude each other: one namespace is never split across shards",
+            shard.count()
+        );
+        return super::EXIT_INVALID;
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -164,6 +200,7 @@ pub fn run(args: &RunArgs) -> u8 {
         identity,
         concurrency: args.concurrency.max(1),
         watch_namespace: args.watch_namespace.clone(),
+        shard,
         echo_decisions: true,
         vault: args
             .vault

@@ -32,6 +32,12 @@ pub struct VaultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub index: u32,
+    pub count: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -50,6 +56,7 @@ pub struct Metrics {
     pub vault_operations: Family<VaultLabels, Counter>,
     pub credential_leases: Gauge,
     pub workload_restarts: Counter,
+    pub shard: Family<ShardLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -123,8 +130,15 @@ impl Default for Metrics {
             "Restart targets restarted because their credentials changed",
             workload_restarts.clone(),
         );
+        let shard = Family::<ShardLabels, Gauge>::default();
+        registry.register(
+            "shard_info",
+            "1, labelled with this operator's --shard-index and --shard-count",
+            shard.clone(),
+        );
         Metrics {
             registry,
+            shard,
             vault_operations,
             credential_leases,
             workload_restarts,
@@ -147,6 +161,16 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Says which shard this operator is (`portcullis_shard_info{index,count} 1`).
+    pub fn set_shard(&self, shard: crate::shard::Shard) {
+        self.shard
+            .get_or_create(&ShardLabels {
+                index: shard.index(),
+                count: shard.count(),
+            })
+            .set(1);
     }
 
     pub fn kind(family: &Family<KindLabels, Counter>, kind: ManagedKind) {

@@ -11,7 +11,8 @@
 //! It watches AIPipelines, AccessGuardrails and Namespaces (their labels), and the metadata of
 //! the objects it manages. A guardrail or namespace change re-reconciles exactly the pipelines
 //! it affects. Only the replica holding the leader Lease watches and writes; a replica that loses
-//! the lease exits, and its restart waits as a standby.
+//! the lease exits, and its restart waits as a standby. With `--shard-count N`, each shard
+//! watches and writes only the namespaces it owns ([`crate::shard`]), under its own Lease.
 
 mod apply;
 mod error;
@@ -42,6 +43,7 @@ use crate::api::{AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
 pub use crate::k8s::FIELD_MANAGER;
 use crate::k8s::{Client, Namespace, PartialObjectMeta, Recorder, Reporter, Store};
+use crate::shard::Shard;
 
 /// Settings of `portcullis run`.
 #[derive(Debug, Clone)]
@@ -56,6 +58,10 @@ pub struct RunConfig {
     pub concurrency: u16,
     /// Watch and manage only this namespace.
     pub watch_namespace: Option<String>,
+    /// Of the watched namespaces, reconcile only those this shard owns. With more than one
+    /// shard, the leader Lease, the decision log file and the Vault token Secret get the
+    /// shard's suffix (see [`Shard::name`], [`Shard::path`]).
+    pub shard: Shard,
     /// Also write each decision record to stdout.
     pub echo_decisions: bool,
     /// Vault, when configured.

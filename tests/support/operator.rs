@@ -28,6 +28,8 @@ pub struct Operator {
     pub dir: tempfile::TempDir,
     name: &'static str,
     port: u16,
+    /// The decision log's file name in `dir` (a shard's has the shard's suffix).
+    audit_file: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -57,7 +59,8 @@ impl Operator {
     }
 
     /// As [`Operator::start`], in `dir` (an earlier operator's, to restart on its decision log)
-    /// and with more arguments (Vault settings, say).
+    /// and with more arguments (Vault settings, say). An empty `namespace` watches every
+    /// namespace.
     pub fn start_with(
         name: &'static str,
         namespace: &str,
@@ -65,13 +68,10 @@ impl Operator {
         dir: tempfile::TempDir,
         extra: &[String],
     ) -> Operator {
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--watch-namespace".into(),
-            namespace.into(),
-            "--identity".into(),
-            name.into(),
-        ];
+        let mut args: Vec<String> = vec!["run".into(), "--identity".into(), name.into()];
+        if !namespace.is_empty() {
+            args.extend(["--watch-namespace".to_string(), namespace.to_string()]);
+        }
         match lease {
             Some(lease_namespace) => {
                 args.extend(["--lease-namespace".to_string(), lease_namespace.to_string()])
@@ -86,7 +86,8 @@ impl Operator {
     /// only this machine knows set whether `args` has the flag or not: `--audit-log
     /// <dir>/audit.log`, `--audit-key <dir>/audit.key` (the test key unless that file exists),
     /// `--metrics-addr 127.0.0.1:<a free port>` and `--kubeconfig` (`kubeconfig`, else the
-    /// control plane's admin).
+    /// control plane's admin). With `--shard-count`/`--shard-index` in `args`,
+    /// [`Operator::audit_log`] is that shard's file.
     pub fn launch(
         name: &'static str,
         dir: tempfile::TempDir,
@@ -107,6 +108,17 @@ impl Operator {
         set_flag(&mut args, "--audit-log", log.display().to_string());
         set_flag(&mut args, "--audit-key", key.display().to_string());
         set_flag(&mut args, "--metrics-addr", format!("127.0.0.1:{port}"));
+        let flag = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1)?.parse::<u32>().ok())
+        };
+        let shard = portcullis::shard::Shard::new(
+            flag("--shard-index").unwrap_or(0),
+            flag("--shard-count").unwrap_or(1),
+        )
+        .expect("a valid shard");
+        let audit_file = shard.path(Path::new("audit.log"));
         // `PORTCULLIS_OPERATOR_WRAPPER` runs the operator under a profiler (for example
         // `heaptrack -o /tmp/operator`): its words, then the binary and its arguments.
         let wrapper = std::env::var("PORTCULLIS_OPERATOR_WRAPPER").unwrap_or_default();
@@ -125,11 +137,12 @@ impl Operator {
             dir,
             name,
             port,
+            audit_file,
         }
     }
 
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit.log")
+        self.dir.path().join(&self.audit_file)
     }
 
     pub fn records(&self) -> Vec<Value> {

@@ -39,6 +39,21 @@ app.kubernetes.io/name: {{ include "portcullis.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+With sharding.count > 1, the suffix of a shard's objects (-shard-<i>) and the label of its Pods;
+called with the context of one shard (the root merged with "shard": i). Empty with one shard.
+*/}}
+{{- define "portcullis.shardSuffix" -}}
+{{- if gt (int .Values.sharding.count) 1 }}-shard-{{ .shard }}{{ end }}
+{{- end }}
+
+{{- define "portcullis.shardSelectorLabels" -}}
+{{ include "portcullis.selectorLabels" . }}
+{{- if gt (int .Values.sharding.count) 1 }}
+portcullis.dev/shard: {{ .shard | quote }}
+{{- end }}
+{{- end }}
+
 {{/* Labels on every object of the chart. */}}
 {{- define "portcullis.labels" -}}
 helm.sh/chart: {{ include "portcullis.chart" . }}
@@ -80,6 +95,9 @@ Fails on combinations of values that would render a chart that cannot work.
 {{- define "portcullis.validate" -}}
 {{- if and .Values.auditLog.persistence.enabled (gt (int .Values.replicaCount) 1) }}
 {{- fail "auditLog.persistence.enabled needs replicaCount: 1. A ReadWriteOnce volume cannot be mounted by replicas on different nodes, and two operators must never append to one decision log. For high availability keep the emptyDir (auditLog.persistence.enabled: false) and ship the operator's stdout, which carries every record, with your log collector" }}
+{{- end }}
+{{- if and .Values.watchNamespace (gt (int .Values.sharding.count) 1) }}
+{{- fail "watchNamespace and sharding.count > 1 exclude each other: one namespace is never split across shards" }}
 {{- end }}
 {{- if and .Values.vault.caCert.secret .Values.vault.caCert.configMap }}
 {{- fail "vault.caCert: set secret or configMap, not both" }}

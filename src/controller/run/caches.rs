@@ -1,9 +1,11 @@
 //! The caches the reconciles read, and the watch streams that feed the controller: guardrails,
 //! namespaces (metadata), the managed kinds (metadata, every object of the watched namespaces),
-//! and the credential Secrets (metadata, by label) when Vault is configured.
+//! and the credential Secrets (metadata, by label) when Vault is configured. Every cache but the
+//! guardrails' holds only the namespaces of this operator's [`WatchScope`].
 
 use std::sync::Arc;
 
+use futures::future::Ready;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tracing::info;
@@ -15,6 +17,10 @@ use crate::k8s::{
     PIPELINE_LABEL, PartialObjectMeta, ResourceExt, Role, RoleBinding, Secret, ServiceAccount,
     Store, WatchStreamExt, reflector, trim_cached_metadata, watcher,
 };
+use crate::shard::Shard;
+
+/// What a watcher yields.
+type Event<K> = Result<watcher::Event<K>, watcher::Error>;
 
 /// A stream of changed objects that should trigger reconciles.
 pub type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
@@ -43,14 +49,14 @@ pub struct Streams {
 }
 
 impl Caches {
-    /// The caches of the watched namespace (or all), with the credential Secrets' when `vault`.
+    /// The caches of the namespaces in `scope`, with the credential Secrets' when `vault`.
     pub fn start(
         client: &Client,
-        watch_namespace: &Option<String>,
+        scope: &WatchScope,
         vault: bool,
         applied: &Arc<AppliedState>,
     ) -> (Caches, Streams) {
-        let namespace_config = match watch_namespace {
+        let namespace_config = match &scope.namespace {
             Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
             None => watcher::Config::default(),
         };
@@ -71,17 +77,16 @@ impl Caches {
             watcher(
                 Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
                 namespace_config,
-            ),
+            )
+            .filter(scope.keep(|ns: &PartialObjectMeta<Namespace>| Some(ns.name_any()))),
         )
         .default_backoff()
         .touched_objects()
         .boxed();
-        let (service_accounts, sa_events) =
-            child::<ServiceAccount>(client, watch_namespace, applied);
-        let (roles, role_events) = child::<Role>(client, watch_namespace, applied);
-        let (role_bindings, rb_events) = child::<RoleBinding>(client, watch_namespace, applied);
-        let (network_policies, np_events) =
-            child::<NetworkPolicy>(client, watch_namespace, applied);
+        let (service_accounts, sa_events) = child::<ServiceAccount>(client, scope, applied);
+        let (roles, role_events) = child::<Role>(client, scope, applied);
+        let (role_bindings, rb_events) = child::<RoleBinding>(client, scope, applied);
+        let (network_policies, np_events) = child::<NetworkPolicy>(client, scope, applied);
         // One field per managed kind: a new kind does not compile until it is watched here.
         let children = ChildStores {
             service_accounts,
@@ -96,12 +101,13 @@ impl Caches {
             reflector::reflector(
                 secret_writer,
                 watcher(
-                    scoped::<PartialObjectMeta<Secret>>(client, watch_namespace),
+                    scope.api::<PartialObjectMeta<Secret>>(client),
                     watcher::Config::default().labels(&format!(
                         "{}={},{PIPELINE_LABEL}",
                         MANAGED_BY.0, MANAGED_BY.1
                     )),
                 )
+                .filter(scope.keep_namespaced())
                 .modify(|meta| trim_cached_metadata(&mut meta.metadata)),
             )
             .default_backoff()
@@ -157,18 +163,63 @@ impl Caches {
     }
 }
 
-/// An Api over every namespace, or over the one being watched.
-pub fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-where
-    K: crate::k8s::Resource<Scope = NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+/// What this operator watches: every namespace or one (`--watch-namespace`), and of those only
+/// the namespaces its shard owns (`--shard-index`/`--shard-count`). AccessGuardrails are
+/// cluster-scoped and few: every shard watches them all.
+#[derive(Debug, Clone, Default)]
+pub struct WatchScope {
+    pub namespace: Option<String>,
+    pub shard: Shard,
+}
+
+impl WatchScope {
+    /// An Api over every namespace, or over the one being watched. With more than one shard it
+    /// still lists every namespace's objects: [`WatchScope::keep`] drops the others' before
+    /// they reach a cache.
+    pub fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: crate::k8s::Resource<Scope = NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+
+    /// Whether the objects of `namespace` are this operator's to cache and reconcile.
+    pub fn owns(&self, namespace: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|ns| ns == namespace) && self.shard.owns(namespace)
+    }
+
+    /// A filter for a watch stream, put between the watcher and its reflector (before any
+    /// `.modify`, so that nothing is done for what is dropped): it drops the
+    /// events of objects in namespaces this shard does not own (`namespace_of` says which
+    /// namespace an object is of; `None` keeps it), so that neither the cache nor the
+    /// controller sees them. Errors and the list's start and end markers pass.
+    pub fn keep<K, F>(&self, namespace_of: F) -> impl FnMut(&Event<K>) -> Ready<bool> + use<K, F>
+    where
+        F: Fn(&K) -> Option<String> + Send + 'static,
+    {
+        let scope = self.clone();
+        move |event| {
+            futures::future::ready(match event {
+                Ok(
+                    watcher::Event::Apply(o)
+                    | watcher::Event::InitApply(o)
+                    | watcher::Event::Delete(o),
+                ) => namespace_of(o).is_none_or(|ns| scope.owns(&ns)),
+                Ok(watcher::Event::Init | watcher::Event::InitDone) | Err(_) => true,
+            })
+        }
+    }
+
+    /// [`WatchScope::keep`] for namespaced objects.
+    pub fn keep_namespaced<K: ResourceExt>(&self) -> impl FnMut(&Event<K>) -> Ready<bool> + use<K> {
+        self.keep(|o: &K| o.namespace())
     }
 }
 
@@ -178,7 +229,7 @@ where
 /// else's writes do.
 fn child<K: Managed>(
     client: &Client,
-    namespace: &Option<String>,
+    scope: &WatchScope,
     applied: &Arc<AppliedState>,
 ) -> (
     Store<PartialObjectMeta<K>>,
@@ -189,9 +240,10 @@ fn child<K: Managed>(
     let stream = reflector::reflector(
         writer,
         watcher(
-            scoped::<PartialObjectMeta<K>>(client, namespace),
+            scope.api::<PartialObjectMeta<K>>(client),
             watcher::Config::default(),
         )
+        .filter(scope.keep_namespaced())
         .modify(|meta| trim_cached_metadata(&mut meta.metadata)),
     )
     .default_backoff()
@@ -215,4 +267,66 @@ fn child<K: Managed>(
         })
     });
     (store, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::k8s::ObjectMeta;
+
+    fn sa(namespace: &str) -> PartialObjectMeta<ServiceAccount> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some("sa".into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    /// The events of namespaces another shard owns never reach the reflector.
+    #[tokio::test]
+    async fn a_shard_keeps_only_its_namespaces_events() {
+        // Of two shards, "team-a" and "ml-prod" belong to 0, "default" and "kube-system" to 1.
+        let scope = WatchScope {
+            namespace: None,
+            shard: Shard::new(0, 2).unwrap(),
+        };
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(sa("team-a"))),
+            Ok(watcher::Event::InitApply(sa("default"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(sa("kube-system"))),
+            Ok(watcher::Event::Apply(sa("ml-prod"))),
+            Ok(watcher::Event::Delete(sa("default"))),
+            Ok(watcher::Event::Delete(sa("team-a"))),
+        ];
+        let kept: Vec<String> = futures::stream::iter(events)
+            .filter(scope.keep_namespaced())
+            .map(|e| match e {
+                Ok(watcher::Event::Init) => "init".to_string(),
+                Ok(watcher::Event::InitDone) => "done".to_string(),
+                Ok(
+                    watcher::Event::Apply(o)
+                    | watcher::Event::InitApply(o)
+                    | watcher::Event::Delete(o),
+                ) => o.namespace().unwrap_or_default(),
+                Err(e) => e.to_string(),
+            })
+            .collect()
+            .await;
+        assert_eq!(kept, ["init", "team-a", "done", "ml-prod", "team-a"]);
+
+        let one = WatchScope {
+            namespace: Some("team-a".into()),
+            shard: Shard::ALL,
+        };
+        assert!(one.owns("team-a") && !one.owns("default"));
+        assert!(WatchScope::default().owns("default"));
+    }
 }

@@ -53,7 +53,9 @@ pub async fn elect(
     if !config.leader_election {
         return Ok(Elected::Leader(None));
     }
-    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+    // Each shard elects its own leader: the replicas of one shard share a Lease.
+    let lease_name = config.shard.name(&config.lease_name);
+    let manager = LeaseManagerBuilder::new(client.clone(), &lease_name)
         .with_namespace(&config.lease_namespace)
         .with_identity(&config.identity)
         .with_duration(15)
@@ -64,7 +66,7 @@ pub async fn elect(
         .map_err(RunError::LeaderElection)?;
     let (mut is_leader, task) = manager.watch().await;
     health.ready.store(true, Ordering::Relaxed);
-    info!(lease = %config.lease_name, namespace = %config.lease_namespace, identity = %config.identity, "waiting to become the leader");
+    info!(lease = %lease_name, namespace = %config.lease_namespace, identity = %config.identity, "waiting to become the leader");
     loop {
         if *is_leader.borrow_and_update() {
             break;

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use super::apply::AppliedState;
 use super::metrics::Metrics;
-use super::vault::token::SecretTokenStore;
+use super::vault::token::{SecretTokenStore, TOKEN_SECRET};
 use super::vault::{VaultCtx, VaultSession};
 use super::{Context, RunConfig, VaultRunConfig, http, journal, reconcile};
 use crate::api::AIPipeline;
@@ -27,13 +27,15 @@ use crate::k8s::{
     Client, Controller, ControllerConfig, ControllerError, LAST_APPLIED, PartialObjectMeta,
     Reporter, Secret, Store, WatchStreamExt, predicates, reflector, watcher,
 };
-use caches::{Caches, Streams};
+use crate::shard::Shard;
+use caches::{Caches, Streams, WatchScope};
 use leader::Elected;
 
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let key = crate::audit::load_key(&config.audit_key).map_err(RunError::AuditKey)?;
     let metrics = Arc::new(Metrics::default());
+    metrics.set_shard(config.shard);
     let health = Arc::new(http::Health::default());
     let listener = http::bind(config.metrics_addr)
         .await
@@ -55,23 +57,32 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 
     // The decision log is opened (its chain verified and continued) only now, as the leader: a
     // standby sharing the file must not hold a stale view of the chain.
-    let mut audit = AuditLog::open(&config.audit_log, &key).map_err(RunError::AuditLog)?;
+    // Each shard has its own file (see `Shard::path`): two shards never append to one chain.
+    let audit_path = config.shard.path(&config.audit_log);
+    let mut audit = AuditLog::open(&audit_path, &key).map_err(RunError::AuditLog)?;
     if let Some(bytes) = audit.truncated_tail() {
-        warn!(bytes, path = %config.audit_log.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
+        warn!(bytes, path = %audit_path.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
     }
     if config.echo_decisions {
         audit = audit.with_echo(Box::new(std::io::stdout()));
     }
 
     let applied = Arc::new(AppliedState::default());
-    let (caches, streams) = Caches::start(
-        &client,
-        &config.watch_namespace,
-        config.vault.is_some(),
-        &applied,
-    );
+    let scope = WatchScope {
+        namespace: config.watch_namespace.clone(),
+        shard: config.shard,
+    };
+    if config.shard.is_sharded() {
+        info!(shard = %config.shard, "reconciling only the namespaces of this shard");
+    }
+    let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
     let vault = match &config.vault {
-        Some(v) => Some(vault_context(&client, v, caches.secrets.clone())?),
+        Some(v) => Some(vault_context(
+            &client,
+            v,
+            config.shard,
+            caches.secrets.clone(),
+        )?),
         None => None,
     };
     let ctx = Arc::new(Context {
@@ -98,18 +109,16 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
     let pipeline_events = reflector::reflector(
         pipeline_writer,
-        watcher(
-            caches::scoped::<AIPipeline>(&client, &config.watch_namespace),
-            watcher::Config::default(),
-        )
-        // Managed fields and kubectl's copy of the whole object are never read, and would be
-        // most of what the cache holds per pipeline.
-        .modify(|p| {
-            p.metadata.managed_fields = None;
-            if let Some(annotations) = p.metadata.annotations.as_mut() {
-                annotations.remove(LAST_APPLIED);
-            }
-        }),
+        watcher(scope.api::<AIPipeline>(&client), watcher::Config::default())
+            .filter(scope.keep_namespaced())
+            // Managed fields and kubectl's copy of the whole object are never read, and would
+            // be most of what the cache holds per pipeline.
+            .modify(|p| {
+                p.metadata.managed_fields = None;
+                if let Some(annotations) = p.metadata.annotations.as_mut() {
+                    annotations.remove(LAST_APPLIED);
+                }
+            }),
     )
     .default_backoff()
     .applied_objects()
@@ -211,9 +220,15 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 fn vault_context(
     client: &Client,
     v: &VaultRunConfig,
+    shard: Shard,
     secrets: Store<PartialObjectMeta<Secret>>,
 ) -> Result<VaultCtx, RunError> {
-    let store = SecretTokenStore::new(client.clone(), &v.state_namespace);
+    // Each shard logs in to Vault on its own and keeps its own token.
+    let store = SecretTokenStore::new(
+        client.clone(),
+        &v.state_namespace,
+        &shard.name(TOKEN_SECRET),
+    );
     let session = VaultSession::new(v.connection.clone(), store).map_err(RunError::VaultClient)?;
     tokio::spawn(session.clone().keep_renewed());
     info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");

@@ -6,20 +6,23 @@ use serde_json::json;
 use crate::k8s::{Api, Client, FIELD_MANAGER, KubeError, MANAGED_BY, Patch, PatchParams, Secret};
 use crate::vault::{TokenStore, TokenStoreError};
 
-/// The Secret the operator's Vault token is kept in, in its own namespace.
+/// The Secret the operator's Vault token is kept in, in its own namespace (with more than one
+/// shard, each shard's name has the shard's suffix: `portcullis-vault-token-shard-0-of-2`).
 pub const TOKEN_SECRET: &str = "portcullis-vault-token";
 
-/// Keeps the token in Secret [`TOKEN_SECRET`] of `namespace`.
+/// Keeps the token in Secret `name` (normally [`TOKEN_SECRET`]) of `namespace`.
 pub struct SecretTokenStore {
     client: Client,
     namespace: String,
+    name: String,
 }
 
 impl SecretTokenStore {
-    pub fn new(client: Client, namespace: &str) -> SecretTokenStore {
+    pub fn new(client: Client, namespace: &str, name: &str) -> SecretTokenStore {
         SecretTokenStore {
             client,
             namespace: namespace.to_string(),
+            name: name.to_string(),
         }
     }
 
@@ -30,8 +33,8 @@ impl SecretTokenStore {
     fn failed(&self, doing: &str, source: KubeError) -> TokenStoreError {
         TokenStoreError {
             action: format!(
-                "Kubernetes API: {doing} Secret {}/{TOKEN_SECRET}",
-                self.namespace
+                "Kubernetes API: {doing} Secret {}/{}",
+                self.namespace, self.name
             ),
             source: Box::new(source),
         }
@@ -42,7 +45,7 @@ impl TokenStore for SecretTokenStore {
     async fn load(&self) -> Result<Option<String>, TokenStoreError> {
         let secret = self
             .api()
-            .get_opt(TOKEN_SECRET)
+            .get_opt(&self.name)
             .await
             .map_err(|e| self.failed("reading", e))?;
         Ok(secret
@@ -56,7 +59,7 @@ impl TokenStore for SecretTokenStore {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                "name": TOKEN_SECRET,
+                "name": self.name,
                 "labels": {MANAGED_BY.0: MANAGED_BY.1},
             },
             "type": "Opaque",
@@ -64,7 +67,7 @@ impl TokenStore for SecretTokenStore {
         });
         self.api()
             .patch(
-                TOKEN_SECRET,
+                &self.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&secret),
             )
