@@ -17,6 +17,10 @@
 //! in reaction (on 1.20 a token Secret per new ServiceAccount; not since 1.24); both windows create the same
 //! number of ServiceAccounts, so the comparison stays fair, and the breakdown by resource shows
 //! it.
+#![allow(
+    clippy::too_many_lines,
+    reason = "the benchmark is one run, phase after phase"
+)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -264,9 +268,9 @@ async fn main() {
         println!("converge: a benchmark; run it with `make bench-converge`");
         return;
     }
-    let count = setting("PORTCULLIS_BENCH_PIPELINES", 300) as usize;
+    let count = usize::try_from(setting("PORTCULLIS_BENCH_PIPELINES", 300)).expect("a count");
     let with_floor = setting("PORTCULLIS_BENCH_FLOOR", 1) != 0;
-    let new_samples = setting("PORTCULLIS_BENCH_NEW", 50) as usize;
+    let new_samples = usize::try_from(setting("PORTCULLIS_BENCH_NEW", 50)).expect("a count");
     let steady = Duration::from_secs(setting("PORTCULLIS_BENCH_STEADY", 60));
     let cp = support::control_plane();
     let client = cp.client().await;
@@ -386,17 +390,18 @@ async fn main() {
         latencies.push(created.elapsed());
     }
     latencies.sort();
-    let percentile = |q: f64| {
+    // The q-th percentile (q in percent), nearest rank.
+    let percentile = |q: usize| {
         latencies
-            .get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .get((latencies.len() * q).div_ceil(100).saturating_sub(1))
             .copied()
             .unwrap_or_default()
     };
     if !latencies.is_empty() {
-        let p99 = percentile(0.99);
+        let p99 = percentile(99);
         println!(
             "new pipeline apply -> Ready with {count} managed ({new_samples} samples): p50 {:.0?}, p99 {p99:.0?}, max {:.0?} (target p99 ≤ 100 ms: {})",
-            percentile(0.50),
+            percentile(50),
             latencies.last().copied().unwrap_or_default(),
             if p99 <= Duration::from_millis(100) {
                 "PASS"

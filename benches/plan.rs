@@ -69,7 +69,8 @@ impl Mix {
 
     /// 0..n
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        let n = u64::try_from(n).expect("a usize fits a u64 here");
+        usize::try_from(self.next() % n).expect("below n, a usize")
     }
 
     fn chance(&mut self, percent: usize) -> bool {

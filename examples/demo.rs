@@ -8,6 +8,10 @@
 //! operator with Vault on one more pipeline, against the Vault HTTP double of the tests (not
 //! Vault), and shows the policy, the role, a stage's login and its delivered credentials.
 //! Everything it started stops when it exits.
+#![allow(
+    clippy::too_many_lines,
+    reason = "the demo is one story, told in order"
+)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

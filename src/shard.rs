@@ -72,7 +72,8 @@ impl Shard {
         let digest = Sha256::digest(namespace.as_bytes());
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
-        (u64::from_be_bytes(first) % u64::from(count.max(1))) as u32
+        let bucket = u64::from_be_bytes(first) % u64::from(count.max(1));
+        u32::try_from(bucket).expect("a remainder of a division by a u32 fits a u32")
     }
 
     /// Whether this shard reconciles the AIPipelines of `namespace` (and caches its objects).

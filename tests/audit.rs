@@ -19,6 +19,10 @@ use serde_json::Value;
 const KEY: &[u8] = b"k7Qm2VxP9sLr4TbN8wYc3JfH6dGa5ZeU";
 const OTHER_KEY: &[u8] = b"k7Qm2VxP9sLr4TbN8wYc3JfH6dGa5ZeV";
 
+fn small(i: usize) -> i64 {
+    i64::try_from(i).expect("a small index")
+}
+
 fn at(seconds: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_750_000_000 + seconds, 0).unwrap()
 }
@@ -46,7 +50,7 @@ fn batch(n: usize) -> Vec<Entry> {
         Entry::from_decision(
             "ml-fraud",
             "fraud-detector",
-            Some(n as i64),
+            Some(i64::try_from(n).expect("a small count")),
             sa,
             &decision(
                 "ingest",
@@ -58,7 +62,7 @@ fn batch(n: usize) -> Vec<Entry> {
         Entry::from_decision(
             "ml-fraud",
             "fraud-detector",
-            Some(n as i64),
+            Some(i64::try_from(n).expect("a small count")),
             sa,
             &decision("ingest", Verdict::Deny, Reason::WildcardForbidden, "*"),
         ),
@@ -71,7 +75,7 @@ fn batch(n: usize) -> Vec<Entry> {
     );
     created.stage = Some("ingest".into());
     created.object = Some("Role ml-fraud/fraud-detector-ingest".into());
-    created.generation = Some(n as i64);
+    created.generation = Some(i64::try_from(n).expect("a small count"));
     entries.push(created);
     entries
 }
@@ -81,7 +85,10 @@ fn write_log(path: &Path, batches: usize) -> Vec<Record> {
     let mut log = AuditLog::open(path, KEY).unwrap();
     let mut records = Vec::new();
     for i in 0..batches {
-        records.extend(log.append(&batch(i), at(i as i64)).unwrap());
+        records.extend(
+            log.append(&batch(i), at(i64::try_from(i).expect("a small index")))
+                .unwrap(),
+        );
     }
     records
 }
@@ -642,7 +649,7 @@ fn log_bytes(batches: &[Vec<Entry>]) -> Vec<u8> {
     for (i, entries) in batches.iter().enumerate() {
         log.append(
             entries,
-            at(i as i64 * 7) + chrono::Duration::milliseconds(i as i64 * 13),
+            at(small(i) * 7) + chrono::Duration::milliseconds(small(i) * 13),
         )
         .unwrap();
     }

@@ -5,6 +5,10 @@
 //! more (SubjectAccessReviews), and the real operator, running as that ServiceAccount, makes an
 //! example pipeline Ready; an upgrade changes the Deployment and keeps the audit key; an uninstall
 //! leaves the CRDs and the key behind.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom, as the user would go"
+)]
 
 mod support;
 

@@ -2,6 +2,10 @@
 //! API server's RBAC authorizer is the judge), drift is reverted, stale objects are pruned,
 //! deletion cleans up, tightened guardrails take effect, foreign objects are not adopted, a
 //! killed operator converges on restart, and only the leader writes.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom, as the user would go"
+)]
 
 mod support;
 

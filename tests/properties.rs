@@ -2,6 +2,10 @@
 //! drawn from a vocabulary that deliberately includes what the built-in floor must deny, go
 //! through `plan::build`, and the objects that come out are checked against the decisions and
 //! the floor. Malformed input goes through the loader and must never panic.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom, as the user would go"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -677,7 +681,10 @@ fn guardrails() -> impl Strategy<Value = Vec<AccessGuardrail>> {
             .enumerate()
             .map(|(i, (sel, dns, ingestion, training, deployment))| {
                 guardrail_from(
-                    format!("guardrail-{}", (b'a' + (7 * i as u8) % 26) as char),
+                    format!(
+                        "guardrail-{}",
+                        char::from(b'a' + u8::try_from(7 * i % 26).expect("below 26"))
+                    ),
                     sel,
                     dns.unwrap_or(true),
                     RoleCeilings {

@@ -2,6 +2,10 @@
 //! validators agree, the schema says what `kubectl explain` and `kubectl get` need, and the CEL
 //! rules, as a real API server runs them, accept and refuse what `validate_pipeline` accepts and
 //! refuses.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom, as the user would go"
+)]
 
 mod support;
 
@@ -707,7 +711,7 @@ fn schema_checks() -> &'static [SchemaCheck] {
                     "{} {} does not carry patterns::{}",
                     l.kind, l.schema_path, l.constant
                 );
-                let len = |k: &str| schema[k].as_u64().map(|n| n as usize);
+                let len = |k: &str| schema[k].as_u64().and_then(|n| usize::try_from(n).ok());
                 SchemaCheck {
                     regex: Regex::new(l.pattern).unwrap(),
                     min: len("minLength"),

@@ -4,6 +4,10 @@
 //! the other keeps reconciling its namespaces while the stopped shard's wait for it.
 //!
 //! Its own test binary, so its own control plane: the operators here watch every namespace.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom, as the user would go"
+)]
 
 mod support;
 

@@ -1,6 +1,10 @@
 //! The Vault HTTP double (`tests/support/vault`): its routes against Vault 1.15's OpenAPI
 //! document, policy parsing and enforcement, Kubernetes login with a real TokenReview, tokens and
 //! leases with real expiry, kv-v2, and fault injection.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario test reads top to bottom, as the user would go"
+)]
 
 mod support;
 use support::vault;

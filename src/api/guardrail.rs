@@ -1,4 +1,8 @@
 //! `AccessGuardrail`: the cluster-wide ceiling that no pipeline stage may exceed.
+#![allow(
+    unreachable_pub,
+    reason = "re-exported by api; the lint misreads the items kube's KubeSchema derive expands"
+)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{CustomResource, KubeSchema};

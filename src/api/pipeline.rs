@@ -1,4 +1,8 @@
 //! `AIPipeline`: one object per pipeline, in the namespace its workloads run in.
+#![allow(
+    unreachable_pub,
+    reason = "re-exported by api; the lint misreads the items kube's KubeSchema derive expands"
+)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};

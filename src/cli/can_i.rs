@@ -68,7 +68,7 @@ impl Check {
     }
 
     /// `get secrets/db in ml-fraud`
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let group = if self.group.is_empty() {
             String::new()
         } else {

@@ -276,7 +276,7 @@ pub(crate) struct YamlWriter<W: Write> {
 }
 
 impl<W: Write> YamlWriter<W> {
-    pub fn new(out: W) -> YamlWriter<W> {
+    pub(crate) fn new(out: W) -> YamlWriter<W> {
         YamlWriter {
             out,
             object: String::new(),
@@ -285,7 +285,7 @@ impl<W: Write> YamlWriter<W> {
     }
 
     /// Writes the objects of `plan`, and keeps its Vault comments for the end.
-    pub fn plan(&mut self, plan: &Plan) -> io::Result<()> {
+    pub(crate) fn plan(&mut self, plan: &Plan) -> io::Result<()> {
         for object in &plan.objects {
             self.object.clear();
             serde_saphyr::to_fmt_writer(&mut self.object, object)
@@ -298,7 +298,7 @@ impl<W: Write> YamlWriter<W> {
     }
 
     /// Writes the Vault comments and returns the writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.out.write_all(self.vault.as_bytes())?;
         Ok(self.out)
     }
@@ -358,7 +358,7 @@ pub(crate) struct TableWriter<W: Write> {
 }
 
 impl<W: Write> TableWriter<W> {
-    pub fn new(out: W) -> TableWriter<W> {
+    pub(crate) fn new(out: W) -> TableWriter<W> {
         TableWriter {
             out,
             pipelines: 0,
@@ -369,7 +369,7 @@ impl<W: Write> TableWriter<W> {
     }
 
     /// Writes the stages of `plan`.
-    pub fn plan(&mut self, plan: &Plan) -> io::Result<()> {
+    pub(crate) fn plan(&mut self, plan: &Plan) -> io::Result<()> {
         let out = &mut self.out;
         self.pipelines += 1;
         writeln!(out, "AIPipeline {}/{}", plan.namespace, plan.pipeline)?;
@@ -410,7 +410,7 @@ impl<W: Write> TableWriter<W> {
     }
 
     /// Writes the totals and returns the writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         writeln!(
             self.out,
             "{} pipelines, {} stages: {} granted, {} denied.",

@@ -4,7 +4,7 @@ use crate::k8s::{Event, EventType, ObjectReference, Recorder};
 
 /// Why an Event is published (its `reason`). Every one is a warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventReason {
+pub(crate) enum EventReason {
     /// Requested items were denied (step: Plan).
     AccessDenied,
     /// The spec cannot be planned (step: Plan).
@@ -16,7 +16,7 @@ pub enum EventReason {
 }
 
 impl EventReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EventReason::AccessDenied => "AccessDenied",
             EventReason::InvalidSpec => "InvalidSpec",
@@ -36,7 +36,7 @@ impl EventReason {
 
 /// Publishes a warning Event about the pipeline at `reference`; a failure is logged, not
 /// returned.
-pub async fn warn(
+pub(crate) async fn warn(
     recorder: &Recorder,
     reference: &ObjectReference,
     reason: EventReason,

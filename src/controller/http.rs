@@ -19,7 +19,7 @@ use super::metrics::Metrics;
 
 /// Shared state the endpoints report.
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     pub ready: AtomicBool,
 }
 
@@ -60,12 +60,12 @@ async fn route(
 }
 
 /// Binds `addr` and serves until the task is dropped.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
 /// Serves connections from `listener` forever.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
+pub(crate) async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

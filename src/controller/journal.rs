@@ -28,13 +28,13 @@ pub enum JournalError {
 /// A handle to the writer thread. Cloning it is cheap; the thread stops when every handle is
 /// dropped.
 #[derive(Clone)]
-pub struct Journal {
+pub(crate) struct Journal {
     requests: mpsc::Sender<(Vec<Entry>, Reply)>,
 }
 
 impl Journal {
     /// Starts the writer thread that owns `log`.
-    pub fn start(mut log: AuditLog) -> std::io::Result<Journal> {
+    pub(crate) fn start(mut log: AuditLog) -> std::io::Result<Journal> {
         let (requests, queue) = mpsc::channel::<(Vec<Entry>, Reply)>();
         thread::Builder::new()
             .name("decision-log".into())
@@ -57,7 +57,7 @@ impl Journal {
     }
 
     /// Appends `entries` and returns once they are on disk.
-    pub async fn record(&self, entries: Vec<Entry>) -> Result<(), JournalError> {
+    pub(crate) async fn record(&self, entries: Vec<Entry>) -> Result<(), JournalError> {
         if entries.is_empty() {
             return Ok(());
         }

@@ -35,7 +35,7 @@ use crate::plan::{self, Plan};
 
 /// Reconciles one AIPipeline. Children are cleaned up by owner references when it is deleted.
 #[tracing::instrument(skip_all, fields(pipeline = %pipeline.name_any(), namespace = pipeline.namespace().unwrap_or_default()))]
-pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.time_reconcile();
     if pipeline.meta().deletion_timestamp.is_some() {
         return cleanup(&ctx, &pipeline).await;
@@ -62,7 +62,7 @@ pub async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> Result<A
 }
 
 /// What every step needs to know of the pipeline being reconciled.
-pub struct Target {
+pub(crate) struct Target {
     pub namespace: String,
     pub name: String,
     pub uid: String,
@@ -162,7 +162,7 @@ async fn invalid(ctx: &Context, target: &Target, errors: &[String]) -> Result<Ac
 
 /// What the apply step came to.
 #[derive(Debug, Default)]
-pub struct Applied {
+pub(crate) struct Applied {
     /// Objects Portcullis refused to take over, as (stage, `Kind namespace/name`).
     pub refused: Vec<(String, String)>,
     /// Writes that failed.
@@ -306,7 +306,7 @@ async fn status(
 
 /// What `error_policy` does: count, log, and retry with a delay that depends on the error's
 /// category.
-pub fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = {
         let mut map = ctx.failures.lock().expect("failures lock");
         let n = map.entry(pipeline.uid().unwrap_or_default()).or_insert(0);

@@ -13,7 +13,7 @@ use crate::plan::Plan;
 
 /// What the record step came to.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     /// The digest of the decisions now in the log (kept in the status).
     pub digest: String,
 }
@@ -21,7 +21,7 @@ pub struct Recorded {
 /// Records the decisions (once per distinct set: re-reconciling an unchanged pipeline does not
 /// log the same grants again) and the changes, durably, in one append. The first time a set of
 /// decisions is recorded, it is counted, and denied items are announced in an Event.
-pub async fn record(
+pub(crate) async fn record(
     ctx: &Context,
     target: &Target,
     plan: &Plan,
@@ -101,7 +101,7 @@ pub async fn record(
 
 /// SHA-256 over the decisions, as recorded: the key that stops the same grants being logged
 /// twice.
-pub fn decisions_digest(plan: &Plan) -> String {
+pub(crate) fn decisions_digest(plan: &Plan) -> String {
     let mut h = Sha256::new();
     for d in &plan.decisions {
         h.update(format!(

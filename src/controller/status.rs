@@ -142,9 +142,39 @@ pub fn for_plan(
     old: Option<&AIPipelineStatus>,
     now: Time,
 ) -> AIPipelineStatus {
-    let denied = plan.denied() as u32;
-    let stages = plan
-        .stages
+    let denied = u32::try_from(plan.denied()).unwrap_or(u32::MAX);
+    let stages = stage_statuses(plan, outcome);
+    // An operator run without Vault is a supported mode: the Kubernetes side is still Ready,
+    // and VaultSynced says what is missing.
+    let vault_problem = outcome
+        .vault
+        .as_ref()
+        .and_then(|v| v.problem.as_ref())
+        .filter(|p| p.reason != Reason::VaultNotConfigured);
+    let ready = outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
+    let mut conditions = vec![
+        ready_condition(plan, outcome, vault_problem, generation),
+        guardrails_condition(plan, denied, generation),
+        degraded_condition(outcome, ready, vault_problem, generation),
+    ];
+    conditions.extend(vault_conditions(outcome, generation));
+    carry_transitions(
+        &mut conditions,
+        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+        now,
+    );
+    AIPipelineStatus {
+        observed_generation: generation,
+        conditions,
+        denied,
+        stages,
+        recorded_decisions: None,
+    }
+}
+
+/// Each stage's status: its ServiceAccount (unless refused), counts, denied items, credentials.
+fn stage_statuses(plan: &Plan, outcome: &Outcome) -> Vec<StageStatus> {
+    plan.stages
         .iter()
         .map(|s| {
             let denied_items: Vec<DeniedItem> = plan
@@ -174,18 +204,17 @@ pub fn for_plan(
                     .collect(),
             }
         })
-        .collect();
+        .collect()
+}
 
-    // An operator run without Vault is a supported mode: the Kubernetes side is still Ready,
-    // and VaultSynced says what is missing.
-    let vault_problem = outcome
-        .vault
-        .as_ref()
-        .and_then(|v| v.problem.as_ref())
-        .filter(|p| p.reason != Reason::VaultNotConfigured);
-    let vault_note = outcome.vault.as_ref().and_then(|v| v.problem.as_ref());
-    let ready = outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
-    let ready_condition = if let (true, Some(p)) = (
+/// `Ready`: a Vault problem, refused adoptions or failed writes make it False, in that order.
+fn ready_condition(
+    plan: &Plan,
+    outcome: &Outcome,
+    vault_problem: Option<&Problem>,
+    generation: Option<i64>,
+) -> Condition {
+    if let (true, Some(p)) = (
         outcome.refused.is_empty() && outcome.errors.is_empty(),
         vault_problem,
     ) {
@@ -225,8 +254,12 @@ pub fn for_plan(
             ),
             generation,
         )
-    };
-    let guardrails = if denied == 0 {
+    }
+}
+
+/// `GuardrailsSatisfied`: True when nothing requested was denied.
+fn guardrails_condition(plan: &Plan, denied: u32, generation: Option<i64>) -> Condition {
+    if denied == 0 {
         condition(
             types::GUARDRAILS_SATISFIED,
             true,
@@ -250,8 +283,17 @@ pub fn for_plan(
             ),
             generation,
         )
-    };
-    let degraded = condition(
+    }
+}
+
+/// `Degraded`: the opposite of Ready, with the reason of what is wrong.
+fn degraded_condition(
+    outcome: &Outcome,
+    ready: bool,
+    vault_problem: Option<&Problem>,
+    generation: Option<i64>,
+) -> Condition {
+    condition(
         types::DEGRADED,
         !ready,
         if ready {
@@ -269,8 +311,13 @@ pub fn for_plan(
             "see the Ready condition".into()
         },
         generation,
-    );
-    let mut conditions = vec![ready_condition, guardrails, degraded];
+    )
+}
+
+/// `VaultSynced` and `CredentialsReady`, when the pipeline involves Vault.
+fn vault_conditions(outcome: &Outcome, generation: Option<i64>) -> Vec<Condition> {
+    let mut conditions = Vec::new();
+    let vault_note = outcome.vault.as_ref().and_then(|v| v.problem.as_ref());
     if outcome.vault.is_some() {
         conditions.push(match vault_note {
             None => condition(
@@ -320,18 +367,7 @@ pub fn for_plan(
             )
         });
     }
-    carry_transitions(
-        &mut conditions,
-        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
-        now,
-    );
-    AIPipelineStatus {
-        observed_generation: generation,
-        conditions,
-        denied,
-        stages,
-        recorded_decisions: None,
-    }
+    conditions
 }
 
 /// The status of a deleted pipeline whose Vault clean-up waits for Vault.

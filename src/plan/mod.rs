@@ -176,8 +176,9 @@ pub fn build(
         let sa = names::stage_object(namespace, name, &stage.name);
         builder.objects(&sa, &stage, decisions, &mut plan.objects);
         builder.vault(&sa, decisions, &mut plan.vault);
-        let granted = decisions.iter().filter(|d| d.is_allowed()).count() as u32;
-        let denied = decisions.len() as u32 - granted;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let granted = count(decisions.iter().filter(|d| d.is_allowed()).count());
+        let denied = count(decisions.len()).saturating_sub(granted);
         for (cred, ttl) in stage.credentials() {
             let allowed = decisions.iter().any(|d| {
                 d.is_allowed()

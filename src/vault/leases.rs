@@ -73,8 +73,8 @@ pub fn renew_at(from: DateTime<Utc>, duration: Duration, lease_id: &str) -> Date
     let spread = ms / 10;
     let digest = Sha256::digest(lease_id.as_bytes());
     let roll = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
-    let jitter = if spread > 0 {
-        (roll % spread as u64) as i64
+    let jitter = if let Ok(spread @ 1..) = u64::try_from(spread) {
+        i64::try_from(roll % spread).expect("less than spread, an i64")
     } else {
         0
     };
@@ -178,6 +178,12 @@ pub fn due(
 /// end and should be replaced now, while it still has time for its consumers' grace period.
 pub fn cut_short(granted: u64, asked: u64, previous: u64) -> bool {
     granted < asked && granted < previous
+}
+
+/// `n` seconds as a duration, saturating: a lease duration Vault sends, however large, never
+/// overflows the arithmetic on it.
+pub fn seconds(n: u64) -> Duration {
+    Duration::try_seconds(i64::try_from(n).unwrap_or(i64::MAX)).unwrap_or(Duration::MAX)
 }
 
 /// The lease's planned end: Vault's expiry, capped at `ttl` after `from`.

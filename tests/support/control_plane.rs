@@ -28,12 +28,12 @@ const ATTEMPTS: usize = 3;
 const TAIL_LINES: usize = 40;
 
 /// The `--service-account-issuer` and API audience of the test control plane.
-pub const ISSUER: &str = "https://kubernetes.default.svc";
+pub(crate) const ISSUER: &str = "https://kubernetes.default.svc";
 
 /// A running control plane: etcd, kube-apiserver and kube-controller-manager (garbage collector,
 /// namespace, serviceaccount and serviceaccount-token controllers), with the portcullis CRDs
 /// installed. There is no kubelet and no scheduler: Pods never run.
-pub struct ControlPlane {
+pub(crate) struct ControlPlane {
     /// Data, certificates, keys, logs and the kubeconfig; removed by the reaper after the test
     /// process exits (kept when `PORTCULLIS_ENVTEST_KEEP` is set).
     dir: PathBuf,
@@ -52,7 +52,7 @@ pub struct ControlPlane {
 ///
 /// Panics, in every test that calls it, if the control plane cannot be started; the message
 /// holds the tails of the servers' logs.
-pub fn control_plane() -> &'static ControlPlane {
+pub(crate) fn control_plane() -> &'static ControlPlane {
     static CONTROL_PLANE: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
     let started = CONTROL_PLANE.get_or_init(|| {
         // The start-up is async (readiness, CRDs) and callers are usually inside a tokio
@@ -76,14 +76,14 @@ pub fn control_plane() -> &'static ControlPlane {
 
 impl ControlPlane {
     /// A client authenticated as `admin` (group `system:masters`).
-    pub async fn client(&self) -> kube::Client {
+    pub(crate) async fn client(&self) -> kube::Client {
         kube::Client::try_from(self.config.clone()).expect("build the admin kube client")
     }
 
     /// A client that impersonates `user` with `groups` (the admin is allowed to impersonate
     /// anyone). For a ServiceAccount: `user` `system:serviceaccount:NS:NAME` and groups
     /// `system:serviceaccounts`, `system:serviceaccounts:NS`.
-    pub async fn client_as(&self, user: &str, groups: &[&str]) -> kube::Client {
+    pub(crate) async fn client_as(&self, user: &str, groups: &[&str]) -> kube::Client {
         let mut config = self.config.clone();
         config.auth_info.impersonate = Some(user.to_string());
         config.auth_info.impersonate_groups = if groups.is_empty() {
@@ -96,7 +96,7 @@ impl ControlPlane {
 
     /// A client that authenticates with the bearer `token` (e.g. from
     /// [`super::service_account_token`]) instead of the admin token.
-    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+    pub(crate) async fn client_with_token(&self, token: &str) -> kube::Client {
         let mut config = self.config.clone();
         config.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
             .expect("an AuthInfo with a token");
@@ -105,33 +105,33 @@ impl ControlPlane {
 
     /// The admin kubeconfig (server, `insecure-skip-tls-verify`, bearer token), for tools and
     /// for code under test that loads a kubeconfig.
-    pub fn kubeconfig(&self) -> &Path {
+    pub(crate) fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
     }
 
     /// `https://127.0.0.1:PORT`.
-    pub fn server_url(&self) -> &str {
+    pub(crate) fn server_url(&self) -> &str {
         &self.server_url
     }
 
     /// The directory with the servers' logs (`etcd.log`, `kube-apiserver.log`,
     /// `kube-controller-manager.log`), certificates and the kubeconfig.
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The directory `hack/envtest.sh` provided the binaries from.
-    pub fn assets(&self) -> &Path {
+    pub(crate) fn assets(&self) -> &Path {
         &self.assets
     }
 
     /// How long the start-up took, from running `hack/envtest.sh` to the CRDs being Established.
-    pub fn startup_time(&self) -> Duration {
+    pub(crate) fn startup_time(&self) -> Duration {
         self.startup
     }
 
     /// The API server's Prometheus metrics (`GET /metrics`), as text.
-    pub async fn apiserver_metrics(&self) -> String {
+    pub(crate) async fn apiserver_metrics(&self) -> String {
         get_text(&self.client().await, "metrics")
             .await
             .expect("GET /metrics")

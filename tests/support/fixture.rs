@@ -15,10 +15,10 @@ use super::helpers::{read, temp_namespace, wait_for};
 use super::operator::{Operator, create_guardrails, guardrails_for};
 
 /// How long a test waits for the operator to converge.
-pub const WAIT: Duration = Duration::from_secs(90);
+pub(crate) const WAIT: Duration = Duration::from_secs(90);
 
 /// A running operator on one example pipeline in a namespace of its own.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub client: Client,
     /// The test's namespace: the example guardrails select it, the operator watches it.
     pub ns: String,
@@ -32,7 +32,7 @@ pub struct Fixture {
 /// A new namespace starting with `ns_prefix`, the example guardrails for it, an operator
 /// watching it (no leader election) and the example pipeline at `example_path` (relative to the
 /// repository) created in it. It does not wait: see [`Fixture::wait_ready`].
-pub async fn with_pipeline(ns_prefix: &str, example_path: &str) -> Fixture {
+pub(crate) async fn with_pipeline(ns_prefix: &str, example_path: &str) -> Fixture {
     let (client, ns, guardrails) = guarded_namespace(ns_prefix).await;
     let op = Operator::start("operator", &ns, None);
     let pipeline = create_pipeline(&client, &example(example_path, &ns)).await;
@@ -47,7 +47,7 @@ pub async fn with_pipeline(ns_prefix: &str, example_path: &str) -> Fixture {
 
 /// A client, and a new namespace starting with `ns_prefix` with the example guardrails (returned
 /// too) selecting it.
-pub async fn guarded_namespace(ns_prefix: &str) -> (Client, String, Vec<AccessGuardrail>) {
+pub(crate) async fn guarded_namespace(ns_prefix: &str) -> (Client, String, Vec<AccessGuardrail>) {
     let client = super::control_plane().client().await;
     let ns = temp_namespace(&client, ns_prefix, &[]).await;
     let guardrails = guardrails_for(&ns);
@@ -57,25 +57,25 @@ pub async fn guarded_namespace(ns_prefix: &str) -> (Client, String, Vec<AccessGu
 
 impl Fixture {
     /// The pipeline's name.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.pipeline.name_any()
     }
 
     /// Waits until the pipeline describes its current generation with Ready = `ready`.
-    pub async fn wait_ready(&self, ready: &str) -> AIPipeline {
+    pub(crate) async fn wait_ready(&self, ready: &str) -> AIPipeline {
         wait_ready(&self.client, &self.ns, &self.name(), ready, &self.op).await
     }
 }
 
 /// The example pipeline at `path` (relative to the repository), in `namespace`.
-pub fn example(path: &str, namespace: &str) -> AIPipeline {
+pub(crate) fn example(path: &str, namespace: &str) -> AIPipeline {
     let mut p: AIPipeline = serde_saphyr::from_str(&read(path)).expect("example parses");
     p.metadata.namespace = Some(namespace.into());
     p
 }
 
 /// Creates `pipeline` in its namespace and returns what the API server stored.
-pub async fn create_pipeline(client: &Client, pipeline: &AIPipeline) -> AIPipeline {
+pub(crate) async fn create_pipeline(client: &Client, pipeline: &AIPipeline) -> AIPipeline {
     let api: Api<AIPipeline> = Api::namespaced(
         client.clone(),
         pipeline.metadata.namespace.as_deref().expect("namespace"),
@@ -86,7 +86,7 @@ pub async fn create_pipeline(client: &Client, pipeline: &AIPipeline) -> AIPipeli
 }
 
 /// The pipeline's condition of type `type_`.
-pub fn condition<'a>(p: &'a AIPipeline, type_: &str) -> Option<&'a Condition> {
+pub(crate) fn condition<'a>(p: &'a AIPipeline, type_: &str) -> Option<&'a Condition> {
     p.status
         .as_ref()?
         .conditions
@@ -96,7 +96,7 @@ pub fn condition<'a>(p: &'a AIPipeline, type_: &str) -> Option<&'a Condition> {
 
 /// Waits (at most [`WAIT`]) until AIPipeline `namespace/name` describes its current generation
 /// with Ready = `ready`; panics with the tail of `op`'s log otherwise.
-pub async fn wait_ready(
+pub(crate) async fn wait_ready(
     client: &Client,
     namespace: &str,
     name: &str,
@@ -122,14 +122,14 @@ pub async fn wait_ready(
 
 /// Requests on the AIPipelines of namespace `ns`, for tests that look at a pipeline exactly as
 /// the API server serves it (JSON, not the typed [`AIPipeline`]), as Argo CD sees it.
-pub fn pipelines_request(ns: &str) -> Request {
+pub(crate) fn pipelines_request(ns: &str) -> Request {
     Request::new(format!(
         "/apis/portcullis.dev/v1alpha1/namespaces/{ns}/aipipelines"
     ))
 }
 
 /// AIPipeline `ns/name` as the API server serves it.
-pub async fn get_raw(client: &Client, ns: &str, name: &str) -> Value {
+pub(crate) async fn get_raw(client: &Client, ns: &str, name: &str) -> Value {
     let request = pipelines_request(ns)
         .get(name, &GetParams::default())
         .expect("request");
@@ -140,7 +140,7 @@ pub async fn get_raw(client: &Client, ns: &str, name: &str) -> Value {
 }
 
 /// [`wait_ready`], returning the pipeline as the API server serves it.
-pub async fn wait_ready_raw(
+pub(crate) async fn wait_ready_raw(
     client: &Client,
     ns: &str,
     name: &str,

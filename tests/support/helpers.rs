@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 
 /// Creates a namespace with a unique name starting with `prefix` and the given labels (the API
 /// server adds `kubernetes.io/metadata.name: <name>` itself), and returns its name. `prefix` must be a DNS-1123 label of at most 40 characters.
-pub async fn temp_namespace(
+pub(crate) async fn temp_namespace(
     client: &kube::Client,
     prefix: &str,
     labels: &[(&str, &str)],
@@ -60,7 +60,7 @@ pub async fn temp_namespace(
 
 /// Calls `f` every 100 ms until it returns `Some`, and returns that value. Panics with `what`
 /// if that does not happen within `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -81,7 +81,7 @@ where
 /// `""` for core; optionally its `subresource`, the object `name`, in `namespace` or
 /// cluster-wide when `None`), according to a `SubjectAccessReview` the admin `client` creates.
 #[allow(clippy::too_many_arguments)]
-pub async fn can_i(
+pub(crate) async fn can_i(
     client: &kube::Client,
     namespace_of_sa: &str,
     sa_name: &str,
@@ -123,13 +123,13 @@ pub async fn can_i(
 
 /// A bound token (one hour, the API server's audience) for ServiceAccount `ns/sa`, from a
 /// `TokenRequest`.
-pub async fn service_account_token(client: &kube::Client, ns: &str, sa: &str) -> String {
+pub(crate) async fn service_account_token(client: &kube::Client, ns: &str, sa: &str) -> String {
     service_account_token_with(client, ns, sa, &[], 3600).await
 }
 
 /// A token for ServiceAccount `ns/sa` for `audiences` (none: the API server's), valid `seconds`:
 /// what the kubelet writes into a projected token volume.
-pub async fn service_account_token_with(
+pub(crate) async fn service_account_token_with(
     client: &kube::Client,
     ns: &str,
     sa: &str,
@@ -158,7 +158,7 @@ pub async fn service_account_token_with(
 
 /// A Deployment `name` in `ns` that a credential's `restartTargets` can name (nothing runs its
 /// pods: the test control plane has no scheduler).
-pub async fn restart_target(client: &kube::Client, ns: &str, name: &str) {
+pub(crate) async fn restart_target(client: &kube::Client, ns: &str, name: &str) {
     let deployment: k8s_openapi::api::apps::v1::Deployment =
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
@@ -178,11 +178,11 @@ pub async fn restart_target(client: &kube::Client, ns: &str, name: &str) {
 }
 
 /// The repository's root.
-pub fn root() -> std::path::PathBuf {
+pub(crate) fn root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A file of the repository, as text.
-pub fn read(path: &str) -> String {
+pub(crate) fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }

@@ -33,23 +33,23 @@
 mod control_plane;
 mod fixture;
 mod helpers;
-pub mod operator;
+pub(crate) mod operator;
 /// Processes under a watchdog that stops them when the test process exits; also for the
 /// operator under test (`process::Server::spawn`, `stop`, `log_tail`).
-pub mod process;
-pub mod vault;
+pub(crate) mod process;
+pub(crate) mod vault;
 
 #[allow(unused_imports)]
-pub use control_plane::{ControlPlane, ISSUER, control_plane};
+pub(crate) use control_plane::{ControlPlane, ISSUER, control_plane};
 #[allow(unused_imports)]
-pub use fixture::{
+pub(crate) use fixture::{
     Fixture, WAIT, condition, create_pipeline, example, get_raw, guarded_namespace,
     pipelines_request, wait_ready, wait_ready_raw, with_pipeline,
 };
 #[allow(unused_imports)]
-pub use helpers::{
+pub(crate) use helpers::{
     can_i, read, restart_target, root, service_account_token, service_account_token_with,
     temp_namespace, wait_for,
 };
 #[allow(unused_imports)]
-pub use operator::{Operator, create_guardrails, guardrails_for};
+pub(crate) use operator::{Operator, create_guardrails, guardrails_for};

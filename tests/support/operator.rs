@@ -22,7 +22,7 @@ fn binary() -> PathBuf {
 }
 
 /// A `portcullis run` process under the harness's watchdog.
-pub struct Operator {
+pub(crate) struct Operator {
     server: Server,
     /// The operator's folder: decision log, key, pid file and log.
     pub dir: tempfile::TempDir,
@@ -53,7 +53,7 @@ fn set_flag(args: &mut Vec<String>, flag: &str, value: String) {
 impl Operator {
     /// Starts an operator watching `namespace`; with `lease`, under leader election with that
     /// Lease namespace and this identity.
-    pub fn start(name: &'static str, namespace: &str, lease: Option<&str>) -> Operator {
+    pub(crate) fn start(name: &'static str, namespace: &str, lease: Option<&str>) -> Operator {
         let dir = tempfile::tempdir().expect("temp dir");
         Self::start_with(name, namespace, lease, dir, &[])
     }
@@ -61,7 +61,7 @@ impl Operator {
     /// As [`Operator::start`], in `dir` (an earlier operator's, to restart on its decision log)
     /// and with more arguments (Vault settings, say). An empty `namespace` watches every
     /// namespace.
-    pub fn start_with(
+    pub(crate) fn start_with(
         name: &'static str,
         namespace: &str,
         lease: Option<&str>,
@@ -88,7 +88,7 @@ impl Operator {
     /// `--metrics-addr 127.0.0.1:<a free port>` and `--kubeconfig` (`kubeconfig`, else the
     /// control plane's admin). With `--shard-count`/`--shard-index` in `args`,
     /// [`Operator::audit_log`] is that shard's file.
-    pub fn launch(
+    pub(crate) fn launch(
         name: &'static str,
         dir: tempfile::TempDir,
         mut args: Vec<String>,
@@ -141,11 +141,11 @@ impl Operator {
         }
     }
 
-    pub fn audit_log(&self) -> PathBuf {
+    pub(crate) fn audit_log(&self) -> PathBuf {
         self.dir.path().join(&self.audit_file)
     }
 
-    pub fn records(&self) -> Vec<Value> {
+    pub(crate) fn records(&self) -> Vec<Value> {
         std::fs::read_to_string(self.audit_log())
             .unwrap_or_default()
             .lines()
@@ -153,7 +153,7 @@ impl Operator {
             .collect()
     }
 
-    pub fn verify(&self) -> (bool, String) {
+    pub(crate) fn verify(&self) -> (bool, String) {
         let out = Command::new(binary())
             .args(["audit", "verify"])
             .arg(self.audit_log())
@@ -173,7 +173,7 @@ impl Operator {
 
     /// The reply (status line, headers, body) to `GET path` on the operator's HTTP port, or
     /// an empty string when it does not answer.
-    pub async fn http_get(&self, path: &str) -> String {
+    pub(crate) async fn http_get(&self, path: &str) -> String {
         let (port, request) = (self.port, format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"));
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
@@ -190,7 +190,7 @@ impl Operator {
     }
 
     /// The HTTP status code of `GET path`, or 0 when the operator does not answer.
-    pub async fn http_status(&self, path: &str) -> u16 {
+    pub(crate) async fn http_status(&self, path: &str) -> u16 {
         let reply = self.http_get(path).await;
         reply
             .split_whitespace()
@@ -200,7 +200,7 @@ impl Operator {
     }
 
     /// The sum of the samples of the metrics whose line starts with `prefix`.
-    pub async fn metric(&self, prefix: &str) -> f64 {
+    pub(crate) async fn metric(&self, prefix: &str) -> f64 {
         self.http_get("/metrics")
             .await
             .lines()
@@ -210,7 +210,7 @@ impl Operator {
     }
 
     /// SIGKILL, as a crashed node would.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let pid = std::fs::read_to_string(self.dir.path().join(format!("{}.pid", self.name)))
             .expect("operator pid file");
         let status = Command::new("kill")
@@ -223,23 +223,23 @@ impl Operator {
     }
 
     /// SIGTERM and wait.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.server.stop();
     }
 
     /// The last 60 lines of the operator's log.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.server.log_tail(60)
     }
 
     /// The operator's whole log.
-    pub fn full_log(&self) -> String {
+    pub(crate) fn full_log(&self) -> String {
         std::fs::read_to_string(&self.server.log).unwrap_or_default()
     }
 }
 
 /// The example guardrails, renamed for `namespace` and selecting only it.
-pub fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
+pub(crate) fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
     ["ingestion", "training", "deployment"]
         .iter()
         .map(|role| {
@@ -257,7 +257,7 @@ pub fn guardrails_for(namespace: &str) -> Vec<AccessGuardrail> {
         .collect()
 }
 
-pub async fn create_guardrails(client: &Client, guardrails: &[AccessGuardrail]) {
+pub(crate) async fn create_guardrails(client: &Client, guardrails: &[AccessGuardrail]) {
     let api: Api<AccessGuardrail> = Api::all(client.clone());
     for g in guardrails {
         api.create(&PostParams::default(), g)

@@ -54,7 +54,7 @@ if [ -z "$keep" ]; then rm -rf "$dir"; fi
 "#;
 
 /// A server process running under its watchdog.
-pub struct Server {
+pub(crate) struct Server {
     pub name: &'static str,
     pub log: PathBuf,
     watchdog: Child,
@@ -66,7 +66,7 @@ pub struct Server {
 impl Server {
     /// Starts `program args...` under a watchdog; stdout and stderr go to `dir/<name>.log`, the
     /// server's pid to `dir/<name>.pid`.
-    pub fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         dir: &Path,
         program: &Path,
@@ -99,23 +99,23 @@ impl Server {
     }
 
     /// Whether the server (and so its watchdog) has exited.
-    pub fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         !matches!(self.watchdog.try_wait(), Ok(None))
     }
 
     /// Keep the server running after this value is dropped; its watchdog still stops it when the
     /// test process exits.
-    pub fn detach(&mut self) {
+    pub(crate) fn detach(&mut self) {
         self.stop_on_drop = false;
     }
 
     /// The last `lines` lines of the server's log.
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
     }
 
     /// Asks the watchdog to stop the server and waits (bounded) for both to exit.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if self.exited() {
             return;
         }
@@ -149,7 +149,7 @@ impl Drop for Server {
 
 /// Starts the reaper that removes `dir` after the test process and the servers are gone. With
 /// `PORTCULLIS_ENVTEST_KEEP` set (non-empty) the directory is kept, for reading the logs.
-pub fn spawn_reaper(dir: &Path) -> Result<(), String> {
+pub(crate) fn spawn_reaper(dir: &Path) -> Result<(), String> {
     let keep = std::env::var("PORTCULLIS_ENVTEST_KEEP").unwrap_or_default();
     Command::new("bash")
         .arg("-c")
@@ -167,7 +167,7 @@ pub fn spawn_reaper(dir: &Path) -> Result<(), String> {
 }
 
 /// The last `lines` lines of the file at `path` (lossy UTF-8), or a note that it is unreadable.
-pub fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let mut bytes = Vec::new();
     match File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)) {
         Ok(_) => {

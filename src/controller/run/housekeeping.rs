@@ -11,7 +11,7 @@ use crate::k8s::{ResourceExt, Store};
 
 /// Every five minutes, once the caches are synced, forgets deleted pipelines' per-pipeline
 /// memory. Runs until the process ends.
-pub async fn forget_deleted_pipelines(ctx: Arc<Context>, pipelines: Store<AIPipeline>) {
+pub(crate) async fn forget_deleted_pipelines(ctx: Arc<Context>, pipelines: Store<AIPipeline>) {
     let mut every = tokio::time::interval(Duration::from_secs(300));
     every.tick().await;
     loop {

@@ -17,14 +17,14 @@ use crate::k8s::{Client, FIELD_MANAGER};
 type LeaseTask = JoinHandle<Result<LeaseManager, LeaseManagerError>>;
 
 /// The Lease this replica holds.
-pub struct Leadership {
+pub(crate) struct Leadership {
     is_leader: watch::Receiver<bool>,
     _task: LeaseTask,
 }
 
 impl Leadership {
     /// Resolves when this replica no longer holds the Lease.
-    pub async fn lost(mut self) {
+    pub(crate) async fn lost(mut self) {
         while self.is_leader.changed().await.is_ok() {
             if !*self.is_leader.borrow_and_update() {
                 return;
@@ -34,7 +34,7 @@ impl Leadership {
 }
 
 /// How the wait for the Lease ended.
-pub enum Elected {
+pub(crate) enum Elected {
     /// This replica leads; `None` when run without leader election.
     Leader(Option<Leadership>),
     /// Shutdown was asked for while waiting as a standby.
@@ -43,7 +43,7 @@ pub enum Elected {
 
 /// Waits, as a ready standby, until this replica holds the leader Lease (at once without leader
 /// election), or until `shutdown`.
-pub async fn elect(
+pub(crate) async fn elect(
     client: &Client,
     config: &RunConfig,
     health: &Health,

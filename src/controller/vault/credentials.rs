@@ -114,12 +114,8 @@ async fn issue(
         )
         .await?;
     let now = Utc::now();
-    let ttl = chrono::Duration::seconds(r.ttl as i64);
-    let expires_at = leases::planned_expiry(
-        now,
-        chrono::Duration::seconds(issued.lease_duration as i64),
-        ttl,
-    );
+    let ttl = leases::seconds(r.ttl);
+    let expires_at = leases::planned_expiry(now, leases::seconds(issued.lease_duration), ttl);
     let record = LeaseRecord {
         stage: r.stage.clone(),
         credential: r.name.clone(),
@@ -208,12 +204,9 @@ async fn renew(
     };
     match renewed {
         Some(renewed) => {
-            let ttl = chrono::Duration::seconds(r.ttl as i64);
-            l.expires_at = leases::planned_expiry(
-                now,
-                chrono::Duration::seconds(renewed.lease_duration as i64),
-                ttl,
-            );
+            let ttl = leases::seconds(r.ttl);
+            l.expires_at =
+                leases::planned_expiry(now, leases::seconds(renewed.lease_duration), ttl);
             l.renewable = renewed.renewable;
             // Vault cut the renewal short: the max TTL is near. Replace the lease now, while it
             // still has time left for the grace period.

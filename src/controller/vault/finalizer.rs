@@ -12,10 +12,10 @@ use crate::controller::{Context, Error, Result};
 use crate::k8s::{Api, Patch, PatchParams, ResourceExt, is_not_found};
 
 /// Held on every AIPipeline with Vault state until that state is gone from Vault.
-pub const FINALIZER: &str = "portcullis.dev/vault-cleanup";
+pub(crate) const FINALIZER: &str = "portcullis.dev/vault-cleanup";
 
 /// Whether the pipeline holds the finalizer.
-pub fn holds(pipeline: &AIPipeline) -> bool {
+pub(crate) fn holds(pipeline: &AIPipeline) -> bool {
     pipeline.finalizers().iter().any(|f| f == FINALIZER)
 }
 
@@ -43,7 +43,7 @@ pub(super) async fn add(ctx: &Context, pipeline: &AIPipeline) -> Result<()> {
 
 /// A deleted pipeline: revoke its leases, delete its roles and policies, forget its state, and
 /// let the deletion go on. Fails with [`Error::Vault`] while that waits for Vault (retried).
-pub async fn finalize(ctx: &Context, pipeline: &AIPipeline) -> Result<()> {
+pub(crate) async fn finalize(ctx: &Context, pipeline: &AIPipeline) -> Result<()> {
     if !holds(pipeline) {
         return Ok(());
     }

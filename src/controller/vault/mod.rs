@@ -15,13 +15,13 @@
 //! into the outcome's problem (shown in the status, retried with backoff). Kubernetes and
 //! decision-log errors end the reconcile.
 
-pub mod credentials;
-pub mod finalizer;
-pub mod policies;
-pub mod restarts;
-pub mod secrets;
-pub mod state;
-pub mod token;
+pub(crate) mod credentials;
+pub(crate) mod finalizer;
+pub(crate) mod policies;
+pub(crate) mod restarts;
+pub(crate) mod secrets;
+pub(crate) mod state;
+pub(crate) mod token;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -40,15 +40,15 @@ use crate::k8s::{OwnerReference, PartialObjectMeta, ResourceExt, Secret, Store};
 use crate::plan::{Plan, VaultPlan};
 use crate::vault::{Session, VaultError, VaultErrorKind};
 
-pub use finalizer::{FINALIZER, finalize};
+pub(crate) use finalizer::{FINALIZER, finalize};
 use state::VaultState;
 use token::SecretTokenStore;
 
 /// The operator's Vault session, its token kept in a Secret.
-pub type VaultSession = Session<SecretTokenStore>;
+pub(crate) type VaultSession = Session<SecretTokenStore>;
 
 /// Settings and state shared by every pipeline's Vault work.
-pub struct VaultCtx {
+pub(crate) struct VaultCtx {
     pub session: Arc<VaultSession>,
     /// The operator's own namespace, where the pipelines' state Secrets live.
     pub state_namespace: String,
@@ -63,7 +63,7 @@ pub struct VaultCtx {
 }
 
 impl VaultCtx {
-    pub fn new(
+    pub(crate) fn new(
         session: Arc<VaultSession>,
         state_namespace: String,
         grace: chrono::Duration,
@@ -84,7 +84,7 @@ impl VaultCtx {
     }
 
     /// Drops the cached state of pipelines no longer in `live` (uids).
-    pub async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
+    pub(crate) async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
         self.states.lock().await.retain(|uid, _| live.contains(uid));
     }
 }
@@ -156,7 +156,7 @@ impl VaultProblem {
 
 /// What the Vault side of a reconcile came to.
 #[derive(Debug, Default)]
-pub struct VaultOutcome {
+pub(crate) struct VaultOutcome {
     /// Why Vault is not in the state the plan asks for.
     pub problem: Option<VaultProblem>,
     /// Per stage, its delivered credentials.
@@ -171,7 +171,7 @@ pub struct VaultOutcome {
 
 impl VaultOutcome {
     /// The outcome as the status shows it.
-    pub fn summary(&self) -> VaultSummary {
+    pub(crate) fn summary(&self) -> VaultSummary {
         VaultSummary {
             problem: self.problem.as_ref().map(VaultProblem::to_status),
             credentials: self.credentials.clone(),
@@ -184,14 +184,14 @@ impl VaultOutcome {
 /// The Vault side of a plan. This is the one place the controller reads the plan's Vault
 /// fields; every Vault step works from it.
 #[derive(Debug, Clone, Default)]
-pub struct VaultSide {
+pub(crate) struct VaultSide {
     pub vault: VaultPlan,
     /// Per stage, its ServiceAccount's user name: the subject of its decision-log records.
     subjects: BTreeMap<String, String>,
 }
 
 impl VaultSide {
-    pub fn of(plan: &Plan) -> VaultSide {
+    pub(crate) fn of(plan: &Plan) -> VaultSide {
         VaultSide {
             vault: plan.vault.clone(),
             subjects: plan
@@ -211,12 +211,12 @@ impl VaultSide {
     }
 
     /// Whether the plan asks anything of Vault.
-    pub fn asks_for_vault(&self) -> bool {
+    pub(crate) fn asks_for_vault(&self) -> bool {
         !self.vault.policies.is_empty() || !self.vault.credentials.is_empty()
     }
 
     /// Only what belongs to the stages `keep` keeps.
-    pub fn only_stages(self, keep: impl Fn(&str) -> bool) -> VaultSide {
+    pub(crate) fn only_stages(self, keep: impl Fn(&str) -> bool) -> VaultSide {
         VaultSide {
             vault: self.vault.for_stages(keep),
             subjects: self.subjects,
@@ -229,7 +229,7 @@ impl VaultSide {
 }
 
 /// Whether the plan or what is held for the pipeline involves Vault.
-pub fn involved(side: &VaultSide, pipeline: &AIPipeline) -> bool {
+pub(crate) fn involved(side: &VaultSide, pipeline: &AIPipeline) -> bool {
     side.asks_for_vault() || finalizer::holds(pipeline)
 }
 
@@ -332,7 +332,7 @@ impl<'a> Work<'a> {
 
 /// Puts the Vault side of the plan in place. Errors are Kubernetes or decision-log errors;
 /// Vault problems are in the outcome (recorded, and retried at the returned wake time).
-pub async fn reconcile(
+pub(crate) async fn reconcile(
     ctx: &Context,
     pipeline: &AIPipeline,
     side: &VaultSide,

@@ -21,7 +21,7 @@ use crate::k8s::{
 use crate::plan::CredentialRequest;
 
 /// The pod-template annotation that restarts a workload.
-pub const RESTARTED_AT: &str = "portcullis.dev/restarted-at";
+pub(crate) const RESTARTED_AT: &str = "portcullis.dev/restarted-at";
 
 /// The limits on restarts, and the global budget's window.
 pub(super) struct Restarts {

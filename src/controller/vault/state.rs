@@ -17,7 +17,7 @@ use crate::vault::leases::LeaseRecord;
 /// What the operator has in Vault for one pipeline.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct VaultState {
+pub(crate) struct VaultState {
     #[serde(default)]
     pub policies: BTreeSet<String>,
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct VaultState {
 }
 
 impl VaultState {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.policies.is_empty() && self.roles.is_empty() && self.leases.is_empty()
     }
 }
@@ -53,7 +53,7 @@ impl Work<'_> {
         self.ctx
             .metrics
             .credential_leases
-            .inc_by(state.leases.len() as i64 - previous as i64);
+            .inc_by(gauge(state.leases.len()) - gauge(previous));
     }
 
     /// The pipeline's state: cached, or read from its Secret (empty when there is none).
@@ -132,4 +132,9 @@ impl Work<'_> {
         self.vault.states.lock().await.remove(&self.uid);
         Ok(())
     }
+}
+
+/// A count as a gauge value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -8,17 +8,17 @@ use crate::vault::{TokenStore, TokenStoreError};
 
 /// The Secret the operator's Vault token is kept in, in its own namespace (with more than one
 /// shard, each shard's name has the shard's suffix: `portcullis-vault-token-shard-0-of-2`).
-pub const TOKEN_SECRET: &str = "portcullis-vault-token";
+pub(crate) const TOKEN_SECRET: &str = "portcullis-vault-token";
 
 /// Keeps the token in Secret `name` (normally [`TOKEN_SECRET`]) of `namespace`.
-pub struct SecretTokenStore {
+pub(crate) struct SecretTokenStore {
     client: Client,
     namespace: String,
     name: String,
 }
 
 impl SecretTokenStore {
-    pub fn new(client: Client, namespace: &str, name: &str) -> SecretTokenStore {
+    pub(crate) fn new(client: Client, namespace: &str, name: &str) -> SecretTokenStore {
         SecretTokenStore {
             client,
             namespace: namespace.to_string(),

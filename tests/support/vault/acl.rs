@@ -18,7 +18,7 @@ use super::hcl::{Policy, caps};
 
 /// A logical operation, as Vault maps HTTP methods onto them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
+pub(crate) enum Operation {
     Read,
     List,
     Create,
@@ -29,7 +29,7 @@ pub enum Operation {
 
 impl Operation {
     /// The capability an operation needs.
-    pub fn capability(self) -> u32 {
+    pub(crate) fn capability(self) -> u32 {
         match self {
             Operation::Read => caps::READ,
             Operation::List => caps::LIST,
@@ -40,7 +40,7 @@ impl Operation {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Operation::Read => "read",
             Operation::List => "list",
@@ -54,7 +54,7 @@ impl Operation {
 
 /// The merged rules of a set of policies.
 #[derive(Debug, Clone, Default)]
-pub struct Acl {
+pub(crate) struct Acl {
     root: bool,
     exact: BTreeMap<String, u32>,
     prefix: BTreeMap<String, u32>,
@@ -97,7 +97,7 @@ fn lower_priority(a: &Candidate<'_>, b: &Candidate<'_>) -> bool {
 
 impl Acl {
     /// Merges `policies` (named, for the `root` check).
-    pub fn new<'a>(policies: impl IntoIterator<Item = (&'a str, &'a Policy)>) -> Acl {
+    pub(crate) fn new<'a>(policies: impl IntoIterator<Item = (&'a str, &'a Policy)>) -> Acl {
         let mut acl = Acl::default();
         for (name, policy) in policies {
             if name == "root" {
@@ -122,19 +122,19 @@ impl Acl {
     }
 
     /// The ACL of the `root` policy.
-    pub fn root() -> Acl {
+    pub(crate) fn root() -> Acl {
         Acl {
             root: true,
             ..Acl::default()
         }
     }
 
-    pub fn is_root(&self) -> bool {
+    pub(crate) fn is_root(&self) -> bool {
         self.root
     }
 
     /// The capability bits of the rule deciding for `path`, `None` when no rule matches.
-    pub fn bits(&self, path: &str, list: bool) -> Option<u32> {
+    pub(crate) fn bits(&self, path: &str, list: bool) -> Option<u32> {
         let path = path.trim_start_matches('/');
         if let Some(bits) = self.exact.get(path) {
             return Some(*bits);
@@ -210,7 +210,7 @@ impl Acl {
     }
 
     /// Whether `op` on `path` is allowed.
-    pub fn allows(&self, op: Operation, path: &str) -> bool {
+    pub(crate) fn allows(&self, op: Operation, path: &str) -> bool {
         if self.root {
             return true;
         }
@@ -221,7 +221,7 @@ impl Acl {
     }
 
     /// Whether the rule deciding for `path` grants `sudo`.
-    pub fn has_sudo(&self, path: &str) -> bool {
+    pub(crate) fn has_sudo(&self, path: &str) -> bool {
         self.root
             || self
                 .bits(path, false)
@@ -229,7 +229,7 @@ impl Acl {
     }
 
     /// What `sys/capabilities-self` answers for `path`: `["root"]`, `["deny"]` or the names.
-    pub fn capabilities(&self, path: &str) -> Vec<String> {
+    pub(crate) fn capabilities(&self, path: &str) -> Vec<String> {
         if self.root {
             return vec!["root".into()];
         }

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 /// Why a request got no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// No complete answer within the client's timeout.
     Timeout(Duration),
     /// Connecting, writing or reading failed.
@@ -35,24 +35,24 @@ impl std::error::Error for ClientError {}
 
 /// An answer: the status and the JSON body (`Null` when empty, a string when not JSON).
 #[derive(Debug, Clone, PartialEq)]
-pub struct VaultResponse {
+pub(crate) struct VaultResponse {
     pub status: u16,
     pub body: Value,
 }
 
 impl VaultResponse {
     /// `body.data`.
-    pub fn data(&self) -> &Value {
+    pub(crate) fn data(&self) -> &Value {
         &self.body["data"]
     }
 
     /// `body.auth`.
-    pub fn auth(&self) -> &Value {
+    pub(crate) fn auth(&self) -> &Value {
         &self.body["auth"]
     }
 
     /// `body.errors` as strings.
-    pub fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.body["errors"]
             .as_array()
             .map(|a| {
@@ -64,7 +64,7 @@ impl VaultResponse {
     }
 
     /// `body.warnings` as strings.
-    pub fn warnings(&self) -> Vec<String> {
+    pub(crate) fn warnings(&self) -> Vec<String> {
         self.body["warnings"]
             .as_array()
             .map(|a| {
@@ -86,7 +86,7 @@ impl Drop for AbortOnDrop {
 
 /// A client for one server address, optionally with a token.
 #[derive(Debug, Clone)]
-pub struct VaultClient {
+pub(crate) struct VaultClient {
     addr: SocketAddr,
     token: Option<String>,
     timeout: Duration,
@@ -94,7 +94,7 @@ pub struct VaultClient {
 
 impl VaultClient {
     /// No token, a 10 s timeout.
-    pub fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         VaultClient {
             addr,
             token: None,
@@ -103,7 +103,7 @@ impl VaultClient {
     }
 
     /// The same client sending `token` as `X-Vault-Token`.
-    pub fn with_token(&self, token: impl Into<String>) -> Self {
+    pub(crate) fn with_token(&self, token: impl Into<String>) -> Self {
         VaultClient {
             token: Some(token.into()),
             ..self.clone()
@@ -111,7 +111,7 @@ impl VaultClient {
     }
 
     /// The same client without a token.
-    pub fn without_token(&self) -> Self {
+    pub(crate) fn without_token(&self) -> Self {
         VaultClient {
             token: None,
             ..self.clone()
@@ -119,20 +119,20 @@ impl VaultClient {
     }
 
     /// The same client with another timeout.
-    pub fn with_timeout(&self, timeout: Duration) -> Self {
+    pub(crate) fn with_timeout(&self, timeout: Duration) -> Self {
         VaultClient {
             timeout,
             ..self.clone()
         }
     }
 
-    pub fn token(&self) -> Option<&str> {
+    pub(crate) fn token(&self) -> Option<&str> {
         self.token.as_deref()
     }
 
     /// Sends `method` (any token, `LIST` included) to `path` (`sys/health`, `/v1/sys/health`,
     /// optionally with a query) with an optional JSON body.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         method: &str,
         path: &str,
@@ -195,23 +195,27 @@ impl VaultClient {
             .map_err(|_| ClientError::Timeout(self.timeout))?
     }
 
-    pub async fn get(&self, path: &str) -> Result<VaultResponse, ClientError> {
+    pub(crate) async fn get(&self, path: &str) -> Result<VaultResponse, ClientError> {
         self.send("GET", path, None).await
     }
 
-    pub async fn list(&self, path: &str) -> Result<VaultResponse, ClientError> {
+    pub(crate) async fn list(&self, path: &str) -> Result<VaultResponse, ClientError> {
         self.send("LIST", path, None).await
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> Result<VaultResponse, ClientError> {
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<VaultResponse, ClientError> {
         self.send("POST", path, Some(body)).await
     }
 
-    pub async fn put(&self, path: &str, body: &Value) -> Result<VaultResponse, ClientError> {
+    pub(crate) async fn put(&self, path: &str, body: &Value) -> Result<VaultResponse, ClientError> {
         self.send("PUT", path, Some(body)).await
     }
 
-    pub async fn delete(&self, path: &str) -> Result<VaultResponse, ClientError> {
+    pub(crate) async fn delete(&self, path: &str) -> Result<VaultResponse, ClientError> {
         self.send("DELETE", path, None).await
     }
 }

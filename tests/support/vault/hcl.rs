@@ -21,7 +21,7 @@ use super::util;
 
 /// A value in an HCL document.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Value {
+pub(crate) enum Value {
     String(String),
     Number(String),
     Bool(bool),
@@ -43,7 +43,7 @@ impl Value {
 
 /// `keys... = value` or `keys... { object }`, with the 1-based line it starts on.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Item {
+pub(crate) struct Item {
     pub keys: Vec<String>,
     pub value: Value,
     pub line: usize,
@@ -522,7 +522,7 @@ impl<'a> Parser<'a> {
 }
 
 /// Parses an HCL 1 document (or a JSON one) into its top-level items.
-pub fn parse(src: &str) -> Result<Vec<Item>, String> {
+pub(crate) fn parse(src: &str) -> Result<Vec<Item>, String> {
     if src.trim_start().starts_with('{') {
         let json: serde_json::Value =
             serde_json::from_str(src).map_err(|e| format!("invalid JSON: {e}"))?;
@@ -579,19 +579,19 @@ fn json_value(v: &serde_json::Value) -> Value {
 // Policies
 
 /// Capability bits, as Vault numbers them.
-pub mod caps {
-    pub const DENY: u32 = 1;
-    pub const CREATE: u32 = 1 << 1;
-    pub const READ: u32 = 1 << 2;
-    pub const UPDATE: u32 = 1 << 3;
-    pub const DELETE: u32 = 1 << 4;
-    pub const LIST: u32 = 1 << 5;
-    pub const SUDO: u32 = 1 << 6;
-    pub const PATCH: u32 = 1 << 7;
-    pub const SUBSCRIBE: u32 = 1 << 8;
+pub(crate) mod caps {
+    pub(crate) const DENY: u32 = 1;
+    pub(crate) const CREATE: u32 = 1 << 1;
+    pub(crate) const READ: u32 = 1 << 2;
+    pub(crate) const UPDATE: u32 = 1 << 3;
+    pub(crate) const DELETE: u32 = 1 << 4;
+    pub(crate) const LIST: u32 = 1 << 5;
+    pub(crate) const SUDO: u32 = 1 << 6;
+    pub(crate) const PATCH: u32 = 1 << 7;
+    pub(crate) const SUBSCRIBE: u32 = 1 << 8;
 
     /// Name → bit, in the order Vault prints capabilities.
-    pub const NAMES: [(&str, u32); 9] = [
+    pub(crate) const NAMES: [(&str, u32); 9] = [
         ("sudo", SUDO),
         ("read", READ),
         ("list", LIST),
@@ -603,14 +603,14 @@ pub mod caps {
         ("deny", DENY),
     ];
 
-    pub fn bit(name: &str) -> Option<u32> {
+    pub(crate) fn bit(name: &str) -> Option<u32> {
         NAMES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
     }
 }
 
 /// One `path "..." { ... }` block of a parsed policy.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PathRule {
+pub(crate) struct PathRule {
     /// The path with a leading `/` dropped and, for a plain prefix rule, the trailing `*` dropped
     /// (as Vault stores it); a rule with `+` segments keeps its trailing `*`.
     pub path: String,
@@ -630,7 +630,7 @@ pub struct PathRule {
 
 /// A parsed ACL policy.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Policy {
+pub(crate) struct Policy {
     pub name: Option<String>,
     pub paths: Vec<PathRule>,
 }
@@ -650,7 +650,7 @@ const PATH_KEYS: [&str; 11] = [
 ];
 
 /// Parses a policy as Vault does; the error is what Vault puts after `failed to parse policy: `.
-pub fn parse_policy(text: &str) -> Result<Policy, String> {
+pub(crate) fn parse_policy(text: &str) -> Result<Policy, String> {
     let items = parse(text)?;
     let mut policy = Policy {
         name: None,

@@ -99,17 +99,23 @@
 //! (`allowed_parameters` etc. are parsed, not enforced), database connection configuration
 //! (`database/config/*`), token roles, the `bound_service_account_namespace_selector` (not in
 //! 1.15's document).
+#![allow(
+    clippy::too_many_lines,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the Vault double is retired by issue 10 (real OpenBao); not worth reshaping first"
+)]
 #![allow(dead_code)]
 
-pub mod acl;
-pub mod client;
+pub(crate) mod acl;
+pub(crate) mod client;
 mod handlers;
-pub mod hcl;
-pub mod openapi;
-pub mod routes;
+pub(crate) mod hcl;
+pub(crate) mod openapi;
+pub(crate) mod routes;
 mod server;
 mod state;
-pub mod util;
+pub(crate) mod util;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -124,15 +130,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 #[allow(unused_imports)]
-pub use acl::Operation;
+pub(crate) use acl::Operation;
 #[allow(unused_imports)]
-pub use client::{ClientError, VaultClient, VaultResponse};
+pub(crate) use client::{ClientError, VaultClient, VaultResponse};
 #[allow(unused_imports)]
-pub use openapi::{Mounts, check_requests, check_route_table, openapi_check, openapi_check_with};
+pub(crate) use openapi::{
+    Mounts, check_requests, check_route_table, openapi_check, openapi_check_with,
+};
 #[allow(unused_imports)]
-pub use routes::{Kind, ROUTES, RouteSpec};
+pub(crate) use routes::{Kind, ROUTES, RouteSpec};
 #[allow(unused_imports)]
-pub use state::{
+pub(crate) use state::{
     DatabaseRole, KubernetesAuthConfig, KubernetesRole, LeaseInfo, LeaseState, RevokeCause,
     TokenInfo,
 };
@@ -142,7 +150,7 @@ use state::{NewToken, Settings, State, StoredPolicy};
 
 /// How to start a double.
 #[derive(Clone)]
-pub struct VaultDoubleConfig {
+pub(crate) struct VaultDoubleConfig {
     /// The client the Kubernetes login creates `TokenReview`s with (the test API server's
     /// admin client). Without it, logins answer 500.
     pub kube_client: Option<kube::Client>,
@@ -181,24 +189,24 @@ impl Default for VaultDoubleConfig {
 }
 
 impl VaultDoubleConfig {
-    pub fn with_kube_client(mut self, client: kube::Client) -> Self {
+    pub(crate) fn with_kube_client(mut self, client: kube::Client) -> Self {
         self.kube_client = Some(client);
         self
     }
 
-    pub fn with_root_token(mut self, token: impl Into<String>) -> Self {
+    pub(crate) fn with_root_token(mut self, token: impl Into<String>) -> Self {
         self.root_token = Some(token.into());
         self
     }
 
-    pub fn with_mounts(mut self, kubernetes: &str, database: &str, kv: &str) -> Self {
+    pub(crate) fn with_mounts(mut self, kubernetes: &str, database: &str, kv: &str) -> Self {
         self.kubernetes_mount = kubernetes.trim_matches('/').into();
         self.database_mount = database.trim_matches('/').into();
         self.kv_mount = kv.trim_matches('/').into();
         self
     }
 
-    pub fn with_lease_ttls(mut self, default_ttl: Duration, max_ttl: Duration) -> Self {
+    pub(crate) fn with_lease_ttls(mut self, default_ttl: Duration, max_ttl: Duration) -> Self {
         self.default_lease_ttl = default_ttl;
         self.max_lease_ttl = max_ttl;
         self
@@ -207,7 +215,7 @@ impl VaultDoubleConfig {
 
 /// One request the double received.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RecordedRequest {
+pub(crate) struct RecordedRequest {
     /// As received (`LIST`, or `GET` with `?list=true` in `path`; `PUT` stays `PUT`).
     pub method: Method,
     /// The path with its query string, e.g. `/v1/sys/policies/acl?list=true`.
@@ -240,7 +248,7 @@ impl Drop for Inner {
 
 /// A running double. Cloning shares it; it stops when the last clone is dropped.
 #[derive(Clone)]
-pub struct VaultDouble {
+pub(crate) struct VaultDouble {
     inner: Arc<Inner>,
 }
 
@@ -248,7 +256,7 @@ impl VaultDouble {
     /// Binds `127.0.0.1:0` and serves from a thread of its own (with its own tokio runtime), so
     /// the double keeps answering while the test's thread is busy or blocked. The Kubernetes
     /// login still uses `config.kube_client`, which lives on the runtime that created it.
-    pub async fn start(config: VaultDoubleConfig) -> VaultDouble {
+    pub(crate) async fn start(config: VaultDoubleConfig) -> VaultDouble {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind the Vault HTTP double on 127.0.0.1");
         listener
@@ -326,30 +334,30 @@ impl VaultDouble {
     }
 
     /// `http://127.0.0.1:PORT` (what `VAULT_ADDR` would be).
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("http://{}", self.inner.addr)
     }
 
-    pub fn socket_addr(&self) -> SocketAddr {
+    pub(crate) fn socket_addr(&self) -> SocketAddr {
         self.inner.addr
     }
 
-    pub fn root_token(&self) -> &str {
+    pub(crate) fn root_token(&self) -> &str {
         &self.inner.root_token
     }
 
     /// A client with the root token.
-    pub fn client(&self) -> VaultClient {
+    pub(crate) fn client(&self) -> VaultClient {
         VaultClient::new(self.inner.addr).with_token(self.root_token())
     }
 
     /// A client without a token.
-    pub fn anonymous_client(&self) -> VaultClient {
+    pub(crate) fn anonymous_client(&self) -> VaultClient {
         VaultClient::new(self.inner.addr)
     }
 
     /// The mounts, for [`openapi_check_with`].
-    pub fn mounts(&self) -> Mounts {
+    pub(crate) fn mounts(&self) -> Mounts {
         let m = &self.shared().mounts;
         Mounts::empty()
             .secrets(&m.kv, "kv_v2")
@@ -361,25 +369,25 @@ impl VaultDouble {
     // Inspection
 
     /// Every lease ever issued, in issue order, with its current state.
-    pub fn leases(&self) -> Vec<LeaseInfo> {
+    pub(crate) fn leases(&self) -> Vec<LeaseInfo> {
         self.state().leases.iter().map(|l| l.info.clone()).collect()
     }
 
     /// The leases that are neither expired nor revoked.
-    pub fn active_leases(&self) -> Vec<LeaseInfo> {
+    pub(crate) fn active_leases(&self) -> Vec<LeaseInfo> {
         self.leases()
             .into_iter()
             .filter(|l| l.state == LeaseState::Active)
             .collect()
     }
 
-    pub fn lease(&self, lease_id: &str) -> Option<LeaseInfo> {
+    pub(crate) fn lease(&self, lease_id: &str) -> Option<LeaseInfo> {
         let mut state = self.state();
         state.lease_mut(lease_id).map(|l| l.info.clone())
     }
 
     /// Every token ever issued (the root token included), oldest first.
-    pub fn tokens(&self) -> Vec<TokenInfo> {
+    pub(crate) fn tokens(&self) -> Vec<TokenInfo> {
         let mut tokens: Vec<TokenInfo> = self
             .state()
             .tokens
@@ -391,7 +399,7 @@ impl VaultDouble {
     }
 
     /// A token by id or accessor.
-    pub fn token(&self, id_or_accessor: &str) -> Option<TokenInfo> {
+    pub(crate) fn token(&self, id_or_accessor: &str) -> Option<TokenInfo> {
         let state = self.state();
         let id = state
             .by_accessor
@@ -402,7 +410,7 @@ impl VaultDouble {
     }
 
     /// Policy name → raw text (`default` included; `root` has no text and is not listed).
-    pub fn policies(&self) -> BTreeMap<String, String> {
+    pub(crate) fn policies(&self) -> BTreeMap<String, String> {
         self.state()
             .policies
             .iter()
@@ -410,29 +418,29 @@ impl VaultDouble {
             .collect()
     }
 
-    pub fn policy(&self, name: &str) -> Option<String> {
+    pub(crate) fn policy(&self, name: &str) -> Option<String> {
         self.state().policies.get(name).map(|p| p.raw.clone())
     }
 
     /// The parsed policy.
-    pub fn parsed_policy(&self, name: &str) -> Option<hcl::Policy> {
+    pub(crate) fn parsed_policy(&self, name: &str) -> Option<hcl::Policy> {
         self.state().policies.get(name).map(|p| p.parsed.clone())
     }
 
-    pub fn kubernetes_config(&self) -> Option<KubernetesAuthConfig> {
+    pub(crate) fn kubernetes_config(&self) -> Option<KubernetesAuthConfig> {
         self.state().kube_config.clone()
     }
 
-    pub fn kubernetes_roles(&self) -> BTreeMap<String, KubernetesRole> {
+    pub(crate) fn kubernetes_roles(&self) -> BTreeMap<String, KubernetesRole> {
         self.state().kube_roles.clone()
     }
 
-    pub fn database_roles(&self) -> BTreeMap<String, DatabaseRole> {
+    pub(crate) fn database_roles(&self) -> BTreeMap<String, DatabaseRole> {
         self.state().db_roles.clone()
     }
 
     /// The current, not deleted, version of a kv secret (path below the mount, no `data/`).
-    pub fn kv(&self, path: &str) -> Option<Map<String, Value>> {
+    pub(crate) fn kv(&self, path: &str) -> Option<Map<String, Value>> {
         let state = self.state();
         let secret = state.kv.get(path)?;
         let v = secret.versions.get(&secret.current)?;
@@ -441,7 +449,7 @@ impl VaultDouble {
 
     /// What `sys/capabilities-self` would answer for `token` on `path` (`["deny"]` for an
     /// invalid token).
-    pub fn capabilities(&self, token: &str, path: &str) -> Vec<String> {
+    pub(crate) fn capabilities(&self, token: &str, path: &str) -> Vec<String> {
         let state = self.state();
         match state.active_token(token) {
             Some(t) => state.acl_for(t).capabilities(path),
@@ -450,7 +458,7 @@ impl VaultDouble {
     }
 
     /// Whether `token` may do `op` on `path` (ACL only; create vs update is the caller's choice).
-    pub fn allows(&self, token: &str, op: Operation, path: &str) -> bool {
+    pub(crate) fn allows(&self, token: &str, op: Operation, path: &str) -> bool {
         let state = self.state();
         state
             .active_token(token)
@@ -462,7 +470,7 @@ impl VaultDouble {
 
     /// An orphan token with `policies` (plus `default`) and `ttl` (zero: the 768h default);
     /// returns its id.
-    pub fn create_token(&self, policies: &[&str], ttl: Duration) -> String {
+    pub(crate) fn create_token(&self, policies: &[&str], ttl: Duration) -> String {
         let mut state = self.state();
         let now = Utc::now();
         let requested: Vec<String> = policies.iter().map(|p| p.to_string()).collect();
@@ -507,7 +515,7 @@ impl VaultDouble {
     }
 
     /// Writes a policy (parsed as HCL; the error is the parser's).
-    pub fn put_policy(&self, name: &str, text: &str) -> Result<(), String> {
+    pub(crate) fn put_policy(&self, name: &str, text: &str) -> Result<(), String> {
         let parsed = hcl::parse_policy(text)?;
         self.state().policies.insert(
             name.to_lowercase(),
@@ -520,7 +528,7 @@ impl VaultDouble {
     }
 
     /// Revokes a token (and its children and leases) now.
-    pub fn revoke_token(&self, id_or_accessor: &str) {
+    pub(crate) fn revoke_token(&self, id_or_accessor: &str) {
         let mut state = self.state();
         let id = state
             .by_accessor
@@ -534,31 +542,31 @@ impl VaultDouble {
     // Faults
 
     /// Every route but `sys/health` answers 503 `Vault is sealed`; `sys/health` reports sealed.
-    pub fn seal(&self) {
+    pub(crate) fn seal(&self) {
         self.shared().sealed.store(true, Ordering::SeqCst);
     }
 
-    pub fn unseal(&self) {
+    pub(crate) fn unseal(&self) {
         self.shared().sealed.store(false, Ordering::SeqCst);
     }
 
-    pub fn is_sealed(&self) -> bool {
+    pub(crate) fn is_sealed(&self) -> bool {
         self.shared().sealed.load(Ordering::SeqCst)
     }
 
     /// The next `n` requests (any route) are answered `status` with
     /// `{"errors": ["injected failure (Vault HTTP double)"]}`, without touching the state.
-    pub fn fail_next(&self, n: u32, status: u16) {
+    pub(crate) fn fail_next(&self, n: u32, status: u16) {
         *lock(&self.shared().fail_next) = (n, status);
     }
 
     /// Every request waits `latency` before being handled (zero: none).
-    pub fn set_latency(&self, latency: Duration) {
+    pub(crate) fn set_latency(&self, latency: Duration) {
         *lock(&self.shared().latency) = latency;
     }
 
     /// While `true`, requests get no answer (they are logged, then wait); `false` lets them go.
-    pub fn hang(&self, hang: bool) {
+    pub(crate) fn hang(&self, hang: bool) {
         self.shared().hang.send_replace(hang);
     }
 
@@ -566,7 +574,7 @@ impl VaultDouble {
     // Request log
 
     /// `(method, path with query, body field names)` of every request, oldest first.
-    pub fn requests(&self) -> Vec<(Method, String, Vec<String>)> {
+    pub(crate) fn requests(&self) -> Vec<(Method, String, Vec<String>)> {
         lock(&self.shared().log)
             .iter()
             .map(|r| (r.method.clone(), r.path.clone(), r.body_fields.clone()))
@@ -574,23 +582,23 @@ impl VaultDouble {
     }
 
     /// Every request with its status, ignored fields, time and token accessor.
-    pub fn request_log(&self) -> Vec<RecordedRequest> {
+    pub(crate) fn request_log(&self) -> Vec<RecordedRequest> {
         lock(&self.shared().log).clone()
     }
 
-    pub fn clear_requests(&self) {
+    pub(crate) fn clear_requests(&self) {
         lock(&self.shared().log).clear();
     }
 
     /// Every logged request checked against the OpenAPI document with this double's mounts;
     /// one message per request that is not in the document as sent.
-    pub fn openapi_violations(&self) -> Vec<String> {
+    pub(crate) fn openapi_violations(&self) -> Vec<String> {
         check_requests(&self.mounts(), &self.request_log())
     }
 }
 
 /// How the operator's side of the double is set up, as the README's "Setting up Vault" says.
-pub struct OperatorSetup<'a> {
+pub(crate) struct OperatorSetup<'a> {
     /// The operator's ServiceAccount, `namespace/name`.
     pub namespace: &'a str,
     pub service_account: &'a str,
@@ -608,7 +616,7 @@ impl VaultDouble {
     /// Kubernetes auth (against the test control plane), the operator's policy from
     /// `deploy/vault/portcullis-operator.hcl`, a periodic role for the operator's
     /// ServiceAccount, and the database roles.
-    pub async fn set_up_for_operator(&self, setup: &OperatorSetup<'_>) {
+    pub(crate) async fn set_up_for_operator(&self, setup: &OperatorSetup<'_>) {
         let policy = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("deploy/vault/portcullis-operator.hcl"),

@@ -23,7 +23,7 @@ use super::RecordedRequest;
 use super::routes::{self, ROUTES};
 
 /// Where the document is read from.
-pub fn document_path() -> PathBuf {
+pub(crate) fn document_path() -> PathBuf {
     if let Some(p) = std::env::var_os("VAULT_OPENAPI_JSON") {
         return PathBuf::from(p);
     }
@@ -34,7 +34,7 @@ pub fn document_path() -> PathBuf {
 }
 
 /// The parsed document, read once per process.
-pub fn document() -> Result<&'static Value, String> {
+pub(crate) fn document() -> Result<&'static Value, String> {
     static DOC: OnceLock<Result<Value, String>> = OnceLock::new();
     DOC.get_or_init(|| {
         let path = document_path();
@@ -50,14 +50,14 @@ pub fn document() -> Result<&'static Value, String> {
 /// One mount: its path (`kv`, `database`, `auth/kubernetes`) and the engine whose
 /// `{<engine>_mount_path}` templates apply (`kv_v2`, `database`, `kubernetes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
+pub(crate) struct Mount {
     pub path: String,
     pub engine: String,
 }
 
 /// The mounts to resolve paths with. `sys/` and `auth/token/` are always there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mounts(pub Vec<Mount>);
+pub(crate) struct Mounts(pub Vec<Mount>);
 
 impl Default for Mounts {
     /// `kv` (kv-v2), `database`, `auth/kubernetes`.
@@ -70,12 +70,12 @@ impl Default for Mounts {
 }
 
 impl Mounts {
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Mounts(Vec::new())
     }
 
     /// A secrets engine mounted at `path`.
-    pub fn secrets(mut self, path: &str, engine: &str) -> Self {
+    pub(crate) fn secrets(mut self, path: &str, engine: &str) -> Self {
         self.0.push(Mount {
             path: path.trim_matches('/').to_string(),
             engine: engine.to_string(),
@@ -84,7 +84,7 @@ impl Mounts {
     }
 
     /// An auth method mounted at `auth/<path>`.
-    pub fn auth(mut self, path: &str, engine: &str) -> Self {
+    pub(crate) fn auth(mut self, path: &str, engine: &str) -> Self {
         self.0.push(Mount {
             path: format!("auth/{}", path.trim_matches('/')),
             engine: engine.to_string(),
@@ -107,7 +107,7 @@ fn resolve_ref<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
 }
 
 /// The body fields an operation declares (`None`: it has no request body).
-pub fn declared_fields(doc: &Value, operation: &Value) -> Option<BTreeSet<String>> {
+pub(crate) fn declared_fields(doc: &Value, operation: &Value) -> Option<BTreeSet<String>> {
     let schema = operation.pointer("/requestBody/content/application~1json/schema")?;
     let schema = resolve_ref(doc, schema);
     Some(
@@ -120,7 +120,7 @@ pub fn declared_fields(doc: &Value, operation: &Value) -> Option<BTreeSet<String
 }
 
 /// Whether an operation is a LIST (a required `list` query parameter).
-pub fn is_list_operation(operation: &Value) -> bool {
+pub(crate) fn is_list_operation(operation: &Value) -> bool {
     operation
         .get("parameters")
         .and_then(Value::as_array)
@@ -143,7 +143,7 @@ fn doc_method(method: &str) -> Result<&'static str, String> {
 }
 
 /// [`openapi_check_with`] with the default mounts (`kv` kv-v2, `database`, `auth/kubernetes`).
-pub fn openapi_check<I, S>(
+pub(crate) fn openapi_check<I, S>(
     method: impl AsRef<str>,
     path: &str,
     body_fields: I,
@@ -158,7 +158,7 @@ where
 /// Checks that a call exists in the document: `method` (`GET`, `LIST`, `POST`, `PUT`, `DELETE`,
 /// `PATCH`) on `path` (with or without `/v1`, optionally with `?list=true`), sending
 /// `body_fields`. The error says what does not match.
-pub fn openapi_check_with<I, S>(
+pub(crate) fn openapi_check_with<I, S>(
     mounts: &Mounts,
     method: impl AsRef<str>,
     path: &str,
@@ -293,7 +293,7 @@ where
 }
 
 /// Checks every recorded request; one message per request that does not conform.
-pub fn check_requests(mounts: &Mounts, requests: &[RecordedRequest]) -> Vec<String> {
+pub(crate) fn check_requests(mounts: &Mounts, requests: &[RecordedRequest]) -> Vec<String> {
     requests
         .iter()
         .filter_map(|r| {
@@ -306,7 +306,7 @@ pub fn check_requests(mounts: &Mounts, requests: &[RecordedRequest]) -> Vec<Stri
 /// method, LIST routes are list operations (and others are not), every body field the double
 /// reads or accepts is declared, and the create/update and unauthenticated flags agree with
 /// `x-vault-createSupported` and `x-vault-unauthenticated`. One message per mismatch.
-pub fn check_route_table() -> Vec<String> {
+pub(crate) fn check_route_table() -> Vec<String> {
     let doc = match document() {
         Ok(d) => d,
         Err(e) => return vec![e],

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 /// Which handler serves a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
+pub(crate) enum Kind {
     Health,
     PolicyList,
     PolicyRead,
@@ -45,7 +45,7 @@ pub enum Kind {
 /// One route: the method as Vault's HTTP layer sees it (`GET`, `LIST` — also `GET ?list=true` —,
 /// `POST` — also `PUT` —, `DELETE`), the OpenAPI path template, and the body fields.
 #[derive(Debug, Clone, Copy)]
-pub struct RouteSpec {
+pub(crate) struct RouteSpec {
     pub kind: Kind,
     pub method: &'static str,
     pub path: &'static str,
@@ -147,7 +147,7 @@ const DB_ROLE_FIELDS: &[&str] = &[
 ];
 
 /// Every route the double serves.
-pub static ROUTES: &[RouteSpec] = &[
+pub(crate) static ROUTES: &[RouteSpec] = &[
     unauthenticated(route(
         Kind::Health,
         "GET",
@@ -406,12 +406,12 @@ pub static ROUTES: &[RouteSpec] = &[
 ];
 
 /// Path parameters that may span several segments.
-pub const MULTI_SEGMENT_PARAMS: [&str; 3] = ["path", "prefix", "url_lease_id"];
+pub(crate) const MULTI_SEGMENT_PARAMS: [&str; 3] = ["path", "prefix", "url_lease_id"];
 
 /// Matches `path` (segments, without a leading `/`) against `template` segments, filling
 /// `params`. `{name}` matches one non-empty segment; the multi-segment parameters match one or
 /// more (zero or more just before a trailing `/`).
-pub fn match_segments(
+pub(crate) fn match_segments(
     template: &[&str],
     path: &[&str],
     params: &mut HashMap<String, String>,
@@ -457,7 +457,7 @@ pub fn match_segments(
 
 /// The configured mounts, substituted into the templates.
 #[derive(Debug, Clone)]
-pub struct MountNames {
+pub(crate) struct MountNames {
     pub kubernetes: String,
     pub database: String,
     pub kv: String,
@@ -465,7 +465,7 @@ pub struct MountNames {
 
 impl MountNames {
     /// The template with the mount parameters replaced.
-    pub fn concrete(&self, template: &str) -> String {
+    pub(crate) fn concrete(&self, template: &str) -> String {
         template
             .replace("{kubernetes_mount_path}", &self.kubernetes)
             .replace("{database_mount_path}", &self.database)
@@ -473,7 +473,7 @@ impl MountNames {
     }
 
     /// Whether `path` (logical, no leading `/`) is under a mount the double serves.
-    pub fn is_mounted(&self, path: &str) -> bool {
+    pub(crate) fn is_mounted(&self, path: &str) -> bool {
         let under = |mount: &str| path == mount || path.starts_with(&format!("{mount}/"));
         under("sys")
             || under("auth/token")
@@ -485,7 +485,7 @@ impl MountNames {
 
 /// Every route whose path template matches `path` (logical: no `/v1/`, and for a list
 /// operation ending in `/`), with its parameters.
-pub fn matching(
+pub(crate) fn matching(
     mounts: &MountNames,
     path: &str,
 ) -> Vec<(&'static RouteSpec, HashMap<String, String>)> {

@@ -44,7 +44,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     /// The state with everything due at `now` expired.
-    pub fn state_at(&self, now: DateTime<Utc>) -> MutexGuard<'_, State> {
+    pub(super) fn state_at(&self, now: DateTime<Utc>) -> MutexGuard<'_, State> {
         let mut state = lock(&self.state);
         state.sweep(now);
         state

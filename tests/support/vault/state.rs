@@ -13,7 +13,7 @@ use super::util;
 
 /// Vault 1.15's built-in `default` policy (the identity-templated paths never match here: tokens
 /// of the double have no entity).
-pub const DEFAULT_POLICY: &str = r#"
+pub(super) const DEFAULT_POLICY: &str = r#"
 # Allow tokens to look up their own properties
 path "auth/token/lookup-self" {
     capabilities = ["read"]
@@ -110,7 +110,7 @@ path "identity/oidc/provider/+/authorize" {
 
 /// Where a lease or token is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseState {
+pub(crate) enum LeaseState {
     Active,
     /// Reached its expiry time.
     Expired,
@@ -120,7 +120,7 @@ pub enum LeaseState {
 
 /// Why a lease was revoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RevokeCause {
+pub(crate) enum RevokeCause {
     /// `sys/leases/revoke` (or the `/{url_lease_id}` form).
     Api,
     /// The token that created it was revoked (revoke-self, or a parent's revocation).
@@ -131,7 +131,7 @@ pub enum RevokeCause {
 
 /// A dynamic-secret lease, as the double keeps it (every lease ever issued stays listed).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LeaseInfo {
+pub(crate) struct LeaseInfo {
     pub lease_id: String,
     /// The path read to issue it, e.g. `database/creds/reader`.
     pub path: String,
@@ -153,7 +153,7 @@ pub struct LeaseInfo {
 
 /// A token, as the double keeps it (revoked and expired tokens stay listed).
 #[derive(Debug, Clone, PartialEq)]
-pub struct TokenInfo {
+pub(crate) struct TokenInfo {
     pub id: String,
     pub accessor: String,
     pub policies: Vec<String>,
@@ -181,7 +181,7 @@ pub struct TokenInfo {
 
 /// What `POST auth/<mount>/config` recorded.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct KubernetesAuthConfig {
+pub(crate) struct KubernetesAuthConfig {
     pub kubernetes_host: String,
     pub kubernetes_ca_cert: String,
     pub token_reviewer_jwt: String,
@@ -193,7 +193,7 @@ pub struct KubernetesAuthConfig {
 
 /// A Kubernetes auth role.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct KubernetesRole {
+pub(crate) struct KubernetesRole {
     pub name: String,
     pub bound_service_account_names: Vec<String>,
     pub bound_service_account_namespaces: Vec<String>,
@@ -212,7 +212,7 @@ pub struct KubernetesRole {
 
 /// A database role.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct DatabaseRole {
+pub(crate) struct DatabaseRole {
     pub name: String,
     pub db_name: String,
     pub creation_statements: Vec<String>,
@@ -301,7 +301,7 @@ pub(crate) struct NewToken {
 }
 
 impl State {
-    pub fn new(settings: Settings, root_token: &str, now: DateTime<Utc>) -> State {
+    pub(super) fn new(settings: Settings, root_token: &str, now: DateTime<Utc>) -> State {
         let mut state = State {
             settings,
             policies: BTreeMap::new(),
@@ -359,14 +359,14 @@ impl State {
     }
 
     /// The token `id` if it is active (call [`State::sweep`] first).
-    pub fn active_token(&self, id: &str) -> Option<&Token> {
+    pub(super) fn active_token(&self, id: &str) -> Option<&Token> {
         self.tokens
             .get(id)
             .filter(|t| t.info.state == LeaseState::Active)
     }
 
     /// The merged ACL of a token's policies (missing policies are skipped, as Vault does).
-    pub fn acl_for(&self, token: &Token) -> Acl {
+    pub(super) fn acl_for(&self, token: &Token) -> Acl {
         if token.info.policies.iter().any(|p| p == "root") {
             return Acl::root();
         }
@@ -381,7 +381,7 @@ impl State {
 
     /// `framework.CalculateTTL`.
     #[allow(clippy::too_many_arguments)]
-    pub fn calculate_ttl(
+    pub(super) fn calculate_ttl(
         &self,
         increment: Duration,
         backend_ttl: Duration,
@@ -447,7 +447,7 @@ impl State {
 
     /// The latest time something issued at `start` with these limits may live (the double never
     /// lets a lease or token outlive it, even by the sub-second rounding of Vault's arithmetic).
-    pub fn hard_cap(
+    pub(super) fn hard_cap(
         &self,
         start: DateTime<Utc>,
         period: Duration,
@@ -467,7 +467,7 @@ impl State {
         Some(util::add(start, max_ttl))
     }
 
-    pub fn issue_token(&mut self, spec: NewToken, now: DateTime<Utc>) -> Token {
+    pub(super) fn issue_token(&mut self, spec: NewToken, now: DateTime<Utc>) -> Token {
         let id = format!("hvs.{}", util::random_base62(24));
         let accessor = util::random_base62(24);
         let parent_accessor = spec
@@ -529,7 +529,7 @@ impl State {
 
     /// Revokes token `id` at `at`, its child tokens (not orphans) and every lease they own. Parts
     /// whose own expiry came before `at` are marked expired at that time instead.
-    pub fn revoke_token(&mut self, id: &str, at: DateTime<Utc>) {
+    pub(super) fn revoke_token(&mut self, id: &str, at: DateTime<Utc>) {
         let Some(token) = self.tokens.get_mut(id) else {
             return;
         };
@@ -566,7 +566,7 @@ impl State {
     }
 
     /// Expires what is due at `now`: tokens (with their children and leases), then leases.
-    pub fn sweep(&mut self, now: DateTime<Utc>) {
+    pub(super) fn sweep(&mut self, now: DateTime<Utc>) {
         let mut due: Vec<(DateTime<Utc>, String)> = self
             .tokens
             .values()
@@ -590,12 +590,12 @@ impl State {
         }
     }
 
-    pub fn lease_mut(&mut self, id: &str) -> Option<&mut Lease> {
+    pub(super) fn lease_mut(&mut self, id: &str) -> Option<&mut Lease> {
         let index = *self.lease_index.get(id)?;
         self.leases.get_mut(index)
     }
 
-    pub fn add_lease(&mut self, lease: Lease) {
+    pub(super) fn add_lease(&mut self, lease: Lease) {
         self.lease_index
             .insert(lease.info.lease_id.clone(), self.leases.len());
         self.leases.push(lease);

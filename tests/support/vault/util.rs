@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 /// `parseutil.ParseDurationSecond`: a number is seconds, a string of digits is seconds, a string
 /// ending in `d` is days, anything else is a Go duration (`1h30m`, `20m`, `1.5h`, `300ms`).
-pub fn parse_duration(value: &Value) -> Result<Duration, String> {
+pub(crate) fn parse_duration(value: &Value) -> Result<Duration, String> {
     match value {
         Value::Null => Ok(Duration::ZERO),
         Value::Number(n) => {
@@ -36,7 +36,7 @@ pub fn parse_duration(value: &Value) -> Result<Duration, String> {
 }
 
 /// The string form of [`parse_duration`].
-pub fn parse_duration_str(input: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration_str(input: &str) -> Result<Duration, String> {
     let s = input.trim();
     if s.is_empty() {
         return Ok(Duration::ZERO);
@@ -101,7 +101,7 @@ fn parse_go_duration(s: &str) -> Option<Duration> {
 
 /// A duration field of a request body: absent is `None`, present but invalid is the error Vault's
 /// framework gives.
-pub fn duration_field(
+pub(crate) fn duration_field(
     body: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<Option<Duration>, String> {
@@ -114,7 +114,7 @@ pub fn duration_field(
 }
 
 /// `TypeCommaStringSlice`: an array of strings (or scalars) or one comma-separated string.
-pub fn comma_slice(value: &Value) -> Result<Vec<String>, String> {
+pub(crate) fn comma_slice(value: &Value) -> Result<Vec<String>, String> {
     let items: Vec<String> = match value {
         Value::Null => Vec::new(),
         Value::String(s) => s.split(',').map(|p| p.trim().to_string()).collect(),
@@ -134,7 +134,7 @@ pub fn comma_slice(value: &Value) -> Result<Vec<String>, String> {
 }
 
 /// A comma-slice field of a request body.
-pub fn slice_field(
+pub(crate) fn slice_field(
     body: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<Option<Vec<String>>, String> {
@@ -147,7 +147,7 @@ pub fn slice_field(
 }
 
 /// `TypeStringSlice`: an array of strings, or one string as a one-element list.
-pub fn string_slice_field(
+pub(crate) fn string_slice_field(
     body: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<Option<Vec<String>>, String> {
@@ -172,7 +172,7 @@ pub fn string_slice_field(
 }
 
 /// `TypeBool`, with Go's `strconv.ParseBool` for strings.
-pub fn bool_field(
+pub(crate) fn bool_field(
     body: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<Option<bool>, String> {
@@ -194,7 +194,7 @@ pub fn bool_field(
 }
 
 /// `TypeString`: strings as they are, numbers and bools as text.
-pub fn string_field(
+pub(crate) fn string_field(
     body: &serde_json::Map<String, Value>,
     field: &str,
 ) -> Result<Option<String>, String> {
@@ -210,7 +210,7 @@ pub fn string_field(
 }
 
 /// Vault's `humanDuration`: Go's `Duration.String()` without the trailing zero units.
-pub fn human_duration(d: Duration) -> String {
+pub(crate) fn human_duration(d: Duration) -> String {
     let total = d.as_secs();
     if total == 0 && d.subsec_nanos() == 0 {
         return "0s".into();
@@ -233,29 +233,29 @@ pub fn human_duration(d: Duration) -> String {
 }
 
 /// RFC 3339 with nanoseconds, as Vault prints times.
-pub fn rfc3339(t: DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// `t + d`.
-pub fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+pub(crate) fn add(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 /// `a - b`, zero when negative.
-pub fn until(a: DateTime<Utc>, b: DateTime<Utc>) -> Duration {
+pub(crate) fn until(a: DateTime<Utc>, b: DateTime<Utc>) -> Duration {
     (a - b).to_std().unwrap_or(Duration::ZERO)
 }
 
 /// The time truncated to the second (Vault's TTL arithmetic works in whole seconds).
-pub fn trunc_secs(t: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn trunc_secs(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
 /// `count` random bytes from SHA-256 over the process's random hasher keys, a counter and the
 /// clock (no `rand` crate in the tree; these identifiers need to be unique and unguessable in a
 /// test, not cryptographically strong).
-pub fn random_bytes(count: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(count: usize) -> Vec<u8> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
@@ -281,7 +281,7 @@ pub fn random_bytes(count: usize) -> Vec<u8> {
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A random string of `len` characters from `[0-9A-Za-z]` (Vault's `base62.Random`).
-pub fn random_base62(len: usize) -> String {
+pub(crate) fn random_base62(len: usize) -> String {
     random_bytes(len * 2)
         .chunks(2)
         .map(|c| BASE62[(u16::from_le_bytes([c[0], c[1]]) % 62) as usize] as char)
@@ -289,7 +289,7 @@ pub fn random_base62(len: usize) -> String {
 }
 
 /// A UUID-shaped identifier: random, or derived from `seed` when given.
-pub fn uuid(seed: Option<&str>) -> String {
+pub(crate) fn uuid(seed: Option<&str>) -> String {
     let bytes = match seed {
         Some(s) => Sha256::digest(s.as_bytes()).to_vec(),
         None => random_bytes(16),
@@ -307,7 +307,7 @@ pub fn uuid(seed: Option<&str>) -> String {
 
 /// A password like Vault's default password policy makes: 20 characters with at least one
 /// lowercase letter, one uppercase letter, one digit and one dash.
-pub fn random_password() -> String {
+pub(crate) fn random_password() -> String {
     let body = random_base62(16);
     let bytes = random_bytes(3);
     let lower = (b'a' + bytes[0] % 26) as char;
@@ -317,7 +317,7 @@ pub fn random_password() -> String {
 }
 
 /// Decodes base64url (with or without padding), as JWT segments use.
-pub fn base64url_decode(input: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn base64url_decode(input: &str) -> Result<Vec<u8>, String> {
     let input = input.trim_end_matches('=');
     let mut out = Vec::with_capacity(input.len() * 3 / 4);
     let mut buffer: u32 = 0;
@@ -346,7 +346,7 @@ pub fn base64url_decode(input: &str) -> Result<Vec<u8>, String> {
 }
 
 /// Encodes base64url without padding (for tests that build JWT-shaped strings).
-pub fn base64url_encode(input: &[u8]) -> String {
+pub(crate) fn base64url_encode(input: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
@@ -366,7 +366,7 @@ pub fn base64url_encode(input: &[u8]) -> String {
 
 /// `policyutil.SanitizePolicies`: lowercase, trimmed, no empties; `root` alone when present;
 /// `default` added when asked and `root` is absent; sorted and deduplicated.
-pub fn sanitize_policies(policies: &[String], add_default: bool) -> Vec<String> {
+pub(crate) fn sanitize_policies(policies: &[String], add_default: bool) -> Vec<String> {
     let mut out: Vec<String> = policies
         .iter()
         .map(|p| p.trim().to_lowercase())
