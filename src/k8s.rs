@@ -11,10 +11,11 @@
 //!
 //! [`ManagedKind::of`] matches [`crate::plan::Object`] exhaustively, so a new kind of planned
 //! object does not compile until it has a [`ManagedKind`]. `controller::apply` maps each
-//! `ManagedKind` to its type and cache with an exhaustive match (no `_` arm), and destructures
-//! its per-kind caches (`ChildStores`) exhaustively where it prunes and where `controller::run`
-//! watches and waits for them: the new kind does not compile until it is applied, pruned and
-//! watched.
+//! `ManagedKind` to its type with an exhaustive match (no `_` arm); the index of managed objects
+//! (`controller::index`) has a `PerKind` struct with one field per kind, which must list the new
+//! kind for pruning (`PerKind::KINDS`) and is built and destructured exhaustively where
+//! `controller::run` watches the kinds and waits for them: the new kind does not compile until
+//! it is applied, pruned and watched.
 
 use std::collections::BTreeMap;
 

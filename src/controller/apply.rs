@@ -3,7 +3,7 @@
 //! refusal to take over objects Portcullis does not own.
 //!
 //! Work is split in two so that the decision log is written before anything changes:
-//! [`Applier::intents`] only reads (the metadata caches, and a GET of an object whose
+//! [`Applier::intents`] only reads (the index of the managed objects, and a GET of an object whose
 //! resourceVersion is not the one our last write returned),
 //! then the caller records the intents, then [`Applier::execute`] writes.
 //!
@@ -18,53 +18,38 @@ use std::sync::Mutex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::index::{ManagedIndex, PerKind};
 use crate::k8s::{
     Api, Client, DeleteParams, FIELD_MANAGER, KubeError, KubeResult, Managed, ManagedKind,
-    NetworkPolicy, ObjectRef, OwnerReference, PartialObjectMeta, Patch, PatchParams, Preconditions,
-    ResourceExt, Role, RoleBinding, STAGE_LABEL, ServiceAccount, Store, is_not_found,
+    NetworkPolicy, OwnerReference, Patch, PatchParams, Preconditions, ResourceExt, Role,
+    RoleBinding, STAGE_LABEL, ServiceAccount, is_not_found,
 };
 use crate::plan::Object;
 
-/// Evaluates `$body` with `$K` the type of the managed kind `$kind` and `$store` its metadata
-/// cache: the one place that maps a kind to its type and cache. The match has no `_` arm, so a
-/// new [`ManagedKind`] does not compile until it is mapped here.
+/// Evaluates `$body` with `$K` the type of the managed kind `$kind`: the one place that maps a
+/// kind to its type. The match has no `_` arm, so a new [`ManagedKind`] does not compile until it
+/// is mapped here.
 macro_rules! with_kind {
-    ($stores:expr, $kind:expr, |$K:ident, $store:ident| $body:expr) => {
+    ($kind:expr, |$K:ident| $body:expr) => {
         match $kind {
             ManagedKind::ServiceAccount => {
                 type $K = ServiceAccount;
-                let $store = &$stores.service_accounts;
                 $body
             }
             ManagedKind::Role => {
                 type $K = Role;
-                let $store = &$stores.roles;
                 $body
             }
             ManagedKind::RoleBinding => {
                 type $K = RoleBinding;
-                let $store = &$stores.role_bindings;
                 $body
             }
             ManagedKind::NetworkPolicy => {
                 type $K = NetworkPolicy;
-                let $store = &$stores.network_policies;
                 $body
             }
         }
     };
-}
-
-/// The metadata caches of the kinds Portcullis manages, one field per [`ManagedKind`]: every
-/// object of those kinds in the watched namespaces, its own and others' (to refuse taking over
-/// others' without a read), with `managedFields` dropped so that memory stays small. Where every
-/// kind must be handled (pruning here, watching in `run`), it is destructured exhaustively.
-#[derive(Clone)]
-pub struct ChildStores {
-    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-    pub roles: Store<PartialObjectMeta<Role>>,
-    pub role_bindings: Store<PartialObjectMeta<RoleBinding>>,
-    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
 }
 
 /// (kind, namespace, name)
@@ -165,7 +150,8 @@ impl Change {
 /// Reads and writes the managed objects.
 pub struct Applier<'a> {
     pub client: &'a Client,
-    pub stores: &'a ChildStores,
+    /// Every managed object of the watched namespaces (see [`ManagedIndex`]).
+    pub index: &'a ManagedIndex,
     pub applied: &'a AppliedState,
 }
 
@@ -227,9 +213,8 @@ impl Applier<'_> {
             let hash = content_hash(&value);
             let (name, uid) = (object.name(), owner.uid.as_str());
             let kind = ManagedKind::of(object);
-            let intent = with_kind!(self.stores, kind, |K, store| {
-                self.intent::<K>(store, namespace, name, &value, &hash, uid)
-                    .await
+            let intent = with_kind!(kind, |K| {
+                self.intent::<K>(namespace, name, &value, &hash, uid).await
             })?;
             Ok::<_, KubeError>(intent.map(|intent| Change {
                 kind,
@@ -259,23 +244,16 @@ impl Applier<'_> {
             .iter()
             .map(|o| (ManagedKind::of(o), o.name()))
             .collect();
-        let ChildStores {
-            service_accounts,
-            roles,
-            role_bindings,
-            network_policies,
-        } = self.stores;
-        let uid = &owner.uid;
-        prune_candidates(service_accounts, namespace, uid, &planned, &mut changes);
-        prune_candidates(roles, namespace, uid, &planned, &mut changes);
-        prune_candidates(role_bindings, namespace, uid, &planned, &mut changes);
-        prune_candidates(network_policies, namespace, uid, &planned, &mut changes);
+        // Every kind is pruned: `PerKind` has one field per kind, and a new kind does not compile
+        // until it is in `PerKind::KINDS`.
+        for kind in PerKind::KINDS.into_array() {
+            self.prune_candidates(kind, namespace, &owner.uid, &planned, &mut changes);
+        }
         Ok(changes)
     }
 
     async fn intent<K>(
         &self,
-        store: &Store<PartialObjectMeta<K>>,
         namespace: &str,
         name: &str,
         desired: &Value,
@@ -287,27 +265,26 @@ impl Applier<'_> {
     {
         let key: ObjectKey = (K::KIND, namespace.to_string(), name.to_string());
         let remembered = self.applied.get(&key);
-        let cached = store.get(&ObjectRef::new(name).within(namespace));
-        match &cached {
-            Some(meta) => {
-                if !owned_by(meta.owner_references(), uid) {
+        match self.index.get(K::KIND, namespace, name) {
+            Some(indexed) => {
+                if !indexed.owned_by(uid) {
                     return Ok(Some(Intent::RefuseAdoption));
                 }
-                let rv = meta.resource_version().unwrap_or_default();
+                let rv = &*indexed.resource_version;
                 if remembered
                     .as_ref()
-                    .is_some_and(|(r, h)| *r == rv && h == hash)
+                    .is_some_and(|(r, h)| r == rv && h == hash)
                 {
                     return Ok(None);
                 }
             }
-            // The cache holds every object of this kind in the watched namespaces (synced before
+            // The index holds every object of this kind in the watched namespaces (synced before
             // any reconcile): an object it lacks and we never wrote does not exist, so no read
             // is needed. One we wrote may just not have reached the cache yet: read it.
             None if remembered.is_none() => return Ok(Some(Intent::Create)),
             None => {}
         }
-        // The cache cannot settle it: read the live object.
+        // The index cannot settle it: read the live object.
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
         let Some(live) = api.get_opt(name).await? else {
             return Ok(Some(if remembered.is_some() {
@@ -339,6 +316,34 @@ impl Applier<'_> {
         }))
     }
 
+    /// A prune for each object of `kind` in `namespace` that the pipeline with `uid` owns and no
+    /// longer plans, by name: a lookup of the pipeline's own objects, not a scan of them all.
+    fn prune_candidates(
+        &self,
+        kind: ManagedKind,
+        namespace: &str,
+        uid: &str,
+        planned: &BTreeSet<(ManagedKind, &str)>,
+        out: &mut Vec<Change>,
+    ) {
+        for (name, indexed) in self.index.owned_by(kind, namespace, uid) {
+            if planned.contains(&(kind, &*name)) {
+                continue;
+            }
+            out.push(Change {
+                kind,
+                namespace: namespace.into(),
+                name: name.to_string(),
+                stage: indexed.stage.as_deref().unwrap_or_default().to_string(),
+                intent: Intent::Prune {
+                    uid: indexed.uid.to_string(),
+                },
+                desired: None,
+                hash: String::new(),
+            });
+        }
+    }
+
     /// Makes the changes. Returns, per change, the error if it failed.
     pub async fn execute(&self, changes: &[Change]) -> Vec<Option<KubeError>> {
         let futures = changes.iter().map(|c| self.execute_one(c));
@@ -352,9 +357,7 @@ impl Applier<'_> {
     async fn execute_one(&self, change: &Change) -> KubeResult<()> {
         match &change.intent {
             Intent::RefuseAdoption => Ok(()),
-            _ => with_kind!(self.stores, change.kind, |K, _store| self
-                .write::<K>(change)
-                .await),
+            _ => with_kind!(change.kind, |K| self.write::<K>(change).await),
         }
     }
 
@@ -393,38 +396,6 @@ impl Applier<'_> {
                 Ok(())
             }
         }
-    }
-}
-
-fn prune_candidates<K: Managed>(
-    store: &Store<PartialObjectMeta<K>>,
-    namespace: &str,
-    uid: &str,
-    planned: &BTreeSet<(ManagedKind, &str)>,
-    out: &mut Vec<Change>,
-) {
-    let kind = K::KIND;
-    let mut stale: Vec<_> = store
-        .state()
-        .into_iter()
-        .filter(|m| {
-            m.namespace().as_deref() == Some(namespace) && owned_by(m.owner_references(), uid)
-        })
-        .filter(|m| !planned.contains(&(kind, m.name_any().as_str())))
-        .collect();
-    stale.sort_by_key(|m| m.name_any());
-    for meta in stale {
-        out.push(Change {
-            kind,
-            namespace: namespace.into(),
-            name: meta.name_any(),
-            stage: meta.labels().get(STAGE_LABEL).cloned().unwrap_or_default(),
-            intent: Intent::Prune {
-                uid: meta.uid().unwrap_or_default(),
-            },
-            desired: None,
-            hash: String::new(),
-        });
     }
 }
 

@@ -18,6 +18,7 @@ mod apply;
 mod error;
 mod events;
 mod http;
+mod index;
 mod journal;
 mod metrics;
 mod reconcile;
@@ -33,9 +34,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use apply::AppliedState;
 pub use apply::json_subset;
-use apply::{AppliedState, ChildStores};
 pub use error::{ApplyFailure, ApplyFailures, Category, Error, Result};
+use index::ManagedIndex;
 use metrics::Metrics;
 pub use run::{RunError, run};
 
@@ -90,7 +92,8 @@ pub struct Context {
     pub client: Client,
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    children: ChildStores,
+    /// Every managed object of the watched namespaces, compactly.
+    children: Arc<ManagedIndex>,
     applied: Arc<AppliedState>,
     pub metrics: Arc<Metrics>,
     journal: journal::Journal,
@@ -116,7 +119,7 @@ impl Context {
     fn applier(&self) -> apply::Applier<'_> {
         apply::Applier {
             client: &self.client,
-            stores: &self.children,
+            index: &self.children,
             applied: &self.applied,
         }
     }

@@ -1,7 +1,8 @@
 //! The caches the reconciles read, and the watch streams that feed the controller: guardrails,
-//! namespaces (metadata), the managed kinds (metadata, every object of the watched namespaces),
-//! and the credential Secrets (metadata, by label) when Vault is configured. Every cache but the
-//! guardrails' holds only the namespaces of this operator's [`WatchScope`].
+//! namespaces (metadata), the managed kinds (the compact [`ManagedIndex`] of every object of the
+//! watched namespaces), and the credential Secrets (metadata, by label) when Vault is
+//! configured. Every cache but the guardrails' holds only the namespaces of this operator's
+//! [`WatchScope`].
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use futures::{Stream, StreamExt};
 use tracing::info;
 
 use crate::api::AccessGuardrail;
-use crate::controller::apply::{AppliedState, ChildStores};
+use crate::controller::apply::AppliedState;
+use crate::controller::index::{IndexWriter, ManagedIndex, PerKind, Synced};
 use crate::k8s::{
     Api, Client, MANAGED_BY, Managed, Namespace, NamespaceResourceScope, NetworkPolicy,
     PIPELINE_LABEL, PartialObjectMeta, ResourceExt, Role, RoleBinding, Secret, ServiceAccount,
@@ -31,7 +33,9 @@ pub type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
 pub struct Caches {
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    pub children: ChildStores,
+    /// The managed objects, and whether each kind's first list is in.
+    pub children: Arc<ManagedIndex>,
+    children_synced: PerKind<Synced>,
     /// Empty and never synced without Vault.
     pub secrets: Store<PartialObjectMeta<Secret>>,
     vault: bool,
@@ -83,16 +87,23 @@ impl Caches {
         .default_backoff()
         .touched_objects()
         .boxed();
-        let (service_accounts, sa_events) = child::<ServiceAccount>(client, scope, applied);
-        let (roles, role_events) = child::<Role>(client, scope, applied);
-        let (role_bindings, rb_events) = child::<RoleBinding>(client, scope, applied);
-        let (network_policies, np_events) = child::<NetworkPolicy>(client, scope, applied);
         // One field per managed kind: a new kind does not compile until it is watched here.
-        let children = ChildStores {
-            service_accounts,
-            roles,
-            role_bindings,
-            network_policies,
+        let (children, writers) = ManagedIndex::new();
+        let PerKind {
+            service_accounts: (sa_writer, sa_synced),
+            roles: (role_writer, role_synced),
+            role_bindings: (rb_writer, rb_synced),
+            network_policies: (np_writer, np_synced),
+        } = writers;
+        let sa_events = child::<ServiceAccount>(client, scope, applied, sa_writer);
+        let role_events = child::<Role>(client, scope, applied, role_writer);
+        let rb_events = child::<RoleBinding>(client, scope, applied, rb_writer);
+        let np_events = child::<NetworkPolicy>(client, scope, applied, np_writer);
+        let children_synced = PerKind {
+            service_accounts: sa_synced,
+            roles: role_synced,
+            role_bindings: rb_synced,
+            network_policies: np_synced,
         };
 
         // Credential Secrets (metadata, only Portcullis's, by label) when Vault is configured.
@@ -120,6 +131,7 @@ impl Caches {
             guardrails,
             namespaces,
             children,
+            children_synced,
             secrets,
             vault,
         };
@@ -138,24 +150,23 @@ impl Caches {
     /// Waits until every cache holds a full list. `false` if a cache's writer was dropped.
     pub async fn wait_synced(&self) -> bool {
         let synced = async {
-            self.guardrails.wait_until_ready().await?;
-            self.namespaces.wait_until_ready().await?;
-            let ChildStores {
+            self.guardrails.wait_until_ready().await.ok()?;
+            self.namespaces.wait_until_ready().await.ok()?;
+            let PerKind {
                 service_accounts,
                 roles,
                 role_bindings,
                 network_policies,
-            } = &self.children;
-            service_accounts.wait_until_ready().await?;
-            roles.wait_until_ready().await?;
-            role_bindings.wait_until_ready().await?;
-            network_policies.wait_until_ready().await?;
-            if self.vault {
-                self.secrets.wait_until_ready().await?;
+            } = &self.children_synced;
+            for kind in [service_accounts, roles, role_bindings, network_policies] {
+                kind.wait().await.then_some(())?;
             }
-            Ok::<_, reflector::store::WriterDropped>(())
+            if self.vault {
+                self.secrets.wait_until_ready().await.ok()?;
+            }
+            Some(())
         };
-        let ok = synced.await.is_ok();
+        let ok = synced.await.is_some();
         if ok {
             info!("caches synced");
         }
@@ -223,29 +234,29 @@ impl WatchScope {
     }
 }
 
-/// The metadata cache of one managed kind, and the stream of its changes that should trigger a
-/// reconcile. The echo of the operator's own writes (an update whose resourceVersion is the one
-/// the write returned) triggers none: there is nothing to do for it. Deletions and everyone
-/// else's writes do.
+/// The stream of one managed kind's changes that should trigger a reconcile, which also feeds
+/// `index` (the kind's part of the [`ManagedIndex`]). The echo of the operator's own writes (an
+/// update whose resourceVersion is the one the write returned) triggers none: there is nothing
+/// to do for it. Deletions and everyone else's writes do.
 fn child<K: Managed>(
     client: &Client,
     scope: &WatchScope,
     applied: &Arc<AppliedState>,
-) -> (
-    Store<PartialObjectMeta<K>>,
-    impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
-) {
-    let (store, writer) = reflector::store::<PartialObjectMeta<K>>();
+    mut index: IndexWriter,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static {
     let applied = applied.clone();
-    let stream = reflector::reflector(
-        writer,
-        watcher(
-            scope.api::<PartialObjectMeta<K>>(client),
-            watcher::Config::default(),
-        )
-        .filter(scope.keep_namespaced())
-        .modify(|meta| trim_cached_metadata(&mut meta.metadata)),
+    watcher(
+        scope.api::<PartialObjectMeta<K>>(client),
+        watcher::Config::default(),
     )
+    .filter(scope.keep_namespaced())
+    // Only the metadata the controller maps by (its owner references) is left on what goes on.
+    .modify(|meta| trim_cached_metadata(&mut meta.metadata))
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            index.apply(event);
+        }
+    })
     .default_backoff()
     .filter_map(move |event| {
         let own = match &event {
@@ -265,8 +276,7 @@ fn child<K: Managed>(
             Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
             Err(e) => Some(Err(e)),
         })
-    });
-    (store, stream)
+    })
 }
 
 #[cfg(test)]
