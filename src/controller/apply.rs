@@ -53,34 +53,37 @@ macro_rules! with_kind {
 }
 
 /// (kind, namespace, name)
-pub type ObjectKey = (ManagedKind, String, String);
+pub type ObjectKey = (ManagedKind, Box<str>, Box<str>);
 
-/// What we last applied: the resourceVersion the API server returned and the hash of the
-/// content we sent.
+/// The hash of the content of an apply (of its JSON).
+pub type ContentHash = [u8; 16];
+
+/// What we last applied, per object: the resourceVersion the API server returned and the hash
+/// of the content we sent. Kept for every object the operator wrote, so it is kept small.
 #[derive(Default)]
-pub struct AppliedState(Mutex<HashMap<ObjectKey, (String, String)>>);
+pub struct AppliedState(Mutex<HashMap<ObjectKey, (Box<str>, ContentHash)>>);
 
 impl AppliedState {
-    fn get(&self, key: &ObjectKey) -> Option<(String, String)> {
+    fn get(&self, key: &ObjectKey) -> Option<(Box<str>, ContentHash)> {
         self.0.lock().expect("applied-state lock").get(key).cloned()
     }
 
-    fn set(&self, key: ObjectKey, rv: String, hash: String) {
+    fn set(&self, key: ObjectKey, rv: &str, hash: ContentHash) {
         self.0
             .lock()
             .expect("applied-state lock")
-            .insert(key, (rv, hash));
+            .insert(key, (rv.into(), hash));
     }
 
     /// Whether `rv` of this object is the one our own last write returned: its watch event is
     /// the echo of that write, and re-reconciling for it would find nothing to do.
     pub fn is_own_write(&self, kind: ManagedKind, namespace: &str, name: &str, rv: &str) -> bool {
-        let key = (kind, namespace.to_string(), name.to_string());
+        let key: ObjectKey = (kind, namespace.into(), name.into());
         self.0
             .lock()
             .expect("applied-state lock")
             .get(&key)
-            .is_some_and(|(ours, _)| ours == rv)
+            .is_some_and(|(ours, _)| &**ours == rv)
     }
 
     fn forget(&self, key: &ObjectKey) {
@@ -126,7 +129,7 @@ pub struct Change {
     pub intent: Intent,
     /// The full object to apply (with owner reference), for create, update and drift revert.
     pub desired: Option<Value>,
-    pub hash: String,
+    pub hash: ContentHash,
 }
 
 impl Change {
@@ -143,7 +146,11 @@ impl Change {
     }
 
     fn key(&self) -> ObjectKey {
-        (self.kind, self.namespace.clone(), self.name.clone())
+        (
+            self.kind,
+            self.namespace.as_str().into(),
+            self.name.as_str().into(),
+        )
     }
 }
 
@@ -155,8 +162,11 @@ pub struct Applier<'a> {
     pub applied: &'a AppliedState,
 }
 
-fn content_hash(v: &Value) -> String {
-    hex::encode(&Sha256::digest(v.to_string().as_bytes())[..16])
+fn content_hash(v: &Value) -> ContentHash {
+    let digest = Sha256::digest(v.to_string().as_bytes());
+    let mut hash = ContentHash::default();
+    hash.copy_from_slice(&digest[..16]);
+    hash
 }
 
 /// Whether every field set in `want` has the same value in `have`. Lists must have the same
@@ -257,13 +267,13 @@ impl Applier<'_> {
         namespace: &str,
         name: &str,
         desired: &Value,
-        hash: &str,
+        hash: &ContentHash,
         uid: &str,
     ) -> KubeResult<Option<Intent>>
     where
         K: Managed,
     {
-        let key: ObjectKey = (K::KIND, namespace.to_string(), name.to_string());
+        let key: ObjectKey = (K::KIND, namespace.into(), name.into());
         let remembered = self.applied.get(&key);
         match self.index.get(K::KIND, namespace, name) {
             Some(indexed) => {
@@ -273,7 +283,7 @@ impl Applier<'_> {
                 let rv = &*indexed.resource_version;
                 if remembered
                     .as_ref()
-                    .is_some_and(|(r, h)| r == rv && h == hash)
+                    .is_some_and(|(r, h)| &**r == rv && h == hash)
                 {
                     return Ok(None);
                 }
@@ -305,13 +315,13 @@ impl Applier<'_> {
         if json_subset(&want, &live_value) {
             self.applied.set(
                 key,
-                live.resource_version().unwrap_or_default(),
-                hash.to_string(),
+                live.meta().resource_version.as_deref().unwrap_or_default(),
+                *hash,
             );
             return Ok(None);
         }
         Ok(Some(match remembered {
-            Some((_, h)) if h == hash => Intent::RevertDrift,
+            Some((_, h)) if h == *hash => Intent::RevertDrift,
             _ => Intent::Update,
         }))
     }
@@ -339,7 +349,7 @@ impl Applier<'_> {
                     uid: indexed.uid.to_string(),
                 },
                 desired: None,
-                hash: String::new(),
+                hash: ContentHash::default(),
             });
         }
     }
@@ -390,8 +400,12 @@ impl Applier<'_> {
                     .await?;
                 self.applied.set(
                     change.key(),
-                    applied.resource_version().unwrap_or_default(),
-                    change.hash.clone(),
+                    applied
+                        .meta()
+                        .resource_version
+                        .as_deref()
+                        .unwrap_or_default(),
+                    change.hash,
                 );
                 Ok(())
             }
