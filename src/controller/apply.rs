@@ -53,15 +53,15 @@ macro_rules! with_kind {
 }
 
 /// (kind, namespace, name)
-pub type ObjectKey = (ManagedKind, Box<str>, Box<str>);
+pub(crate) type ObjectKey = (ManagedKind, Box<str>, Box<str>);
 
 /// The hash of the content of an apply (of its JSON).
-pub type ContentHash = [u8; 16];
+pub(crate) type ContentHash = [u8; 16];
 
 /// What we last applied, per object: the resourceVersion the API server returned and the hash
 /// of the content we sent. Kept for every object the operator wrote, so it is kept small.
 #[derive(Default)]
-pub struct AppliedState(Mutex<HashMap<ObjectKey, (Box<str>, ContentHash)>>);
+pub(crate) struct AppliedState(Mutex<HashMap<ObjectKey, (Box<str>, ContentHash)>>);
 
 impl AppliedState {
     fn get(&self, key: &ObjectKey) -> Option<(Box<str>, ContentHash)> {
@@ -77,7 +77,13 @@ impl AppliedState {
 
     /// Whether `rv` of this object is the one our own last write returned: its watch event is
     /// the echo of that write, and re-reconciling for it would find nothing to do.
-    pub fn is_own_write(&self, kind: ManagedKind, namespace: &str, name: &str, rv: &str) -> bool {
+    pub(crate) fn is_own_write(
+        &self,
+        kind: ManagedKind,
+        namespace: &str,
+        name: &str,
+        rv: &str,
+    ) -> bool {
         let key: ObjectKey = (kind, namespace.into(), name.into());
         self.0
             .lock()
@@ -93,7 +99,7 @@ impl AppliedState {
 
 /// What is about to happen to one object, and why.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Intent {
+pub(crate) enum Intent {
     /// The object does not exist: create it.
     Create,
     /// The plan changed: update it.
@@ -107,7 +113,7 @@ pub enum Intent {
 }
 
 impl Intent {
-    pub fn action(&self) -> &'static str {
+    pub(crate) fn action(&self) -> &'static str {
         match self {
             Intent::Create => "create",
             Intent::Update => "update",
@@ -120,7 +126,7 @@ impl Intent {
 
 /// One planned change to one object.
 #[derive(Debug, Clone)]
-pub struct Change {
+pub(crate) struct Change {
     pub kind: ManagedKind,
     pub namespace: String,
     pub name: String,
@@ -133,12 +139,12 @@ pub struct Change {
 }
 
 impl Change {
-    pub fn object(&self) -> String {
+    pub(crate) fn object(&self) -> String {
         format!("{} {}/{}", self.kind, self.namespace, self.name)
     }
 
     /// Why the object is not taken over, and what to do: for a refused adoption.
-    pub fn refusal(&self) -> String {
+    pub(crate) fn refusal(&self) -> String {
         format!(
             "{} already exists and is not owned by this AIPipeline; Portcullis does not take over objects it did not create. Delete it if it is stale, or rename the stage",
             self.object()
@@ -155,7 +161,7 @@ impl Change {
 }
 
 /// Reads and writes the managed objects.
-pub struct Applier<'a> {
+pub(crate) struct Applier<'a> {
     pub client: &'a Client,
     /// Every managed object of the watched namespaces (see [`ManagedIndex`]).
     pub index: &'a ManagedIndex,
@@ -210,7 +216,7 @@ fn stage_of(object: &Object) -> String {
 impl Applier<'_> {
     /// The changes needed to put `objects` in place for the pipeline with `owner`, and to prune
     /// what the pipeline no longer plans. Reads only.
-    pub async fn intents(
+    pub(crate) async fn intents(
         &self,
         namespace: &str,
         objects: &[Object],
@@ -355,7 +361,7 @@ impl Applier<'_> {
     }
 
     /// Makes the changes. Returns, per change, the error if it failed.
-    pub async fn execute(&self, changes: &[Change]) -> Vec<Option<KubeError>> {
+    pub(crate) async fn execute(&self, changes: &[Change]) -> Vec<Option<KubeError>> {
         let futures = changes.iter().map(|c| self.execute_one(c));
         futures::future::join_all(futures)
             .await

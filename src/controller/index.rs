@@ -22,7 +22,7 @@ use crate::k8s::{ManagedKind, PartialObjectMeta, STAGE_LABEL, watcher};
 /// (pruning, watching, waiting for the caches), it is built or destructured exhaustively, so a
 /// new kind does not compile until it is.
 #[derive(Debug, Clone, Default)]
-pub struct PerKind<T> {
+pub(crate) struct PerKind<T> {
     pub service_accounts: T,
     pub roles: T,
     pub role_bindings: T,
@@ -31,7 +31,7 @@ pub struct PerKind<T> {
 
 impl<T> PerKind<T> {
     /// The value of `kind`.
-    pub fn get(&self, kind: ManagedKind) -> &T {
+    pub(crate) fn get(&self, kind: ManagedKind) -> &T {
         match kind {
             ManagedKind::ServiceAccount => &self.service_accounts,
             ManagedKind::Role => &self.roles,
@@ -43,7 +43,7 @@ impl<T> PerKind<T> {
 
 impl<T> PerKind<T> {
     /// The values, one per kind.
-    pub fn into_array(self) -> [T; 4] {
+    pub(crate) fn into_array(self) -> [T; 4] {
         let PerKind {
             service_accounts,
             roles,
@@ -56,7 +56,7 @@ impl<T> PerKind<T> {
 
 impl PerKind<ManagedKind> {
     /// Every managed kind.
-    pub const KINDS: PerKind<ManagedKind> = PerKind {
+    pub(crate) const KINDS: PerKind<ManagedKind> = PerKind {
         service_accounts: ManagedKind::ServiceAccount,
         roles: ManagedKind::Role,
         role_bindings: ManagedKind::RoleBinding,
@@ -66,7 +66,7 @@ impl PerKind<ManagedKind> {
 
 /// What the index keeps of one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Indexed {
+pub(crate) struct Indexed {
     pub uid: Box<str>,
     pub resource_version: Box<str>,
     /// The `portcullis.dev/stage` label, if any.
@@ -77,7 +77,7 @@ pub struct Indexed {
 
 impl Indexed {
     /// Whether the AIPipeline with `uid` is among its owners.
-    pub fn owned_by(&self, uid: &str) -> bool {
+    pub(crate) fn owned_by(&self, uid: &str) -> bool {
         self.owners.iter().any(|o| &**o == uid)
     }
 }
@@ -178,13 +178,13 @@ impl KindIndex {
 /// The managed objects of the watched namespaces, per kind. Shared by the reconciles (which
 /// read it) and the watch streams (which write it, through their [`IndexWriter`]).
 #[derive(Debug, Default)]
-pub struct ManagedIndex {
+pub(crate) struct ManagedIndex {
     kinds: PerKind<RwLock<KindIndex>>,
 }
 
 impl ManagedIndex {
     /// An empty index, and one writer per kind with its readiness.
-    pub fn new() -> (Arc<ManagedIndex>, PerKind<(IndexWriter, Synced)>) {
+    pub(crate) fn new() -> (Arc<ManagedIndex>, PerKind<(IndexWriter, Synced)>) {
         let index = Arc::new(ManagedIndex::default());
         let writer = |kind| IndexWriter::new(index.clone(), kind);
         let kinds = PerKind::KINDS;
@@ -206,12 +206,12 @@ impl ManagedIndex {
     }
 
     /// The object of `kind` named `name` in `namespace`, if it exists.
-    pub fn get(&self, kind: ManagedKind, namespace: &str, name: &str) -> Option<Indexed> {
+    pub(crate) fn get(&self, kind: ManagedKind, namespace: &str, name: &str) -> Option<Indexed> {
         self.read(kind).get(namespace, name).cloned()
     }
 
     /// The objects of `kind` in `namespace` that the AIPipeline with uid `owner` owns, by name.
-    pub fn owned_by(
+    pub(crate) fn owned_by(
         &self,
         kind: ManagedKind,
         namespace: &str,
@@ -233,25 +233,25 @@ impl ManagedIndex {
 
     /// How many objects of `kind` it holds.
     #[cfg(test)]
-    pub fn len(&self, kind: ManagedKind) -> usize {
+    pub(crate) fn len(&self, kind: ManagedKind) -> usize {
         self.read(kind).len()
     }
 }
 
 /// Whether a kind's index holds a full list yet.
 #[derive(Debug, Clone)]
-pub struct Synced(watch::Receiver<bool>);
+pub(crate) struct Synced(watch::Receiver<bool>);
 
 impl Synced {
     /// Waits until the kind's first list is in. `false` if its writer was dropped first.
-    pub async fn wait(&self) -> bool {
+    pub(crate) async fn wait(&self) -> bool {
         self.0.clone().wait_for(|ready| *ready).await.is_ok()
     }
 }
 
 /// Writes one kind's watch events into the [`ManagedIndex`], as a reflector writes its store.
 #[derive(Debug)]
-pub struct IndexWriter {
+pub(crate) struct IndexWriter {
     index: Arc<ManagedIndex>,
     kind: ManagedKind,
     /// The relist in progress (from `Init` to `InitDone`).
@@ -273,7 +273,7 @@ impl IndexWriter {
 
     /// Applies one watch event: `Init` starts a fresh list, `InitApply` adds to it, `InitDone`
     /// swaps it in (and marks the kind synced), `Apply` upserts and `Delete` removes.
-    pub fn apply<K>(&mut self, event: &watcher::Event<PartialObjectMeta<K>>) {
+    pub(crate) fn apply<K>(&mut self, event: &watcher::Event<PartialObjectMeta<K>>) {
         match event {
             watcher::Event::Init => self.buffer = Some(KindIndex::default()),
             watcher::Event::InitApply(o) => self.buffer.get_or_insert_default().upsert(o),

@@ -25,12 +25,12 @@ use crate::shard::Shard;
 type Event<K> = Result<watcher::Event<K>, watcher::Error>;
 
 /// A stream of changed objects that should trigger reconciles.
-pub type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
+pub(crate) type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
 
 /// The caches, and the streams that fill them (each stream must be polled, by the controller,
 /// for its cache to fill).
 #[derive(Clone)]
-pub struct Caches {
+pub(crate) struct Caches {
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// The managed objects, and whether each kind's first list is in.
@@ -42,7 +42,7 @@ pub struct Caches {
 }
 
 /// The streams behind [`Caches`], one per managed kind and one per other cache.
-pub struct Streams {
+pub(crate) struct Streams {
     pub guardrails: Changes<AccessGuardrail>,
     pub namespaces: Changes<PartialObjectMeta<Namespace>>,
     pub service_accounts: Changes<PartialObjectMeta<ServiceAccount>>,
@@ -54,7 +54,7 @@ pub struct Streams {
 
 impl Caches {
     /// The caches of the namespaces in `scope`, with the credential Secrets' when `vault`.
-    pub fn start(
+    pub(crate) fn start(
         client: &Client,
         scope: &WatchScope,
         vault: bool,
@@ -148,7 +148,7 @@ impl Caches {
     }
 
     /// Waits until every cache holds a full list. `false` if a cache's writer was dropped.
-    pub async fn wait_synced(&self) -> bool {
+    pub(crate) async fn wait_synced(&self) -> bool {
         let synced = async {
             self.guardrails.wait_until_ready().await.ok()?;
             self.namespaces.wait_until_ready().await.ok()?;
@@ -178,7 +178,7 @@ impl Caches {
 /// the namespaces its shard owns (`--shard-index`/`--shard-count`). AccessGuardrails are
 /// cluster-scoped and few: every shard watches them all.
 #[derive(Debug, Clone, Default)]
-pub struct WatchScope {
+pub(crate) struct WatchScope {
     pub namespace: Option<String>,
     pub shard: Shard,
 }
@@ -187,7 +187,7 @@ impl WatchScope {
     /// An Api over every namespace, or over the one being watched. With more than one shard it
     /// still lists every namespace's objects: [`WatchScope::keep`] drops the others' before
     /// they reach a cache.
-    pub fn api<K>(&self, client: &Client) -> Api<K>
+    pub(crate) fn api<K>(&self, client: &Client) -> Api<K>
     where
         K: crate::k8s::Resource<Scope = NamespaceResourceScope>
             + Clone
@@ -202,7 +202,7 @@ impl WatchScope {
     }
 
     /// Whether the objects of `namespace` are this operator's to cache and reconcile.
-    pub fn owns(&self, namespace: &str) -> bool {
+    pub(crate) fn owns(&self, namespace: &str) -> bool {
         self.namespace.as_deref().is_none_or(|ns| ns == namespace) && self.shard.owns(namespace)
     }
 
@@ -211,7 +211,10 @@ impl WatchScope {
     /// events of objects in namespaces this shard does not own (`namespace_of` says which
     /// namespace an object is of; `None` keeps it), so that neither the cache nor the
     /// controller sees them. Errors and the list's start and end markers pass.
-    pub fn keep<K, F>(&self, namespace_of: F) -> impl FnMut(&Event<K>) -> Ready<bool> + use<K, F>
+    pub(crate) fn keep<K, F>(
+        &self,
+        namespace_of: F,
+    ) -> impl FnMut(&Event<K>) -> Ready<bool> + use<K, F>
     where
         F: Fn(&K) -> Option<String> + Send + 'static,
     {
@@ -229,7 +232,9 @@ impl WatchScope {
     }
 
     /// [`WatchScope::keep`] for namespaced objects.
-    pub fn keep_namespaced<K: ResourceExt>(&self) -> impl FnMut(&Event<K>) -> Ready<bool> + use<K> {
+    pub(crate) fn keep_namespaced<K: ResourceExt>(
+        &self,
+    ) -> impl FnMut(&Event<K>) -> Ready<bool> + use<K> {
         self.keep(|o: &K| o.namespace())
     }
 }

@@ -34,17 +34,7 @@ use leader::Elected;
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let key = crate::audit::load_key(&config.audit_key).map_err(RunError::AuditKey)?;
-    let metrics = Arc::new(Metrics::default());
-    metrics.set_shard(config.shard);
-    let health = Arc::new(http::Health::default());
-    let listener = http::bind(config.metrics_addr)
-        .await
-        .map_err(|source| RunError::Listen {
-            address: config.metrics_addr,
-            source,
-        })?;
-    info!(address = %config.metrics_addr, "serving /healthz, /readyz and /metrics");
-    tokio::spawn(http::serve(listener, health.clone(), metrics.clone()));
+    let (metrics, health) = serve(&config).await?;
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -55,17 +45,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     };
     health.ready.store(false, Ordering::Relaxed);
 
-    // The decision log is opened (its chain verified and continued) only now, as the leader: a
-    // standby sharing the file must not hold a stale view of the chain.
-    // Each shard has its own file (see `Shard::path`): two shards never append to one chain.
-    let audit_path = config.shard.path(&config.audit_log);
-    let mut audit = AuditLog::open(&audit_path, &key).map_err(RunError::AuditLog)?;
-    if let Some(bytes) = audit.truncated_tail() {
-        warn!(bytes, path = %audit_path.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
-    }
-    if config.echo_decisions {
-        audit = audit.with_echo(Box::new(std::io::stdout()));
-    }
+    let audit = open_decision_log(&config, &key)?;
 
     let applied = Arc::new(AppliedState::default());
     let scope = WatchScope {
@@ -104,41 +84,10 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         vault,
     });
 
-    // AIPipelines trigger a reconcile when their generation changes (a new spec, or deletion):
-    // not for the echo of the operator's own status writes, nor for label or annotation edits.
-    let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
-    let pipeline_events = reflector::reflector(
-        pipeline_writer,
-        watcher(scope.api::<AIPipeline>(&client), watcher::Config::default())
-            .filter(scope.keep_namespaced())
-            // Managed fields and kubectl's copy of the whole object are never read, and would
-            // be most of what the cache holds per pipeline.
-            .modify(|p| {
-                p.metadata.managed_fields = None;
-                if let Some(annotations) = p.metadata.annotations.as_mut() {
-                    annotations.remove(LAST_APPLIED);
-                }
-            }),
-    )
-    .default_backoff()
-    .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
-    let controller = Controller::for_stream(pipeline_events, pipelines.clone())
-        // No debounce: the echo of the operator's own writes is filtered out where it arrives
-        // (see `caches`), so a debounce would only delay every first reconcile of a new
-        // pipeline (it was 250 ms, most of a new pipeline's time to Ready).
-        .with_config(ControllerConfig::default().concurrency(config.concurrency));
+    let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
 
     // No reconcile plans before the caches are full (see `Context::synced`).
-    {
-        let (caches, ctx, health) = (caches.clone(), ctx.clone(), health.clone());
-        tokio::spawn(async move {
-            if caches.wait_synced().await {
-                ctx.synced.store(true, Ordering::Release);
-                health.ready.store(true, Ordering::Relaxed);
-            }
-        });
-    }
+    tokio::spawn(mark_synced(caches.clone(), ctx.clone(), health.clone()));
     tokio::spawn(housekeeping::forget_deleted_pipelines(
         ctx.clone(),
         pipelines.clone(),
@@ -180,14 +129,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|result| {
-            match result {
-                // Counted and logged by error_policy.
-                Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
-                Err(ControllerError::ObjectNotFound(object)) => {
-                    tracing::debug!(%object, "a scheduled reconcile's pipeline is gone");
-                }
-                Err(error) => warn!(%error, "the controller's watch or queue failed"),
-            }
+            log_failure(result);
             futures::future::ready(())
         });
     tokio::pin!(run);
@@ -213,6 +155,94 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         return Err(RunError::LostLease);
     }
     Ok(())
+}
+
+/// Serves /healthz, /readyz and /metrics, from the start (a standby answers too).
+async fn serve(config: &RunConfig) -> Result<(Arc<Metrics>, Arc<http::Health>), RunError> {
+    let metrics = Arc::new(Metrics::default());
+    metrics.set_shard(config.shard);
+    let health = Arc::new(http::Health::default());
+    let listener = http::bind(config.metrics_addr)
+        .await
+        .map_err(|source| RunError::Listen {
+            address: config.metrics_addr,
+            source,
+        })?;
+    info!(address = %config.metrics_addr, "serving /healthz, /readyz and /metrics");
+    tokio::spawn(http::serve(listener, health.clone(), metrics.clone()));
+    Ok((metrics, health))
+}
+
+/// Opens the decision log (its chain verified and continued). Only the leader does: a standby
+/// sharing the file must not hold a stale view of the chain. Each shard has its own file (see
+/// `Shard::path`): two shards never append to one chain.
+fn open_decision_log(config: &RunConfig, key: &[u8]) -> Result<AuditLog, RunError> {
+    let audit_path = config.shard.path(&config.audit_log);
+    let mut audit = AuditLog::open(&audit_path, key).map_err(RunError::AuditLog)?;
+    if let Some(bytes) = audit.truncated_tail() {
+        warn!(bytes, path = %audit_path.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
+    }
+    if config.echo_decisions {
+        audit = audit.with_echo(Box::new(std::io::stdout()));
+    }
+    Ok(audit)
+}
+
+/// The AIPipeline cache and the controller over it. AIPipelines trigger a reconcile when their
+/// generation changes (a new spec, or deletion): not for the echo of the operator's own status
+/// writes, nor for label or annotation edits.
+fn pipeline_controller(
+    client: &Client,
+    scope: &WatchScope,
+    concurrency: u16,
+) -> (Store<AIPipeline>, Controller<AIPipeline>) {
+    let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
+    let pipeline_events = reflector::reflector(
+        pipeline_writer,
+        watcher(scope.api::<AIPipeline>(client), watcher::Config::default())
+            .filter(scope.keep_namespaced())
+            // Managed fields and kubectl's copy of the whole object are never read, and would
+            // be most of what the cache holds per pipeline.
+            .modify(|p| {
+                p.metadata.managed_fields = None;
+                if let Some(annotations) = p.metadata.annotations.as_mut() {
+                    annotations.remove(LAST_APPLIED);
+                }
+            }),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::for_stream(pipeline_events, pipelines.clone())
+        // No debounce: the echo of the operator's own writes is filtered out where it arrives
+        // (see `caches`), so a debounce would only delay every first reconcile of a new
+        // pipeline (it was 250 ms, most of a new pipeline's time to Ready).
+        .with_config(ControllerConfig::default().concurrency(concurrency));
+    (pipelines, controller)
+}
+
+/// Logs what the controller reports besides reconciles (those are counted and logged by
+/// `error_policy`): its watches' and queue's failures.
+fn log_failure<T, E, Q>(result: Result<T, ControllerError<E, Q>>)
+where
+    E: std::error::Error + 'static,
+    Q: std::error::Error + 'static,
+{
+    match result {
+        Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
+        Err(ControllerError::ObjectNotFound(object)) => {
+            tracing::debug!(%object, "a scheduled reconcile's pipeline is gone");
+        }
+        Err(error) => warn!(%error, "the controller's watch or queue failed"),
+    }
+}
+
+/// Once every cache holds a full list: reconciles may plan, and /readyz says ready.
+async fn mark_synced(caches: Caches, ctx: Arc<Context>, health: Arc<http::Health>) {
+    if caches.wait_synced().await {
+        ctx.synced.store(true, Ordering::Release);
+        health.ready.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The Vault session (its token kept in a Secret, renewed in the background) and the settings
