@@ -11,7 +11,8 @@
 //! Settings (environment): `PORTCULLIS_BENCH_PIPELINES` (default 300), `PORTCULLIS_BENCH_FLOOR`
 //! (`0` skips the floor, for sizes where only memory and latency matter), `PORTCULLIS_BENCH_NEW`
 //! (new pipelines timed one at a time after convergence, default 50) and
-//! `PORTCULLIS_BENCH_STEADY` (seconds of steady state, default 60).
+//! `PORTCULLIS_BENCH_STEADY` (seconds of steady state, default 60) and
+//! `PORTCULLIS_BENCH_CONCURRENCY` (the operator's `--concurrency`, default 8 as the operator's own).
 //!
 //! Writes are counted cluster-wide, so both windows include what kube-controller-manager does
 //! in reaction (on 1.20 a token Secret per new ServiceAccount; not since 1.24); both windows create the same
@@ -319,7 +320,10 @@ async fn main() {
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().expect("dir");
-    let concurrency = ["--concurrency".to_string(), "32".to_string()];
+    let concurrency = [
+        "--concurrency".to_string(),
+        setting("PORTCULLIS_BENCH_CONCURRENCY", 8).to_string(),
+    ];
     let before = writes(cp).await;
     let start = Instant::now();
     let mut operator = support::Operator::start_with("operator", &op_ns, None, dir, &concurrency);
