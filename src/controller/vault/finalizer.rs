@@ -9,7 +9,7 @@ use super::state::VaultState;
 use super::{VaultProblem, VaultSide, Work, credentials, policies};
 use crate::api::AIPipeline;
 use crate::controller::{Context, Error, Result};
-use crate::k8s::{Api, Patch, PatchParams, ResourceExt, is_not_found};
+use crate::k8s::{Api, Patch, PatchParams, ResourceExt, merge_patch_if_present};
 
 /// Held on every AIPipeline with Vault state until that state is gone from Vault.
 pub(crate) const FINALIZER: &str = "portcullis.dev/vault-cleanup";
@@ -68,18 +68,9 @@ pub(crate) async fn finalize(ctx: &Context, pipeline: &AIPipeline) -> Result<()>
         .filter(|f| *f != FINALIZER)
         .collect();
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": pipeline.resource_version()}});
-    match api(ctx, pipeline)
-        .patch(
-            &pipeline.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    merge_patch_if_present(&api(ctx, pipeline), &pipeline.name_any(), &patch)
         .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if is_not_found(&e) => Ok(()),
-        Err(e) => Err(Error::Kube(e)),
-    }
+        .map_err(Error::Kube)
 }
 
 /// Revokes every lease, then deletes every role and policy.

@@ -12,7 +12,7 @@ use crate::controller::{Error, Result};
 use crate::k8s::{
     Api, ByteString, DeleteParams, FIELD_MANAGER, MANAGED_BY, ObjectMeta, ObjectRef,
     OwnerReference, PIPELINE_LABEL, Patch, PatchParams, ResourceExt, STAGE_LABEL, Secret,
-    is_not_found,
+    is_not_found, merge_patch_if_present,
 };
 use crate::plan::CredentialRequest;
 use crate::vault::leases::{self, LeaseRecord};
@@ -94,18 +94,9 @@ pub(super) async fn write(
     ]);
     let Some(data) = data else {
         let patch = json!({"metadata": {"annotations": annotations}});
-        return match api
-            .patch(
-                &r.secret_name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+        return merge_patch_if_present(&api, &r.secret_name, &patch)
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(Error::Kube(e)),
-        };
+            .map_err(Error::Kube);
     };
     let secret = Secret {
         metadata: ObjectMeta {
