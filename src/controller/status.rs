@@ -134,6 +134,15 @@ pub fn carry_transitions(new: &mut [Condition], old: &[Condition], now: Time) {
     }
 }
 
+/// [`carry_transitions`] from the status last written, if any.
+fn carry_transitions_from(new: &mut [Condition], old: Option<&AIPipelineStatus>, now: Time) {
+    carry_transitions(
+        new,
+        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+        now,
+    );
+}
+
 /// The status for a plan that was applied with `outcome`.
 pub fn for_plan(
     plan: &Plan,
@@ -158,11 +167,7 @@ pub fn for_plan(
         degraded_condition(outcome, ready, vault_problem, generation),
     ];
     conditions.extend(vault_conditions(outcome, generation));
-    carry_transitions(
-        &mut conditions,
-        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
-        now,
-    );
+    carry_transitions_from(&mut conditions, old, now);
     AIPipelineStatus {
         observed_generation: generation,
         conditions,
@@ -391,11 +396,7 @@ pub fn cleanup_pending(
         ),
         condition(types::DEGRADED, true, problem.reason, message, generation),
     ];
-    carry_transitions(
-        &mut conditions,
-        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
-        now,
-    );
+    carry_transitions_from(&mut conditions, old, now);
     let mut status = old.cloned().unwrap_or_default();
     status.conditions = conditions;
     status
@@ -428,11 +429,7 @@ pub fn invalid(
             generation,
         ),
     ];
-    carry_transitions(
-        &mut conditions,
-        old.map(|s| s.conditions.as_slice()).unwrap_or_default(),
-        now,
-    );
+    carry_transitions_from(&mut conditions, old, now);
     AIPipelineStatus {
         observed_generation: generation,
         conditions,

@@ -216,29 +216,23 @@ impl Evaluator<'_, '_> {
                     let per_name = group.is_empty()
                         && floor::resource_base(resource) == "secrets"
                         && !rule.resource_names.is_empty();
+                    let decided: Vec<&[String]> = if per_name {
+                        rule.resource_names
+                            .iter()
+                            .map(std::slice::from_ref)
+                            .collect()
+                    } else {
+                        vec![rule.resource_names.as_slice()]
+                    };
                     for verb in &rule.verbs {
-                        if per_name {
-                            for name in &rule.resource_names {
-                                let names = std::slice::from_ref(name);
-                                let outcome = self.decide_kubernetes(group, resource, verb, names);
-                                self.push_kubernetes(
-                                    &field,
-                                    group,
-                                    resource,
-                                    verb,
-                                    names.to_vec(),
-                                    outcome,
-                                );
-                            }
-                        } else {
-                            let names = &rule.resource_names;
+                        for names in &decided {
                             let outcome = self.decide_kubernetes(group, resource, verb, names);
                             self.push_kubernetes(
                                 &field,
                                 group,
                                 resource,
                                 verb,
-                                names.clone(),
+                                names.to_vec(),
                                 outcome,
                             );
                         }
