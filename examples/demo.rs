@@ -119,6 +119,9 @@ async fn main() {
     let config = RunConfig {
         audit_log: audit.clone(),
         audit_key: key.clone(),
+        audit_previous_keys: Vec::new(),
+        audit_segment_bytes: 64 * 1024 * 1024,
+        audit_keep_segments: 0,
         metrics_addr: "127.0.0.1:0".parse().expect("address"),
         leader_election: false,
         lease_namespace: "default".into(),
@@ -338,6 +341,9 @@ async fn vault_scene(client: &Client, work: &Path) {
     let config = RunConfig {
         audit_log: audit.clone(),
         audit_key: key,
+        audit_previous_keys: Vec::new(),
+        audit_segment_bytes: 64 * 1024 * 1024,
+        audit_keep_segments: 0,
         metrics_addr: "127.0.0.1:0".parse().expect("address"),
         leader_election: false,
         lease_namespace: "default".into(),

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeZone, Utc};
 use clap::{CommandFactory, Parser, Subcommand};
 use portcullis::audit::{
-    Action, AuditError, AuditLog, BadRecord, Entry, GENESIS_PREV, Problem, Record, VerifyFailure,
-    verify, verify_bytes,
+    Action, AuditError, AuditLog, BadRecord, Entry, GENESIS_PREV, Keys, LogOptions, Problem,
+    Record, Start, VerifyFailure, key_id, segments, verify, verify_bytes, verify_files,
 };
-use portcullis::cli::audit::{AuditArgs, AuditCommand, run, run_to};
+use portcullis::cli::audit::{AuditArgs, AuditCommand, run, run_to, run_verify};
 use portcullis::policy::{Decision, Item, Reason, Verdict};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -202,8 +202,18 @@ fn edit(value: &Value) -> Value {
         }
         Value::String(s) => Value::String(format!("{s}!")),
         Value::Number(n) => Value::from(n.as_u64().unwrap() + 1),
+        Value::Object(fields) => {
+            // A structured item: the verb changed, as a record turned into another grant.
+            let mut fields = fields.clone();
+            fields.insert("verb".into(), Value::String("delete".into()));
+            Value::Object(fields)
+        }
         other => panic!("no edit for {other}"),
     }
+}
+
+fn edited_key_id(record: &Value) -> String {
+    record["keyId"].as_str().unwrap().to_string()
 }
 
 #[test]
@@ -215,7 +225,7 @@ fn editing_any_field_of_any_record_is_found_on_its_line() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(fields.len(), 14);
+    assert_eq!(fields.len(), 20);
     for i in 0..original.len() {
         for field in &fields {
             let mut record: Value = serde_json::from_str(&original[i]).unwrap();
@@ -234,7 +244,9 @@ fn editing_any_field_of_any_record_is_found_on_its_line() {
             // seq edits name the seq the line now has.
             let seq = record["seq"].as_u64();
             assert_eq!(found.seq, seq, "{field} of line {}", i + 1);
-            let expected = if i == 0 {
+            let expected = if field == "keyId" {
+                Problem::UnknownKey(edited_key_id(&record))
+            } else if i == 0 {
                 Problem::EditedOrWrongKey
             } else {
                 Problem::Edited
@@ -277,9 +289,11 @@ fn a_cut_head_is_found_at_line_1() {
     write_lines(&path, &text[2..]);
     let found = bad(&path, KEY);
     assert_eq!((found.line, found.seq), (1, Some(3)));
-    assert_eq!(
-        found.problem.to_string(),
-        "removed or reordered: the first record has seq 3, not 1: the records before it are missing"
+    assert!(
+        found.problem.to_string().starts_with(
+            "removed or reordered: the first record has seq 3, not 1: the records before it are missing"
+        ),
+        "{found}"
     );
 }
 
@@ -311,11 +325,12 @@ fn another_key_fails_at_line_1() {
     let (_dir, path, _) = new_log(2);
     let found = bad(&path, OTHER_KEY);
     assert_eq!((found.line, found.seq), (1, Some(1)));
-    assert_eq!(found.problem, Problem::EditedOrWrongKey);
+    assert!(matches!(found.problem, Problem::UnknownKey(_)), "{found}");
     assert!(
         found
             .to_string()
-            .contains("or the key is not the one the log was written with")
+            .contains("edited, or written with another key"),
+        "{found}"
     );
 }
 
@@ -410,7 +425,7 @@ fn a_log_written_with_another_key_is_not_appended_to() {
         panic!("expected a broken chain, got: {err}")
     };
     assert_eq!(record.line, 1);
-    assert_eq!(record.problem, Problem::EditedOrWrongKey);
+    assert!(matches!(record.problem, Problem::UnknownKey(_)), "{record}");
 }
 
 #[test]
@@ -468,8 +483,9 @@ fn a_hundred_entries_in_one_append() {
 fn verify_args(file: &Path, key: &Path) -> AuditArgs {
     AuditArgs {
         command: AuditCommand::Verify {
-            file: file.to_path_buf(),
-            key: key.to_path_buf(),
+            files: vec![file.to_path_buf()],
+            key: vec![key.to_path_buf()],
+            prev: None,
         },
     }
 }
@@ -538,9 +554,7 @@ fn cli_verify_names_the_first_bad_record() {
     std::fs::remove_file(&other).unwrap();
     assert_eq!(code, 1);
     assert!(
-        err.contains(
-            ": line 1 (seq 1): edited, or the key is not the one the log was written with"
-        ),
+        err.contains(": line 1 (seq 1): edited, or written with another key"),
         "{err}"
     );
 }
@@ -596,10 +610,14 @@ fn cli_arguments_parse() {
         command: Top::Audit(args),
     } = Wired::try_parse_from(["portcullis", "audit", "verify", "log.jsonl", "--key", "k"])
         .unwrap();
-    let AuditCommand::Verify { file, key } = args.command;
+    let AuditCommand::Verify { files, key, prev } = args.command;
     assert_eq!(
-        (file, key),
-        (PathBuf::from("log.jsonl"), PathBuf::from("k"))
+        (files, key, prev),
+        (
+            vec![PathBuf::from("log.jsonl")],
+            vec![PathBuf::from("k")],
+            None
+        )
     );
     assert!(Wired::try_parse_from(["portcullis", "audit", "verify", "log.jsonl"]).is_err());
 }
@@ -725,4 +743,218 @@ fn every_single_byte_edit_is_found() {
             }
         }
     }
+}
+
+// Segments, key rotation and checking from a later point.
+
+fn small_segments() -> LogOptions {
+    LogOptions {
+        max_segment_bytes: 4 * 1024,
+        keep_segments: 0,
+        writer: Some("portcullis-0".into()),
+    }
+}
+
+fn segmented_log(dir: &Path, batches: usize, options: &LogOptions) -> PathBuf {
+    let path = dir.join("decisions.jsonl");
+    let mut log = AuditLog::open_with(&path, &Keys::one(KEY), options.clone()).unwrap();
+    for n in 0..batches {
+        log.append(&batch(n), at(small(n))).unwrap();
+    }
+    path
+}
+
+#[test]
+fn the_log_is_sealed_into_segments_that_verify_as_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = segmented_log(dir.path(), 40, &small_segments());
+    let files = segments(&path).unwrap();
+    assert!(files.len() > 3, "{files:?}");
+    for f in &files {
+        // No segment is more than one append past the limit.
+        assert!(
+            std::fs::metadata(f).unwrap().len() <= 4 * 1024 + 2048,
+            "{f:?}"
+        );
+    }
+    let summary = verify_files(&files, &Keys::one(KEY), &Start::Genesis).unwrap();
+    assert_eq!((summary.records, summary.last_seq), (120, 120));
+    // Every record names its writer.
+    let line = &lines(files.last().unwrap())[0];
+    assert!(line.contains(r#""writer":"portcullis-0""#), "{line}");
+
+    // Reopened, the writer continues after the newest sealed segment.
+    let mut log = AuditLog::open_with(&path, &Keys::one(KEY), small_segments()).unwrap();
+    assert_eq!(log.last_seq(), 120);
+    log.append(&batch(41), at(100)).unwrap();
+    let summary =
+        verify_files(&segments(&path).unwrap(), &Keys::one(KEY), &Start::Genesis).unwrap();
+    assert_eq!(summary.last_seq, 123);
+
+    // The command line finds the segments from the active file.
+    let key = key_file(dir.path(), KEY);
+    let (code, out, err) = cli(&path, &key);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(out.contains("123 records in "), "{out}");
+}
+
+#[test]
+fn a_removed_segment_is_found_and_a_later_one_checks_from_its_prev() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = segmented_log(dir.path(), 40, &small_segments());
+    let files = segments(&path).unwrap();
+    // The second segment removed: the third does not follow the first.
+    let mut gap = files.clone();
+    gap.remove(1);
+    let Err(VerifyFailure::Bad {
+        path: at_file,
+        record,
+    }) = verify_files(&gap, &Keys::one(KEY), &Start::Genesis)
+    else {
+        panic!("a missing segment verified")
+    };
+    assert_eq!((at_file, record.line), (files[2].clone(), 1));
+    assert!(matches!(record.problem, Problem::RemovedOrReordered(_)));
+
+    // The oldest segments gone (a retention window): checking from the hash before the first
+    // kept record works, and a wrong hash is found.
+    let before = lines(&files[0]).last().cloned().unwrap();
+    let hash = serde_json::from_str::<Value>(&before).unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kept = &files[1..];
+    let summary = verify_files(kept, &Keys::one(KEY), &Start::After(hash.clone())).unwrap();
+    assert_eq!(summary.last_seq, 120);
+    assert!(verify_files(kept, &Keys::one(KEY), &Start::After(GENESIS_PREV.into())).is_err());
+    let Err(VerifyFailure::Bad { record, .. }) =
+        verify_files(kept, &Keys::one(KEY), &Start::Genesis)
+    else {
+        panic!("a log without its head verified from the genesis")
+    };
+    assert!(record.problem.to_string().contains("--prev"), "{record}");
+
+    // The same through the command line, with the segments named and `--prev`.
+    let key = key_file(dir.path(), KEY);
+    let args = AuditArgs {
+        command: AuditCommand::Verify {
+            files: kept.to_vec(),
+            key: vec![key],
+            prev: Some(hash),
+        },
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(
+        run_to(&args, &mut out, &mut err),
+        0,
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+}
+
+#[test]
+fn standard_input_is_verified() {
+    let (dir, path, _) = new_log(2);
+    let key = key_file(dir.path(), KEY);
+    let bytes = std::fs::read(&path).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = run_verify(
+        &[PathBuf::from("-")],
+        std::slice::from_ref(&key),
+        None,
+        &mut bytes.as_slice(),
+        &mut out,
+        &mut err,
+    );
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+    assert!(String::from_utf8(out).unwrap().contains("6 records"));
+    let mut edited = lines(&path);
+    edited[3] = edited[3].replace(r#""ml-fraud""#, r#""ml-frauds""#);
+    let edited = format!("{}\n", edited.join("\n"));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = run_verify(
+        &[PathBuf::from("-")],
+        &[key],
+        None,
+        &mut edited.as_bytes(),
+        &mut out,
+        &mut err,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        String::from_utf8(err)
+            .unwrap()
+            .contains("line 4 (seq 4): edited")
+    );
+}
+
+#[test]
+fn after_a_key_rotation_each_record_is_checked_with_its_own_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    AuditLog::open(&path, KEY)
+        .unwrap()
+        .append(&batch(0), at(0))
+        .unwrap();
+    // The operator restarted with a new key, the old one kept to check what it signed.
+    let rotated = Keys::with_previous(OTHER_KEY, &[KEY]);
+    let mut log = AuditLog::open_with(&path, &rotated, LogOptions::default()).unwrap();
+    assert_eq!(log.key_id(), key_id(OTHER_KEY));
+    log.append(&batch(1), at(1)).unwrap();
+    drop(log);
+
+    assert_eq!(
+        verify_files(std::slice::from_ref(&path), &rotated, &Start::Genesis)
+            .unwrap()
+            .records,
+        6
+    );
+    // Only the new key: the first records are named as written with another key.
+    let Err(VerifyFailure::Bad { record, .. }) =
+        verify_files(std::slice::from_ref(&path), &Keys::one(OTHER_KEY), &Start::Genesis)
+    else {
+        panic!("verified without the old key")
+    };
+    assert_eq!(record.line, 1);
+    assert_eq!(record.problem, Problem::UnknownKey(key_id(KEY)));
+    // Without the old key the operator does not append either: it cannot check the chain.
+    assert!(matches!(
+        AuditLog::open(&path, OTHER_KEY),
+        Err(AuditError::Broken { .. })
+    ));
+    // The command line takes both keys.
+    let (k1, k2) = (key_file(dir.path(), OTHER_KEY), dir.path().join("old-key"));
+    std::fs::write(&k2, KEY).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = run_verify(&[path], &[k1, k2], None, &mut &b""[..], &mut out, &mut err);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+}
+
+#[test]
+fn only_the_newest_segments_are_kept_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        keep_segments: 2,
+        ..small_segments()
+    };
+    let path = segmented_log(dir.path(), 40, &options);
+    let files = segments(&path).unwrap();
+    assert_eq!(files.len(), 3, "{files:?}");
+    let first = serde_json::from_str::<Value>(&lines(&files[0])[0]).unwrap();
+    assert!(first["seq"].as_u64().unwrap() > 1);
+    // What is left still verifies from the prev of its first record.
+    let prev = first["prev"].as_str().unwrap().to_string();
+    assert_eq!(
+        verify_files(&files, &Keys::one(KEY), &Start::After(prev))
+            .unwrap()
+            .last_seq,
+        120
+    );
+    // And the writer still opens it.
+    assert_eq!(
+        AuditLog::open_with(&path, &Keys::one(KEY), options)
+            .unwrap()
+            .last_seq(),
+        120
+    );
 }

@@ -70,13 +70,16 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
-use crate::policy::Decision;
+use crate::policy::{Decision, Item};
 
-pub use verify::{BadRecord, Problem, VerifyFailure, VerifySummary, verify, verify_bytes};
-pub use writer::AuditLog;
+pub use verify::{
+    BadRecord, Problem, Start, VerifyFailure, VerifySummary, segments, verify, verify_bytes,
+    verify_files, verify_reader,
+};
+pub use writer::{AuditLog, LogOptions};
 
 /// The `prev` of the first record.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -186,6 +189,14 @@ pub struct Entry {
     pub message: String,
     /// The AIPipeline's `metadata.generation` the record comes from.
     pub generation: Option<i64>,
+    /// The AIPipeline's `metadata.uid`: a pipeline deleted and created again under the same
+    /// name is another pipeline.
+    pub pipeline_uid: Option<String>,
+    /// For a decision, the AccessGuardrail that decided it (the first one, when several bound
+    /// the item), or none when the built-in floor or the defaults did.
+    pub guardrail: Option<String>,
+    /// For a decision, the decided item as structured data: the `item` of `plan -o json`.
+    pub item: Option<Value>,
 }
 
 impl Entry {
@@ -207,6 +218,9 @@ impl Entry {
             reason: None,
             message: message.into(),
             generation: None,
+            pipeline_uid: None,
+            guardrail: None,
+            item: None,
         }
     }
 
@@ -235,38 +249,112 @@ impl Entry {
             reason: Some(decision.reason.as_str().to_string()),
             message: decision.message.clone(),
             generation,
+            pipeline_uid: None,
+            guardrail: None,
+            item: Some(item_value(&decision.field, &decision.item)),
         }
     }
 }
 
+/// The `schemaVersion` of the records this build writes. Version 1 records (before
+/// `schemaVersion`, `writer`, `pipelineUid`, `guardrail`, `item` and `keyId`) still verify: the
+/// hash covers the fields a line has, whatever they are.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// A decided item as structured data: its kind, the field of the spec it was asked in, and its
+/// parts (a record's `item`).
+pub fn item_value(field: &str, item: &Item) -> Value {
+    let mut value = match item {
+        Item::Kubernetes {
+            api_group,
+            resource,
+            verb,
+            resource_names,
+        } => json!({
+            "apiGroup": api_group,
+            "resource": resource,
+            "verb": verb,
+            "resourceNames": resource_names,
+        }),
+        Item::Dns => json!({}),
+        Item::Egress(rule) => json!({ "rule": serde_json::to_value(&rule.rule).ok() }),
+        Item::Ingress(rule) => json!({ "rule": serde_json::to_value(&rule.rule).ok() }),
+        Item::VaultPath { path, capability } => json!({
+            "path": path,
+            "capability": serde_json::to_value(capability).ok(),
+        }),
+        Item::VaultTokenTtl { seconds } => json!({ "ttlSeconds": seconds }),
+        Item::Credential {
+            name,
+            path,
+            ttl_seconds,
+            secret_name,
+        } => json!({
+            "name": name,
+            "path": path,
+            "ttlSeconds": ttl_seconds,
+            "secretName": secret_name,
+        }),
+    };
+    if let Value::Object(fields) = &mut value {
+        fields.insert("kind".into(), json!(item.kind()));
+        fields.insert("field".into(), json!(field));
+    }
+    value
+}
+
 /// One line of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Record {
+    /// The record format; see [`SCHEMA_VERSION`]. Absent, and read as 1, in the first format.
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
     /// 1 for the first record, then one more for each.
     pub seq: u64,
     /// When the record was appended, to the millisecond.
     #[serde(with = "millis")]
     pub time: DateTime<Utc>,
+    /// Which writer's chain this is (the replica's name; each shard and replica keeps its own
+    /// chain in its own file).
+    #[serde(default)]
+    pub writer: Option<String>,
     pub action: Action,
     pub namespace: String,
     pub pipeline: String,
+    #[serde(default)]
+    pub pipeline_uid: Option<String>,
     pub stage: Option<String>,
     pub subject: Option<String>,
     pub object: Option<String>,
+    /// The decided item as structured data (decisions only).
+    #[serde(default)]
+    pub item: Option<Value>,
     pub verdict: Option<String>,
     pub reason: Option<String>,
+    /// The AccessGuardrail that decided (decisions only).
+    #[serde(default)]
+    pub guardrail: Option<String>,
     pub message: String,
     pub generation: Option<i64>,
+    /// Which key the hash is keyed with ([`key_id`]): after a key rotation, `audit verify`
+    /// picks each record's key by it.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// The `hash` of the record before, or [`GENESIS_PREV`].
     pub prev: String,
     /// Hex HMAC-SHA256 of `prev`, a newline and the canonical JSON of the rest of the record.
     pub hash: String,
 }
 
+fn schema_v1() -> u32 {
+    1
+}
+
 impl Record {
     /// The record for `entry`, hashed with `key`.
     pub fn new(entry: &Entry, seq: u64, time: DateTime<Utc>, prev: &str, key: &[u8]) -> Record {
-        Record::signed(entry, seq, time, prev, &mac(key))
+        Record::signed(entry, seq, time, prev, &SigningKey::new(key), None)
     }
 
     pub(crate) fn signed(
@@ -274,25 +362,32 @@ impl Record {
         seq: u64,
         time: DateTime<Utc>,
         prev: &str,
-        mac: &HmacSha256,
+        key: &SigningKey,
+        writer: Option<&str>,
     ) -> Record {
         let mut record = Record {
+            schema_version: SCHEMA_VERSION,
             seq,
             time,
+            writer: writer.map(str::to_string),
             action: entry.action,
             namespace: entry.namespace.clone(),
             pipeline: entry.pipeline.clone(),
+            pipeline_uid: entry.pipeline_uid.clone(),
             stage: entry.stage.clone(),
             subject: entry.subject.clone(),
             object: entry.object.clone(),
+            item: entry.item.clone(),
             verdict: entry.verdict.clone(),
             reason: entry.reason.clone(),
+            guardrail: entry.guardrail.clone(),
             message: entry.message.clone(),
             generation: entry.generation,
+            key_id: Some(key.id.clone()),
             prev: prev.to_string(),
             hash: String::new(),
         };
-        record.hash = record.hash_with(mac);
+        record.hash = record.hash_with(&key.mac);
         record
     }
 
@@ -323,6 +418,94 @@ impl Record {
 
 pub(crate) fn mac(key: &[u8]) -> HmacSha256 {
     HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length")
+}
+
+/// The id of `key` as records carry it in `keyId`: the first 16 hex digits of a SHA-256 of the
+/// key under a fixed label. It names the key without revealing anything usable about it (the
+/// key is at least 256 bits of randomness).
+pub fn key_id(key: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(b"portcullis decision-log key id\n");
+    h.update(key);
+    hex::encode(&h.finalize()[..8])
+}
+
+/// A key ready to sign or check records, with its id.
+#[derive(Clone)]
+pub(crate) struct SigningKey {
+    pub id: String,
+    pub mac: HmacSha256,
+}
+
+impl SigningKey {
+    pub(crate) fn new(key: &[u8]) -> SigningKey {
+        SigningKey {
+            id: key_id(key),
+            mac: mac(key),
+        }
+    }
+}
+
+/// The keys a log is checked with: the current one, and earlier ones a key rotation left
+/// records under. Each record is checked with the key its `keyId` names; a record of the first
+/// format (no `keyId`) with the current key.
+#[derive(Clone)]
+pub struct Keys {
+    current: SigningKey,
+    previous: Vec<SigningKey>,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keys")
+            .field("current", &self.current.id)
+            .field(
+                "previous",
+                &self.previous.iter().map(|k| &k.id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Keys {
+    /// Only `key`.
+    pub fn one(key: &[u8]) -> Keys {
+        Keys {
+            current: SigningKey::new(key),
+            previous: Vec::new(),
+        }
+    }
+
+    /// `current`, and earlier keys whose records it should still verify.
+    pub fn with_previous<K: AsRef<[u8]>>(current: &[u8], previous: &[K]) -> Keys {
+        Keys {
+            current: SigningKey::new(current),
+            previous: previous
+                .iter()
+                .map(|k| SigningKey::new(k.as_ref()))
+                .collect(),
+        }
+    }
+
+    /// The id of the current key.
+    pub fn current_id(&self) -> &str {
+        &self.current.id
+    }
+
+    pub(crate) fn current(&self) -> &SigningKey {
+        &self.current
+    }
+
+    /// The key for a record with this `keyId`.
+    pub(crate) fn for_id(&self, id: Option<&str>) -> Option<&SigningKey> {
+        match id {
+            None => Some(&self.current),
+            Some(id) => std::iter::once(&self.current)
+                .chain(&self.previous)
+                .find(|k| k.id == id),
+        }
+    }
 }
 
 /// The hash of a record whose fields other than `hash` are `fields`.

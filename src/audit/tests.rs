@@ -52,12 +52,14 @@ fn hash_follows_the_documented_format() {
     entry.object = Some("Role ml-fraud/fraud-detector-ingest".into());
     entry.generation = Some(3);
     let record = Record::new(&entry, 1, at(5), GENESIS_PREV, KEY);
-    let canonical = concat!(
-        r#"{"action":"create","generation":3,"message":"created","namespace":"ml-fraud","#,
-        r#""object":"Role ml-fraud/fraud-detector-ingest","pipeline":"fraud-detector","#,
+    let canonical = format!(
+        "{}{}{}{}{}{}",
+        r#"{"action":"create","generation":3,"guardrail":null,"item":null,"#,
+        format_args!(r#""keyId":"{}","#, key_id(KEY)),
+        r#""message":"created","namespace":"ml-fraud","#,
+        r#""object":"Role ml-fraud/fraud-detector-ingest","pipeline":"fraud-detector","pipelineUid":null,"#,
         r#""prev":"0000000000000000000000000000000000000000000000000000000000000000","#,
-        r#""reason":null,"seq":1,"stage":"ingest","subject":null,"#,
-        r#""time":"2025-06-15T15:06:40.005Z","verdict":null}"#
+        r#""reason":null,"schemaVersion":2,"seq":1,"stage":"ingest","subject":null,"time":"2025-06-15T15:06:40.005Z","verdict":null,"writer":null}"#
     );
     let mut mac = HmacSha256::new_from_slice(KEY).unwrap();
     mac.update(GENESIS_PREV.as_bytes());
@@ -70,7 +72,7 @@ fn hash_follows_the_documented_format() {
     let line = record.to_line();
     assert!(
         line.starts_with(
-            r#"{"seq":1,"time":"2025-06-15T15:06:40.005Z","action":"create","namespace":"ml-fraud","pipeline":"fraud-detector","stage":"ingest","subject":null,"object":"Role ml-fraud/fraud-detector-ingest","verdict":null,"reason":null,"message":"created","generation":3,"prev":"0000"#
+            r#"{"schemaVersion":2,"seq":1,"time":"2025-06-15T15:06:40.005Z","writer":null,"action":"create","namespace":"ml-fraud","pipeline":"fraud-detector","pipelineUid":null,"stage":"ingest","subject":null,"object":"Role ml-fraud/fraud-detector-ingest","item":null,"verdict":null,"reason":null,"guardrail":null,"message":"created","generation":3,"keyId":"#
         ),
         "{line}"
     );
@@ -146,6 +148,16 @@ fn from_decision_takes_the_decision() {
             reason: Some("CrossStageCredential".into()),
             message: "not yours".into(),
             generation: Some(7),
+            pipeline_uid: None,
+            guardrail: None,
+            item: Some(json!({
+                "kind": "rbac",
+                "field": "spec.stages[1].permissions[0]",
+                "apiGroup": "",
+                "resource": "secrets",
+                "verb": "get",
+                "resourceNames": ["churn-train-s3"],
+            })),
         }
     );
     let allowed = Decision {
@@ -280,6 +292,7 @@ fn a_signed_line_that_is_not_a_record_is_named() {
     fields.insert("action".into(), json!("teleport"));
     fields.remove("hash");
     let hash = hash_fields(&mac(KEY), GENESIS_PREV, &fields);
+
     fields.insert("hash".into(), json!(hash));
     let line = format!("{}\n", Value::Object(fields));
     let err = verify_bytes(line.as_bytes(), KEY).unwrap_err();
@@ -293,4 +306,50 @@ fn a_signed_line_that_is_not_a_record_is_named() {
         err.to_string(),
         "line 1 (seq 1): not a record: it has no \"hash\" string"
     );
+}
+
+/// A record of the first format, as version 0.1 wrote it: no schemaVersion, writer,
+/// pipelineUid, item, guardrail or keyId.
+fn v1_line(seq: u64, prev: &str, action: &str) -> (String, String) {
+    let mut fields = json!({
+        "seq": seq, "time": "2025-06-15T15:06:40.000Z", "action": action,
+        "namespace": "n", "pipeline": "p", "stage": null, "subject": null, "object": null,
+        "verdict": null, "reason": null, "message": "m", "generation": null, "prev": prev,
+    })
+    .as_object()
+    .unwrap()
+    .clone();
+    let hash = hash_fields(&mac(KEY), prev, &fields);
+    fields.insert("hash".into(), json!(hash));
+    (format!("{}\n", Value::Object(fields)), hash)
+}
+
+#[test]
+fn a_log_of_the_first_format_verifies_and_is_continued_in_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let (one, h1) = v1_line(1, GENESIS_PREV, "grant");
+    let (two, _) = v1_line(2, &h1, "create");
+    std::fs::write(&path, format!("{one}{two}")).unwrap();
+    let summary = verify(&path, KEY).unwrap();
+    assert_eq!((summary.records, summary.last_key_id), (2, None));
+
+    let mut log = AuditLog::open(&path, KEY).unwrap();
+    let records = log
+        .append(&[Entry::new(Action::Prune, "n", "p", "pruned")], at(1))
+        .unwrap();
+    assert_eq!(records[0].schema_version, SCHEMA_VERSION);
+    assert_eq!(records[0].seq, 3);
+    let summary = verify(&path, KEY).unwrap();
+    assert_eq!(summary.records, 3);
+    assert_eq!(summary.last_key_id.as_deref(), Some(key_id(KEY).as_str()));
+}
+
+#[test]
+fn key_ids_name_keys_without_revealing_them() {
+    let id = key_id(KEY);
+    assert_eq!(id.len(), 16);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_ne!(id, key_id(b"another key of thirty-two bytes!"));
+    assert!(!hex::encode(KEY).contains(&id));
 }

@@ -1,12 +1,12 @@
 //! `portcullis audit`: work with the decision log.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
 use super::{EXIT_ALLOWED, EXIT_FAILURE, EXIT_INVALID};
-use crate::audit::{self, VerifyFailure, VerifySummary};
+use crate::audit::{self, Keys, Start, VerifyFailure, VerifySummary};
 
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
@@ -18,14 +18,24 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Check that no record of a decision log was edited, removed or reordered.
     ///
+    /// Given the log's active file, its sealed segments beside it (`FILE.<first seq>`) are
+    /// checked first, oldest first, as one chain; given several files, they are checked in the
+    /// order given; `-` reads standard input (a SIEM export, say).
+    ///
     /// Exit status: 0 when every record verifies, 1 when one does not (the first one is named;
     /// it and every record after it cannot be trusted), 2 when the log or the key cannot be read.
     Verify {
-        /// The decision log, one JSON record a line.
-        file: PathBuf,
-        /// The file with the key the log was written with.
-        #[arg(long, value_name = "KEY_FILE")]
-        key: PathBuf,
+        /// The decision log (its active file), its segments in order, or `-`.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The file with the key the log was written with. Give it again for each earlier key
+        /// after a key rotation: each record names its key by id.
+        #[arg(long, value_name = "KEY_FILE", required = true)]
+        key: Vec<PathBuf>,
+        /// Check from a later point than the beginning: the hash of the record before the first
+        /// one read (from the segment before, or a copy kept elsewhere).
+        #[arg(long, value_name = "HASH")]
+        prev: Option<String>,
     },
 }
 
@@ -41,38 +51,93 @@ pub fn run(args: &AuditArgs) -> u8 {
 /// [`run`], printing to `out` and `err`.
 pub fn run_to(args: &AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     match &args.command {
-        AuditCommand::Verify { file, key } => {
-            let key = match audit::load_key(key) {
-                Ok(key) => key,
-                Err(e) => {
-                    let _ = writeln!(err, "error: {e}");
-                    return EXIT_INVALID;
-                }
-            };
-            match audit::verify(file, &key) {
-                Ok(summary) => {
-                    let text = summary_text(&file.display().to_string(), &summary);
-                    if out
-                        .write_all(text.as_bytes())
-                        .and_then(|()| out.flush())
-                        .is_err()
-                    {
-                        return EXIT_FAILURE;
-                    }
-                    EXIT_ALLOWED
-                }
-                Err(e @ VerifyFailure::Unreadable { .. }) => {
-                    let _ = writeln!(err, "error: {e}");
-                    EXIT_INVALID
-                }
-                Err(e @ VerifyFailure::Bad { .. }) => {
-                    let _ = writeln!(
-                        err,
-                        "error: {e}; the records from here on cannot be trusted"
-                    );
-                    EXIT_FAILURE
-                }
+        AuditCommand::Verify { files, key, prev } => run_verify(
+            files,
+            key,
+            prev.as_deref(),
+            &mut std::io::stdin().lock(),
+            out,
+            err,
+        ),
+    }
+}
+
+/// `audit verify`, reading `-` from `stdin`.
+pub fn run_verify(
+    files: &[PathBuf],
+    key_files: &[PathBuf],
+    prev: Option<&str>,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    let mut keys = Vec::new();
+    for path in key_files {
+        match audit::load_key(path) {
+            Ok(key) => keys.push(key),
+            Err(e) => {
+                let _ = writeln!(err, "error: {e}");
+                return EXIT_INVALID;
             }
+        }
+    }
+    let keys = Keys::with_previous(&keys[0], &keys[1..]);
+    let start = match prev {
+        None => Start::Genesis,
+        Some(hash) if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Start::After(hash.to_ascii_lowercase())
+        }
+        Some(other) => {
+            let _ = writeln!(
+                err,
+                "error: --prev {other:?} is not a record hash: give the 64 hex digits of the `hash` of the record before the first one to check"
+            );
+            return EXIT_INVALID;
+        }
+    };
+    let stdin_name = Path::new("-");
+    let result = if files == [stdin_name] {
+        audit::verify_reader(stdin, &keys, &start, Path::new("(standard input)"))
+    } else {
+        let files = match files {
+            [one] => match audit::segments(one) {
+                Ok(found) if !found.is_empty() => found,
+                _ => files.to_vec(),
+            },
+            _ => files.to_vec(),
+        };
+        audit::verify_files(&files, &keys, &start).map(|mut s| {
+            s.files = files.len();
+            s
+        })
+    };
+    let name = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match result {
+        Ok(summary) => {
+            let text = summary_text(&name, &summary);
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                return EXIT_FAILURE;
+            }
+            EXIT_ALLOWED
+        }
+        Err(e @ VerifyFailure::Unreadable { .. }) => {
+            let _ = writeln!(err, "error: {e}");
+            EXIT_INVALID
+        }
+        Err(e @ VerifyFailure::Bad { .. }) => {
+            let _ = writeln!(
+                err,
+                "error: {e}; the records from here on cannot be trusted"
+            );
+            EXIT_FAILURE
         }
     }
 }
@@ -86,10 +151,17 @@ fn summary_text(file: &str, s: &VerifySummary) -> String {
         return out;
     }
     let plural = if s.records == 1 { "" } else { "s" };
+    let segments = if s.files > 1 {
+        format!(" in {} segments", s.files)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "{file}: {} record{plural}, seq 1 to {}, every one verifies",
-        s.records, s.records
+        "{file}: {} record{plural}{segments}, seq {} to {}, every one verifies",
+        s.records,
+        s.first_seq.unwrap_or(1),
+        s.last_seq
     );
     if let (Some(first), Some(last)) = (s.first_time, s.last_time) {
         let _ = writeln!(
@@ -102,7 +174,7 @@ fn summary_text(file: &str, s: &VerifySummary) -> String {
     let _ = writeln!(
         out,
         "  last hash {} (records removed from the end leave a valid chain: compare seq {} and this hash with a copy kept elsewhere)",
-        s.last_hash, s.records
+        s.last_hash, s.last_seq
     );
     let width = s
         .by_action

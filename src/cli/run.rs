@@ -17,6 +17,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", env = "PORTCULLIS_AUDIT_KEY")]
     pub audit_key: PathBuf,
 
+    /// An earlier key of the decision log, after a key rotation: the records it signed are still
+    /// checked when the log is opened (each record names its key by `keyId`). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub audit_previous_key: Vec<PathBuf>,
+
+    /// When an append would take the active decision-log file past this many bytes, it is sealed
+    /// as `<audit-log>.<first seq>` and a new one begun (the chain goes on across segments). Only
+    /// the active file is read on start. 0: never.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub audit_segment_bytes: u64,
+
+    /// Sealed decision-log segments to keep; older ones are deleted. 0 keeps every one (ship the
+    /// stdout copy of the log elsewhere before lowering this).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub audit_keep_segments: usize,
+
     /// Where to serve /healthz, /readyz and /metrics.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -193,6 +209,9 @@ pub fn run(args: &RunArgs) -> u8 {
     let config = RunConfig {
         audit_log: args.audit_log.clone(),
         audit_key: args.audit_key.clone(),
+        audit_previous_keys: args.audit_previous_key.clone(),
+        audit_segment_bytes: args.audit_segment_bytes,
+        audit_keep_segments: args.audit_keep_segments,
         metrics_addr: args.metrics_addr,
         leader_election: !args.no_leader_election,
         lease_namespace: args.lease_namespace.clone(),

@@ -28,19 +28,36 @@ pub enum Category {
 }
 
 impl Category {
-    /// How long to wait before retrying, after `failures` failures in a row.
+    /// How long to wait before retrying, after `failures` failures in a row: doubling from a
+    /// first delay up to a ceiling that depends on the category, then spread by up to a fifth
+    /// either way ([`jitter`]) so that pipelines that failed together do not retry together.
     pub fn retry_after(self, failures: u32) -> Duration {
-        match self {
-            Category::Transient => Duration::from_secs(5),
-            // 2 s, doubling up to 2 minutes.
-            Category::Unavailable | Category::Refused => Duration::from_secs(
-                2u64.saturating_mul(1 << failures.clamp(1, 7).saturating_sub(1))
-                    .min(120),
-            ),
-            Category::Invalid => Duration::from_secs(300),
-            Category::Internal => Duration::from_secs(30),
-        }
+        jitter(self.base_delay(failures), failures)
     }
+
+    /// [`Category::retry_after`] before the jitter.
+    pub fn base_delay(self, failures: u32) -> Duration {
+        let (first, ceiling): (u64, u64) = match self {
+            // A conflict or a restarting API server: soon, then less often.
+            Category::Transient => (1, 60),
+            Category::Unavailable | Category::Refused => (2, 120),
+            Category::Invalid => (300, 300),
+            // The decision log or a state Secret: often enough to notice the fix quickly.
+            Category::Internal => (2, 60),
+        };
+        let doublings = failures.clamp(1, 8) - 1;
+        Duration::from_secs(first.saturating_mul(1u64 << doublings).min(ceiling))
+    }
+}
+
+/// `delay` spread uniformly over ±20 %, from a per-process random state.
+fn jitter(delay: Duration, failures: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new()
+        .hash_one((failures, std::time::SystemTime::now()));
+    // In thousandths: 800 to 1200.
+    let factor = 800 + random % 401;
+    delay * u32::try_from(factor).expect("at most 1200") / 1000
 }
 
 /// Everything a reconcile can fail with. Each has a stable label for metrics and a
@@ -135,17 +152,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outages_back_off_exponentially_and_the_rest_wait_by_category() {
-        let secs = |c: Category, n| c.retry_after(n).as_secs();
+    fn failures_back_off_exponentially_up_to_a_ceiling_by_category() {
+        let secs = |c: Category, n| c.base_delay(n).as_secs();
         assert_eq!(
-            (1..=8)
+            (1..=9)
                 .map(|n| secs(Category::Unavailable, n))
                 .collect::<Vec<_>>(),
-            [2, 4, 8, 16, 32, 64, 120, 120]
+            [2, 4, 8, 16, 32, 64, 120, 120, 120]
         );
         assert_eq!(secs(Category::Refused, 3), 8);
-        assert_eq!(secs(Category::Transient, 9), 5);
-        assert_eq!(secs(Category::Internal, 1), 30);
+        assert_eq!(
+            (1..=8)
+                .map(|n| secs(Category::Transient, n))
+                .collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32, 60, 60]
+        );
+        assert_eq!(secs(Category::Internal, 1), 2);
+        assert_eq!(secs(Category::Internal, 20), 60);
         assert_eq!(secs(Category::Invalid, 1), 300);
+        assert_eq!(secs(Category::Transient, u32::MAX), 60);
+    }
+
+    #[test]
+    fn retries_are_spread_so_that_pipelines_do_not_retry_in_step() {
+        let delays: Vec<Duration> = (0..200)
+            .map(|_| Category::Unavailable.retry_after(4))
+            .collect();
+        for d in &delays {
+            assert!(
+                (Duration::from_millis(12_800)..=Duration::from_millis(19_200)).contains(d),
+                "{d:?}"
+            );
+        }
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(
+            distinct.len() > 50,
+            "{} distinct delays of 200",
+            distinct.len()
+        );
     }
 }

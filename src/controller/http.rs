@@ -1,8 +1,8 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 //!
 //! `/healthz` answers while the process runs. `/readyz` answers 200 once the caches are synced
-//! and this replica is either the leader or a ready standby; a replica that lost its lease
-//! exits instead (see `controller::run`).
+//! and this replica is either the leader or a ready standby, and 503 while the decision log
+//! cannot be written; a replica that lost its lease exits instead (see `controller::run`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,12 +15,15 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use super::journal::LogHealth;
 use super::metrics::Metrics;
 
 /// Shared state the endpoints report.
 #[derive(Default)]
 pub(crate) struct Health {
     pub ready: AtomicBool,
+    /// Whether the decision log can be written (the leader's; a standby has none).
+    pub log: Arc<LogHealth>,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -38,9 +41,14 @@ async fn route(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if health.ready.load(Ordering::Relaxed) => {
-            respond(StatusCode::OK, "text/plain", "ok\n".into())
-        }
+        "/readyz" if health.ready.load(Ordering::Relaxed) => match health.log.failing() {
+            None => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            Some(error) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("the decision log cannot be written, so nothing new is granted: {error}\n"),
+            ),
+        },
         "/readyz" => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",

@@ -57,6 +57,13 @@ pub struct Metrics {
     pub credential_leases: Gauge,
     pub workload_restarts: Counter,
     pub shard: Family<ShardLabels, Gauge>,
+    /// Appends to the decision log that failed.
+    pub decision_log_write_failures: Counter,
+    /// 1 while the decision log can be written, 0 while it cannot.
+    pub decision_log_writable: Gauge,
+    /// Records of renewals and revocations made while the log could not be written, waiting
+    /// to be appended.
+    pub decision_log_deferred: Gauge,
 }
 
 impl Default for Metrics {
@@ -136,8 +143,30 @@ impl Default for Metrics {
             "1, labelled with this operator's --shard-index and --shard-count",
             shard.clone(),
         );
+        let decision_log_write_failures = Counter::default();
+        registry.register(
+            "decision_log_write_failures",
+            "Appends to the decision log that failed (disk full, I/O error); nothing new is granted while it fails",
+            decision_log_write_failures.clone(),
+        );
+        let decision_log_writable = Gauge::default();
+        decision_log_writable.set(1);
+        registry.register(
+            "decision_log_writable",
+            "1 while the decision log can be written, 0 while appends fail",
+            decision_log_writable.clone(),
+        );
+        let decision_log_deferred = Gauge::default();
+        registry.register(
+            "decision_log_deferred_records",
+            "Records of renewals and revocations made while the log could not be written, waiting to be appended",
+            decision_log_deferred.clone(),
+        );
         Metrics {
             registry,
+            decision_log_write_failures,
+            decision_log_writable,
+            decision_log_deferred,
             shard,
             vault_operations,
             credential_leases,

@@ -52,6 +52,12 @@ use crate::shard::Shard;
 pub struct RunConfig {
     pub audit_log: PathBuf,
     pub audit_key: PathBuf,
+    /// Earlier keys, whose records the log still holds after a key rotation.
+    pub audit_previous_keys: Vec<PathBuf>,
+    /// Seal the active log file past this many bytes (0: never).
+    pub audit_segment_bytes: u64,
+    /// Sealed segments kept (0: all).
+    pub audit_keep_segments: usize,
     pub metrics_addr: SocketAddr,
     pub leader_election: bool,
     pub lease_namespace: String,
@@ -102,6 +108,8 @@ pub struct Context {
     /// a reconcile would plan against missing guardrails (and prune what they allow), so it
     /// waits.
     synced: Arc<AtomicBool>,
+    /// Woken when `synced` is set, so that reconciles waiting for it go on at once.
+    synced_notify: Arc<tokio::sync::Notify>,
     /// The digest of the decisions last recorded per AIPipeline uid. The status holds it too
     /// (for restarts), but the cached AIPipeline a reconcile gets may predate our last status
     /// write.
@@ -156,5 +164,11 @@ impl Context {
     /// Appends to the decision log and waits until the records are on disk.
     async fn record(&self, entries: Vec<Entry>) -> Result<()> {
         Ok(self.journal.record(entries).await?)
+    }
+
+    /// Records a renewal, revocation or failure: when the log cannot be written, the records
+    /// are held and the change goes ahead (see [`journal`]).
+    async fn record_keepalive(&self, entries: Vec<Entry>) -> Result<()> {
+        Ok(self.journal.record_keepalive(entries).await?)
     }
 }

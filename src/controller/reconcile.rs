@@ -40,10 +40,11 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
     if pipeline.meta().deletion_timestamp.is_some() {
         return cleanup(&ctx, &pipeline).await;
     }
-    if !ctx.synced.load(Ordering::Acquire) {
+    if !wait_synced(&ctx).await {
         // Planning before the guardrail cache is full would apply the defaults and prune what
-        // the guardrails allow. The caches fill within seconds of start-up.
-        return Ok(Action::requeue(Duration::from_millis(200)));
+        // the guardrails allow. The caches fill within seconds of start-up; when they do not
+        // (the API server is slow or refusing), come back later rather than spin.
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let target = Target::of(&ctx, &pipeline)?;
     let plan = match plan(&ctx, &pipeline, &target) {
@@ -55,10 +56,52 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
     let changes = applier
         .intents(&target.namespace, &plan.objects, &owner)
         .await?;
-    let recorded = record::record(&ctx, &target, &plan, &changes).await?;
+    let recorded = match record::record(&ctx, &target, &plan, &changes).await {
+        Ok(recorded) => recorded,
+        Err(Error::Audit(e)) => {
+            // Nothing is applied without its record. The Vault step still runs: renewals of
+            // what was granted go ahead (their records are held), anything new stops at its
+            // own record.
+            let _ = vault(&ctx, &pipeline, &plan, &Applied::default(), &owner).await;
+            return log_unavailable(&ctx, &target, e).await;
+        }
+        Err(other) => return Err(other),
+    };
     let applied = apply(&ctx, &target, &applier, &changes).await;
-    let vault = vault(&ctx, &pipeline, &plan, &applied, &owner).await?;
+    let vault = match vault(&ctx, &pipeline, &plan, &applied, &owner).await {
+        Err(Error::Audit(e)) => return log_unavailable(&ctx, &target, e).await,
+        other => other?,
+    };
     status(&ctx, &target, &plan, recorded, applied, vault).await
+}
+
+/// The decision log cannot be written: say so in the status, and fail (retried).
+async fn log_unavailable(
+    ctx: &Context,
+    target: &Target,
+    error: super::journal::JournalError,
+) -> Result<Action> {
+    let old = target.old_status.as_ref();
+    let new = status::log_unavailable(&error.to_string(), target.generation, old, now());
+    if let Err(e) = write_status(ctx, &target.namespace, &target.name, &target.uid, old, new).await
+    {
+        warn!(error = %e, "could not say in the status that the decision log cannot be written");
+    }
+    Err(Error::Audit(error))
+}
+
+/// Waits (at most 30 s) until the caches are synced; whether they are.
+async fn wait_synced(ctx: &Context) -> bool {
+    if ctx.synced.load(Ordering::Acquire) {
+        return true;
+    }
+    // Registered before the flag is read again, so that a notification in between is not lost.
+    let notified = ctx.synced_notify.notified();
+    if ctx.synced.load(Ordering::Acquire) {
+        return true;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), notified).await;
+    ctx.synced.load(Ordering::Acquire)
 }
 
 /// What every step needs to know of the pipeline being reconciled.

@@ -46,13 +46,15 @@ pub(crate) async fn record(
     let mut entries: Vec<Entry> = Vec::new();
     if !already_recorded {
         entries.extend(plan.decisions.iter().map(|d| {
-            Entry::from_decision(
+            let mut e = Entry::from_decision(
                 &target.namespace,
                 &target.name,
                 target.generation,
                 &subject(&d.stage),
                 d,
-            )
+            );
+            e.pipeline_uid = Some(target.uid.clone());
+            e
         }));
     }
     entries.extend(
@@ -147,5 +149,8 @@ fn change_entry(change: &Change, target: &Target, subject: &str) -> Entry {
         reason: None,
         message,
         generation: target.generation,
+        pipeline_uid: Some(target.uid.clone()),
+        guardrail: None,
+        item: None,
     }
 }

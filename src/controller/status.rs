@@ -65,6 +65,7 @@ pub enum Reason {
     VaultNotConfigured,
     SecretNotOwned,
     KubernetesError,
+    DecisionLogUnavailable,
 }
 
 impl Reason {
@@ -87,6 +88,7 @@ impl Reason {
             Reason::VaultNotConfigured => "VaultNotConfigured",
             Reason::SecretNotOwned => "SecretNotOwned",
             Reason::KubernetesError => "KubernetesError",
+            Reason::DecisionLogUnavailable => "DecisionLogUnavailable",
         }
     }
 }
@@ -398,6 +400,44 @@ pub fn cleanup_pending(
     ];
     carry_transitions_from(&mut conditions, old, now);
     let mut status = old.cloned().unwrap_or_default();
+    status.conditions = conditions;
+    status
+}
+
+/// The status of a pipeline whose changes wait because the decision log cannot be written:
+/// what was there is kept (and renewals go on), nothing new is granted.
+pub fn log_unavailable(
+    error: &str,
+    generation: Option<i64>,
+    old: Option<&AIPipelineStatus>,
+    now: Time,
+) -> AIPipelineStatus {
+    let message = format!(
+        "the decision log cannot be written, so nothing new is granted or changed until it can (credentials already delivered are still renewed): {error}"
+    );
+    let mut conditions = vec![
+        condition(
+            types::READY,
+            false,
+            Reason::DecisionLogUnavailable,
+            message.clone(),
+            generation,
+        ),
+        condition(
+            types::DEGRADED,
+            true,
+            Reason::DecisionLogUnavailable,
+            message,
+            generation,
+        ),
+    ];
+    carry_transitions_from(&mut conditions, old, now);
+    let mut status = old.cloned().unwrap_or_default();
+    // The other conditions (GuardrailsSatisfied, the Vault ones) stay as they were.
+    status
+        .conditions
+        .retain(|c| c.type_ != types::READY && c.type_ != types::DEGRADED);
+    conditions.extend(status.conditions);
     status.conditions = conditions;
     status
 }

@@ -80,11 +80,15 @@ impl VaultError {
     pub fn from_client(operation: &str, e: ClientError) -> VaultError {
         let operation = operation.to_string();
         match e {
-            ClientError::APIError { code, errors } if code < 500 => VaultError::Refused {
-                operation,
-                code,
-                errors,
-            },
+            // 429: rate-limited (or a performance standby): wait, as for an outage; it is not a
+            // refusal anyone must act on.
+            ClientError::APIError { code, errors } if code < 500 && code != 429 => {
+                VaultError::Refused {
+                    operation,
+                    code,
+                    errors,
+                }
+            }
             ClientError::APIError { code, errors } => VaultError::ServerError {
                 operation,
                 code,
@@ -172,6 +176,9 @@ mod tests {
             sealed.to_string(),
             "Vault is unavailable: issue: HTTP 503: permission denied; twice"
         );
+        let limited = VaultError::from_client("renew", api(429));
+        assert_eq!(limited.kind(), VaultErrorKind::Unavailable);
+        assert_eq!(limited.label(), "unavailable");
         let unreachable = VaultError::from_client("renew", ClientError::ResponseEmptyError);
         assert_eq!(unreachable.kind(), VaultErrorKind::Unavailable);
         assert_eq!(

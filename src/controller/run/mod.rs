@@ -22,7 +22,7 @@ use super::vault::token::{SecretTokenStore, TOKEN_SECRET};
 use super::vault::{VaultCtx, VaultSession};
 use super::{Context, RunConfig, VaultRunConfig, http, journal, reconcile};
 use crate::api::AIPipeline;
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLog, Keys, LogOptions};
 use crate::k8s::{
     Client, Controller, ControllerConfig, ControllerError, LAST_APPLIED, PartialObjectMeta,
     Reporter, Secret, Store, WatchStreamExt, predicates, reflector, watcher,
@@ -33,7 +33,7 @@ use leader::Elected;
 
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
-    let key = crate::audit::load_key(&config.audit_key).map_err(RunError::AuditKey)?;
+    let keys = load_keys(&config)?;
     let (metrics, health) = serve(&config).await?;
 
     let shutdown = shutdown_signal();
@@ -45,7 +45,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     };
     health.ready.store(false, Ordering::Relaxed);
 
-    let audit = open_decision_log(&config, &key)?;
+    let audit = open_decision_log(&config, &keys)?;
 
     let applied = Arc::new(AppliedState::default());
     let scope = WatchScope {
@@ -72,12 +72,14 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         children: caches.children.clone(),
         applied,
         metrics: metrics.clone(),
-        journal: journal::Journal::start(audit).map_err(RunError::Journal)?,
+        journal: journal::Journal::start(audit, health.log.clone(), metrics.clone())
+            .map_err(RunError::Journal)?,
         reporter: Reporter {
             controller: "portcullis".into(),
             instance: Some(config.identity.clone()),
         },
         synced: Arc::new(AtomicBool::new(false)),
+        synced_notify: Arc::default(),
         recorded: Mutex::default(),
         statuses: Mutex::default(),
         failures: Mutex::default(),
@@ -173,12 +175,31 @@ async fn serve(config: &RunConfig) -> Result<(Arc<Metrics>, Arc<http::Health>), 
     Ok((metrics, health))
 }
 
+/// The decision log's key, and earlier keys after a rotation: read before anything else, so a
+/// missing key fails at once.
+fn load_keys(config: &RunConfig) -> Result<Keys, RunError> {
+    let key = crate::audit::load_key(&config.audit_key).map_err(RunError::AuditKey)?;
+    let previous = config
+        .audit_previous_keys
+        .iter()
+        .map(crate::audit::load_key)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunError::AuditKey)?;
+    Ok(Keys::with_previous(&key, &previous))
+}
+
 /// Opens the decision log (its chain verified and continued). Only the leader does: a standby
 /// sharing the file must not hold a stale view of the chain. Each shard has its own file (see
 /// `Shard::path`): two shards never append to one chain.
-fn open_decision_log(config: &RunConfig, key: &[u8]) -> Result<AuditLog, RunError> {
+fn open_decision_log(config: &RunConfig, keys: &Keys) -> Result<AuditLog, RunError> {
     let audit_path = config.shard.path(&config.audit_log);
-    let mut audit = AuditLog::open(&audit_path, key).map_err(RunError::AuditLog)?;
+    let options = LogOptions {
+        max_segment_bytes: config.audit_segment_bytes,
+        keep_segments: config.audit_keep_segments,
+        writer: Some(config.identity.clone()),
+    };
+    let mut audit = AuditLog::open_with(&audit_path, keys, options).map_err(RunError::AuditLog)?;
+    info!(path = %audit_path.display(), last_seq = audit.last_seq(), key_id = audit.key_id(), "opened the decision log");
     if let Some(bytes) = audit.truncated_tail() {
         warn!(bytes, path = %audit_path.display(), "removed a torn last line from the decision log (a write interrupted by a crash; it was never acknowledged)");
     }
@@ -241,6 +262,7 @@ where
 async fn mark_synced(caches: Caches, ctx: Arc<Context>, health: Arc<http::Health>) {
     if caches.wait_synced().await {
         ctx.synced.store(true, Ordering::Release);
+        ctx.synced_notify.notify_waiters();
         health.ready.store(true, Ordering::Relaxed);
     }
 }

@@ -169,7 +169,7 @@ async fn renew(
         format!("renewing lease {hash} by {}s", r.ttl),
     );
     e.subject = side.subject(&r.stage);
-    work.record(e).await?;
+    work.record_keepalive(e).await?;
     let renewed = match endpoints::lease_renew(client, lease_id, r.ttl).await {
         Ok(v) => {
             work.count("renew", "ok");
@@ -181,7 +181,7 @@ async fn renew(
         }) => {
             // The lease is gone (expired, revoked, or its token was): replace it.
             work.count("renew", "refused");
-            work.record(work.entry(
+            work.record_keepalive(work.entry(
                 AuditAction::VaultFailed,
                 Some(&r.stage),
                 object.clone(),
@@ -258,7 +258,7 @@ pub(super) async fn revoke(
         format!("revoking lease {}: {why}", leases::lease_hash(lease_id)),
     );
     e.subject = subject;
-    work.record(e).await?;
+    work.record_keepalive(e).await?;
     work.call(
         "revoke",
         Some(&lease.stage),

@@ -266,11 +266,18 @@ impl<'a> Work<'a> {
         e.stage = stage.map(str::to_string);
         e.object = Some(object);
         e.generation = self.generation;
+        e.pipeline_uid = Some(self.uid.clone());
         e
     }
 
     async fn record(&self, entry: Entry) -> Result<()> {
         self.ctx.record(vec![entry]).await
+    }
+
+    /// Records a renewal, a revocation or a failure, which go ahead even while the decision log
+    /// cannot be written (their records are then held and appended late).
+    async fn record_keepalive(&self, entry: Entry) -> Result<()> {
+        self.ctx.record_keepalive(vec![entry]).await
     }
 
     /// Makes one Vault call: counted, and when it fails, recorded and returned as
@@ -310,7 +317,7 @@ impl<'a> Work<'a> {
         self.count(operation, e.label());
         warn!(pipeline = %self.name, namespace = %self.namespace, operation, error = %e, "a Vault call failed");
         match self
-            .record(self.entry(AuditAction::VaultFailed, stage, object, e.to_string()))
+            .record_keepalive(self.entry(AuditAction::VaultFailed, stage, object, e.to_string()))
             .await
         {
             Ok(()) => Error::Vault(VaultProblem::Call(e)),
