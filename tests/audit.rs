@@ -910,9 +910,11 @@ fn after_a_key_rotation_each_record_is_checked_with_its_own_key() {
         6
     );
     // Only the new key: the first records are named as written with another key.
-    let Err(VerifyFailure::Bad { record, .. }) =
-        verify_files(std::slice::from_ref(&path), &Keys::one(OTHER_KEY), &Start::Genesis)
-    else {
+    let Err(VerifyFailure::Bad { record, .. }) = verify_files(
+        std::slice::from_ref(&path),
+        &Keys::one(OTHER_KEY),
+        &Start::Genesis,
+    ) else {
         panic!("verified without the old key")
     };
     assert_eq!(record.line, 1);

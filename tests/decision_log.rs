@@ -155,3 +155,159 @@ async fn a_full_disk_stops_new_grants_says_so_and_resumes() {
     assert!(op.records().len() > before);
     op.stop();
 }
+
+/// A ValidatingAdmissionPolicy that refuses every change to Roles in `ns`, as a stand-in for
+/// any write the API server keeps refusing.
+async fn refuse_role_writes(client: &kube::Client, ns: &str) -> (String, String) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use kube::api::PostParams;
+    let name = format!("refuse-roles-{ns}");
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["rbac.authorization.k8s.io"], "apiVersions": ["v1"],
+                "operations": ["UPDATE"], "resources": ["roles"],
+            }]},
+            "validations": [{"expression": "false", "message": "role changes are frozen"}],
+        },
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
+        },
+    }))
+    .unwrap();
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    // The API server loads new policies within a second or so: wait until a (dry-run) change
+    // to a Role is refused.
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    wait_for("the policy to refuse Role changes", WAIT, || {
+        let roles = roles.clone();
+        async move {
+            let role = roles
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            let patch = json!({"metadata": {"annotations": {"probe": "x"}}});
+            let params = PatchParams {
+                dry_run: true,
+                ..PatchParams::default()
+            };
+            roles
+                .patch(&role.metadata.name?, &params, &Patch::Merge(&patch))
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await;
+    (name.clone(), name)
+}
+
+#[tokio::test]
+async fn a_change_the_api_server_keeps_refusing_is_recorded_once() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let (client, ns, _) = guarded_namespace("log-repeat").await;
+    let mut op = Operator::start("operator", &ns, None);
+    let mut pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
+    for stage in &mut pipeline.spec.stages {
+        stage.vault = None;
+    }
+    let name = create_pipeline(&client, &pipeline)
+        .await
+        .metadata
+        .name
+        .unwrap();
+    wait_ready(&client, &ns, &name, "True", &op).await;
+
+    let (policy, binding) = refuse_role_writes(&client, &ns).await;
+    let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &ns);
+    let mut stages = serde_json::to_value(&pipeline.spec.stages).unwrap();
+    stages[0]["permissions"][0]["resourceNames"] = json!(["ingest-config", "ingest-extra"]);
+    pipelines
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"stages": stages}})),
+        )
+        .await
+        .unwrap();
+    let role = format!("Role {ns}/{name}-ingest");
+    let updates = |op: &Operator| {
+        op.records()
+            .iter()
+            .filter(|r| r["action"] == "update" && r["object"] == role.as_str())
+            .count()
+    };
+    // The write is refused again and again (the policy can take a moment to apply; then each
+    // retry fails): the reconciles that fail are counted, the record is written once.
+    let waited = tokio::time::timeout(
+        WAIT,
+        wait_for("the Role update to fail three times", WAIT, || async {
+            let failed = op
+                .metric("portcullis_reconciles_total{result=\"kube_error\"}")
+                .await
+                + op.metric("portcullis_reconciles_total{result=\"apply_error\"}")
+                    .await;
+            (failed >= 3.0).then_some(())
+        }),
+    )
+    .await;
+    if waited.is_err() {
+        let p = pipelines.get(&name).await.unwrap();
+        panic!(
+            "no three failures: {:?}\n{}\n{}",
+            p.status,
+            op.http_get("/metrics").await,
+            op.log()
+        );
+    }
+    let p = pipelines.get(&name).await.unwrap();
+    let ready = condition(&p, "Ready").unwrap();
+    assert_eq!(ready.reason, "ApplyFailed", "{}", ready.message);
+    assert!(
+        ready.message.contains("role changes are frozen"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        updates(&op),
+        1,
+        "one update record for one change, however often it is retried"
+    );
+
+    // Allowed again: the change is made under the record already written.
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .delete(&binding, &Default::default())
+        .await
+        .unwrap();
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .delete(&policy, &Default::default())
+        .await
+        .unwrap();
+    wait_ready(&client, &ns, &name, "True", &op).await;
+    assert_eq!(updates(&op), 1);
+    let (ok, out) = op.verify();
+    assert!(ok, "{out}");
+    op.stop();
+}

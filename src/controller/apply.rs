@@ -95,6 +95,15 @@ impl AppliedState {
     fn forget(&self, key: &ObjectKey) {
         self.0.lock().expect("applied-state lock").remove(key);
     }
+
+    /// Forgets the objects that no longer exist (a deleted pipeline's children, collected by
+    /// the garbage collector without a prune of ours).
+    pub(crate) fn forget_gone(&self, index: &ManagedIndex) {
+        self.0
+            .lock()
+            .expect("applied-state lock")
+            .retain(|(kind, ns, name), _| index.get(*kind, ns, name).is_some());
+    }
 }
 
 /// What is about to happen to one object, and why.

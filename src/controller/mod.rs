@@ -118,6 +118,9 @@ pub struct Context {
     statuses: Mutex<HashMap<String, AIPipelineStatus>>,
     /// Failed reconciles in a row per AIPipeline uid, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Per AIPipeline uid, failures already recorded, so that a failure that persists is
+    /// recorded once per change of outcome, not at every retry.
+    repeats: Mutex<HashMap<String, record::Repeats>>,
     /// Vault, when the operator is configured with it.
     vault: Option<vault::VaultCtx>,
 }
@@ -156,6 +159,11 @@ impl Context {
             .lock()
             .expect("failures lock")
             .retain(|uid, _| live.contains(uid));
+        self.repeats
+            .lock()
+            .expect("repeats lock")
+            .retain(|uid, _| live.contains(uid));
+        self.applied.forget_gone(&self.children);
         if let Some(vault) = &self.vault {
             vault.forget_deleted(live).await;
         }

@@ -68,6 +68,7 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
         Err(other) => return Err(other),
     };
     let applied = apply(&ctx, &target, &applier, &changes).await;
+    record::applied(&ctx, &target.uid, &changes, !applied.failures.0.is_empty());
     let vault = match vault(&ctx, &pipeline, &plan, &applied, &owner).await {
         Err(Error::Audit(e)) => return log_unavailable(&ctx, &target, e).await,
         other => other?,

@@ -1,6 +1,8 @@
 //! The record step: the plan's decisions and the changes about to be made go to the decision
 //! log, durably and in one append, before anything changes.
 
+use std::collections::HashMap;
+
 use sha2::{Digest, Sha256};
 
 use super::apply::{Change, Intent};
@@ -10,6 +12,79 @@ use super::reconcile::Target;
 use super::{Context, Result};
 use crate::audit::{Action as AuditAction, Entry};
 use crate::plan::Plan;
+
+/// Failures already in the log for one pipeline, so that a failure that persists is recorded
+/// once per change of outcome (with how often it repeated), not at every retry.
+#[derive(Debug, Default)]
+pub(crate) struct Repeats {
+    /// The changes recorded by the last reconcile whose apply failed, and how many reconciles
+    /// since tried the same changes again.
+    changes: Option<(String, u32)>,
+    /// Per Vault operation and object, the error last recorded and how often it repeated.
+    vault: HashMap<String, (String, u32)>,
+}
+
+/// What to record of a failed Vault call: `None` when the same call failed the same way last
+/// time (it is counted instead); otherwise the message, with how often the failure it replaces
+/// repeated.
+pub(crate) fn vault_failure(ctx: &Context, uid: &str, call: &str, error: &str) -> Option<String> {
+    let mut repeats = ctx.repeats.lock().expect("repeats lock");
+    let seen = repeats.entry(uid.to_string()).or_default();
+    match seen.vault.get_mut(call) {
+        Some((last, count)) if last == error => {
+            *count += 1;
+            None
+        }
+        Some((last, count)) => {
+            let message = format!(
+                "{error} (it failed differently before, {} time{}: {last})",
+                count,
+                if *count == 1 { "" } else { "s" }
+            );
+            *last = error.to_string();
+            *count = 1;
+            Some(message)
+        }
+        None => {
+            seen.vault.insert(call.to_string(), (error.to_string(), 1));
+            Some(error.to_string())
+        }
+    }
+}
+
+/// A Vault call succeeded: its next failure is recorded again. How often the last failure
+/// repeated, if it was recorded.
+pub(crate) fn vault_success(ctx: &Context, uid: &str, call: &str) -> Option<u32> {
+    let mut repeats = ctx.repeats.lock().expect("repeats lock");
+    repeats
+        .get_mut(uid)
+        .and_then(|seen| seen.vault.remove(call))
+        .map(|(_, count)| count)
+}
+
+/// After the apply step: whether `changes` failed, so that retrying the same changes is not
+/// recorded again.
+pub(crate) fn applied(ctx: &Context, uid: &str, changes: &[Change], failed: bool) {
+    let mut repeats = ctx.repeats.lock().expect("repeats lock");
+    let seen = repeats.entry(uid.to_string()).or_default();
+    if failed {
+        let digest = changes_digest(changes);
+        match &mut seen.changes {
+            Some((last, count)) if *last == digest => *count += 1,
+            _ => seen.changes = Some((digest, 1)),
+        }
+    } else {
+        seen.changes = None;
+    }
+}
+
+fn changes_digest(changes: &[Change]) -> String {
+    let mut h = Sha256::new();
+    for c in changes {
+        h.update(format!("{}\0{}\n", c.intent.action(), c.object()));
+    }
+    hex::encode(&h.finalize()[..16])
+}
 
 /// What the record step came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,11 +132,22 @@ pub(crate) async fn record(
             e
         }));
     }
-    entries.extend(
-        changes
-            .iter()
-            .map(|c| change_entry(c, target, &subject(&c.stage))),
-    );
+    // The same changes as a reconcile whose apply failed: they are in the log already, and
+    // trying them again adds nothing to it.
+    let retrying = ctx
+        .repeats
+        .lock()
+        .expect("repeats lock")
+        .get(&target.uid)
+        .and_then(|r| r.changes.as_ref())
+        .is_some_and(|(digest, _)| *digest == changes_digest(changes));
+    if !retrying {
+        entries.extend(
+            changes
+                .iter()
+                .map(|c| change_entry(c, target, &subject(&c.stage))),
+        );
+    }
     ctx.record(entries).await?;
     if !already_recorded {
         ctx.recorded

@@ -56,35 +56,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         info!(shard = %config.shard, "reconciling only the namespaces of this shard");
     }
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
-    let vault = match &config.vault {
-        Some(v) => Some(vault_context(
-            &client,
-            v,
-            config.shard,
-            caches.secrets.clone(),
-        )?),
-        None => None,
-    };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        guardrails: caches.guardrails.clone(),
-        namespaces: caches.namespaces.clone(),
-        children: caches.children.clone(),
-        applied,
-        metrics: metrics.clone(),
-        journal: journal::Journal::start(audit, health.log.clone(), metrics.clone())
-            .map_err(RunError::Journal)?,
-        reporter: Reporter {
-            controller: "portcullis".into(),
-            instance: Some(config.identity.clone()),
-        },
-        synced: Arc::new(AtomicBool::new(false)),
-        synced_notify: Arc::default(),
-        recorded: Mutex::default(),
-        statuses: Mutex::default(),
-        failures: Mutex::default(),
-        vault,
-    });
+    let ctx = context(&client, &config, &caches, applied, &metrics, &health, audit)?;
 
     let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
 
@@ -125,9 +97,16 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         .owns_stream(secrets)
         .watches_stream(
             guardrails,
-            mappers::guardrail_mapper(pipelines.clone(), caches.namespaces.clone()),
+            mappers::guardrail_mapper(
+                pipelines.clone(),
+                caches.namespaces.clone(),
+                caches.guardrails.clone(),
+            ),
         )
-        .watches_stream(namespaces, mappers::namespace_mapper(pipelines.clone()))
+        .watches_stream(
+            namespaces,
+            mappers::namespace_mapper(pipelines.clone(), caches.namespaces.clone()),
+        )
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|result| {
@@ -173,6 +152,49 @@ async fn serve(config: &RunConfig) -> Result<(Arc<Metrics>, Arc<http::Health>), 
     info!(address = %config.metrics_addr, "serving /healthz, /readyz and /metrics");
     tokio::spawn(http::serve(listener, health.clone(), metrics.clone()));
     Ok((metrics, health))
+}
+
+/// What every reconcile shares, over the caches just started.
+fn context(
+    client: &Client,
+    config: &RunConfig,
+    caches: &Caches,
+    applied: Arc<AppliedState>,
+    metrics: &Arc<Metrics>,
+    health: &Arc<http::Health>,
+    audit: AuditLog,
+) -> Result<Arc<Context>, RunError> {
+    let vault = match &config.vault {
+        Some(v) => Some(vault_context(
+            client,
+            v,
+            config.shard,
+            caches.secrets.clone(),
+        )?),
+        None => None,
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        guardrails: caches.guardrails.clone(),
+        namespaces: caches.namespaces.clone(),
+        children: caches.children.clone(),
+        applied,
+        metrics: metrics.clone(),
+        journal: journal::Journal::start(audit, health.log.clone(), metrics.clone())
+            .map_err(RunError::Journal)?,
+        reporter: Reporter {
+            controller: "portcullis".into(),
+            instance: Some(config.identity.clone()),
+        },
+        synced: Arc::new(AtomicBool::new(false)),
+        synced_notify: Arc::default(),
+        recorded: Mutex::default(),
+        statuses: Mutex::default(),
+        failures: Mutex::default(),
+        repeats: Mutex::default(),
+        vault,
+    });
+    Ok(ctx)
 }
 
 /// The decision log's key, and earlier keys after a rotation: read before anything else, so a

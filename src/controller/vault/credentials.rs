@@ -173,6 +173,7 @@ async fn renew(
     let renewed = match endpoints::lease_renew(client, lease_id, r.ttl).await {
         Ok(v) => {
             work.count("renew", "ok");
+            work.succeeded("renew", &object);
             Some(v)
         }
         Err(ClientError::APIError {

@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tracing::warn;
+use tracing::{info, warn};
 use vaultrs::error::ClientError;
 
 use super::metrics::VaultLabels;
@@ -292,6 +292,7 @@ impl<'a> Work<'a> {
         match call.await {
             Ok(v) => {
                 self.count(operation, "ok");
+                self.succeeded(operation, object);
                 Ok(v)
             }
             Err(e) => Err(self
@@ -316,12 +317,30 @@ impl<'a> Work<'a> {
     ) -> Error {
         self.count(operation, e.label());
         warn!(pipeline = %self.name, namespace = %self.namespace, operation, error = %e, "a Vault call failed");
+        // A failure that repeats is recorded once, with how often it repeated when it changes.
+        let call = format!("{operation} {object}");
+        let Some(message) =
+            crate::controller::record::vault_failure(self.ctx, &self.uid, &call, &e.to_string())
+        else {
+            return Error::Vault(VaultProblem::Call(e));
+        };
         match self
-            .record_keepalive(self.entry(AuditAction::VaultFailed, stage, object, e.to_string()))
+            .record_keepalive(self.entry(AuditAction::VaultFailed, stage, object, message))
             .await
         {
             Ok(()) => Error::Vault(VaultProblem::Call(e)),
             Err(log) => log,
+        }
+    }
+
+    /// A Vault call succeeded: its next failure is recorded again.
+    fn succeeded(&self, operation: &str, object: &str) {
+        if let Some(times) = crate::controller::record::vault_success(
+            self.ctx,
+            &self.uid,
+            &format!("{operation} {object}"),
+        ) {
+            info!(pipeline = %self.name, namespace = %self.namespace, operation, object, failed_times = times, "a Vault call that was failing succeeded");
         }
     }
 
