@@ -23,6 +23,7 @@ use portcullis::api::{AIPipeline, AccessGuardrail};
 use portcullis::plan::{self, Plan};
 use portcullis::policy::Item;
 use serde_json::{Value, json};
+use support::admission::Refusal;
 use support::{
     Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_ready,
     with_pipeline,
@@ -744,4 +745,63 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     wait_ready(&client, &ns, "support-llm", "True", &b).await;
     assert!(b.records().iter().any(|r| r["pipeline"] == "support-llm"));
     assert!(b.verify().0, "{}", b.verify().1);
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_its_lease_stops_writing_before_it_expires() {
+    let (client, ns, _) = guarded_namespace("renew").await;
+    let mut a = Operator::start("operator-a", &ns, Some(&ns));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease =
+        |leases: Api<Lease>| async move { leases.get_opt("portcullis-leader").await.ok()??.spec };
+    support::wait_for("operator-a to lead", WAIT, || {
+        let leases = leases.clone();
+        async move { (lease(leases).await?.holder_identity? == "operator-a").then_some(()) }
+    })
+    .await;
+    create_pipeline(
+        &client,
+        &example("examples/pipelines/fraud-detector.yaml", &ns),
+    )
+    .await;
+    wait_ready(&client, &ns, "fraud-detector", "True", &a).await;
+
+    // The API server refuses every renewal of the Lease from now on.
+    let refusal = Refusal::install(
+        &client,
+        ("coordination.k8s.io", "leases"),
+        &ns,
+        "object.metadata.name == 'portcullis-leader'",
+        "the lease is frozen",
+        &leases,
+        "portcullis-leader",
+    )
+    .await;
+    // The leader stops on its own, before the Lease it last renewed could be taken.
+    let stopped_at = support::wait_for("operator-a to stop", WAIT, || {
+        let exited = a.exited();
+        async move { exited.then(chrono::Utc::now) }
+    })
+    .await;
+    let spec = lease(leases.clone()).await.expect("the lease");
+    let renewed = spec.renew_time.expect("renewed").0;
+    let expires = renewed
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+            spec.lease_duration_seconds.expect("a duration"),
+        )))
+        .unwrap();
+    let stopped =
+        k8s_openapi::jiff::Timestamp::from_millisecond(stopped_at.timestamp_millis()).unwrap();
+    assert!(
+        stopped < expires,
+        "the leader stopped at {stopped}, after its lease could be taken at {expires}"
+    );
+    assert!(
+        a.full_log().contains("can no longer count on"),
+        "{}",
+        a.log()
+    );
+    refusal.lift().await;
+    let (ok, out) = a.verify();
+    assert!(ok, "{out}");
 }

@@ -11,6 +11,7 @@ use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, Patch, PatchParams};
 use portcullis::api::AIPipeline;
 use serde_json::json;
+use support::admission::Refusal;
 use support::{
     Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_for, wait_ready,
 };
@@ -156,77 +157,8 @@ async fn a_full_disk_stops_new_grants_says_so_and_resumes() {
     op.stop();
 }
 
-/// A ValidatingAdmissionPolicy that refuses every change to Roles in `ns`, as a stand-in for
-/// any write the API server keeps refusing.
-async fn refuse_role_writes(client: &kube::Client, ns: &str) -> (String, String) {
-    use k8s_openapi::api::admissionregistration::v1::{
-        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-    };
-    use kube::api::PostParams;
-    let name = format!("refuse-roles-{ns}");
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{
-                "apiGroups": ["rbac.authorization.k8s.io"], "apiVersions": ["v1"],
-                "operations": ["UPDATE"], "resources": ["roles"],
-            }]},
-            "validations": [{"expression": "false", "message": "role changes are frozen"}],
-        },
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
-        },
-    }))
-    .unwrap();
-    Api::<ValidatingAdmissionPolicy>::all(client.clone())
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    // The API server loads new policies within a second or so: wait until a (dry-run) change
-    // to a Role is refused.
-    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
-    wait_for("the policy to refuse Role changes", WAIT, || {
-        let roles = roles.clone();
-        async move {
-            let role = roles
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .next()?;
-            let patch = json!({"metadata": {"annotations": {"probe": "x"}}});
-            let params = PatchParams {
-                dry_run: true,
-                ..PatchParams::default()
-            };
-            roles
-                .patch(&role.metadata.name?, &params, &Patch::Merge(&patch))
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await;
-    (name.clone(), name)
-}
-
 #[tokio::test]
 async fn a_change_the_api_server_keeps_refusing_is_recorded_once() {
-    use k8s_openapi::api::admissionregistration::v1::{
-        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-    };
     let (client, ns, _) = guarded_namespace("log-repeat").await;
     let mut op = Operator::start("operator", &ns, None);
     let mut pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
@@ -240,7 +172,17 @@ async fn a_change_the_api_server_keeps_refusing_is_recorded_once() {
         .unwrap();
     wait_ready(&client, &ns, &name, "True", &op).await;
 
-    let (policy, binding) = refuse_role_writes(&client, &ns).await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let refusal = Refusal::install(
+        &client,
+        ("rbac.authorization.k8s.io", "roles"),
+        &ns,
+        "true",
+        "role changes are frozen",
+        &roles,
+        &format!("{name}-ingest"),
+    )
+    .await;
     let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &ns);
     let mut stages = serde_json::to_value(&pipeline.spec.stages).unwrap();
     stages[0]["permissions"][0]["resourceNames"] = json!(["ingest-config", "ingest-extra"]);
@@ -297,14 +239,7 @@ async fn a_change_the_api_server_keeps_refusing_is_recorded_once() {
     );
 
     // Allowed again: the change is made under the record already written.
-    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
-        .delete(&binding, &Default::default())
-        .await
-        .unwrap();
-    Api::<ValidatingAdmissionPolicy>::all(client.clone())
-        .delete(&policy, &Default::default())
-        .await
-        .unwrap();
+    refusal.lift().await;
     wait_ready(&client, &ns, &name, "True", &op).await;
     assert_eq!(updates(&op), 1);
     let (ok, out) = op.verify();

@@ -30,6 +30,8 @@
 //! unless `PORTCULLIS_ENVTEST_KEEP` is set. Each test should work in its own namespace.
 #![allow(dead_code)]
 
+/// ValidatingAdmissionPolicies that make the API server refuse a write ([`admission::Refusal`]).
+pub(crate) mod admission;
 mod control_plane;
 mod fixture;
 mod helpers;

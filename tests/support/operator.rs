@@ -227,6 +227,11 @@ impl Operator {
         self.server.stop();
     }
 
+    /// Whether the operator process has exited (on its own, or stopped).
+    pub(crate) fn exited(&mut self) -> bool {
+        self.server.exited()
+    }
+
     /// The last 60 lines of the operator's log.
     pub(crate) fn log(&self) -> String {
         self.server.log_tail(60)

@@ -67,12 +67,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         pipelines.clone(),
     ));
 
-    let lost_leadership = async move {
-        match leadership {
-            Some(leadership) => leadership.lost().await,
-            None => futures::future::pending::<()>().await,
-        }
-    };
+    let mut leadership = leadership;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
     let stop = async move {
         let _ = stop_rx.await;
@@ -115,11 +110,28 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         });
     tokio::pin!(run);
 
-    let reason = tokio::select! {
-        () = &mut run => Stop::ControllerStopped,
-        () = &mut shutdown => Stop::Shutdown,
-        () = lost_leadership => Stop::LostLease,
+    let reason = {
+        let lost_leadership = async {
+            match leadership.as_mut() {
+                Some(leadership) => leadership.lost().await,
+                None => futures::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = &mut run => Stop::ControllerStopped,
+            () = &mut shutdown => Stop::Shutdown,
+            () = lost_leadership => Stop::LostLease,
+        }
     };
+    if reason == Stop::LostLease {
+        // Another replica may hold the Lease any moment now: stop writing at once. Dropping
+        // the controller cancels the reconciles in flight at their next await.
+        metrics.leader.set(0);
+        error!(
+            "this replica can no longer count on the leader Lease; stopping at once so that it restarts as a standby"
+        );
+        return Err(RunError::LostLease);
+    }
     info!(%reason, "stopping: finishing the reconciles in flight");
     let _ = stop_tx.send(reason);
     if tokio::time::timeout(Duration::from_secs(20), &mut run)
@@ -129,11 +141,9 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         warn!("reconciles did not finish within 20 s");
     }
     metrics.leader.set(0);
-    if reason == Stop::LostLease {
-        error!(
-            "another replica holds the leader Lease now; exiting so that this one restarts as a standby"
-        );
-        return Err(RunError::LostLease);
+    // Only now, with nothing in flight, may a standby take over.
+    if let Some(leadership) = leadership {
+        leadership.release().await;
     }
     Ok(())
 }
