@@ -805,3 +805,85 @@ async fn a_leader_that_cannot_renew_its_lease_stops_writing_before_it_expires() 
     let (ok, out) = a.verify();
     assert!(ok, "{out}");
 }
+
+#[tokio::test]
+async fn the_reconcile_annotation_puts_a_tampered_status_right_and_is_recorded_once_per_value() {
+    let f = support::with_pipeline("annotate", "examples/pipelines/rag-assistant.yaml").await;
+    let mut pipeline = f.pipeline.clone();
+    for stage in &mut pipeline.spec.stages {
+        stage.vault = None;
+    }
+    let api: Api<AIPipeline> = Api::namespaced(f.client.clone(), &f.ns);
+    let name = f.name();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            &json!({"spec": {"stages": serde_json::to_value(&pipeline.spec.stages).unwrap()}}),
+        ),
+    )
+    .await
+    .unwrap();
+    f.wait_ready("True").await;
+
+    // Someone rewrites the status: the operator does not watch status edits.
+    let live = api.get_status(&name).await.unwrap();
+    let mut tampered = serde_json::to_value(live.status.unwrap()).unwrap();
+    for c in tampered["conditions"].as_array_mut().unwrap() {
+        if c["type"] == "Ready" {
+            c["status"] = json!("False");
+            c["reason"] = json!("Tampered");
+        }
+    }
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": tampered})),
+    )
+    .await
+    .unwrap();
+    let requests = |f: &support::Fixture| {
+        f.op.records()
+            .iter()
+            .filter(|r| r["action"] == "reconcile-requested")
+            .count()
+    };
+    for (value, expected) in [("1", 1), ("1", 1), ("2", 2)] {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"metadata": {"annotations": {"portcullis.dev/reconcile": value}}}),
+            ),
+        )
+        .await
+        .unwrap();
+        support::wait_for("the request to be recorded", WAIT, || async {
+            (requests(&f) == expected).then_some(())
+        })
+        .await;
+        let p = f.wait_ready("True").await;
+        assert_eq!(
+            support::condition(&p, "Ready").unwrap().reason,
+            "Reconciled"
+        );
+    }
+    let events = f
+        .client
+        .request::<Value>(
+            kube::core::Request::new(format!("/apis/events.k8s.io/v1/namespaces/{}/events", f.ns))
+                .list(&ListParams::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let asked = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "ReconcileRequested" && e["type"] == "Normal")
+        .count();
+    assert!(asked >= 1, "{events}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(requests(&f), 2, "the same value is not recorded again");
+}

@@ -121,11 +121,13 @@ pub enum Action {
     RoleWritten,
     /// A call to Vault failed.
     VaultFailed,
+    /// Someone asked for a reconcile with the `portcullis.dev/reconcile` annotation.
+    ReconcileRequested,
 }
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -140,6 +142,7 @@ impl Action {
         Action::PolicyWritten,
         Action::RoleWritten,
         Action::VaultFailed,
+        Action::ReconcileRequested,
     ];
 
     /// The name in the log, such as `drift-reverted`.
@@ -159,6 +162,7 @@ impl Action {
             Action::PolicyWritten => "policy-written",
             Action::RoleWritten => "role-written",
             Action::VaultFailed => "vault-failed",
+            Action::ReconcileRequested => "reconcile-requested",
         }
     }
 }

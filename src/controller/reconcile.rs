@@ -46,7 +46,15 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
         // (the API server is slow or refusing), come back later rather than spin.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let target = Target::of(&ctx, &pipeline)?;
+    let mut target = Target::of(&ctx, &pipeline)?;
+    if record::requested(&ctx, &pipeline, &target).await? {
+        // Asked for: compare with the status as the API server has it, not as last written.
+        ctx.statuses
+            .lock()
+            .expect("status lock")
+            .remove(&target.uid);
+        target = Target::of(&ctx, &pipeline)?;
+    }
     let plan = match plan(&ctx, &pipeline, &target) {
         Ok(plan) => plan,
         Err(errors) => return invalid(&ctx, &target, &errors).await,

@@ -15,6 +15,8 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "portculli
 pub const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
 /// The label naming the stage an object belongs to.
 pub const STAGE_LABEL: &str = "portcullis.dev/stage";
+/// An AIPipeline annotation: a new value asks for a reconcile now (recorded once per value).
+pub const RECONCILE_ANNOTATION: &str = "portcullis.dev/reconcile";
 
 fn short_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();

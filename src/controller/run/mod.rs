@@ -27,6 +27,7 @@ use crate::k8s::{
     Client, Controller, ControllerConfig, ControllerError, LAST_APPLIED, PartialObjectMeta,
     Reporter, Secret, Store, WatchStreamExt, predicates, reflector, watcher,
 };
+use crate::plan::names::RECONCILE_ANNOTATION;
 use crate::shard::Shard;
 use caches::{Caches, Streams, WatchScope};
 use leader::Elected;
@@ -265,13 +266,23 @@ fn pipeline_controller(
     )
     .default_backoff()
     .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    .predicate_filter(generation_or_request, Default::default());
     let controller = Controller::for_stream(pipeline_events, pipelines.clone())
         // No debounce: the echo of the operator's own writes is filtered out where it arrives
         // (see `caches`), so a debounce would only delay every first reconcile of a new
         // pipeline (it was 250 ms, most of a new pipeline's time to Ready).
         .with_config(ControllerConfig::default().concurrency(concurrency));
     (pipelines, controller)
+}
+
+/// What makes an AIPipeline event worth a reconcile: a new generation (a new spec, or
+/// deletion), or a new value of an annotation that asks for something
+/// ([`RECONCILE_ANNOTATION`]).
+fn generation_or_request(pipeline: &AIPipeline) -> Option<u64> {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let generation = predicates::generation(pipeline)?;
+    let request = crate::k8s::ResourceExt::annotations(pipeline).get(RECONCILE_ANNOTATION);
+    Some(BuildHasherDefault::<DefaultHasher>::default().hash_one((generation, request)))
 }
 
 /// Logs what the controller reports besides reconciles (those are counted and logged by
