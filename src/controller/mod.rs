@@ -23,6 +23,7 @@ mod journal;
 mod metrics;
 mod reconcile;
 mod record;
+mod reports;
 mod run;
 pub mod status;
 pub(crate) mod vault;
@@ -110,6 +111,8 @@ pub struct Context {
     synced: Arc<AtomicBool>,
     /// Woken when `synced` is set, so that reconciles waiting for it go on at once.
     synced_notify: Arc<tokio::sync::Notify>,
+    /// Whether the API server serves PolicyReports (looked up once the caches are synced).
+    policy_reports: AtomicBool,
     /// The digest of the decisions last recorded per AIPipeline uid. The status holds it too
     /// (for restarts), but the cached AIPipeline a reconcile gets may predate our last status
     /// write.

@@ -23,6 +23,7 @@ use super::error::{ApplyFailure, ApplyFailures};
 use super::events::{self, EventReason};
 use super::metrics::{Metrics, ResultLabels};
 use super::record::{self, Recorded};
+use super::reports;
 use super::status::{self, Reason};
 use super::vault::{self, VaultOutcome, VaultSide};
 use super::{Context, Error, Result};
@@ -81,7 +82,7 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
         Err(Error::Audit(e)) => return log_unavailable(&ctx, &target, e).await,
         other => other?,
     };
-    status(&ctx, &target, &plan, recorded, applied, vault).await
+    status(&ctx, &target, &plan, &owner, recorded, applied, vault).await
 }
 
 /// The decision log cannot be written: say so in the status, and fail (retried).
@@ -309,6 +310,7 @@ async fn status(
     ctx: &Context,
     target: &Target,
     plan: &Plan,
+    owner: &OwnerReference,
     recorded: Recorded,
     applied: Applied,
     vault: Option<VaultOutcome>,
@@ -319,9 +321,18 @@ async fn status(
         vault: vault.as_ref().map(VaultOutcome::summary),
     };
     let old = target.old_status.as_ref();
+    let decided_anew = old.and_then(|s| s.recorded_decisions.as_deref()) != Some(&recorded.digest);
     let mut new = status::for_plan(plan, &outcome, target.generation, old, now());
     new.recorded_decisions = Some(recorded.digest);
     write_status(ctx, &target.namespace, &target.name, &target.uid, old, new).await?;
+    if decided_anew && ctx.policy_reports.load(Ordering::Relaxed) {
+        let report = reports::report(plan, owner, chrono::Utc::now().timestamp());
+        if let Err(error) = reports::write(&ctx.client, &report).await {
+            // Advisory: the decision log and the status hold the same; written again when the
+            // decisions next change.
+            warn!(%error, "could not write the pipeline's PolicyReport");
+        }
+    }
 
     if !applied.failures.0.is_empty() {
         return Err(Error::Apply(applied.failures));

@@ -199,6 +199,7 @@ fn context(
         },
         synced: Arc::new(AtomicBool::new(false)),
         synced_notify: Arc::default(),
+        policy_reports: AtomicBool::new(false),
         recorded: Mutex::default(),
         statuses: Mutex::default(),
         failures: Mutex::default(),
@@ -304,6 +305,11 @@ where
 /// Once every cache holds a full list: reconciles may plan, and /readyz says ready.
 async fn mark_synced(caches: Caches, ctx: Arc<Context>, health: Arc<http::Health>) {
     if caches.wait_synced().await {
+        let reports = super::reports::served(&ctx.client).await;
+        if reports {
+            info!("the API server serves wgpolicyk8s.io PolicyReports: writing one per pipeline");
+        }
+        ctx.policy_reports.store(reports, Ordering::Relaxed);
         ctx.synced.store(true, Ordering::Release);
         ctx.synced_notify.notify_waiters();
         health.ready.store(true, Ordering::Relaxed);
