@@ -1103,3 +1103,79 @@ async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everythi
     assert!(postgres().roles_starting_with(&user).is_empty());
     setup.assert_conformant();
 }
+
+/// Issue 10, hole 1: a rotation cut short between saving the new lease and writing the Secret
+/// (a SIGKILL, or one failed Secret write) leaves the old credentials in the Secret while their
+/// lease is retired. The Secret is put back to what it held before the rotation, as if the write
+/// never happened: the operator notices that it holds another lease than the current one and
+/// repairs it, so the Secret ends up with live credentials that log into PostgreSQL.
+#[tokio::test]
+async fn a_secret_left_with_replaced_credentials_is_repaired_before_they_are_revoked() {
+    let options = Options {
+        grace: "2s",
+        ..SLOW
+    };
+    let setup = Setup::new("vault-stale", &options).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (before, first_hash) = setup.wait_for_secret().await;
+    let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
+    let moved = setup.pipeline_from(SLOW.credential_ttl, DB_ROLE_2);
+    api.patch(
+        PIPELINE,
+        &Default::default(),
+        &kube::api::Patch::Merge(&json!({"spec": moved.spec})),
+    )
+    .await
+    .unwrap();
+    wait_for("the rotation", WAIT, || async {
+        let (_, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some(())
+    })
+    .await;
+    // The Secret as it was before the rotation: old data, old lease hash.
+    let secrets: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.ns);
+    let annotations = before.annotations().clone();
+    secrets
+        .patch(
+            "fraud-ingest-db",
+            &Default::default(),
+            &kube::api::Patch::Merge(&json!({
+                "metadata": {"annotations": annotations},
+                "data": before.data,
+            })),
+        )
+        .await
+        .expect("the Secret put back");
+    // Well past the grace period, the Secret holds the current live lease again.
+    let repaired = wait_for("the Secret repaired", WAIT, || async {
+        let (secret, hash) = setup.wait_for_secret().await;
+        let live = setup.active_leases().await;
+        let current = live
+            .iter()
+            .any(|l| portcullis::vault::leases::lease_hash(l) == hash);
+        (hash != first_hash && current).then_some(secret)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let secret = setup.secret().await.unwrap();
+    assert_eq!(secret.data, repaired.data, "repaired once, then left alone");
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    let p = setup.get_pipeline().await.unwrap();
+    assert_eq!(
+        p.status.as_ref().unwrap().stages[0].credentials[0]
+            .lease_hash
+            .as_deref(),
+        secret
+            .annotations()
+            .get("portcullis.dev/lease-hash")
+            .map(String::as_str),
+        "the status names the lease the Secret holds"
+    );
+    wait_for("one live lease, tracked", WAIT, || async {
+        let active = setup.active_leases().await;
+        (active.len() == 1 && active == setup.tracked_leases().await).then_some(())
+    })
+    .await;
+    setup.assert_conformant();
+}

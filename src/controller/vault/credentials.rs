@@ -6,6 +6,7 @@ use tracing::{info, warn};
 use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
+use super::secrets::Held;
 use super::state::VaultState;
 use super::{VaultSide, Work, earliest, rfc3339, secrets};
 use crate::api::CredentialStatus;
@@ -15,21 +16,39 @@ use crate::k8s::OwnerReference;
 use crate::plan::CredentialRequest;
 use crate::vault::VaultError;
 use crate::vault::endpoints;
-use crate::vault::leases::{self, LeaseRecord, Step};
+use crate::vault::leases::{self, Delivery, LeaseRecord, Step};
 
 /// Issues, renews, replaces and revokes what is due now. Returns the earliest time something
-/// falls due next.
+/// falls due next. `held` is what the credential Secrets hold; it is confirmed against the API
+/// server where it differs from the current lease, and kept up to date with what is written.
 pub(super) async fn converge(
     work: &Work<'_>,
     client: &VaultClient,
     side: &VaultSide,
     owner: &OwnerReference,
     state: &mut VaultState,
+    held: &mut Held,
 ) -> Result<Option<DateTime<Utc>>> {
-    let (steps, mut wake) =
-        leases::due(Utc::now(), &side.vault.credentials, &state.leases, |name| {
-            secrets::delivered(work, name)
-        });
+    for r in &side.vault.credentials {
+        let current = state
+            .leases
+            .iter()
+            .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name);
+        if let Some(lease) = current
+            && secrets::delivery(held, &r.secret_name, &lease.lease_id) != Delivery::Current
+        {
+            held.insert(
+                r.secret_name.clone(),
+                secrets::confirm(work, &r.secret_name).await?,
+            );
+        }
+    }
+    let (steps, mut wake) = leases::due(
+        Utc::now(),
+        &side.vault.credentials,
+        &state.leases,
+        |name, lease| secrets::delivery(held, name, lease),
+    );
     for step in steps {
         match step {
             Step::Issue {
@@ -38,7 +57,9 @@ pub(super) async fn converge(
                 why,
             } => {
                 let r = &side.vault.credentials[request];
-                let renew_at = issue(work, client, side, owner, state, r, replaces, why).await?;
+                let (lease_id, renew_at) =
+                    issue(work, client, side, owner, state, r, replaces, why).await?;
+                held.insert(r.secret_name.clone(), Some(leases::lease_hash(&lease_id)));
                 wake = earliest(wake, renew_at);
             }
             Step::Renew { lease_id, request } => {
@@ -68,7 +89,7 @@ fn object(r: &CredentialRequest) -> String {
 }
 
 /// Records, then issues new credentials into the request's Secret; the lease it replaces (if
-/// any) is retired after the grace period. Returns when to renew the new lease.
+/// any) is retired after the grace period. Returns the new lease and when to renew it.
 #[allow(clippy::too_many_arguments)]
 async fn issue(
     work: &Work<'_>,
@@ -79,7 +100,7 @@ async fn issue(
     r: &CredentialRequest,
     replaces: Option<String>,
     why: &str,
-) -> Result<DateTime<Utc>> {
+) -> Result<(String, DateTime<Utc>)> {
     let object = object(r);
     secrets::refuse_foreign(work, side, r, &object).await?;
     let (action, message) = match &replaces {
@@ -146,7 +167,7 @@ async fn issue(
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
-    Ok(record.renew_at)
+    Ok((record.lease_id, record.renew_at))
 }
 
 /// Records, then renews a lease. A lease Vault no longer knows is marked for replacement.
@@ -270,11 +291,12 @@ pub(super) async fn revoke(
     work.save(state).await
 }
 
-/// The delivered credentials for the status, and how many of them have a lease that has not
-/// expired.
+/// The delivered credentials for the status (a current lease whose credentials its Secret
+/// holds), and how many of them have a lease that has not expired.
 pub(super) fn delivered(
     side: &VaultSide,
     state: &VaultState,
+    held: &Held,
 ) -> (Vec<(String, CredentialStatus)>, usize) {
     let now = Utc::now();
     let mut live = 0;
@@ -286,7 +308,10 @@ pub(super) fn delivered(
             let lease = state
                 .leases
                 .iter()
-                .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)?;
+                .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)
+                .filter(|l| {
+                    secrets::delivery(held, &r.secret_name, &l.lease_id) == Delivery::Current
+                })?;
             live += usize::from(lease.expires_at > now);
             Some((
                 r.stage.clone(),

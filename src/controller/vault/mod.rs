@@ -353,7 +353,8 @@ pub(crate) async fn reconcile(
     if !finalizer::holds(pipeline) {
         finalizer::add(ctx, pipeline).await?;
     }
-    match converge(&work, side, owner, &mut state).await {
+    let mut held = secrets::held(&work, side);
+    match converge(&work, side, owner, &mut state, &mut held).await {
         Ok(wake) => outcome.wake = wake,
         Err(Error::Vault(problem)) => {
             if problem.reason() == Reason::VaultRefused {
@@ -366,7 +367,7 @@ pub(crate) async fn reconcile(
         }
         Err(other) => return Err(other),
     }
-    (outcome.credentials, outcome.live) = credentials::delivered(side, &state);
+    (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held);
     Ok(outcome)
 }
 
@@ -376,13 +377,14 @@ async fn converge(
     side: &VaultSide,
     owner: &OwnerReference,
     state: &mut VaultState,
+    held: &mut secrets::Held,
 ) -> Result<Option<DateTime<Utc>>> {
     let client = match work.vault.session.client().await {
         Ok(client) => client,
         Err(e) => return Err(work.failed("login", None, "Vault session".into(), e).await),
     };
     policies::converge(work, &client, side, state).await?;
-    let wake = credentials::converge(work, &client, side, owner, state).await?;
+    let wake = credentials::converge(work, &client, side, owner, state, held).await?;
     secrets::prune(work, side).await?;
     let wake = restarts::converge(work, side, state, wake).await?;
     Ok(earliest(
