@@ -46,6 +46,7 @@ struct Setup {
     _jwt_dir: tempfile::TempDir,
     grace: &'static str,
     restart_min_interval: &'static str,
+    resync: &'static str,
 }
 
 struct Options {
@@ -60,8 +61,10 @@ struct Options {
     grace: &'static str,
     /// How often one workload may be restarted.
     restart_min_interval: &'static str,
-    /// OpenBao with file storage, so it can be restarted.
+    /// OpenBao with persistent storage, so it can be restarted.
     persistent: bool,
+    /// `--vault-resync`: how often policies are compared and credentials paths swept.
+    resync: &'static str,
 }
 
 /// Leases of 6 s, renewed about every 4 s, replaced as their 30 s max TTL nears.
@@ -73,6 +76,7 @@ const FAST: Options = Options {
     grace: "1s",
     restart_min_interval: "1s",
     persistent: false,
+    resync: "5m",
 };
 
 /// Leases that outlive the test.
@@ -84,6 +88,7 @@ const SLOW: Options = Options {
     grace: "4s",
     restart_min_interval: "1s",
     persistent: false,
+    resync: "5m",
 };
 
 impl Drop for Setup {
@@ -140,6 +145,7 @@ impl Setup {
             _jwt_dir: jwt_dir,
             grace: options.grace,
             restart_min_interval: options.restart_min_interval,
+            resync: options.resync,
         };
         setup.start_operator(tempfile::tempdir().unwrap());
         setup
@@ -159,6 +165,8 @@ impl Setup {
             self.grace,
             "--restart-min-interval",
             self.restart_min_interval,
+            "--vault-resync",
+            self.resync,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1177,5 +1185,61 @@ async fn a_secret_left_with_replaced_credentials_is_repaired_before_they_are_rev
         (active.len() == 1 && active == setup.tracked_leases().await).then_some(())
     })
     .await;
+    setup.assert_conformant();
+}
+
+/// Issue 10, hole 2: a lease nobody tracks (issued, then the operator died before recording it,
+/// or the answer was lost) would live its engine's `default_ttl`. Here one is issued straight
+/// from the credentials path, as such a lost issue leaves it: the sweep finds it under the path,
+/// records and revokes it (its PostgreSQL role is dropped), and leaves the pipeline's own lease
+/// alone.
+#[tokio::test]
+async fn a_lease_no_pipeline_recorded_is_swept_and_the_sweep_recorded() {
+    let options = Options {
+        grace: "2s",
+        resync: "2s",
+        ..SLOW
+    };
+    let setup = Setup::new("vault-sweep", &options).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (secret, _) = setup.wait_for_secret().await;
+    let ours = setup.active_leases().await;
+    assert_eq!(ours.len(), 1);
+    let stray = setup
+        .bao
+        .client()
+        .get(&format!("database/creds/{DB_ROLE}"))
+        .await
+        .unwrap();
+    assert_eq!(stray.status, 200, "{:?}", stray.errors());
+    let stray_lease = stray.body["lease_id"].as_str().unwrap().to_string();
+    let stray_user = stray.data()["username"].as_str().unwrap().to_string();
+    assert!(postgres().role(&stray_user).is_some());
+
+    wait_for("the stray lease swept", WAIT, || async {
+        let gone = !setup.active_leases().await.contains(&stray_lease)
+            && postgres().role(&stray_user).is_none();
+        (gone && setup.revocation_recorded(&stray_lease)).then_some(())
+    })
+    .await;
+    let record = setup
+        .records("credential-revoked")
+        .into_iter()
+        .find(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&portcullis::vault::leases::lease_hash(&stray_lease)))
+        })
+        .unwrap();
+    assert!(
+        record["message"].as_str().unwrap().starts_with("sweep:"),
+        "{record}"
+    );
+    // The pipeline's own lease stays, and still logs in.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(setup.active_leases().await, ours);
+    assert_eq!(setup.tracked_leases().await, ours);
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
     setup.assert_conformant();
 }

@@ -276,6 +276,38 @@ pub struct LeaseLookup {
     pub ttl: i64,
     #[serde(default)]
     pub renewable: bool,
+    /// When Vault issued it (RFC 3339).
+    #[serde(default)]
+    pub issue_time: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Keys {
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+/// `LIST sys/leases/lookup/{prefix}/`: the ids of the live leases issued from `prefix` (a
+/// credentials path such as `database/creds/writer`); none when Vault has none (404).
+pub async fn lease_list(client: &VaultClient, prefix: &str) -> Result<Vec<String>, ClientError> {
+    let prefix = prefix.trim_matches('/');
+    let listed = found(
+        envelope::<Keys>(
+            client,
+            RequestMethod::LIST,
+            format!("/sys/leases/lookup/{prefix}/"),
+            None,
+        )
+        .await,
+    )?;
+    Ok(listed
+        .and_then(|e| e.data)
+        .map(|d| d.keys)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| !k.ends_with('/'))
+        .map(|k| format!("{prefix}/{k}"))
+        .collect())
 }
 
 /// `POST sys/leases/lookup`: `None` when the lease is gone (Vault answers 400 "invalid lease").

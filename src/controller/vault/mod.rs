@@ -21,6 +21,7 @@ pub(crate) mod policies;
 pub(crate) mod restarts;
 pub(crate) mod secrets;
 pub(crate) mod state;
+pub(crate) mod sweep;
 pub(crate) mod token;
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +61,12 @@ pub(crate) struct VaultCtx {
     pub secrets: Store<PartialObjectMeta<Secret>>,
     restarts: restarts::Restarts,
     states: tokio::sync::Mutex<HashMap<String, VaultState>>,
+    /// The pipelines of this operator, for the sweep to know every lease recorded.
+    pipelines: std::sync::OnceLock<Store<AIPipeline>>,
+    /// Whether leases no pipeline recorded are swept (not when sharded).
+    sweep: bool,
+    /// When each credentials path was last swept.
+    swept: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl VaultCtx {
@@ -80,7 +87,21 @@ impl VaultCtx {
             secrets,
             restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
             states: tokio::sync::Mutex::default(),
+            pipelines: std::sync::OnceLock::new(),
+            sweep: true,
+            swept: std::sync::Mutex::default(),
         }
+    }
+
+    /// The operator's pipelines: the sweep starts once it has them.
+    pub(crate) fn set_pipelines(&self, pipelines: Store<AIPipeline>) {
+        let _ = self.pipelines.set(pipelines);
+    }
+
+    /// No sweep: a sharded operator cannot see the other shards' leases.
+    pub(crate) fn without_sweep(mut self) -> VaultCtx {
+        self.sweep = false;
+        self
     }
 
     /// Drops the cached state of pipelines no longer in `live` (uids).
@@ -386,12 +407,24 @@ async fn converge(
     policies::converge(work, &client, side, state).await?;
     let wake = credentials::converge(work, &client, side, owner, state, held).await?;
     secrets::prune(work, side).await?;
+    sweep::converge(work, &client, side).await?;
     let wake = restarts::converge(work, side, state, wake).await?;
     Ok(earliest(
         wake,
         Utc::now()
             + chrono::Duration::from_std(work.vault.resync).unwrap_or(chrono::Duration::minutes(5)),
     ))
+}
+
+/// The lease ids in the cached states.
+async fn recorded_leases(vault: &VaultCtx) -> Vec<String> {
+    vault
+        .states
+        .lock()
+        .await
+        .values()
+        .flat_map(|s| s.leases.iter().map(|l| l.lease_id.clone()))
+        .collect()
 }
 
 fn earliest(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
