@@ -1243,3 +1243,66 @@ async fn a_lease_no_pipeline_recorded_is_swept_and_the_sweep_recorded() {
     assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
     setup.assert_conformant();
 }
+
+/// Issue 10, hole 4: the operator's token dies while it is down (an administrator revokes it),
+/// and Vault revokes every lease it created: the delivered credentials no longer log in. The
+/// restarted operator logs in again, looks its leases up, finds them gone, issues new
+/// credentials and restarts their consumers; the status names the new lease.
+#[tokio::test]
+async fn a_lost_operator_token_is_noticed_on_resume_and_the_credentials_reissued() {
+    let mut setup = Setup::new("vault-token", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (secret, first_hash) = setup.wait_for_secret().await;
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+
+    let mut old = setup.operator.take().expect("operator running");
+    old.kill();
+    let tokens = setup.bao.login_tokens("portcullis-operator").await;
+    assert_eq!(tokens.len(), 1);
+    setup
+        .bao
+        .revoke_accessor(tokens[0]["accessor"].as_str().unwrap())
+        .await;
+    wait_for("the leases revoked with the token", WAIT, || async {
+        (setup.active_leases().await.is_empty() && postgres().role(&user).is_none()).then_some(())
+    })
+    .await;
+    let Operator { dir, .. } = old;
+    setup.start_operator(dir);
+
+    let (renewed, new_hash) = wait_for("new credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    let (new_user, new_password) = credentials(&renewed);
+    assert_eq!(
+        postgres().log_in(&new_user, &new_password),
+        Ok(new_user.clone())
+    );
+    wait_for("the consumer restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    wait_for("the status names the new lease", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        let creds = &p.status.as_ref()?.stages[0].credentials;
+        let ready = Setup::condition(&p, "CredentialsReady")?.0 == "True";
+        (ready && creds[0].lease_hash.as_deref() == Some(new_hash.as_str())).then_some(())
+    })
+    .await;
+    assert!(
+        setup.records("vault-failed").iter().any(|r| r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gone from Vault"))),
+        "the lost lease is recorded"
+    );
+    wait_for("one live lease, tracked", WAIT, || async {
+        let active = setup.active_leases().await;
+        (active.len() == 1 && active == setup.tracked_leases().await).then_some(())
+    })
+    .await;
+    assert_eq!(setup.bao.login_tokens("portcullis-operator").await.len(), 1);
+    setup.assert_conformant();
+}

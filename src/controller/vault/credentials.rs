@@ -29,6 +29,7 @@ pub(super) async fn converge(
     state: &mut VaultState,
     held: &mut Held,
 ) -> Result<Option<DateTime<Utc>>> {
+    verify(work, client, side, state).await?;
     for r in &side.vault.credentials {
         let current = state
             .leases
@@ -82,6 +83,86 @@ pub(super) async fn converge(
         }
     }
     Ok(wake)
+}
+
+/// After the operator's token changed (a restart resuming it, or a new login), looks up every
+/// lease the pipeline holds: Vault revokes every lease a token created when that token dies
+/// (revoked, expired while the operator was down), so a lease Vault no longer knows ends now:
+/// it is replaced (its consumers restarted) and never reported as delivered.
+async fn verify(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    state: &mut VaultState,
+) -> Result<()> {
+    let generation = work.vault.session.generation();
+    let verified = work
+        .vault
+        .verified
+        .lock()
+        .expect("verified lock")
+        .get(&work.uid)
+        .copied();
+    if verified == Some(generation) {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let mut gone = Vec::new();
+    for lease in &state.leases {
+        let object = format!(
+            "credential {}/{} ({})",
+            lease.stage, lease.credential, lease.path
+        );
+        let found = work
+            .call(
+                "lookup",
+                Some(&lease.stage),
+                &object,
+                endpoints::lease_lookup(client, &lease.lease_id),
+            )
+            .await?;
+        if found.is_none() {
+            let mut e = work.entry(
+                AuditAction::VaultFailed,
+                Some(&lease.stage),
+                object,
+                format!(
+                    "lease {} is gone from Vault (revoked with the operator's token that created it, or expired); {}",
+                    leases::lease_hash(&lease.lease_id),
+                    if lease.is_current() {
+                        "issuing new credentials and restarting their consumers"
+                    } else {
+                        "it was already replaced"
+                    }
+                ),
+            );
+            e.subject = side.subject(&lease.stage);
+            work.record(e).await?;
+            gone.push(lease.lease_id.clone());
+        }
+    }
+    if !gone.is_empty() {
+        // A current lease that is gone has expired as far as anyone can use it; a replaced
+        // one has nothing left to revoke.
+        state
+            .leases
+            .retain(|l| l.is_current() || !gone.contains(&l.lease_id));
+        for l in state
+            .leases
+            .iter_mut()
+            .filter(|l| gone.contains(&l.lease_id))
+        {
+            l.expires_at = now;
+            l.renew_at = now;
+        }
+        work.save(state).await?;
+    }
+    work.vault
+        .verified
+        .lock()
+        .expect("verified lock")
+        .insert(work.uid.clone(), generation);
+    Ok(())
 }
 
 fn object(r: &CredentialRequest) -> String {

@@ -67,6 +67,8 @@ pub(crate) struct VaultCtx {
     sweep: bool,
     /// When each credentials path was last swept.
     swept: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Per pipeline uid, the session generation under which its leases were last looked up.
+    verified: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl VaultCtx {
@@ -90,6 +92,7 @@ impl VaultCtx {
             pipelines: std::sync::OnceLock::new(),
             sweep: true,
             swept: std::sync::Mutex::default(),
+            verified: std::sync::Mutex::default(),
         }
     }
 
@@ -107,6 +110,10 @@ impl VaultCtx {
     /// Drops the cached state of pipelines no longer in `live` (uids).
     pub(crate) async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
         self.states.lock().await.retain(|uid, _| live.contains(uid));
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .retain(|uid, _| live.contains(uid));
     }
 }
 
