@@ -1306,3 +1306,56 @@ async fn a_lost_operator_token_is_noticed_on_resume_and_the_credentials_reissued
     assert_eq!(setup.bao.login_tokens("portcullis-operator").await.len(), 1);
     setup.assert_conformant();
 }
+
+/// Issue 10, hole 4, the other way to lose the token: its Secret is deleted while the operator is
+/// down. The restarted operator logs in anew; the old token, which nobody renews any more, dies
+/// at the end of its 4 s period and takes its leases with it. The operator replaces those leases
+/// at once (their consumers restarted), so the Secret keeps credentials that log in.
+#[tokio::test]
+async fn a_lost_token_secret_gets_the_leases_it_issued_replaced() {
+    let options = Options {
+        period: "4s",
+        grace: "1s",
+        ..SLOW
+    };
+    let mut setup = Setup::new("vault-token-secret", &options).await;
+    setup.create(options.credential_ttl).await;
+    let (secret, first_hash) = setup.wait_for_secret().await;
+    let (user, _) = credentials(&secret);
+    let mut old = setup.operator.take().expect("operator running");
+    old.kill();
+    Api::<Secret>::namespaced(setup.client.clone(), &setup.ops)
+        .delete("portcullis-vault-token", &DeleteParams::default())
+        .await
+        .expect("the token Secret deleted");
+    let Operator { dir, .. } = old;
+    setup.start_operator(dir);
+
+    let (renewed, _) = wait_for("new credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    wait_for("the old role gone", WAIT, || async {
+        postgres().role(&user).is_none().then_some(())
+    })
+    .await;
+    // Well past the old token's period: the new credentials still log in.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (new_user, new_password) = credentials(&renewed);
+    assert_eq!(
+        postgres().log_in(&new_user, &new_password),
+        Ok(new_user.clone())
+    );
+    assert_eq!(setup.secret().await.unwrap().data, renewed.data);
+    wait_for("the consumer restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    let p = setup.get_pipeline().await.unwrap();
+    assert_eq!(Setup::condition(&p, "CredentialsReady").unwrap().0, "True");
+    let active = setup.active_leases().await;
+    assert_eq!(active.len(), 1);
+    assert_eq!(active, setup.tracked_leases().await);
+    setup.assert_conformant();
+}

@@ -346,6 +346,9 @@ pub struct TokenLookup {
     pub policies: Vec<String>,
     #[serde(default)]
     pub meta: Option<BTreeMap<String, String>>,
+    /// The token's accessor: which leases it issued are recorded with.
+    #[serde(default)]
+    pub accessor: String,
 }
 
 /// `GET auth/token/lookup-self`.

@@ -48,6 +48,13 @@ pub struct LeaseRecord {
     /// The consumers of the credentials issued with this lease still have to be restarted.
     #[serde(default)]
     pub restart_pending: bool,
+    /// The accessor of the operator token that issued it: the lease ends when that token does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_accessor: Option<String>,
+    /// Issued under a token the operator no longer holds (its Secret was lost): nobody renews
+    /// that token, so the lease ends with it; replace it now.
+    #[serde(default)]
+    pub orphaned: bool,
 }
 
 impl LeaseRecord {
@@ -147,6 +154,10 @@ pub fn due(
             ));
         } else if lease.expires_at <= now {
             steps.push(replace("the lease expired"));
+        } else if lease.orphaned {
+            steps.push(replace(
+                "the token that issued it is no longer the operator's, and ends unrenewed",
+            ));
         } else if lease.renew_at <= now {
             if lease.renewable && !lease.replace_next {
                 steps.push(Step::Renew {
@@ -245,6 +256,8 @@ mod tests {
             replace_next: false,
             retire_at: None,
             restart_pending: false,
+            token_accessor: None,
+            orphaned: false,
         }
     }
 
@@ -298,6 +311,15 @@ mod tests {
         fixed.renewable = false;
         let (steps, _) = due(t(600), &[request("db")], &[fixed], |_, _| Delivery::Current);
         assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("not renewable")));
+        // Issued under a token the operator lost: replaced long before its renewal is due.
+        let mut orphaned = lease("db", "L1");
+        orphaned.orphaned = true;
+        let (steps, _) = due(t(10), &[request("db")], &[orphaned], |_, _| {
+            Delivery::Current
+        });
+        assert!(
+            matches!(&steps[..], [Step::Issue { replaces: Some(id), why, .. }] if id == "L1" && why.contains("no longer the operator's"))
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Session<S> {
     /// Counts the tokens the session has taken up (a kept one resumed, or a new login): when it
     /// changes, the leases issued before may be gone with the token that created them.
     generation: std::sync::atomic::AtomicU64,
+    /// The current token's accessor (empty before the first token).
+    accessor: std::sync::Mutex<String>,
 }
 
 impl<S: TokenStore> Session<S> {
@@ -38,6 +40,7 @@ impl<S: TokenStore> Session<S> {
             client: RwLock::new(client),
             token_ttl: std::sync::Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
+            accessor: std::sync::Mutex::default(),
         }))
     }
 
@@ -49,6 +52,11 @@ impl<S: TokenStore> Session<S> {
     /// were last looked up under another generation looks them up again.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The current token's accessor (empty before the first token).
+    pub fn accessor(&self) -> String {
+        self.accessor.lock().expect("accessor lock").clone()
     }
 
     /// The client, with a token: resumes the kept token or logs in when there is none.
@@ -103,6 +111,7 @@ impl<S: TokenStore> Session<S> {
                     );
                     *self.token_ttl.lock().expect("ttl lock") =
                         Some((lookup.ttl, lookup.renewable));
+                    *self.accessor.lock().expect("accessor lock") = lookup.accessor;
                     return Ok(());
                 }
                 Ok(_) | Err(ClientError::APIError { code: 403, .. }) => {
@@ -163,6 +172,7 @@ impl<S: TokenStore> Session<S> {
         }
         info!(policies = ?auth.policies, ttl_seconds = auth.lease_duration, period_seconds = lookup.period.unwrap_or(0), "logged in to Vault");
         *self.token_ttl.lock().expect("ttl lock") = Some((auth.lease_duration, auth.renewable));
+        *self.accessor.lock().expect("accessor lock") = lookup.accessor;
         Ok(())
     }
 

@@ -88,7 +88,9 @@ pub(super) async fn converge(
 /// After the operator's token changed (a restart resuming it, or a new login), looks up every
 /// lease the pipeline holds: Vault revokes every lease a token created when that token dies
 /// (revoked, expired while the operator was down), so a lease Vault no longer knows ends now:
-/// it is replaced (its consumers restarted) and never reported as delivered.
+/// it is replaced (its consumers restarted) and never reported as delivered. A live lease
+/// issued under another token than the current one (the kept token's Secret was lost) ends when
+/// that token, which nobody renews any more, does: it is replaced now.
 async fn verify(
     work: &Work<'_>,
     client: &VaultClient,
@@ -107,7 +109,9 @@ async fn verify(
         return Ok(());
     }
     let now = Utc::now();
+    let accessor = work.vault.session.accessor();
     let mut gone = Vec::new();
+    let mut orphaned = Vec::new();
     for lease in &state.leases {
         let object = format!(
             "credential {}/{} ({})",
@@ -121,6 +125,24 @@ async fn verify(
                 endpoints::lease_lookup(client, &lease.lease_id),
             )
             .await?;
+        let foreign = lease
+            .token_accessor
+            .as_ref()
+            .is_some_and(|a| !accessor.is_empty() && *a != accessor);
+        if found.is_some() && foreign && lease.is_current() && !lease.orphaned {
+            let mut e = work.entry(
+                AuditAction::VaultFailed,
+                Some(&lease.stage),
+                object.clone(),
+                format!(
+                    "lease {} was issued under an operator token it no longer holds (its Secret was lost); it ends when that token does: issuing new credentials and restarting their consumers",
+                    leases::lease_hash(&lease.lease_id)
+                ),
+            );
+            e.subject = side.subject(&lease.stage);
+            work.record(e).await?;
+            orphaned.push(lease.lease_id.clone());
+        }
         if found.is_none() {
             let mut e = work.entry(
                 AuditAction::VaultFailed,
@@ -141,7 +163,14 @@ async fn verify(
             gone.push(lease.lease_id.clone());
         }
     }
-    if !gone.is_empty() {
+    for l in state
+        .leases
+        .iter_mut()
+        .filter(|l| orphaned.contains(&l.lease_id))
+    {
+        l.orphaned = true;
+    }
+    if !gone.is_empty() || !orphaned.is_empty() {
         // A current lease that is gone has expired as far as anyone can use it; a replaced
         // one has nothing left to revoke.
         state
@@ -232,6 +261,8 @@ async fn issue(
         replace_next: false,
         retire_at: None,
         restart_pending: replaces.is_some() && !r.restart_targets.is_empty(),
+        token_accessor: Some(work.vault.session.accessor()).filter(|a| !a.is_empty()),
+        orphaned: false,
     };
     if let Some(old) = &replaces
         && let Some(l) = state.leases.iter_mut().find(|l| &l.lease_id == old)
