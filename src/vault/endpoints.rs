@@ -2,7 +2,8 @@
 //! settings, token and namespace headers, and error parsing):
 //!
 //! - `sys/policies/acl/{name}`: vaultrs only speaks the older `sys/policy/{name}`;
-//! - `sys/leases/renew`, `sys/leases/revoke`, `sys/leases/lookup`: vaultrs has none;
+//! - `sys/leases/renew`, `sys/leases/revoke`, `sys/leases/lookup` (and its LIST by prefix):
+//!   vaultrs has none;
 //! - reading a dynamic-secret path with its lease (`lease_id`, `lease_duration`, `renewable`):
 //!   vaultrs's database call keeps only `data`;
 //! - `auth/token/renew-self` and `lookup-self`: vaultrs's renew-self path starts with a tab;

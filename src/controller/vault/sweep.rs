@@ -67,12 +67,12 @@ pub(super) async fn converge(
 async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> {
     let listed = match endpoints::lease_list(client, path).await {
         Ok(listed) => {
-            work.count("sweep-list", "ok");
+            work.count("sweep_list", "ok");
             listed
         }
         Err(e) => {
-            let e = crate::vault::VaultError::from_client("sweep-list", e);
-            work.count("sweep-list", e.label());
+            let e = crate::vault::VaultError::from_client("sweep_list", e);
+            work.count("sweep_list", e.label());
             warn!(path, error = %e, "could not list the leases under a credentials path; no sweep (does the operator's policy allow list and sudo on sys/leases/lookup/<path>/*?)");
             return Ok(());
         }
@@ -128,7 +128,7 @@ async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> 
         ))
         .await?;
         work.call(
-            "sweep-revoke",
+            "sweep_revoke",
             None,
             &object,
             endpoints::lease_revoke(client, &lease_id),
