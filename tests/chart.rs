@@ -2238,20 +2238,20 @@ where
     }
 }
 
-/// The Vault double, set up as the README's "Setting up Vault" says: Kubernetes auth, the
-/// operator's policy from deploy/vault, a periodic role for the operator's ServiceAccount
-/// `ns/sa` bound to `audience`, and two database roles.
+/// Real OpenBao (behind the tests' fault proxy, with PostgreSQL behind its database engine), set
+/// up as the README's "Setting up Vault" says: Kubernetes auth against the test API server, the
+/// operator's policy from deploy/vault, a periodic role for the operator's ServiceAccount `ns/sa`
+/// bound to `audience`, and two database roles.
 async fn vault_for_operator(
     client: &Client,
     ns: &str,
     sa: &str,
     audience: &str,
-) -> support::vault::VaultDouble {
-    use support::vault::{VaultDouble, VaultDoubleConfig};
-    let double =
-        VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
-    double
-        .set_up_for_operator(&support::vault::OperatorSetup {
+) -> support::openbao::OpenBao {
+    let bao = support::openbao::OpenBao::start().await;
+    bao.set_up_for_operator(
+        client,
+        &support::openbao::OperatorSetup {
             namespace: ns,
             service_account: sa,
             audience: Some(audience),
@@ -2259,9 +2259,10 @@ async fn vault_for_operator(
             database_roles: &["fraud-writer", "fraud-writer-2"],
             database_ttl: "1h",
             database_max_ttl: "2h",
-        })
-        .await;
-    double
+        },
+    )
+    .await;
+    bao
 }
 
 /// A pipeline whose ingest stage reads a database credential from Vault into Secret
@@ -2291,10 +2292,11 @@ fn vault_pipeline(ns: &str, db_role: &str) -> AIPipeline {
 
 /// Vault on, with watchNamespace: the ServiceAccount gets the Vault rules in the watched namespace
 /// only, and in its own namespace just what its token and state Secrets need; the real operator,
-/// running as that ServiceAccount with the Deployment's arguments and logging in to the Vault
-/// double with the projected token the chart asks for, delivers a credential, rotates it with a
-/// restart, deletes the Secret of a credential no longer requested, and cleans Vault up when the
-/// pipeline is deleted, without being refused anything.
+/// running as that ServiceAccount with the Deployment's arguments and logging in to real OpenBao
+/// with the projected token the chart asks for, delivers a credential that logs into PostgreSQL,
+/// rotates it with a restart, deletes the Secret of a credential no longer requested, and cleans
+/// Vault up when the pipeline is deleted (the PostgreSQL roles dropped), without being refused
+/// anything.
 #[tokio::test]
 async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let cp = support::control_plane();
@@ -2306,12 +2308,12 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let sa = "vw-portcullis";
     let audience = "vault";
 
-    let double = vault_for_operator(&client, &ns, sa, audience).await;
+    let bao = vault_for_operator(&client, &ns, sa, audience).await;
     let values = json!({
         "watchNamespace": watched,
         "replicaCount": 1,
         "vault": {
-            "address": double.address(),
+            "address": bao.address(),
             "tokenAudience": audience,
             "requestTimeout": "5s",
             "revokeGrace": "1s",
@@ -2392,16 +2394,19 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     // watched namespace; the operator logged in with the projected token and kept its Vault token
     // and the pipeline's state in its own namespace).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &watched);
-    let first_hash = wait_logged(&op, "the credential Secret", WAIT, || async {
+    let (first_hash, first_user) = wait_logged(&op, "the credential Secret", WAIT, || async {
         let secret = secrets.get_opt("fraud-ingest-db").await.ok()??;
         let hash = secret
             .annotations()
             .get("portcullis.dev/lease-hash")?
             .clone();
         let data = secret.data.as_ref()?;
-        let delivered = data.contains_key("username") && data.contains_key("password");
+        let field = |key: &str| String::from_utf8(data.get(key)?.0.clone()).ok();
+        let (user, password) = (field("username")?, field("password")?);
         let owned = secret.owner_references().iter().any(|o| o.uid == uid);
-        (delivered && owned).then_some(hash)
+        // Delivered: the credentials log into PostgreSQL.
+        let login = support::postgres::postgres().log_in(&user, &password);
+        (login.as_deref() == Ok(user.as_str()) && owned).then_some((hash, user))
     })
     .await;
     let own: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -2425,7 +2430,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     );
     let stage_role = format!("{watched}-fraud-ingest");
     assert!(
-        double.kubernetes_roles().contains_key(&stage_role) && double.policy(&stage_role).is_some(),
+        bao.kubernetes_roles().await.contains(&stage_role)
+            && bao.policy(&stage_role).await.is_some(),
         "the stage's Vault role and policy are written"
     );
 
@@ -2462,7 +2468,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     .await;
     // The replaced lease is revoked after the grace period (1 s).
     wait_logged(&op, "one active lease", WAIT, || async {
-        (double.active_leases().len() == 1).then_some(())
+        let replaced_gone = support::postgres::postgres().role(&first_user).is_none();
+        (bao.leases().await.len() == 1 && replaced_gone).then_some(())
     })
     .await;
 
@@ -2506,9 +2513,9 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
         || async {
             let pipeline_gone = pipelines.get_opt("fraud").await.ok()?.is_none();
             let state_gone = own.get_opt(&state_secret).await.ok()?.is_none();
-            let vault_clean = !double.kubernetes_roles().contains_key(&stage_role)
-                && double.policy(&stage_role).is_none()
-                && double.active_leases().is_empty();
+            let vault_clean = !bao.kubernetes_roles().await.contains(&stage_role)
+                && bao.policy(&stage_role).await.is_none()
+                && bao.leases().await.is_empty();
             (pipeline_gone && state_gone && vault_clean).then_some(())
         },
     )

@@ -26,6 +26,12 @@ path "sys/leases/revoke" {
 path "sys/leases/lookup" {
   capabilities = ["update"]
 }
+# List the leases under each credentials path, to revoke those no pipeline recorded (the
+# sweep): one line per engine, as for the creds above. Vault and OpenBao require sudo for
+# listing leases; on this path it grants nothing else.
+path "sys/leases/lookup/database/creds/*" {
+  capabilities = ["list", "sudo"]
+}
 
 # Its own token (Vault's default policy grants these too).
 path "auth/token/lookup-self" {

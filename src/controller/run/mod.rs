@@ -60,6 +60,9 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     let ctx = context(&client, &config, &caches, applied, &metrics, &health, audit)?;
 
     let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
+    if let Some(vault) = &ctx.vault {
+        vault.set_pipelines(pipelines.clone());
+    }
 
     // No reconcile plans before the caches are full (see `Context::synced`).
     tokio::spawn(mark_synced(caches.clone(), ctx.clone(), health.clone()));
@@ -334,7 +337,7 @@ fn vault_context(
     tokio::spawn(session.clone().keep_renewed());
     info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
     let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-    Ok(VaultCtx::new(
+    let vault = VaultCtx::new(
         session,
         v.state_namespace.clone(),
         chrono(v.revoke_grace),
@@ -342,7 +345,12 @@ fn vault_context(
         v.max_restarts_per_minute,
         v.resync,
         secrets,
-    ))
+    );
+    Ok(if shard.is_sharded() {
+        vault.without_sweep()
+    } else {
+        vault
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.
