@@ -140,7 +140,7 @@ async fn verify(
                 ),
             );
             e.subject = side.subject(&lease.stage);
-            work.record(e).await?;
+            work.record_keepalive(e).await?;
             orphaned.push(lease.lease_id.clone());
         }
         if found.is_none() {
@@ -159,7 +159,7 @@ async fn verify(
                 ),
             );
             e.subject = side.subject(&lease.stage);
-            work.record(e).await?;
+            work.record_keepalive(e).await?;
             gone.push(lease.lease_id.clone());
         }
     }
