@@ -525,8 +525,18 @@ fn fraud_detector(ns: &str) -> Value {
 async fn the_operators_real_statuses_are_judged_right() {
     let (client, ns, _) = support::guarded_namespace("argocd-health").await;
 
-    // Healthy: the example.
-    let good = fraud_detector(&ns);
+    // Healthy: the example, without its Vault part (this operator runs without Vault).
+    let mut good = fraud_detector(&ns);
+    for stage in good["spec"]["stages"].as_array_mut().unwrap() {
+        stage.as_object_mut().unwrap().remove("vault");
+    }
+    // Degraded, VaultNotConfigured: the example as it is; its credentials cannot be delivered.
+    let mut needs_vault = fraud_detector(&ns);
+    needs_vault["metadata"]["name"] = json!("needs-vault");
+    for (stage, credential) in [(0, "needs-vault-ingest-db"), (1, "needs-vault-train-artifacts")] {
+        needs_vault["spec"]["stages"][stage]["vault"]["credentials"][0]["secretName"] =
+            json!(credential);
+    }
     // Degraded, InvalidSpec: an egress CIDR with host bits set, which the CRD's schema admits
     // (a pattern cannot see host bits) and the operator's validation refuses.
     let mut invalid = fraud_detector(&ns);
@@ -551,7 +561,7 @@ async fn the_operators_real_statuses_are_judged_right() {
         .await
         .expect("someone else's ServiceAccount");
 
-    for manifest in [&good, &invalid, &taken] {
+    for manifest in [&good, &needs_vault, &invalid, &taken] {
         create_pipeline(&client, &ns, manifest).await;
     }
     // Before any operator has seen them: no status, Progressing.
@@ -562,6 +572,11 @@ async fn the_operators_real_statuses_are_judged_right() {
     let live = wait_ready_raw(&client, &ns, "fraud-detector", "True", &op).await;
     let (s, m) = health(&live);
     assert_eq!(s, "Healthy", "{m}\n{live:#}");
+
+    let live = wait_ready_raw(&client, &ns, "needs-vault", "False", &op).await;
+    let (s, m) = health(&live);
+    assert_eq!(s, "Degraded", "{m}\n{live:#}");
+    assert!(m.starts_with("VaultNotConfigured: "), "{m}");
 
     let live = wait_ready_raw(&client, &ns, "host-bits", "False", &op).await;
     let (s, m) = health(&live);

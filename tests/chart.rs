@@ -1498,7 +1498,7 @@ async fn operator_makes_the_example_ready(
     let example = support::example("examples/pipelines/fraud-detector.yaml", pipeline_ns);
     let pipeline = support::create_pipeline(client, &example).await;
     let name = pipeline.name_any();
-    let ready = support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
+    let ready = support::wait_converged(client, pipeline_ns, &name, &op).await;
     let stages = &ready.status.as_ref().expect("status").stages;
     assert_eq!(stages.len(), 3, "three stages");
     // It wrote Events (for the items the guardrails deny here): events.k8s.io create.
@@ -1574,7 +1574,7 @@ async fn operator_makes_the_example_ready(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
+    support::wait_converged(client, pipeline_ns, &name, &op).await;
 
     assert_no_forbidden(&op);
     let (ok, out) = op.verify();

@@ -49,7 +49,8 @@ pub(crate) use control_plane::{ControlPlane, ISSUER, control_plane};
 #[allow(unused_imports)]
 pub(crate) use fixture::{
     Fixture, WAIT, condition, create_pipeline, example, get_raw, guarded_namespace,
-    pipelines_request, wait_ready, wait_ready_raw, with_pipeline,
+    pipelines_request, wait_converged, wait_converged_raw, wait_ready, wait_ready_raw,
+    with_pipeline,
 };
 #[allow(unused_imports)]
 pub(crate) use helpers::{
