@@ -63,9 +63,10 @@ pub struct RunArgs {
     )]
     pub shard_index: u32,
 
-    /// The kubeconfig to use; in a pod the in-cluster configuration is used when unset.
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    /// The cluster: `--kubeconfig`, `--context`, else KUBECONFIG (several files merged), else
+    /// ~/.kube/config, else the in-cluster configuration of the pod.
+    #[command(flatten)]
+    pub kube: super::kubeconfig::KubeArgs,
 
     /// How many AIPipelines are reconciled at once.
     #[arg(long, default_value_t = 8)]
@@ -229,8 +230,8 @@ pub fn run(args: &RunArgs) -> u8 {
             }),
     };
     runtime.block_on(async {
-        let client = match client(args.kubeconfig.as_deref()).await {
-            Ok(c) => c,
+        let client = match args.kube.client().await {
+            Ok((c, _)) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot reach the Kubernetes API; set KUBECONFIG or run in a pod");
                 return super::EXIT_FAILURE;
@@ -244,21 +245,4 @@ pub fn run(args: &RunArgs) -> u8 {
             }
         }
     })
-}
-
-pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => kube::Config::infer().await.map_err(|e| e.to_string())?,
-    };
-    kube::Client::try_from(config).map_err(|e| e.to_string())
 }
