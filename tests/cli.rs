@@ -597,3 +597,55 @@ fn version_is_the_crates() {
         format!("portcullis {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// Serves one HTTP answer with `status` on 127.0.0.1, and returns the URL and the request it got.
+fn serve_once(status: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/readyz", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).unwrap();
+        // The rest of the request, to its blank line.
+        let mut header = String::new();
+        while reader.read_line(&mut header).unwrap() > 2 {
+            header.clear();
+        }
+        write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").unwrap();
+        request_line
+    });
+    (url, server)
+}
+
+#[test]
+fn probe_exits_0_only_when_the_operator_answers_200() {
+    let (url, server) = serve_once("200 OK");
+    let out = portcullis(&["probe", &url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.join().unwrap().trim(), "GET /readyz HTTP/1.1");
+
+    let (url, server) = serve_once("503 Service Unavailable");
+    let out = portcullis(&["probe", &url]);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("answered 503"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Nothing listens: refused, exit 1, the address named.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/readyz", closed.local_addr().unwrap());
+    drop(closed);
+    let out = portcullis(&["probe", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_internals(&text(&out.stderr));
+}

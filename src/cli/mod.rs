@@ -5,6 +5,7 @@ pub mod can_i;
 pub mod kubeconfig;
 pub mod load;
 pub mod output;
+pub mod probe;
 pub mod run;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,16 @@ pub(crate) enum Command {
     /// it does not.
     #[command(name = "can-i")]
     CanI(can_i::CanIArgs),
+    /// Ask a running operator whether it answers: GET `URL` (plain HTTP, such as
+    /// `http://portcullis-metrics.portcullis-system.svc:8080/readyz`), exit 0 on 200 OK and 1
+    /// otherwise. The chart's `helm test` runs it; the image has no shell and no curl.
+    Probe {
+        /// The URL: `http://HOST[:PORT]/PATH`.
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        timeout: u64,
+    },
     /// Print a shell completion script: `source <(portcullis completion bash)`.
     ///
     /// zsh: `portcullis completion zsh > "${fpath[1]}/_portcullis"`; fish: `portcullis
@@ -161,6 +172,22 @@ pub fn main() -> ExitCode {
         Command::Audit(args) => audit::run(&args),
         Command::CanI(args) => can_i::run(&args),
         Command::Completion { shell } => completion(shell, as_plugin),
+        Command::Probe { url, timeout } => {
+            match probe::get(&url, std::time::Duration::from_secs(timeout)) {
+                Ok(status) if status == 200 => {
+                    println!("{url}: 200 OK");
+                    EXIT_ALLOWED
+                }
+                Ok(status) => {
+                    eprintln!("error: {url} answered {status}, not 200");
+                    EXIT_FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {url}: {e}");
+                    EXIT_FAILURE
+                }
+            }
+        }
     };
     ExitCode::from(code)
 }
