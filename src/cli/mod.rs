@@ -174,7 +174,7 @@ pub fn main() -> ExitCode {
         Command::Completion { shell } => completion(shell, as_plugin),
         Command::Probe { url, timeout } => {
             match probe::get(&url, std::time::Duration::from_secs(timeout)) {
-                Ok(status) if status == 200 => {
+                Ok(200) => {
                     println!("{url}: 200 OK");
                     EXIT_ALLOWED
                 }
