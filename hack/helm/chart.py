@@ -305,6 +305,7 @@ def summary(release: dict[str, Any]) -> dict[str, Any]:
         "status": info.get("status"),
         "description": info.get("description"),
         "manifest": release.get("manifest", ""),
+        "hooks": [h.get("manifest", "") for h in release.get("hooks") or []],
         "notes": info.get("notes", ""),
     }
 
@@ -383,7 +384,9 @@ def cmd_template(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        sys.stdout.write(out["manifest"].rstrip("\n") + "\n")
+        # As `helm template` prints them: the manifests, then the hooks (`helm test` Pods).
+        docs = [out["manifest"].rstrip("\n")] + [h.strip("\n") for h in out["hooks"] if h.strip()]
+        sys.stdout.write("\n---\n".join(d for d in docs if d) + "\n")
     return 0
 
 
