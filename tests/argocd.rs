@@ -482,6 +482,10 @@ fn the_application_manifests_parse_and_say_what_the_readme_says() {
         "https://git.example.com/platform/portcullis.git"
     );
     assert_eq!(chart["spec"]["source"]["path"], "charts/portcullis");
+    assert_eq!(
+        chart["spec"]["source"]["helm"]["valuesObject"]["auditLog"]["generateKey"], "operator",
+        "under Argo CD the chart cannot keep a key it generates (no lookup): the operator makes it"
+    );
     let options: Vec<&str> = chart["spec"]["syncPolicy"]["syncOptions"]
         .as_array()
         .expect("syncOptions")

@@ -65,11 +65,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* The labels of the `helm test` Pod: none of the operator's selector labels. */}}
-{{- define "portcullis.testLabels" -}}
-helm.sh/chart: {{ include "portcullis.chart" . }}
+{{- define "portcullis.testSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "portcullis.name" . }}-test
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: helm-test
+{{- end }}
+
+{{- define "portcullis.testLabels" -}}
+helm.sh/chart: {{ include "portcullis.chart" . }}
+{{ include "portcullis.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: portcullis
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
