@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -412,4 +413,110 @@ fn an_operator_generated_key_renders_the_same_every_time_and_grants_only_that_se
     let deployment = named(&objects, "Deployment", "portcullis");
     assert!(!args(deployment).contains(&"--audit-key-secret"));
     assert!(args(deployment).contains(&"/etc/portcullis/audit-key/key"));
+}
+
+/// promtool, from hack/promtool.sh (Debian's `prometheus` package, installed when missing).
+fn promtool() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join("hack/promtool.sh"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run hack/promtool.sh");
+    assert!(
+        out.status.success(),
+        "hack/promtool.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[test]
+fn the_prometheus_rules_fire_as_promtool_tests_say_and_the_dashboard_loads() {
+    let objects = render(&json!({
+        "metrics": {
+            "prometheusRule": {"enabled": true, "labels": {"release": "kube-prometheus-stack"}},
+            "grafanaDashboard": {"enabled": true, "namespace": "monitoring"},
+        },
+    }));
+    let rule = named(&objects, "PrometheusRule", "portcullis");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"], "kube-prometheus-stack",
+        "the labels Prometheus selects rules by"
+    );
+    let alerts: BTreeSet<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        alerts,
+        BTreeSet::from([
+            "PortcullisCredentialExpiringWithoutRenewal",
+            "PortcullisPipelineNotReady",
+            "PortcullisVaultFailing",
+            "PortcullisDecisionLogFailing",
+            "PortcullisReconcileErrors",
+            "PortcullisNoLeader",
+        ])
+    );
+
+    // promtool checks the rules and runs tests/data/prometheus-rules-test.yaml on them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.json"),
+        serde_json::to_vec(&json!({"groups": rule["spec"]["groups"]})).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("tests/data/prometheus-rules-test.yaml"),
+        dir.path().join("rules-test.yaml"),
+    )
+    .unwrap();
+    let promtool = promtool();
+    for args in [
+        ["check", "rules", "rules.json"],
+        ["test", "rules", "rules-test.yaml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("promtool runs");
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The dashboard: a ConfigMap where Grafana's sidecar looks, with the chart's JSON in it.
+    let dashboard = named(&objects, "ConfigMap", "portcullis-dashboard");
+    assert_eq!(dashboard["metadata"]["namespace"], "monitoring");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value = serde_json::from_str(
+        dashboard["data"]["portcullis.json"]
+            .as_str()
+            .expect("the dashboard JSON"),
+    )
+    .expect("the dashboard is JSON");
+    assert_eq!(
+        json,
+        serde_json::from_str::<Value>(
+            &std::fs::read_to_string(chart_dir().join("dashboards/portcullis.json")).unwrap()
+        )
+        .unwrap(),
+        "the ConfigMap carries the file unchanged"
+    );
+    assert!(json["panels"].as_array().unwrap().len() >= 10);
+
+    let objects = render(&json!({}));
+    assert!(
+        find(&objects, "PrometheusRule").is_empty(),
+        "off by default"
+    );
+    assert!(find(&objects, "ConfigMap").is_empty());
 }

@@ -72,6 +72,7 @@ RESOURCES: list[tuple[str, str, str, str, bool, int, int | None]] = [
     ("portcullis.dev", "v1alpha1", "AIPipeline", "aipipelines", True, 0, None),
     ("portcullis.dev", "v1alpha1", "AccessGuardrail", "accessguardrails", False, 0, None),
     ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", True, 0, None),
+    ("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules", True, 0, None),
 ]
 
 

@@ -148,6 +148,7 @@ impl Context {
             .lock()
             .expect("failures lock")
             .retain(|uid, _| live.contains(uid));
+        self.metrics.forget_deleted(live);
         if let Some(vault) = &self.vault {
             vault.forget_deleted(live).await;
         }
