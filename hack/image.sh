@@ -11,7 +11,8 @@
 #   4. The archive: `podman save --format oci-archive`, which `kind load image-archive`,
 #      `ctr images import`, `skopeo copy oci-archive:...` and `podman load` accept.
 #
-# Missing tools (podman, musl-gcc, the CA bundle) are installed with apt-get (as root).
+# Missing tools (podman, musl-gcc, the CA bundle, and skopeo for the test) are installed with
+# apt-get (as root).
 # Prints the archive's path, the image's size and the build time; tests/image.rs
 # (`make test-image`) inspects the archive.
 #
@@ -41,6 +42,8 @@ cargo_target="${CARGO_TARGET_DIR:-${REPO}/target}"
 # The Debian packages that provide the tools, installed when a tool is missing.
 need=()
 command -v podman >/dev/null || need+=(podman)
+# Not for the build: tests/image.rs copies the archive with skopeo, as a user would.
+command -v skopeo >/dev/null || need+=(skopeo)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
 [[ -s /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates)
 if ((${#need[@]})); then

@@ -2,8 +2,9 @@
 //! would run. `make test-image` builds the archive and runs this test (`--features image`).
 //!
 //! The archive is unpacked as a registry or `ctr import` would read it: index, manifest, config,
-//! each blob checked against its digest. Then the layers are unpacked into a root filesystem and
-//! the binary is run from it, under chroot as user 65532 when the test runs as root.
+//! each blob checked against its digest; skopeo copies it to a docker-archive. Then the layers
+//! are unpacked into a root filesystem and the binary is run from it, under chroot as user 65532
+//! when the test runs as root.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -210,6 +211,32 @@ fn the_image_is_one_static_binary_run_as_nonroot_with_ca_certificates_and_no_she
         !has_interpreter(&binary),
         "/portcullis is dynamically linked; the image has no libc"
     );
+
+    // skopeo reads the archive as registries and `docker load` (what `kind load docker-image`
+    // feeds) would get it: copied to a docker-archive, the image keeps its user and entry point.
+    let docker_archive = dir.path().join("docker.tar");
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("--quiet")
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!(
+            "docker-archive:{}:portcullis:{}",
+            docker_archive.display(),
+            env!("CARGO_PKG_VERSION")
+        )));
+    let copied = json(
+        &run(Command::new("skopeo")
+            .arg("inspect")
+            .arg("--config")
+            .arg(format!("docker-archive:{}", docker_archive.display())))
+        .stdout,
+    );
+    assert_eq!(copied["config"]["User"], NONROOT);
+    assert_eq!(
+        copied["config"]["Entrypoint"],
+        config["config"]["Entrypoint"]
+    );
+    assert_eq!(copied["rootfs"]["diff_ids"], config["rootfs"]["diff_ids"]);
 
     // Run it from the image's root filesystem: under chroot nothing of the host is reachable,
     // so this also proves the binary needs nothing the image lacks.
