@@ -114,6 +114,35 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// skopeo reads the archive as registries and `docker load` (what `kind load docker-image`
+/// feeds) would get it: copied to a docker-archive, the image keeps its user, entry point and
+/// layers.
+fn skopeo_copies_it(archive: &Path, dir: &Path, config: &Value) {
+    let docker_archive = dir.join("docker.tar");
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("--quiet")
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!(
+            "docker-archive:{}:portcullis:{}",
+            docker_archive.display(),
+            env!("CARGO_PKG_VERSION")
+        )));
+    let copied = json(
+        &run(Command::new("skopeo")
+            .arg("inspect")
+            .arg("--config")
+            .arg(format!("docker-archive:{}", docker_archive.display())))
+        .stdout,
+    );
+    assert_eq!(copied["config"]["User"], NONROOT);
+    assert_eq!(
+        copied["config"]["Entrypoint"],
+        config["config"]["Entrypoint"]
+    );
+    assert_eq!(copied["rootfs"]["diff_ids"], config["rootfs"]["diff_ids"]);
+}
+
 #[test]
 fn the_image_is_one_static_binary_run_as_nonroot_with_ca_certificates_and_no_shell() {
     let archive = archive();
@@ -212,31 +241,7 @@ fn the_image_is_one_static_binary_run_as_nonroot_with_ca_certificates_and_no_she
         "/portcullis is dynamically linked; the image has no libc"
     );
 
-    // skopeo reads the archive as registries and `docker load` (what `kind load docker-image`
-    // feeds) would get it: copied to a docker-archive, the image keeps its user and entry point.
-    let docker_archive = dir.path().join("docker.tar");
-    run(Command::new("skopeo")
-        .arg("copy")
-        .arg("--quiet")
-        .arg(format!("oci-archive:{}", archive.display()))
-        .arg(format!(
-            "docker-archive:{}:portcullis:{}",
-            docker_archive.display(),
-            env!("CARGO_PKG_VERSION")
-        )));
-    let copied = json(
-        &run(Command::new("skopeo")
-            .arg("inspect")
-            .arg("--config")
-            .arg(format!("docker-archive:{}", docker_archive.display())))
-        .stdout,
-    );
-    assert_eq!(copied["config"]["User"], NONROOT);
-    assert_eq!(
-        copied["config"]["Entrypoint"],
-        config["config"]["Entrypoint"]
-    );
-    assert_eq!(copied["rootfs"]["diff_ids"], config["rootfs"]["diff_ids"]);
+    skopeo_copies_it(&archive, dir.path(), &config);
 
     // Run it from the image's root filesystem: under chroot nothing of the host is reachable,
     // so this also proves the binary needs nothing the image lacks.
