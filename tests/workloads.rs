@@ -217,3 +217,62 @@ fn each_stage_has_one_workload_with_its_service_account_labels_and_secrets() {
         "every workload in examples/workloads runs a stage"
     );
 }
+
+#[cfg(feature = "envtest")]
+mod support;
+
+/// The API server accepts every workload as written (a server-side dry run), and the Pods
+/// they make pass the `restricted` Pod Security profile, enforced on the namespace.
+#[cfg(feature = "envtest")]
+#[tokio::test]
+async fn the_api_server_accepts_the_workloads_and_their_pods_under_the_restricted_profile() {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+
+    let client = support::control_plane().client().await;
+    let ns = support::temp_namespace(
+        &client,
+        "workloads",
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    for (file, workload) in workloads() {
+        let mut workload = workload.clone();
+        workload["metadata"]["namespace"] = Value::String(ns.clone());
+        let kind = workload["kind"].as_str().unwrap().to_string();
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", &kind));
+        let object: DynamicObject = serde_json::from_value(workload.clone()).unwrap();
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &resource)
+            .create(&dry_run, &object)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("examples/workloads/{file}: the API server refuses it: {e}")
+            });
+
+        // The ServiceAccount the operator would have made for the stage.
+        let service_account: k8s_openapi::api::core::v1::ServiceAccount =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": workload["spec"]["template"]["spec"]["serviceAccountName"], "namespace": ns},
+                "automountServiceAccountToken": false,
+            }))
+            .unwrap();
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &service_account)
+            .await
+            .expect("the stage's ServiceAccount");
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{}-dry-run", workload["metadata"]["name"].as_str().unwrap()), "namespace": ns},
+            "spec": workload["spec"]["template"]["spec"],
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+            .create(&dry_run, &pod)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("examples/workloads/{file}: its Pod fails the restricted profile: {e}")
+            });
+    }
+}
