@@ -520,3 +520,59 @@ fn the_prometheus_rules_fire_as_promtool_tests_say_and_the_dashboard_loads() {
     );
     assert!(find(&objects, "ConfigMap").is_empty());
 }
+
+/// The chart's Pods pass the `restricted` Pod Security profile as the API server enforces it:
+/// the operator's Pod template and the `helm test` Pod, created (dry run) in a namespace that
+/// enforces the profile, with the defaults and with OpenShift's values.
+#[tokio::test]
+async fn the_api_server_admits_the_pods_under_the_restricted_profile() {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use kube::api::{Api, PostParams};
+
+    let client = support::control_plane().client().await;
+    let ns = support::temp_namespace(
+        &client,
+        "chart-restricted",
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await;
+    let service_account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "portcullis", "namespace": ns}}))
+            .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &service_account)
+        .await
+        .unwrap();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    for values in [
+        json!({}),
+        json!({"podSecurityContext": {"fsGroup": null}}),
+        json!({"auditLog": {"generateKey": "operator"}, "vault": {"address": "https://vault.example:8200"}}),
+    ] {
+        let objects = tokio::task::spawn_blocking({
+            let values = values.clone();
+            move || render(&values)
+        })
+        .await
+        .unwrap();
+        let deployment = named(&objects, "Deployment", "portcullis");
+        let test_pod = named(&objects, "Pod", "portcullis-test-readyz");
+        for (what, spec) in [
+            ("the operator's Pod", pod_spec(deployment).clone()),
+            ("the helm test Pod", test_pod["spec"].clone()),
+        ] {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "dry-run", "namespace": ns},
+                "spec": spec,
+            }))
+            .unwrap();
+            Api::<Pod>::namespaced(client.clone(), &ns)
+                .create(&dry_run, &pod)
+                .await
+                .unwrap_or_else(|e| panic!("{what} with {values}: {e}"));
+        }
+    }
+}
