@@ -86,3 +86,87 @@ async fn a_key_secret_with_a_short_key_is_refused_with_the_fix() {
     );
     assert!(!path.exists(), "no key file is written");
 }
+
+/// `portcullis run --audit-key-secret` with no key file: the operator makes the Secret, writes
+/// the key where `--audit-key` says, and starts with it (its decision log opens with that key,
+/// and /readyz answers).
+#[tokio::test]
+async fn the_operator_makes_its_key_at_start_and_starts_with_it() {
+    use support::process::Server;
+
+    let client = control_plane().client().await;
+    let ns = temp_namespace(&client, "audit-key-run", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("keys/key");
+    let log = dir.path().join("decisions.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args: Vec<String> = [
+        "run",
+        "--no-leader-election",
+        "--watch-namespace",
+        &ns,
+        "--lease-namespace",
+        &ns,
+        "--audit-key-secret",
+        "portcullis-audit-key",
+        "--audit-key",
+        key.to_str().unwrap(),
+        "--audit-log",
+        log.to_str().unwrap(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+        "--kubeconfig",
+        control_plane().kubeconfig().to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let mut operator = Server::spawn(
+        "operator",
+        dir.path(),
+        std::path::Path::new(env!("CARGO_BIN_EXE_portcullis")),
+        &args,
+    )
+    .expect("the operator starts");
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let secret = support::wait_for(
+        "the operator to create its key Secret",
+        support::WAIT,
+        || {
+            let secrets = secrets.clone();
+            async move { secrets.get_opt("portcullis-audit-key").await.ok().flatten() }
+        },
+    )
+    .await;
+    let stored = secret.data.unwrap()[AUDIT_KEY_SECRET_KEY].0.clone();
+    support::wait_for("the key file", support::WAIT, || {
+        let key = key.clone();
+        async move { std::fs::read(&key).ok().filter(|k| !k.is_empty()) }
+    })
+    .await;
+    assert_eq!(std::fs::read(&key).unwrap(), stored);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    support::wait_for("the operator to be ready", support::WAIT, || {
+        let readyz = readyz.clone();
+        async move {
+            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["probe", &readyz, "--timeout", "2"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        }
+    })
+    .await;
+    operator.stop();
+    assert!(
+        !operator
+            .log_tail(50)
+            .contains("no key for the decision log"),
+        "{}",
+        operator.log_tail(50)
+    );
+}
