@@ -91,6 +91,8 @@ podman_ build --quiet --pull=never --no-cache --platform "linux/${arch}" \
     --file "${REPO}/Dockerfile" --tag "${image}" "${context}" >&2
 rm -f "${archive}"
 podman_ save --format oci-archive --output "${archive}" "${image}" >&2
+# The previous build's image, untagged by this one, is not kept.
+podman_ image prune --force >/dev/null 2>&1 || true
 
 elapsed=$(($(date +%s) - started))
 size=$(podman_ image inspect --format '{{.Size}}' "${image}")
