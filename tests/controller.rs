@@ -25,8 +25,8 @@ use portcullis::policy::Item;
 use serde_json::{Value, json};
 use support::admission::Refusal;
 use support::{
-    Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_converged, wait_ready,
-    with_pipeline,
+    Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_converged,
+    wait_ready, with_pipeline,
 };
 
 /// Runs the binary as the kubectl plugin (`kubectl-portcullis`, through a symlink) with `args`.

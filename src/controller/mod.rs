@@ -167,6 +167,7 @@ impl Context {
             .expect("repeats lock")
             .retain(|uid, _| live.contains(uid));
         self.applied.forget_gone(&self.children);
+        self.metrics.forget_deleted(live);
         if let Some(vault) = &self.vault {
             vault.forget_deleted(live).await;
         }

@@ -405,6 +405,7 @@ async fn write_status(
     old: Option<&AIPipelineStatus>,
     new: AIPipelineStatus,
 ) -> Result<()> {
+    ctx.metrics.observe_pipeline(uid, namespace, name, &new);
     if old == Some(&new) {
         return Ok(());
     }

@@ -144,21 +144,11 @@ pub(crate) async fn get_raw(client: &Client, ns: &str, name: &str) -> Value {
         .unwrap_or_else(|e| panic!("get AIPipeline {ns}/{name}: {e}"))
 }
 
-/// Whether the pipeline (as the API server serves it) asks anything of Vault.
-fn asks_for_vault(p: &Value) -> bool {
-    p["spec"]["stages"].as_array().is_some_and(|stages| {
-        stages.iter().any(|s| {
-            ["policies", "credentials"]
-                .iter()
-                .any(|k| s["vault"][*k].as_array().is_some_and(|a| !a.is_empty()))
-        })
-    })
-}
-
 /// Waits (at most [`WAIT`]) until AIPipeline `ns/name`, reconciled by an operator that runs
-/// without Vault, has converged for its current generation: `Ready=True`, or, when it asks
-/// for Vault, `Ready=False` with reason `VaultNotConfigured` (Ready means the credentials are
-/// delivered too). Returns it as the API server serves it.
+/// without Vault, has converged for its current generation: `Ready=True`, or, when its plan
+/// involves Vault (the status has a `VaultSynced` condition), `Ready=False` with reason
+/// `VaultNotConfigured` (Ready means the credentials are delivered too). Returns it as the API
+/// server serves it.
 pub(crate) async fn wait_converged_raw(
     client: &Client,
     ns: &str,
@@ -171,14 +161,16 @@ pub(crate) async fn wait_converged_raw(
         wait_for(&what, WAIT, || async move {
             let p = get_raw(client, ns, name).await;
             let current = p["status"]["observedGeneration"] == p["metadata"]["generation"];
-            let (status, reason) = if asks_for_vault(&p) {
+            let conditions = p["status"]["conditions"].as_array()?;
+            let involves_vault = conditions.iter().any(|c| c["type"] == "VaultSynced");
+            let (status, reason) = if involves_vault {
                 ("False", "VaultNotConfigured")
             } else {
                 ("True", "Reconciled")
             };
-            let is = p["status"]["conditions"].as_array()?.iter().any(|c| {
-                c["type"] == "Ready" && c["status"] == status && c["reason"] == reason
-            });
+            let is = conditions
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == status && c["reason"] == reason);
             (current && is).then_some(p)
         }),
     )
@@ -193,8 +185,7 @@ pub(crate) async fn wait_converged(
     name: &str,
     op: &Operator,
 ) -> AIPipeline {
-    serde_json::from_value(wait_converged_raw(client, ns, name, op).await)
-        .expect("an AIPipeline")
+    serde_json::from_value(wait_converged_raw(client, ns, name, op).await).expect("an AIPipeline")
 }
 
 /// [`wait_ready`], returning the pipeline as the API server serves it.

@@ -317,7 +317,10 @@ impl<'a> Work<'a> {
         object: &str,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T> {
-        match call.await {
+        let started = std::time::Instant::now();
+        let answer = call.await;
+        self.ctx.metrics.observe_vault(operation, started.elapsed());
+        match answer {
             Ok(v) => {
                 self.count(operation, "ok");
                 self.succeeded(operation, object);

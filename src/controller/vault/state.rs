@@ -52,6 +52,9 @@ impl Work<'_> {
             .map_or(0, |s| s.leases.len());
         self.ctx
             .metrics
+            .observe_leases(&self.uid, &self.namespace, &self.name, &state.leases);
+        self.ctx
+            .metrics
             .credential_leases
             .inc_by(gauge(state.leases.len()) - gauge(previous));
     }
