@@ -133,6 +133,7 @@ async fn main() {
         shard: Default::default(),
         watch_namespace: None,
         echo_decisions: false,
+        policy_reports: false,
         vault: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -366,6 +367,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         shard: Default::default(),
         watch_namespace: Some(ns.into()),
         echo_decisions: false,
+        policy_reports: false,
         vault: Some(controller::VaultRunConfig {
             connection: portcullis::vault::VaultConfig {
                 address: bao.address(),

@@ -46,7 +46,13 @@ async fn install_policy_report_crd(client: &kube::Client) {
 async fn each_pipeline_gets_a_policy_report_of_its_decisions() {
     let (client, ns, _) = guarded_namespace("reports").await;
     install_policy_report_crd(&client).await;
-    let mut op = Operator::start("operator", &ns, None);
+    let mut op = Operator::start_with(
+        "operator",
+        &ns,
+        None,
+        tempfile::tempdir().unwrap(),
+        &["--policy-reports".into()],
+    );
     let mut pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
     for stage in &mut pipeline.spec.stages {
         stage.vault = None;

@@ -90,6 +90,12 @@ pub struct RunArgs {
     #[command(flatten)]
     pub kube: super::kubeconfig::KubeArgs,
 
+    /// Publish each pipeline's decisions as a `wgpolicyk8s.io/v1alpha2` PolicyReport in its
+    /// namespace (for Policy Reporter), when the API server serves that kind. Needs get, create
+    /// and patch on policyreports (the chart's `policyReports.enabled`).
+    #[arg(long)]
+    pub policy_reports: bool,
+
     /// How many AIPipelines are reconciled at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: u16,
@@ -228,6 +234,7 @@ pub fn run(args: &RunArgs) -> u8 {
         watch_namespace: args.watch_namespace.clone(),
         shard,
         echo_decisions: true,
+        policy_reports: args.policy_reports,
         vault: args
             .vault
             .vault_address

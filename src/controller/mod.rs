@@ -73,6 +73,9 @@ pub struct RunConfig {
     pub shard: Shard,
     /// Also write each decision record to stdout.
     pub echo_decisions: bool,
+    /// Publish each pipeline's decisions as a `wgpolicyk8s.io` PolicyReport (when the API
+    /// server serves the kind).
+    pub policy_reports: bool,
     /// Vault, when configured.
     pub vault: Option<VaultRunConfig>,
 }

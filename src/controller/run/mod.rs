@@ -65,7 +65,12 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     }
 
     // No reconcile plans before the caches are full (see `Context::synced`).
-    tokio::spawn(mark_synced(caches.clone(), ctx.clone(), health.clone()));
+    tokio::spawn(mark_synced(
+        caches.clone(),
+        ctx.clone(),
+        health.clone(),
+        config.policy_reports,
+    ));
     tokio::spawn(housekeeping::forget_deleted_pipelines(
         ctx.clone(),
         pipelines.clone(),
@@ -306,13 +311,22 @@ where
 }
 
 /// Once every cache holds a full list: reconciles may plan, and /readyz says ready.
-async fn mark_synced(caches: Caches, ctx: Arc<Context>, health: Arc<http::Health>) {
+async fn mark_synced(
+    caches: Caches,
+    ctx: Arc<Context>,
+    health: Arc<http::Health>,
+    policy_reports: bool,
+) {
     if caches.wait_synced().await {
-        let reports = super::reports::served(&ctx.client).await;
-        if reports {
-            info!("the API server serves wgpolicyk8s.io PolicyReports: writing one per pipeline");
+        if policy_reports {
+            let served = super::reports::served(&ctx.client).await;
+            if served {
+                info!("writing a wgpolicyk8s.io PolicyReport per pipeline");
+            } else {
+                warn!("--policy-reports: the API server does not serve wgpolicyk8s.io/v1alpha2 PolicyReports (install Policy Reporter's or Kyverno's CRDs); writing none");
+            }
+            ctx.policy_reports.store(served, Ordering::Relaxed);
         }
-        ctx.policy_reports.store(reports, Ordering::Relaxed);
         ctx.synced.store(true, Ordering::Release);
         ctx.synced_notify.notify_waiters();
         health.ready.store(true, Ordering::Relaxed);
