@@ -131,6 +131,12 @@ const CIDRS: &[&str] = &[
     "169.254.169.254/32",
     "169.254.0.0/16",
     "169.254.169.254/31",
+    "169.254.170.0/24",
+    "100.64.0.0/10",
+    "168.63.129.0/24",
+    "fe80::/10",
+    "fe80::/64",
+    "::ffff:0.0.0.0/96",
     "0.0.0.0/0",
     "10.0.0.0/8",
     "10.20.0.0/16",
@@ -158,7 +164,7 @@ const VAULT_POLICY_PATHS: &[&str] = &[
     "database/creds/*",
     "database/creds/reader",
     "database/creds/+",
-    "aws/creds/<p>-*",
+    "aws/creds/<ns>_<p>_*",
     "aws/creds/+",
 ];
 const RISKY_VAULT_POLICY_PATHS: &[&str] = &[
@@ -177,7 +183,7 @@ const RISKY_VAULT_POLICY_PATHS: &[&str] = &[
 const CREDENTIAL_PATHS: &[&str] = &[
     "database/creds/reader",
     "database/creds/writer",
-    "aws/creds/<p>-train",
+    "aws/creds/<ns>_<p>_train",
     "aws/creds/other",
     "kv/data/<ns>/<p>/<s>/db",
 ];
@@ -202,6 +208,9 @@ const MAX_TTLS: &[&str] = &["15m", "30m", "1h", "2h", "4h", "90s"];
 const GUARDRAIL_CIDRS: &[&str] = &[
     "0.0.0.0/0",
     "169.254.0.0/16",
+    "100.64.0.0/10",
+    "168.63.0.0/16",
+    "fe80::/10",
     "10.0.0.0/8",
     "10.20.0.0/16",
     "10.30.0.0/16",
@@ -218,7 +227,8 @@ const GUARDRAIL_PATTERNS: &[&str] = &[
     "kv/*",
     "database/creds/*",
     "database/creds/+",
-    "aws/creds/{pipeline}-*",
+    "aws/creds/{namespace}_{pipeline}_*",
+    "aws/creds/{namespace}_*",
     "sys/*",
     "auth/*",
     "identity/*",
@@ -487,6 +497,7 @@ fn stage_body(risky_paths: &'static [&'static str]) -> impl Strategy<Value = Sta
                 permissions,
                 network,
                 vault,
+                produces: Vec::new(),
             },
         )
 }
@@ -613,6 +624,7 @@ fn ceiling() -> impl Strategy<Value = Ceiling> {
                         allow_ingress,
                     },
                     vault: VaultCeiling { paths, max_ttl },
+                    allow_workload_creation: false,
                 }
             },
         )
@@ -660,6 +672,9 @@ fn guardrail_from(
             namespace_selector,
             dns_egress,
             roles,
+            allowed_roles: Vec::new(),
+            credential_endpoints: Vec::new(),
+            pod_creating_resources: Vec::new(),
         },
     )
 }
@@ -997,11 +1012,23 @@ fn is_label_value(s: &str) -> bool {
     s.len() <= 63 && re.is_match(s)
 }
 
+/// Credential endpoints of the clouds (issue 11, class 4): no granted range may reach them.
 fn metadata_addresses() -> Vec<std::net::IpAddr> {
-    vec![
-        "169.254.169.254".parse().unwrap(),
-        "fd00:ec2::254".parse().unwrap(),
+    [
+        "169.254.169.254",
+        "169.254.170.2",
+        "169.254.170.23",
+        "169.254.0.23",
+        "100.100.100.200",
+        "168.63.129.16",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+        "fe80::1",
+        "::ffff:169.254.169.254",
     ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

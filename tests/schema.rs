@@ -293,6 +293,7 @@ fn base_pipeline() -> AIPipeline {
                 }],
             }],
         }),
+        produces: vec!["configmaps/features".into()],
     };
     let mut p = AIPipeline::new(
         "fraud",
@@ -330,9 +331,13 @@ fn base_guardrail() -> AccessGuardrail {
                         }],
                         max_ttl: Some("1h".into()),
                     },
+                    allow_workload_creation: false,
                 }),
                 ..RoleCeilings::default()
             },
+            allowed_roles: vec![StageRole::Training],
+            credential_endpoints: vec!["10.96.0.10/32".into()],
+            pod_creating_resources: vec!["workflows.argoproj.io".into()],
         },
     );
     assert_eq!(

@@ -81,6 +81,16 @@ pub struct Stage {
     /// Vault access for the stage's identity, and dynamic credentials Portcullis delivers to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault: Option<StageVault>,
+
+    /// ConfigMaps and Secrets this stage writes for later stages to read, as
+    /// `configmaps/<name>` or `secrets/<name>`. A write to an object another stage of the
+    /// pipeline reads is denied unless the writer declares it here: the flow of data between
+    /// stages is then written down, and no stage can poison another's inputs by surprise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(min = 1, max = 270)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub produces: Vec<String>,
 }
 
 /// What a stage does in the pipeline. Guardrails give each role its own ceiling.

@@ -157,7 +157,13 @@ fn report(errors: &[InputError]) -> u8 {
 /// written; the JSON document needs every plan at once.
 fn run_plan(args: &PlanArgs) -> u8 {
     let mut inputs = Inputs::default();
-    inputs.read(&args.files, Expect::Anything);
+    // With --guardrails, the pipeline files cannot bring guardrails of their own.
+    let from_files = if args.guardrails.is_empty() {
+        Expect::Anything
+    } else {
+        Expect::Pipelines
+    };
+    inputs.read(&args.files, from_files);
     inputs.read(&args.guardrails, Expect::Guardrails);
     for note in &inputs.notes {
         eprintln!("note: {note}");

@@ -11,7 +11,8 @@ use crate::api::{AIPipeline, AIPipelineSpec, Ceiling, EgressRule, Stage, VaultCa
 
 use super::scope::{Bound, placeholders};
 use super::{
-    Decision, Item, Reason, Scope, StageContext, Verdict, WithCidr, defaults, floor, vault_path,
+    Claimant, Decision, Item, Reason, Scope, StageContext, Verdict, WithCidr, defaults, floor,
+    vault_path,
 };
 
 /// Decides every item that stage `ctx.index` of `pipeline` requests, in spec order.
@@ -139,6 +140,12 @@ struct Evaluator<'a, 's> {
 
 impl Evaluator<'_, '_> {
     fn push(&mut self, field: String, item: Item, outcome: Outcome) {
+        // A refused role or an invalid guardrail turns every allow into a denial: nothing of
+        // the stage can pass by a path this check forgot.
+        let outcome = match (&self.scope.refusal, outcome) {
+            (Some(refusal), Ok(())) => Err(refusal.clone()),
+            (_, outcome) => outcome,
+        };
         let (verdict, reason, message) = match outcome {
             Ok(()) => (
                 Verdict::Allow,
@@ -305,6 +312,18 @@ impl Evaluator<'_, '_> {
                 }
             }
         }
+        if floor::is_workload_write(group, resource, verb, &self.scope.pod_creating)
+            && !self.scope.workload_creation
+        {
+            return Err((
+                Reason::WorkloadCreation,
+                format!(
+                    "{verb} on {resource} lets the stage start pods as any ServiceAccount of the namespace with any of its Secrets, borrowing other stages' identities; it needs a guardrail whose ceiling for {} stages sets allowWorkloadCreation: true",
+                    self.stage.role.as_str()
+                ),
+            ));
+        }
+        self.cross_stage_write(group, resource, verb, names)?;
         self.guardrail(
             "kubernetes",
             |_, b| {
@@ -318,8 +337,66 @@ impl Evaluator<'_, '_> {
         )
     }
 
+    /// A write on ConfigMaps or Secrets that another stage of the pipeline reads poisons that
+    /// stage's inputs, unless the writer declares the flow in `produces`.
+    fn cross_stage_write(
+        &self,
+        group: &str,
+        resource: &str,
+        verb: &str,
+        names: &[String],
+    ) -> Outcome {
+        const WRITES: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
+        const READS: [&str; 3] = ["get", "list", "watch"];
+        if !group.is_empty()
+            || !matches!(resource, "configmaps" | "secrets")
+            || !WRITES.contains(&verb)
+        {
+            return Ok(());
+        }
+        // The other stages' reads of `resource`: None for a read of every object, else the names.
+        let reads = self
+            .spec
+            .stages
+            .iter()
+            .filter(|s| s.name != self.stage.name)
+            .flat_map(|s| s.permissions.iter().map(move |p| (s.name.as_str(), p)))
+            .filter(|(_, p)| {
+                p.api_groups.iter().any(String::is_empty)
+                    && p.resources.iter().any(|r| r == resource)
+                    && p.verbs.iter().any(|v| READS.contains(&v.as_str()))
+            });
+        for (reader, rule) in reads {
+            if names.is_empty() {
+                return Err((
+                    Reason::CrossStageWrite,
+                    format!(
+                        "{verb} on every {resource} includes the ones stage {reader:?} reads; list the names this stage writes in resourceNames and declare them in produces"
+                    ),
+                ));
+            }
+            let read_name = names.iter().find(|n| {
+                (rule.resource_names.is_empty() || rule.resource_names.contains(n))
+                    && !self
+                        .stage
+                        .produces
+                        .iter()
+                        .any(|p| p.split_once('/') == Some((resource, n.as_str())))
+            });
+            if let Some(name) = read_name {
+                return Err((
+                    Reason::CrossStageWrite,
+                    format!(
+                        "stage {reader:?} reads {resource}/{name}; writing it would change that stage's inputs. Declare the flow with produces: [{resource}/{name}] on this stage, or write another object"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn network(&mut self) {
-        if self.scope.dns_egress {
+        if self.scope.dns_egress && self.scope.refusal.is_none() {
             self.decisions.push(Decision {
                 stage: self.stage.name.clone(),
                 field: format!("spec.stages[{}]", self.ctx.index),
@@ -357,7 +434,7 @@ impl Evaluator<'_, '_> {
     /// `net` is `rule.cidr`, parsed by validation.
     fn decide_egress(&self, rule: &EgressRule, net: Option<IpNet>) -> Outcome {
         if let (Some(cidr), Some(net)) = (&rule.cidr, net) {
-            floor::egress(&net)?;
+            floor::egress(&net, &self.scope.credential_endpoints)?;
             return self.guardrail(
                 "network.egressCIDRs",
                 |_, b| b.egress_cidrs.iter().any(|a| a.contains(&net)),
@@ -445,8 +522,37 @@ impl Evaluator<'_, '_> {
             })
     }
 
+    /// A credential path another pipeline claimed first, reached by `path` (a credential path,
+    /// or a policy path that matches it).
+    fn other_tenant(&self, path: &str, exact: bool) -> Outcome {
+        let Some(claims) = self.ctx.claims else {
+            return Ok(());
+        };
+        let ours = |owner: &Claimant| {
+            owner.namespace == self.ctx.namespace && owner.pipeline == self.ctx.pipeline
+        };
+        let found = if exact {
+            claims.owner(path).filter(|o| !ours(o)).map(|o| (path, o))
+        } else {
+            let literal = &path[..path.find(['+', '*']).unwrap_or(path.len())];
+            claims.find_under(literal, |claimed, owner| {
+                !ours(owner) && vault_path::matches(path, claimed)
+            })
+        };
+        match found {
+            None => Ok(()),
+            Some((claimed, owner)) => Err((
+                Reason::CrossTenantCredential,
+                format!(
+                    "{claimed} issues the credentials of pipeline {owner}, which claimed it first; a credential path belongs to one pipeline cluster-wide. Ask the Vault team for a role of this pipeline's own"
+                ),
+            )),
+        }
+    }
+
     fn decide_vault_path(&self, path: &str, capability: VaultCapability) -> Outcome {
         floor::vault_path(path, capability)?;
+        self.other_tenant(path, false)?;
         if let Some((owner, cred)) = self.other_credential(|c| vault_path::matches(path, c)) {
             return Err((
                 Reason::CrossStageCredential,
@@ -495,6 +601,7 @@ impl Evaluator<'_, '_> {
                 ),
             ));
         }
+        self.other_tenant(path, true)?;
         self.decide_ttl(ttl_seconds, "the credential lifetime")?;
         if self.scope.defaults {
             return Err((
