@@ -362,7 +362,10 @@ fn deployment(mix: &mut Mix, n: &Names<'_>) -> Stage {
     let cred = mix.chance(40).then(|| {
         credential(
             "feedback-db",
-            format!("database/creds/{}_{}_feedback-writer", n.namespace, n.pipeline),
+            format!(
+                "database/creds/{}_{}_feedback-writer",
+                n.namespace, n.pipeline
+            ),
             mix.pick(&["10m", "20m", "30m"]),
             n.secret(name, "db"),
             Some((WorkloadKind::Deployment, format!("{}-{name}", n.pipeline))),

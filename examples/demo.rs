@@ -301,7 +301,7 @@ async fn vault_scene(client: &Client, work: &Path) {
             service_account: "portcullis",
             audience: None,
             period: "1h",
-            database_roles: &["fraud-detector-features-writer"],
+            database_roles: &[&format!("{ns}_fraud-detector_features-writer")],
             database_ttl: "15m",
             database_max_ttl: "1h",
         })
@@ -316,7 +316,7 @@ async fn vault_scene(client: &Client, work: &Path) {
                 "policies": [{"path": format!("kv/data/{ns}/fraud-detector/ingest/*"), "capabilities": ["read"]}],
                 "credentials": [{
                     "name": "feature-db",
-                    "path": "database/creds/fraud-detector-features-writer",
+                    "path": format!("database/creds/{ns}_fraud-detector_features-writer"),
                     "ttl": "15m",
                     "secretName": "fraud-ingest-db",
                     "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
@@ -363,6 +363,7 @@ async fn vault_scene(client: &Client, work: &Path) {
             restart_min_interval: Duration::from_secs(60),
             max_restarts_per_minute: 10,
             resync: Duration::from_secs(300),
+            name_prefix: portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX.into(),
         }),
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -413,7 +414,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         let yes = double.allows(&token, Operation::Read, &path);
         println!("   read {path:<55} {}", if yes { "yes" } else { "no" });
     }
-    let creds = "database/creds/fraud-detector-features-writer";
+    let creds = &format!("database/creds/{ns}_fraud-detector_features-writer");
     println!(
         "   read {creds:<55} {}",
         if double.allows(&token, Operation::Read, creds) {

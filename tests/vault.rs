@@ -28,8 +28,14 @@ use support::{Operator, guarded_namespace, temp_namespace, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PIPELINE: &str = "fraud";
-const DB_ROLE: &str = "fraud-writer";
-const DB_ROLE_2: &str = "fraud-writer-2";
+/// The database roles of the pipeline: `<namespace>_<pipeline>_<name>`, the form the example
+/// guardrails allow (placeholders stand between delimiters no name can hold).
+fn db_role(ns: &str) -> String {
+    format!("{ns}_{PIPELINE}_writer")
+}
+fn db_role_2(ns: &str) -> String {
+    format!("{ns}_{PIPELINE}_writer-2")
+}
 
 /// A namespace with the example guardrails, the double set up as the README says (Kubernetes
 /// auth, the operator's policy from `deploy/vault`, its periodic role, a database role), and the
@@ -113,7 +119,7 @@ impl Setup {
                 service_account: "portcullis",
                 audience: None,
                 period: options.period,
-                database_roles: &[DB_ROLE, DB_ROLE_2],
+                database_roles: &[&db_role(&ns), &db_role_2(&ns)],
                 database_ttl: options.db_ttl,
                 database_max_ttl: options.db_max_ttl,
             })
@@ -173,7 +179,7 @@ impl Setup {
     }
 
     fn pipeline(&self, credential_ttl: &str) -> AIPipeline {
-        self.pipeline_from(credential_ttl, DB_ROLE)
+        self.pipeline_from(credential_ttl, &db_role(&self.ns))
     }
 
     fn pipeline_from(&self, credential_ttl: &str, db_role: &str) -> AIPipeline {
@@ -337,7 +343,14 @@ async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
         "lease kept for {kept}"
     );
     let ns = &setup.ns;
-    let role = |stage: &str| format!("{ns}-{PIPELINE}-{stage}");
+    let role = |stage: &str| {
+        portcullis::plan::names::vault_object(
+            portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+            ns,
+            PIPELINE,
+            stage,
+        )
+    };
     wait_for("both stages' roles", WAIT, || async {
         let roles = setup.double.kubernetes_roles();
         (roles.contains_key(&role("ingest")) && roles.contains_key(&role("train"))).then_some(())
@@ -407,11 +420,11 @@ async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
             Operation::Update,
             &format!("kv/data/{ns}/{PIPELINE}/{stage}/x")
         ));
-        assert!(
-            !setup
-                .double
-                .allows(token, Operation::Read, &format!("database/creds/{DB_ROLE}"))
-        );
+        assert!(!setup.double.allows(
+            token,
+            Operation::Read,
+            &format!("database/creds/{}", db_role(ns))
+        ));
         assert!(
             !setup
                 .double
@@ -805,7 +818,7 @@ async fn a_workload_is_restarted_at_most_once_per_interval_and_old_leases_wait_f
         }
     };
     // A first rotation restarts the target at once.
-    move_to(DB_ROLE_2).await;
+    move_to(&db_role_2(&setup.ns)).await;
     let first = wait_for("the first restart", WAIT, || async {
         Setup::restarted_at(&setup.deployment().await)
     })
@@ -817,7 +830,7 @@ async fn a_workload_is_restarted_at_most_once_per_interval_and_old_leases_wait_f
     .await;
     // A second rotation right after: new credentials at once, but the restart waits for the
     // interval, and so does the revocation of the lease its pods still use.
-    move_to(DB_ROLE).await;
+    move_to(&db_role(&setup.ns)).await;
     wait_for("the second rotation's credentials", WAIT, || async {
         (!setup.active_leases().is_subset(&before)).then_some(())
     })
@@ -855,7 +868,7 @@ async fn an_operator_killed_mid_rotation_leaks_no_lease() {
     let (_, first_hash) = setup.wait_for_secret().await;
     // The credential moves to another database role: new credentials are issued at once.
     let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
-    let moved = setup.pipeline_from(SLOW.credential_ttl, DB_ROLE_2);
+    let moved = setup.pipeline_from(SLOW.credential_ttl, &db_role_2(&setup.ns));
     api.patch(
         PIPELINE,
         &Default::default(),
@@ -940,13 +953,23 @@ async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everythi
     let setup = Setup::new("vault-delete", &FAST).await;
     setup.create(FAST.credential_ttl).await;
     setup.wait_for_secret().await;
-    let prefix = format!("{}-{PIPELINE}-", setup.ns);
+    let names: Vec<String> = ["ingest", "train"]
+        .iter()
+        .map(|stage| {
+            portcullis::plan::names::vault_object(
+                portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+                &setup.ns,
+                PIPELINE,
+                stage,
+            )
+        })
+        .collect();
     assert_eq!(
         setup
             .double
             .policies()
             .keys()
-            .filter(|k| k.starts_with(&prefix))
+            .filter(|k| names.contains(k))
             .count(),
         2
     );
@@ -985,7 +1008,7 @@ async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everythi
             .double
             .policies()
             .keys()
-            .filter(|k| k.starts_with(&prefix))
+            .filter(|k| names.contains(k))
             .count(),
         0
     );
@@ -994,7 +1017,7 @@ async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everythi
             .double
             .kubernetes_roles()
             .keys()
-            .filter(|k| k.starts_with(&prefix))
+            .filter(|k| names.contains(k))
             .count(),
         0
     );

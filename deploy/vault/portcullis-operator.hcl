@@ -1,14 +1,24 @@
 # The Vault policy of the Portcullis operator: the least it needs. The README explains each rule;
 # tests/vault.rs gives the operator exactly this policy.
 
-# The stages' ACL policies, named <namespace>-<pipeline>-<stage>.
-path "sys/policies/acl/*" {
+# Everything the operator writes is named with its prefix (--vault-name-prefix, default
+# "portcullis-"): with another prefix, change "portcullis-" below to match. Without the prefix
+# this policy would let the operator rewrite any ACL policy (root and admin included): root in
+# Vault, in effect.
+
+# The stages' ACL policies, named portcullis-<namespace>-<pipeline>-<stage>-<hash>.
+path "sys/policies/acl/portcullis-*" {
   capabilities = ["create", "read", "update", "delete"]
 }
 
-# The stages' roles on the workloads' Kubernetes auth mount (--vault-workload-auth-mount).
-path "auth/kubernetes/role/*" {
+# The stages' roles on the workloads' Kubernetes auth mount (--vault-workload-auth-mount). A role
+# it writes may carry only policies with the prefix, so it cannot hand out root or admin.
+path "auth/kubernetes/role/portcullis-*" {
   capabilities = ["create", "read", "update", "delete"]
+  allowed_parameters = {
+    "token_policies" = ["portcullis-*"]
+    "*"              = []
+  }
 }
 
 # The dynamic credentials the stages ask for: list each secrets engine's creds path you allow.

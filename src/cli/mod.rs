@@ -92,6 +92,15 @@ pub(crate) struct PlanArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+
+    /// The prefix of the Vault policy and role names shown, as the operator's
+    /// `--vault-name-prefix`.
+    #[arg(long, default_value = plan::names::DEFAULT_VAULT_NAME_PREFIX, value_parser = parse_vault_name_prefix)]
+    pub vault_name_prefix: String,
+}
+
+fn parse_vault_name_prefix(s: &str) -> Result<String, String> {
+    plan::names::check_vault_name_prefix(s).map(|()| s.to_string())
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -219,6 +228,16 @@ fn plan_each(
     guardrails: &[AccessGuardrail],
     mut each: impl FnMut(Plan) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    // Credential paths and Secrets belong to the pipeline that claims them first; offline, all
+    // pipelines read are the cluster.
+    let claims = crate::policy::CredentialClaims::from_pipelines(
+        inputs.pipelines.iter().map(|(_, p)| p.pipeline()),
+        &args.namespace,
+    );
+    let options = plan::PlanOptions {
+        vault_name_prefix: &args.vault_name_prefix,
+        claims: Some(&claims),
+    };
     // Namespace labels, by namespace: many pipelines share a namespace.
     let mut labels_of: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
     for (_, pipeline) in &inputs.pipelines {
@@ -236,7 +255,13 @@ fn plan_each(
             labels.extend(args.namespace_labels.clone().unwrap_or_default());
             labels
         });
-        each(plan::build(pipeline, &args.namespace, labels, guardrails))?;
+        each(plan::build_with(
+            pipeline,
+            &args.namespace,
+            labels,
+            guardrails,
+            options,
+        ))?;
     }
     Ok(())
 }

@@ -85,6 +85,8 @@ pub struct VaultRunConfig {
     pub max_restarts_per_minute: usize,
     /// Policies and roles are compared with Vault at least this often.
     pub resync: Duration,
+    /// The prefix of every Vault policy and role name the operator writes.
+    pub name_prefix: String,
 }
 
 /// What every reconcile shares.

@@ -132,7 +132,16 @@ fn plan(
         .iter()
         .map(|g| (**g).clone())
         .collect();
-    plan::validate_and_build(pipeline, &target.namespace, &labels, &guardrails)
+    let options = plan::PlanOptions {
+        vault_name_prefix: ctx
+            .vault
+            .as_ref()
+            .map_or(plan::names::DEFAULT_VAULT_NAME_PREFIX, |v| {
+                v.name_prefix.as_str()
+            }),
+        claims: None,
+    };
+    plan::validate_and_build_with(pipeline, &target.namespace, &labels, &guardrails, options)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
 }
 

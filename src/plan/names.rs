@@ -73,7 +73,7 @@ const VAULT_HASH_HEX: usize = 16;
 /// is injective: two different triples never share a Vault name, whatever they spell when joined
 /// with '-' (`ml` + `fraud-fraud-detector` and `ml-fraud` + `fraud-detector` differ). The
 /// readable part is for humans only; nothing parses it.
-pub(crate) fn vault_object(prefix: &str, namespace: &str, pipeline: &str, stage: &str) -> String {
+pub fn vault_object(prefix: &str, namespace: &str, pipeline: &str, stage: &str) -> String {
     let readable: String = [namespace, pipeline, stage]
         .join("-")
         .chars()

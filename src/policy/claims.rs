@@ -19,10 +19,13 @@ impl std::fmt::Display for Claimant {
     }
 }
 
-/// Which pipeline owns each credential path, cluster-wide.
+/// Which pipeline owns each credential path, cluster-wide, and each credential Secret, per
+/// namespace.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CredentialClaims {
     owners: BTreeMap<String, Claimant>,
+    /// (namespace, Secret name) -> the pipeline whose credentials it receives.
+    secrets: BTreeMap<(String, String), Claimant>,
 }
 
 impl CredentialClaims {
@@ -58,16 +61,25 @@ impl CredentialClaims {
             (None, None) => a.1.cmp(&b.1),
         });
         let mut owners = BTreeMap::new();
+        let mut secrets = BTreeMap::new();
         for (_, claimant, pipeline) in ordered {
             for stage in &pipeline.spec.stages {
                 for cred in stage.vault.iter().flat_map(|v| &v.credentials) {
                     owners
                         .entry(cred.path.clone())
                         .or_insert_with(|| claimant.clone());
+                    secrets
+                        .entry((claimant.namespace.clone(), cred.secret_name.clone()))
+                        .or_insert_with(|| claimant.clone());
                 }
             }
         }
-        CredentialClaims { owners }
+        CredentialClaims { owners, secrets }
+    }
+
+    /// The pipeline whose credentials Secret `name` in `namespace` receives, if any claims it.
+    pub fn secret_owner(&self, namespace: &str, name: &str) -> Option<&Claimant> {
+        self.secrets.get(&(namespace.to_string(), name.to_string()))
     }
 
     /// The owner of credential path `path`, if any pipeline claims it.

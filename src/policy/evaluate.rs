@@ -495,7 +495,7 @@ impl Evaluator<'_, '_> {
         let before = self.decisions.len();
         for (i, (cred, ttl_seconds)) in stage.credentials().enumerate() {
             let field = format!("spec.stages[{}].vault.credentials[{i}]", self.ctx.index);
-            let outcome = self.decide_credential(&cred.path, ttl_seconds);
+            let outcome = self.decide_credential(&cred.path, &cred.secret_name, ttl_seconds);
             let item = Item::Credential {
                 name: cred.name.clone(),
                 path: cred.path.clone(),
@@ -582,7 +582,26 @@ impl Evaluator<'_, '_> {
         Ok(())
     }
 
-    fn decide_credential(&self, path: &str, ttl_seconds: u64) -> Outcome {
+    /// A credential Secret another pipeline of the namespace claimed first: delivering to it
+    /// would give this stage RBAC on the other pipeline's credentials.
+    fn foreign_secret(&self, secret_name: &str) -> Outcome {
+        let owner = self
+            .ctx
+            .claims
+            .and_then(|c| c.secret_owner(self.ctx.namespace, secret_name))
+            .filter(|o| o.pipeline != self.ctx.pipeline);
+        match owner {
+            None => Ok(()),
+            Some(owner) => Err((
+                Reason::CrossTenantCredential,
+                format!(
+                    "Secret {secret_name:?} receives the credentials of pipeline {owner}, which claimed it first; choose a secretName of this pipeline's own"
+                ),
+            )),
+        }
+    }
+
+    fn decide_credential(&self, path: &str, secret_name: &str, ttl_seconds: u64) -> Outcome {
         floor::vault_path(path, VaultCapability::Read)?;
         // The first stage to declare a credential path owns it; a later stage is refused, so
         // that no two stages ever share one set of dynamic credentials.
@@ -602,6 +621,7 @@ impl Evaluator<'_, '_> {
             ));
         }
         self.other_tenant(path, true)?;
+        self.foreign_secret(secret_name)?;
         self.decide_ttl(ttl_seconds, "the credential lifetime")?;
         if self.scope.defaults {
             return Err((

@@ -284,10 +284,10 @@ pub(crate) fn is_workload_write(
 
 /// API groups and resources that set a stage's own limits: Portcullis's kinds, and
 /// NetworkPolicies. Writing them lets a stage rewrite what confines it.
+/// NetworkPolicies by resource name, in any group (`networking.k8s.io` today, `extensions` on
+/// old clusters, and any aggregated API that serves the same name).
 fn is_self_administration(group: &str, resource: &str) -> bool {
-    group == "portcullis.dev"
-        || (group == "networking.k8s.io" && resource_base(resource) == "networkpolicies")
-        || (group == "policy" && resource_base(resource) == "podsecuritypolicies")
+    group == "portcullis.dev" || resource_base(resource) == "networkpolicies"
 }
 
 /// The floor for one capability on one Vault path.

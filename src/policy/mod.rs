@@ -27,6 +27,7 @@ pub use decision::{Decision, Item, Reason, Verdict, WithCidr};
 #[cfg(test)]
 pub(crate) use evaluate::evaluate_stage;
 pub(crate) use evaluate::{decision_count, evaluate_stage_into};
+pub use scope::selects_namespace;
 pub(crate) use scope::{Scope, StageContext, applicable_guardrails, selects};
 
 #[cfg(test)]

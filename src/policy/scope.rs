@@ -261,6 +261,19 @@ pub(crate) fn selects(
     kube::core::Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
+/// Whether a guardrail with `selector` applies to pipelines in `namespace` (with `labels`): it
+/// selects the namespace (`kubernetes.io/metadata.name` included), or its selector does not
+/// parse, which applies everywhere and fails closed.
+pub fn selects_namespace(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let mut labels = labels.clone();
+    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    selects(selector, &labels) || kube::core::Selector::try_from(selector.clone()).is_err()
+}
+
 /// Names a stage is known by, given by the caller (the plan owns naming).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StageContext<'a> {

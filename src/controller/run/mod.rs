@@ -263,7 +263,7 @@ fn vault_context(
     tokio::spawn(session.clone().keep_renewed());
     info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
     let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-    Ok(VaultCtx::new(
+    let mut vault = VaultCtx::new(
         session,
         v.state_namespace.clone(),
         chrono(v.revoke_grace),
@@ -271,7 +271,9 @@ fn vault_context(
         v.max_restarts_per_minute,
         v.resync,
         secrets,
-    ))
+    );
+    vault.name_prefix.clone_from(&v.name_prefix);
+    Ok(vault)
 }
 
 /// Resolves on SIGTERM or SIGINT.
