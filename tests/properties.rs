@@ -622,6 +622,8 @@ fn ceiling() -> impl Strategy<Value = Ceiling> {
                         egress_cidrs,
                         egress_namespaces,
                         allow_ingress,
+                        ingress_cidrs: Vec::new(),
+                        ingress_namespaces: Vec::new(),
                     },
                     vault: VaultCeiling { paths, max_ttl },
                     allow_workload_creation: false,

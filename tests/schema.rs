@@ -323,6 +323,8 @@ fn base_guardrail() -> AccessGuardrail {
                         egress_cidrs: vec!["10.0.0.0/8".into()],
                         egress_namespaces: vec!["ml-platform".into()],
                         allow_ingress: false,
+                        ingress_cidrs: vec!["10.0.0.0/8".into()],
+                        ingress_namespaces: vec!["{namespace}".into()],
                     },
                     vault: VaultCeiling {
                         paths: vec![VaultPathCeiling {

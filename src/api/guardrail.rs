@@ -167,6 +167,27 @@ pub struct NetworkCeiling {
     /// Whether a stage may accept connections at all.
     #[serde(default)]
     pub allow_ingress: bool,
+
+    /// With allowIngress, the address ranges connections may come from: a requested fromCIDR
+    /// must lie inside one of them. Empty (and ingressNamespaces empty): any source.
+    #[serde(
+        default,
+        rename = "ingressCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(max = 43), pattern(patterns::CIDR)))]
+    pub ingress_cidrs: Vec<String>,
+
+    /// With allowIngress, the namespaces connections may come from, by name (`{namespace}` for
+    /// the pipeline's own). A requested source must then name its namespace with
+    /// `fromNamespaceSelector: {matchLabels: {kubernetes.io/metadata.name: <name>}}`, or be
+    /// `fromPodSelector` alone (the pipeline's namespace). Empty (and ingressCIDRs empty): any
+    /// source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(min = 1, max = 63), pattern(patterns::NAMESPACE_PATTERN)))]
+    pub ingress_namespaces: Vec<String>,
 }
 
 /// Vault access a stage may be granted.

@@ -809,6 +809,19 @@ fn check_ceiling(errors: &mut Errors, field: &Field<'_>, ceiling: &Ceiling) {
             errors.push(format_args!("{field}.network.egressCIDRs[{i}]"), e);
         }
     }
+    for (i, cidr) in ceiling.network.ingress_cidrs.iter().enumerate() {
+        if let Err(e) = parse_cidr(cidr) {
+            errors.push(format_args!("{field}.network.ingressCIDRs[{i}]"), e);
+        }
+    }
+    for (i, ns) in ceiling.network.ingress_namespaces.iter().enumerate() {
+        if ns != "{namespace}" && !is_dns_label(ns) {
+            errors.push(
+                format_args!("{field}.network.ingressNamespaces[{i}]"),
+                format!("{ns:?} is not a namespace name; use a name or {{namespace}}"),
+            );
+        }
+    }
     for (i, ns) in ceiling.network.egress_namespaces.iter().enumerate() {
         if ns != "{namespace}" && !is_dns_label(ns) {
             errors.push(

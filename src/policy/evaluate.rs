@@ -7,7 +7,9 @@ use std::fmt;
 use ipnet::IpNet;
 
 use crate::api::validate::{ValidStage, Validated, format_duration};
-use crate::api::{AIPipeline, AIPipelineSpec, Ceiling, EgressRule, Stage, VaultCapability};
+use crate::api::{
+    AIPipeline, AIPipelineSpec, Ceiling, EgressRule, IngressRule, Stage, VaultCapability,
+};
 
 use super::scope::{Bound, placeholders};
 use super::{
@@ -418,17 +420,64 @@ impl Evaluator<'_, '_> {
         }
         for (i, (rule, cidr)) in stage.ingress().enumerate() {
             let field = format!("spec.stages[{}].network.ingress[{i}]", self.ctx.index);
-            let outcome = self.guardrail(
-                "network.allowIngress",
-                |_, b| b.ceiling.network.allow_ingress,
-                format_args!("ingress"),
-            );
+            let outcome = self
+                .guardrail(
+                    "network.allowIngress",
+                    |_, b| b.ceiling.network.allow_ingress,
+                    format_args!("ingress"),
+                )
+                .and_then(|()| self.decide_ingress_source(rule, cidr));
             let item = Item::Ingress(WithCidr {
                 rule: rule.clone(),
                 net: cidr,
             });
             self.push(field, item, outcome);
         }
+    }
+
+    /// Whether every ceiling that bounds ingress sources (`ingressCIDRs`, `ingressNamespaces`)
+    /// admits the rule's source. `net` is `rule.from_cidr`, parsed by validation.
+    fn decide_ingress_source(&self, rule: &IngressRule, net: Option<IpNet>) -> Outcome {
+        const NAME: &str = "kubernetes.io/metadata.name";
+        // The one namespace the rule's source is in, when it says so exactly.
+        let source_namespace = match (&rule.from_namespace_selector, &rule.from_pod_selector) {
+            (None, Some(_)) => Some(self.ctx.namespace),
+            (Some(sel), _) => sel
+                .match_labels
+                .as_ref()
+                .filter(|l| {
+                    l.len() == 1
+                        && sel
+                            .match_expressions
+                            .as_deref()
+                            .unwrap_or_default()
+                            .is_empty()
+                })
+                .and_then(|l| l.get(NAME))
+                .map(String::as_str),
+            (None, None) => None,
+        };
+        self.guardrail(
+            "network.ingressCIDRs/ingressNamespaces",
+            |_, b| {
+                let n = &b.ceiling.network;
+                if n.ingress_cidrs.is_empty() && n.ingress_namespaces.is_empty() {
+                    return true;
+                }
+                match (net, source_namespace) {
+                    (Some(net), _) => n
+                        .ingress_cidrs
+                        .iter()
+                        .filter_map(|c| c.parse::<IpNet>().ok())
+                        .any(|c| c.contains(&net)),
+                    (None, Some(ns)) => n.ingress_namespaces.iter().any(|allowed| {
+                        allowed == ns || (allowed == "{namespace}" && ns == self.ctx.namespace)
+                    }),
+                    (None, None) => false,
+                }
+            },
+            format_args!("ingress from this source"),
+        )
     }
 
     /// `net` is `rule.cidr`, parsed by validation.

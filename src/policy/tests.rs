@@ -525,3 +525,48 @@ fn placeholders_fill_in_as_three_replacements_would() {
         }
     }
 }
+
+#[test]
+fn ingress_sources_are_bounded_by_the_ceiling() {
+    let p = pipeline(
+        r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages:
+    - name: serve
+      role: Training
+      network:
+        ingress:
+          - fromNamespaceSelector: {matchLabels: {kubernetes.io/metadata.name: payments}}
+          - fromNamespaceSelector: {matchLabels: {kubernetes.io/metadata.name: attacker}}
+          - fromNamespaceSelector: {}
+          - fromPodSelector: {matchLabels: {app: x}}
+          - fromCIDR: 10.1.0.0/16
+          - fromCIDR: 0.0.0.0/0
+"#,
+    );
+    let bounded = guardrail(&TRAINING_GUARDRAIL.replace(
+        "        egressNamespaces: [\"{namespace}\"]\n",
+        "        egressNamespaces: [\"{namespace}\"]\n        allowIngress: true\n        ingressNamespaces: [\"{namespace}\", payments]\n        ingressCIDRs: [10.0.0.0/8]\n",
+    ));
+    let d = decide(&p, 0, &[bounded], "ml");
+    let reasons: Vec<Reason> = d
+        .iter()
+        .filter(|(i, _)| i.starts_with("ingress"))
+        .map(|(_, r)| *r)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Reason::WithinGuardrail,
+            Reason::OutsideGuardrail,
+            Reason::OutsideGuardrail,
+            Reason::WithinGuardrail,
+            Reason::WithinGuardrail,
+            Reason::OutsideGuardrail,
+        ],
+        "{d:#?}"
+    );
+}
