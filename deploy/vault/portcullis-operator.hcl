@@ -12,12 +12,18 @@ path "sys/policies/acl/portcullis-*" {
 }
 
 # The stages' roles on the workloads' Kubernetes auth mount (--vault-workload-auth-mount). A role
-# it writes may carry only policies with the prefix, so it cannot hand out root or admin.
+# it writes may carry only one policy, with the prefix, so it cannot hand out root or admin. The
+# operator sends token_policies as one string (Vault matches allowed_parameters globs against
+# strings, never lists); a comma would smuggle in a second policy, so commas are denied.
 path "auth/kubernetes/role/portcullis-*" {
   capabilities = ["create", "read", "update", "delete"]
   allowed_parameters = {
     "token_policies" = ["portcullis-*"]
     "*"              = []
+  }
+  denied_parameters = {
+    "token_policies" = ["*,*"]
+    "policies"       = []
   }
 }
 
