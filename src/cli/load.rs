@@ -357,3 +357,78 @@ fn fix_hint(message: &str) -> String {
         message.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TENANT_FOLDER: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages: [{name: train, role: Training}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: AccessGuardrail
+metadata: {name: everything}
+spec:
+  roles:
+    training:
+      kubernetes: [{apiGroups: [""], resources: [secrets], verbs: [get]}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ml, labels: {portcullis.dev/tier: prod}}
+"#;
+
+    #[test]
+    fn with_guardrails_given_the_tenant_files_bring_none() {
+        let mut inputs = Inputs::default();
+        inputs.read_str(Path::new("tenant.yaml"), TENANT_FOLDER, Expect::Pipelines);
+        assert_eq!(inputs.pipelines.len(), 1);
+        assert!(inputs.guardrails.is_empty(), "{:?}", inputs.guardrails);
+        assert!(
+            inputs
+                .notes
+                .iter()
+                .any(|n| n.contains("AccessGuardrail everything") && n.contains("--guardrails")),
+            "{:?}",
+            inputs.notes
+        );
+        // Without --guardrails, the same files do bring them (a local try-out).
+        let mut inputs = Inputs::default();
+        inputs.read_str(Path::new("tenant.yaml"), TENANT_FOLDER, Expect::Anything);
+        assert_eq!(inputs.guardrails.len(), 1);
+    }
+
+    #[test]
+    fn a_namespace_relabelled_by_another_file_is_an_error_naming_both() {
+        let mut inputs = Inputs::default();
+        inputs.read_str(
+            Path::new("platform/namespaces.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml, labels: {portcullis.dev/tier: ml}}\n",
+            Expect::Guardrails,
+        );
+        inputs.read_str(Path::new("tenant.yaml"), TENANT_FOLDER, Expect::Pipelines);
+        let error = inputs
+            .errors
+            .iter()
+            .find(|e| e.field.as_deref() == Some("metadata.labels"))
+            .expect("a relabelled namespace is an error");
+        let text = error.to_string();
+        assert!(text.contains("tenant.yaml"), "{text}");
+        assert!(text.contains("platform/namespaces.yaml"), "{text}");
+        // The first definition stands.
+        assert_eq!(
+            inputs.namespaces["ml"].get("portcullis.dev/tier"),
+            Some(&"ml".to_string())
+        );
+        // The same labels twice are fine.
+        let mut inputs = Inputs::default();
+        let same = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml, labels: {a: b}}\n";
+        inputs.read_str(Path::new("one.yaml"), same, Expect::Anything);
+        inputs.read_str(Path::new("two.yaml"), same, Expect::Anything);
+        assert!(inputs.errors.is_empty(), "{:?}", inputs.errors);
+    }
+}
