@@ -313,3 +313,24 @@ impl Decision {
         self.verdict == Verdict::Allow
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's table of denial reasons is the user's reference: every reason is in it.
+    #[test]
+    fn every_denial_reason_is_documented_and_named_once() {
+        let readme = include_str!("../../README.md");
+        let mut names: Vec<&str> = Reason::DENIALS.iter().map(|r| r.as_str()).collect();
+        for name in &names {
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "{name} is missing from the README's table of reasons"
+            );
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::DENIALS.len());
+    }
+}
