@@ -879,6 +879,42 @@ fn check_ceiling(errors: &mut Errors, field: &Field<'_>, ceiling: &Ceiling) {
     }
 }
 
+/// What a valid guardrail allows that is probably wider than meant, one sentence each, for
+/// `portcullis plan` to print as warnings.
+pub fn guardrail_warnings(guardrail: &AccessGuardrail) -> Vec<String> {
+    let name = guardrail.metadata.name.as_deref().unwrap_or_default();
+    let mut out = Vec::new();
+    for role in super::StageRole::ALL {
+        let Some(ceiling) = guardrail.spec.roles.get(role) else {
+            continue;
+        };
+        let field = format!("spec.roles.{}", role.guardrail_field());
+        let logs = ceiling.kubernetes.iter().any(|k| {
+            k.api_groups.iter().any(String::is_empty) && k.resources.iter().any(|r| r == "pods/log")
+        });
+        if logs {
+            out.push(format!(
+                "AccessGuardrail {name} {field}.kubernetes: pods/log lets {} stages read the logs of every pod in their namespace, other pipelines' included; stages should list resourceNames",
+                role.as_str()
+            ));
+        }
+        let n = &ceiling.network;
+        if n.allow_ingress && n.ingress_cidrs.is_empty() && n.ingress_namespaces.is_empty() {
+            out.push(format!(
+                "AccessGuardrail {name} {field}.network: allowIngress without ingressCIDRs or ingressNamespaces lets {} stages accept connections from anywhere",
+                role.as_str()
+            ));
+        }
+        if ceiling.allow_workload_creation {
+            out.push(format!(
+                "AccessGuardrail {name} {field}.allowWorkloadCreation: {} stages may start pods as any ServiceAccount of their namespace",
+                role.as_str()
+            ));
+        }
+    }
+    out
+}
+
 /// Characters that may stand next to a placeholder: none of them can occur in a namespace,
 /// pipeline or stage name, so where a placeholder's value ends is never in doubt.
 pub const PLACEHOLDER_DELIMITERS: [char; 7] = ['/', '_', '@', '=', ':', ',', '~'];
@@ -927,6 +963,35 @@ pub fn ambiguous_placeholders(pattern: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wide_ceilings_are_warned_about() {
+        let g: AccessGuardrail = serde_saphyr::from_str(
+            r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AccessGuardrail
+metadata: {name: wide}
+spec:
+  roles:
+    training:
+      kubernetes: [{apiGroups: [""], resources: [pods, pods/log], verbs: [get]}]
+      network: {allowIngress: true}
+      allowWorkloadCreation: true
+    deployment:
+      network: {allowIngress: true, ingressNamespaces: [web]}
+"#,
+        )
+        .expect("test guardrail parses");
+        let warnings = guardrail_warnings(&g);
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(warnings[0].contains("pods/log"), "{}", warnings[0]);
+        assert!(warnings[1].contains("from anywhere"), "{}", warnings[1]);
+        assert!(
+            warnings[2].contains("allowWorkloadCreation"),
+            "{}",
+            warnings[2]
+        );
+    }
 
     #[test]
     fn ambiguous_placeholders_are_refused() {

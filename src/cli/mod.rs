@@ -177,6 +177,11 @@ fn run_plan(args: &PlanArgs) -> u8 {
     for note in &inputs.notes {
         eprintln!("note: {note}");
     }
+    for (_, guardrail) in &inputs.guardrails {
+        for warning in crate::api::validate::guardrail_warnings(guardrail) {
+            eprintln!("warning: {warning}");
+        }
+    }
     if !inputs.errors.is_empty() {
         return report(&inputs.errors);
     }
