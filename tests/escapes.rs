@@ -18,7 +18,10 @@ use portcullis::policy::{CredentialClaims, Item};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::json;
-use support::{can_i, control_plane, temp_namespace};
+use support::{
+    Operator, WAIT, can_i, control_plane, create_pipeline, guarded_namespace, temp_namespace,
+    wait_for,
+};
 
 const PIPELINES: &[&str] = &["fraud", "fraud-v2", "a", "a-b", "prod-scorer"];
 const STAGES: &[&str] = &["b", "b-c", "c", "serve"];
@@ -478,4 +481,78 @@ fn no_triple_gets_anything_another_triple_owns() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+fn claiming(ns: &str, name: &str) -> AIPipeline {
+    serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AIPipeline",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"stages": [{
+            "name": "train",
+            "role": "Training",
+            "permissions": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["shared-db"], "verbs": ["get"]}],
+            "vault": {"credentials": [{
+                "name": "s3", "path": format!("aws/creds/{ns}_{name}_s3"), "ttl": "10m", "secretName": "shared-db",
+            }]},
+        }]},
+    }))
+    .expect("a pipeline")
+}
+
+/// Class 9 through the operator: two pipelines of one namespace name the same credential
+/// Secret. The first keeps it; the second is denied (`CrossTenantCredential`, naming the first)
+/// and the authorizer gives its ServiceAccount nothing on that Secret.
+#[tokio::test]
+async fn the_operator_gives_a_credential_secret_only_to_the_pipeline_that_claimed_it_first() {
+    let (client, ns, _) = guarded_namespace("escapes-claims").await;
+    let _op = Operator::start("operator", &ns, None);
+    create_pipeline(&client, &claiming(&ns, "first")).await;
+    let reader = |sa: &'static str| {
+        let (client, ns) = (client.clone(), ns.clone());
+        async move {
+            can_i(
+                &client,
+                &ns,
+                sa,
+                "get",
+                "",
+                "secrets",
+                None,
+                Some("shared-db"),
+                Some(&ns),
+            )
+            .await
+        }
+    };
+    wait_for(
+        "the first pipeline's stage reads its Secret",
+        WAIT,
+        || async { reader("first-train").await.then_some(()) },
+    )
+    .await;
+    create_pipeline(&client, &claiming(&ns, "second")).await;
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), &ns);
+    let denied = wait_for("the second pipeline's credential denied", WAIT, || async {
+        let p = api.get("second").await.ok()?;
+        p.status?
+            .stages
+            .iter()
+            .flat_map(|s| s.denied_items.clone())
+            .find(|d| d.reason == "CrossTenantCredential")
+    })
+    .await;
+    assert!(
+        denied.message.contains(&format!("{ns}/first")),
+        "{}",
+        denied.message
+    );
+    assert!(
+        !reader("second-train").await,
+        "the second pipeline reads the first's Secret"
+    );
+    assert!(
+        reader("first-train").await,
+        "the first pipeline keeps its Secret"
+    );
 }

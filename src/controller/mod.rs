@@ -41,7 +41,7 @@ use index::ManagedIndex;
 use metrics::Metrics;
 pub use run::{RunError, run};
 
-use crate::api::{AIPipelineStatus, AccessGuardrail};
+use crate::api::{AIPipeline, AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
 pub use crate::k8s::FIELD_MANAGER;
 use crate::k8s::{Client, Namespace, PartialObjectMeta, Recorder, Reporter, Store};
@@ -92,6 +92,8 @@ pub struct VaultRunConfig {
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    /// The AIPipelines the operator watches: who claimed a credential path or Secret first.
+    pub pipelines: Store<AIPipeline>,
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Every managed object of the watched namespaces, compactly.

@@ -65,8 +65,10 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         )?),
         None => None,
     };
+    let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
     let ctx = Arc::new(Context {
         client: client.clone(),
+        pipelines: pipelines.clone(),
         guardrails: caches.guardrails.clone(),
         namespaces: caches.namespaces.clone(),
         children: caches.children.clone(),
@@ -83,8 +85,6 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         failures: Mutex::default(),
         vault,
     });
-
-    let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
 
     // No reconcile plans before the caches are full (see `Context::synced`).
     tokio::spawn(mark_synced(caches.clone(), ctx.clone(), health.clone()));
