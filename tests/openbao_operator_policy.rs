@@ -222,6 +222,42 @@ async fn the_operator_policy_reaches_only_prefixed_policies_and_roles() {
         ),
         "the operator token wrote an unprefixed role"
     );
+    // Its own policy and login role share the prefix, and stay out of its reach.
+    assert!(
+        refused(
+            endpoints::policy_write(
+                &operator,
+                "portcullis-operator",
+                "path \"*\" { capabilities = [\"sudo\"] }"
+            )
+            .await
+        ),
+        "the operator token rewrote its own policy"
+    );
+    assert!(
+        refused(
+            endpoints::role_write(
+                &operator,
+                "kubernetes",
+                "portcullis-operator",
+                &role(&["portcullis-x"])
+            )
+            .await
+        ),
+        "the operator token rewrote its own login role"
+    );
+    assert!(
+        refused(
+            endpoints::role_write(
+                &operator,
+                "kubernetes",
+                "portcullis-evil",
+                &role(&["portcullis-operator"])
+            )
+            .await
+        ),
+        "the operator token handed its own policy to a role"
+    );
     // The admin policy is unchanged.
     let admin = endpoints::policy_read(&root, "admin")
         .await

@@ -22,9 +22,19 @@ path "auth/kubernetes/role/portcullis-*" {
     "*"              = []
   }
   denied_parameters = {
-    "token_policies" = ["*,*"]
+    "token_policies" = ["*,*", "portcullis-operator"]
     "policies"       = []
   }
+}
+
+# The operator's own policy and login role share the prefix: without these, its token could
+# rewrite its own policy (to `path "*"`) or hand its policy to a stage. An exact path wins over
+# the globs above. With another --vault-auth-role or policy name, deny those instead.
+path "sys/policies/acl/portcullis-operator" {
+  capabilities = ["deny"]
+}
+path "auth/kubernetes/role/portcullis-operator" {
+  capabilities = ["deny"]
 }
 
 # The dynamic credentials the stages ask for: list each secrets engine's creds path you allow.
