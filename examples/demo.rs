@@ -316,7 +316,7 @@ async fn vault_scene(client: &Client, work: &Path) {
             service_account: "portcullis",
             audience: None,
             period: "1h",
-            database_roles: &["fraud-detector-features-writer"],
+            database_roles: &[&format!("{ns}_fraud-detector_features-writer")],
             database_ttl: "6s",
             database_max_ttl: "1h",
         },
@@ -332,7 +332,7 @@ async fn vault_scene(client: &Client, work: &Path) {
                 "policies": [{"path": format!("kv/data/{ns}/fraud-detector/ingest/*"), "capabilities": ["read"]}],
                 "credentials": [{
                     "name": "feature-db",
-                    "path": "database/creds/fraud-detector-features-writer",
+                    "path": format!("database/creds/{ns}_fraud-detector_features-writer"),
                     "ttl": "6s",
                     "secretName": "fraud-ingest-db",
                     "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
@@ -384,6 +384,7 @@ async fn vault_scene(client: &Client, work: &Path) {
             restart_min_interval: Duration::from_secs(60),
             max_restarts_per_minute: 10,
             resync: Duration::from_secs(300),
+            name_prefix: portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX.into(),
         }),
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -396,7 +397,12 @@ async fn vault_scene(client: &Client, work: &Path) {
             .flatten()
     })
     .await;
-    let role_name = format!("{ns}-fraud-detector-ingest");
+    let role_name = portcullis::plan::names::vault_object(
+        portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+        ns,
+        "fraud-detector",
+        "ingest",
+    );
     println!();
     println!("Vault policy {role_name}:");
     for line in bao.policy(&role_name).await.unwrap_or_default().lines() {
@@ -432,7 +438,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         login.auth()["token_policies"]
     );
     let as_stage = bao.anonymous_client().with_token(&token);
-    let creds = "database/creds/fraud-detector-features-writer";
+    let creds = &format!("database/creds/{ns}_fraud-detector_features-writer");
     for path in [
         format!("kv/data/{ns}/fraud-detector/ingest/config"),
         format!("kv/data/{ns}/fraud-detector/train/config"),

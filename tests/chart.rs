@@ -2251,6 +2251,7 @@ async fn vault_for_operator(
     ns: &str,
     sa: &str,
     audience: &str,
+    watched: &str,
 ) -> support::openbao::OpenBao {
     let bao = support::openbao::OpenBao::start().await;
     bao.set_up_for_operator(
@@ -2260,7 +2261,11 @@ async fn vault_for_operator(
             service_account: sa,
             audience: Some(audience),
             period: "1h",
-            database_roles: &["fraud-writer", "fraud-writer-2"],
+            // `<namespace>_<pipeline>_<name>`, as the example guardrails allow.
+            database_roles: &[
+                &format!("{watched}_fraud_writer"),
+                &format!("{watched}_fraud_writer-2"),
+            ],
             database_ttl: "1h",
             database_max_ttl: "2h",
         },
@@ -2283,7 +2288,7 @@ fn vault_pipeline(ns: &str, db_role: &str) -> AIPipeline {
                 "policies": [{"path": format!("kv/data/{ns}/fraud/ingest/*"), "capabilities": ["read"]}],
                 "credentials": [{
                     "name": "feature-db",
-                    "path": format!("database/creds/{db_role}"),
+                    "path": format!("database/creds/{ns}_fraud_{db_role}"),
                     "ttl": "1h",
                     "secretName": "fraud-ingest-db",
                     "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
@@ -2312,7 +2317,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let sa = "vw-portcullis";
     let audience = "vault";
 
-    let bao = vault_for_operator(&client, &ns, sa, audience).await;
+    let bao = vault_for_operator(&client, &ns, sa, audience, &watched).await;
     let values = json!({
         "watchNamespace": watched,
         "replicaCount": 1,
@@ -2386,10 +2391,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
     let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &watched);
     let pipeline = pipelines
-        .create(
-            &PostParams::default(),
-            &vault_pipeline(&watched, "fraud-writer"),
-        )
+        .create(&PostParams::default(), &vault_pipeline(&watched, "writer"))
         .await
         .expect("the pipeline");
     let uid = pipeline.uid().expect("a uid");
@@ -2432,7 +2434,12 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
             .any(|f| f == "portcullis.dev/vault-cleanup"),
         "the Vault finalizer is set (patch on aipipelines)"
     );
-    let stage_role = format!("{watched}-fraud-ingest");
+    let stage_role = portcullis::plan::names::vault_object(
+        portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+        &watched,
+        "fraud",
+        "ingest",
+    );
     assert!(
         bao.kubernetes_roles().await.contains(&stage_role)
             && bao.policy(&stage_role).await.is_some(),
@@ -2440,8 +2447,8 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     );
 
     // Rotate: a new path issues new credentials and restarts the consumer (apps get, patch).
-    let stages = serde_json::to_value(&vault_pipeline(&watched, "fraud-writer-2").spec.stages)
-        .expect("stages");
+    let stages =
+        serde_json::to_value(&vault_pipeline(&watched, "writer-2").spec.stages).expect("stages");
     pipelines
         .patch(
             "fraud",
@@ -2478,7 +2485,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     .await;
 
     // No credential any more: its lease is revoked and its Secret deleted (Secrets: delete).
-    let mut without = vault_pipeline(&watched, "fraud-writer-2");
+    let mut without = vault_pipeline(&watched, "writer-2");
     without.spec.stages[0]
         .vault
         .as_mut()

@@ -29,8 +29,14 @@ use support::{Operator, guarded_namespace, temp_namespace, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PIPELINE: &str = "fraud";
-const DB_ROLE: &str = "fraud-writer";
-const DB_ROLE_2: &str = "fraud-writer-2";
+/// The database roles of the pipeline: `<namespace>_<pipeline>_<name>`, the form the example
+/// guardrails allow (placeholders stand between delimiters no name can hold).
+fn db_role(ns: &str) -> String {
+    format!("{ns}_{PIPELINE}_writer")
+}
+fn db_role_2(ns: &str) -> String {
+    format!("{ns}_{PIPELINE}_writer-2")
+}
 
 /// A namespace with the example guardrails, OpenBao set up as the README says (Kubernetes
 /// auth against the test API server, the database engine against PostgreSQL, the operator's
@@ -129,7 +135,7 @@ impl Setup {
                 service_account: "portcullis",
                 audience: None,
                 period: options.period,
-                database_roles: &[DB_ROLE, DB_ROLE_2],
+                database_roles: &[&db_role(&ns), &db_role_2(&ns)],
                 database_ttl: options.db_ttl,
                 database_max_ttl: options.db_max_ttl,
             },
@@ -193,7 +199,7 @@ impl Setup {
     }
 
     fn pipeline(&self, credential_ttl: &str) -> AIPipeline {
-        self.pipeline_from(credential_ttl, DB_ROLE)
+        self.pipeline_from(credential_ttl, &db_role(&self.ns))
     }
 
     fn pipeline_from(&self, credential_ttl: &str, db_role: &str) -> AIPipeline {
@@ -387,7 +393,7 @@ async fn assert_reads_only_its_own_paths(setup: &Setup, tokens: &[(&str, String)
             .unwrap();
         assert_eq!(write.status, 403, "{stage} must not write its own path");
         let creds = as_stage
-            .get(&format!("database/creds/{DB_ROLE}"))
+            .get(&format!("database/creds/{}", db_role(ns)))
             .await
             .unwrap();
         assert_eq!(
@@ -428,7 +434,14 @@ async fn each_stage_logs_in_and_reads_exactly_its_own_paths() {
     );
 
     let ns = &setup.ns;
-    let role = |stage: &str| format!("{ns}-{PIPELINE}-{stage}");
+    let role = |stage: &str| {
+        portcullis::plan::names::vault_object(
+            portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+            ns,
+            PIPELINE,
+            stage,
+        )
+    };
     wait_for("both stages' roles", WAIT, || async {
         let roles = setup.bao.kubernetes_roles().await;
         (roles.contains(&role("ingest")) && roles.contains(&role("train"))).then_some(())
@@ -939,7 +952,7 @@ async fn a_workload_is_restarted_at_most_once_per_interval_and_old_leases_wait_f
         }
     };
     // A first rotation restarts the target at once.
-    move_to(DB_ROLE_2).await;
+    move_to(&db_role_2(&setup.ns)).await;
     let first = wait_for("the first restart", WAIT, || async {
         Setup::restarted_at(&setup.deployment().await)
     })
@@ -951,7 +964,7 @@ async fn a_workload_is_restarted_at_most_once_per_interval_and_old_leases_wait_f
     .await;
     // A second rotation right after: new credentials at once, but the restart waits for the
     // interval, and so does the revocation of the lease its pods still use.
-    move_to(DB_ROLE).await;
+    move_to(&db_role(&setup.ns)).await;
     wait_for("the second rotation's credentials", WAIT, || async {
         (!setup.active_leases().await.is_subset(&before)).then_some(())
     })
@@ -991,7 +1004,7 @@ async fn an_operator_killed_mid_rotation_leaks_no_lease() {
     let first_leases = setup.active_leases().await;
     // The credential moves to another database role: new credentials are issued at once.
     let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
-    let moved = setup.pipeline_from(SLOW.credential_ttl, DB_ROLE_2);
+    let moved = setup.pipeline_from(SLOW.credential_ttl, &db_role_2(&setup.ns));
     api.patch(
         PIPELINE,
         &Default::default(),
@@ -1078,8 +1091,18 @@ async fn deleting_the_pipeline_waits_for_vault_then_revokes_and_removes_everythi
     setup.create(FAST.credential_ttl).await;
     let (secret, _) = setup.wait_for_secret().await;
     let (user, _) = credentials(&secret);
-    let prefix = format!("{}-{PIPELINE}-", setup.ns);
-    let ours = |names: Vec<String>| names.into_iter().filter(|k| k.starts_with(&prefix)).count();
+    let names: Vec<String> = ["ingest", "train"]
+        .iter()
+        .map(|stage| {
+            portcullis::plan::names::vault_object(
+                portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+                &setup.ns,
+                PIPELINE,
+                stage,
+            )
+        })
+        .collect();
+    let ours = |found: Vec<String>| found.into_iter().filter(|k| names.contains(k)).count();
     assert_eq!(ours(setup.bao.list("sys/policies/acl").await), 2);
 
     // Vault down: the finalizer holds the deletion and the status says why.
@@ -1127,7 +1150,7 @@ async fn a_secret_left_with_replaced_credentials_is_repaired_before_they_are_rev
     setup.create(SLOW.credential_ttl).await;
     let (before, first_hash) = setup.wait_for_secret().await;
     let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
-    let moved = setup.pipeline_from(SLOW.credential_ttl, DB_ROLE_2);
+    let moved = setup.pipeline_from(SLOW.credential_ttl, &db_role_2(&setup.ns));
     api.patch(
         PIPELINE,
         &Default::default(),
@@ -1208,7 +1231,7 @@ async fn a_lease_no_pipeline_recorded_is_swept_and_the_sweep_recorded() {
     let stray = setup
         .bao
         .client()
-        .get(&format!("database/creds/{DB_ROLE}"))
+        .get(&format!("database/creds/{}", db_role(&setup.ns)))
         .await
         .unwrap();
     assert_eq!(stray.status, 200, "{:?}", stray.errors());

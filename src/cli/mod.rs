@@ -127,6 +127,15 @@ pub(crate) struct PlanArgs {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+
+    /// The prefix of the Vault policy and role names shown, as the operator's
+    /// `--vault-name-prefix`.
+    #[arg(long, default_value = plan::names::DEFAULT_VAULT_NAME_PREFIX, value_parser = parse_vault_name_prefix)]
+    pub vault_name_prefix: String,
+}
+
+fn parse_vault_name_prefix(s: &str) -> Result<String, String> {
+    plan::names::check_vault_name_prefix(s).map(|()| s.to_string())
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -240,10 +249,21 @@ fn run_plan(args: &PlanArgs) -> u8 {
         },
     };
     let mut inputs = Inputs::default();
-    read_files(&mut inputs, &args.files, Expect::Anything);
+    // With --guardrails, the pipeline files cannot bring guardrails of their own.
+    let from_files = if args.guardrails.is_empty() {
+        Expect::Anything
+    } else {
+        Expect::Pipelines
+    };
+    read_files(&mut inputs, &args.files, from_files);
     read_files(&mut inputs, &args.guardrails, Expect::Guardrails);
     for note in &inputs.notes {
         eprintln!("note: {note}");
+    }
+    for (_, guardrail) in &inputs.guardrails {
+        for warning in crate::api::validate::guardrail_warnings(guardrail) {
+            eprintln!("warning: {warning}");
+        }
     }
     if !inputs.errors.is_empty() {
         return report(&inputs.errors);
@@ -319,6 +339,16 @@ fn plan_each(
     guardrails: &[AccessGuardrail],
     mut each: impl FnMut(Plan) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    // Credential paths and Secrets belong to the pipeline that claims them first; offline, all
+    // pipelines read are the cluster.
+    let claims = crate::policy::CredentialClaims::from_pipelines(
+        inputs.pipelines.iter().map(|(_, p)| p.pipeline()),
+        default_namespace,
+    );
+    let options = plan::PlanOptions {
+        vault_name_prefix: &args.vault_name_prefix,
+        claims: Some(&claims),
+    };
     // Namespace labels, by namespace: many pipelines share a namespace.
     let mut labels_of: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
     for (_, pipeline) in &inputs.pipelines {
@@ -336,7 +366,13 @@ fn plan_each(
             labels.extend(args.namespace_labels.clone().unwrap_or_default());
             labels
         });
-        each(plan::build(pipeline, default_namespace, labels, guardrails))?;
+        each(plan::build_with(
+            pipeline,
+            default_namespace,
+            labels,
+            guardrails,
+            options,
+        ))?;
     }
     Ok(())
 }

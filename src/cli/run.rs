@@ -140,6 +140,11 @@ pub struct VaultArgs {
     #[arg(long, value_name = "MOUNT", default_value = "kubernetes")]
     pub vault_workload_auth_mount: String,
 
+    /// The prefix of every Vault policy and role the operator writes; its own Vault policy is
+    /// narrowed to names with this prefix (deploy/vault/portcullis-operator.hcl).
+    #[arg(long, value_name = "PREFIX", default_value = crate::plan::names::DEFAULT_VAULT_NAME_PREFIX, value_parser = vault_name_prefix)]
+    pub vault_name_prefix: String,
+
     /// The namespace of the operator's Vault token Secret and lease state Secrets (default:
     /// the leader Lease's namespace, the operator's own).
     #[arg(long, value_name = "NAMESPACE")]
@@ -259,6 +264,7 @@ pub fn run(args: &RunArgs) -> u8 {
                 restart_min_interval: args.vault.restart_min_interval,
                 max_restarts_per_minute: args.vault.max_restarts_per_minute.max(1),
                 resync: args.vault.vault_resync,
+                name_prefix: args.vault.vault_name_prefix.clone(),
             }),
     };
     runtime.block_on(async {
@@ -397,4 +403,8 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+fn vault_name_prefix(s: &str) -> Result<String, String> {
+    crate::plan::names::check_vault_name_prefix(s).map(|()| s.to_string())
 }

@@ -42,7 +42,7 @@ use index::ManagedIndex;
 use metrics::Metrics;
 pub use run::{RunError, run};
 
-use crate::api::{AIPipelineStatus, AccessGuardrail};
+use crate::api::{AIPipeline, AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
 pub use crate::k8s::FIELD_MANAGER;
 use crate::k8s::{Client, Namespace, PartialObjectMeta, Recorder, Reporter, Store};
@@ -95,11 +95,15 @@ pub struct VaultRunConfig {
     pub max_restarts_per_minute: usize,
     /// Policies and roles are compared with Vault at least this often.
     pub resync: Duration,
+    /// The prefix of every Vault policy and role name the operator writes.
+    pub name_prefix: String,
 }
 
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    /// The AIPipelines the operator watches: who claimed a credential path or Secret first.
+    pub pipelines: Store<AIPipeline>,
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Every managed object of the watched namespaces, compactly.

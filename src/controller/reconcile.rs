@@ -185,8 +185,58 @@ fn plan(
         .iter()
         .map(|g| (**g).clone())
         .collect();
-    plan::validate_and_build(pipeline, &target.namespace, &labels, &guardrails)
+    let claims = credential_claims(ctx, pipeline, &target.namespace);
+    let options = plan::PlanOptions {
+        vault_name_prefix: ctx
+            .vault
+            .as_ref()
+            .map_or(plan::names::DEFAULT_VAULT_NAME_PREFIX, |v| {
+                v.name_prefix.as_str()
+            }),
+        claims: Some(&claims),
+    };
+    plan::validate_and_build_with(pipeline, &target.namespace, &labels, &guardrails, options)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+}
+
+/// Who claimed this pipeline's credential paths and Secret names first, among the pipelines
+/// the operator watches: only pipelines that share one of them are considered, so the scan
+/// allocates nothing for the others.
+fn credential_claims(
+    ctx: &Context,
+    pipeline: &AIPipeline,
+    namespace: &str,
+) -> crate::policy::CredentialClaims {
+    let credentials = |p: &AIPipeline| {
+        p.spec
+            .stages
+            .iter()
+            .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
+            .map(|c| (c.path.clone(), c.secret_name.clone()))
+            .collect::<Vec<_>>()
+    };
+    let ours = credentials(pipeline);
+    if ours.is_empty() {
+        return crate::policy::CredentialClaims::default();
+    }
+    let all = ctx.pipelines.state();
+    let sharing: Vec<&AIPipeline> = all
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| {
+            let same_namespace = p.metadata.namespace.as_deref() == Some(namespace);
+            p.spec
+                .stages
+                .iter()
+                .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
+                .any(|c| {
+                    ours.iter().any(|(path, secret)| {
+                        *path == c.path || (same_namespace && *secret == c.secret_name)
+                    })
+                })
+        })
+        .collect();
+    crate::policy::CredentialClaims::from_pipelines(sharing, namespace)
 }
 
 /// A spec that cannot be planned: say so in the status and an Event, and wait for the next

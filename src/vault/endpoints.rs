@@ -175,17 +175,23 @@ pub async fn role_read(
 }
 
 /// `POST auth/{mount}/role/{name}`.
+///
+/// `token_policies` goes as one comma-separated string, which Vault also accepts: Vault's
+/// `allowed_parameters` globs (`"token_policies" = ["portcullis-*"]`, the operator's own policy)
+/// match strings only, never lists.
 pub async fn role_write(
     client: &VaultClient,
     mount: &str,
     name: &str,
     role: &KubernetesRole,
 ) -> Result<(), ClientError> {
+    let mut body = serde_json::to_value(role).expect("a role serializes");
+    body["token_policies"] = serde_json::Value::String(role.token_policies.join(","));
     empty(
         client,
         RequestMethod::POST,
         format!("/auth/{mount}/role/{name}"),
-        Some(serde_json::to_value(role).expect("a role serializes")),
+        Some(body),
     )
     .await
 }

@@ -57,9 +57,16 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         info!(shard = %config.shard, "reconciling only the namespaces of this shard");
     }
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
-    let ctx = context(&client, &config, &caches, applied, &metrics, &health, audit)?;
-
     let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
+    let ctx = context(
+        &client,
+        &config,
+        &caches,
+        pipelines.clone(),
+        applied,
+        (&metrics, &health),
+        audit,
+    )?;
     if let Some(vault) = &ctx.vault {
         vault.set_pipelines(pipelines.clone());
     }
@@ -178,9 +185,9 @@ fn context(
     client: &Client,
     config: &RunConfig,
     caches: &Caches,
+    pipelines: Store<AIPipeline>,
     applied: Arc<AppliedState>,
-    metrics: &Arc<Metrics>,
-    health: &Arc<http::Health>,
+    (metrics, health): (&Arc<Metrics>, &Arc<http::Health>),
     audit: AuditLog,
 ) -> Result<Arc<Context>, RunError> {
     let vault = match &config.vault {
@@ -194,6 +201,7 @@ fn context(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
+        pipelines,
         guardrails: caches.guardrails.clone(),
         namespaces: caches.namespaces.clone(),
         children: caches.children.clone(),
@@ -323,7 +331,9 @@ async fn mark_synced(
             if served {
                 info!("writing a wgpolicyk8s.io PolicyReport per pipeline");
             } else {
-                warn!("--policy-reports: the API server does not serve wgpolicyk8s.io/v1alpha2 PolicyReports (install Policy Reporter's or Kyverno's CRDs); writing none");
+                warn!(
+                    "--policy-reports: the API server does not serve wgpolicyk8s.io/v1alpha2 PolicyReports (install Policy Reporter's or Kyverno's CRDs); writing none"
+                );
             }
             ctx.policy_reports.store(served, Ordering::Relaxed);
         }
@@ -351,7 +361,7 @@ fn vault_context(
     tokio::spawn(session.clone().keep_renewed());
     info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
     let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-    let vault = VaultCtx::new(
+    let mut vault = VaultCtx::new(
         session,
         v.state_namespace.clone(),
         chrono(v.revoke_grace),
@@ -360,6 +370,7 @@ fn vault_context(
         v.resync,
         secrets,
     );
+    vault.name_prefix.clone_from(&v.name_prefix);
     Ok(if shard.is_sharded() {
         vault.without_sweep()
     } else {

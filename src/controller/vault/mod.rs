@@ -59,6 +59,8 @@ pub(crate) struct VaultCtx {
     pub resync: std::time::Duration,
     /// The credential Secrets (metadata, by label), in the watched namespaces.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// The prefix of the Vault policy and role names (`--vault-name-prefix`).
+    pub name_prefix: String,
     restarts: restarts::Restarts,
     states: tokio::sync::Mutex<HashMap<String, VaultState>>,
     /// The pipelines of this operator, for the sweep to know every lease recorded.
@@ -87,6 +89,7 @@ impl VaultCtx {
             grace,
             resync,
             secrets,
+            name_prefix: crate::plan::names::DEFAULT_VAULT_NAME_PREFIX.to_string(),
             restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
             states: tokio::sync::Mutex::default(),
             pipelines: std::sync::OnceLock::new(),
@@ -133,6 +136,12 @@ pub enum VaultProblem {
         /// `credential <stage>/<name> (<path>)`
         credential: String,
     },
+    /// A Vault policy or role of the planned name exists and was not written by Portcullis for
+    /// this stage: it is left alone.
+    #[error(
+        "{object} exists in Vault and was not written by Portcullis for this stage, so it was left alone; remove or rename it in Vault, or run the operator with another --vault-name-prefix"
+    )]
+    ObjectNotOwned { object: String },
     /// The stages ask for Vault, and the operator runs without it.
     #[error(
         "the stages ask for Vault access, but the operator runs without --vault-address; nothing was written to Vault"
@@ -156,6 +165,7 @@ impl VaultProblem {
                 VaultErrorKind::TokenStore => Reason::KubernetesError,
             },
             VaultProblem::SecretNotOwned { .. } => Reason::SecretNotOwned,
+            VaultProblem::ObjectNotOwned { .. } => Reason::VaultRefused,
             VaultProblem::NotConfigured | VaultProblem::CleanupNotConfigured => {
                 Reason::VaultNotConfigured
             }
@@ -168,7 +178,9 @@ impl VaultProblem {
                 VaultErrorKind::Unavailable | VaultErrorKind::TokenStore => Category::Unavailable,
                 VaultErrorKind::Refused | VaultErrorKind::Login => Category::Refused,
             },
-            VaultProblem::SecretNotOwned { .. } => Category::Refused,
+            VaultProblem::SecretNotOwned { .. } | VaultProblem::ObjectNotOwned { .. } => {
+                Category::Refused
+            }
             VaultProblem::NotConfigured | VaultProblem::CleanupNotConfigured => Category::Invalid,
         }
     }
