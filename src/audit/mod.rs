@@ -254,7 +254,7 @@ impl Entry {
             message: decision.message.clone(),
             generation,
             pipeline_uid: None,
-            guardrail: None,
+            guardrail: decision.guardrail.clone(),
             item: Some(item_value(&decision.field, &decision.item)),
         }
     }

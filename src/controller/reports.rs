@@ -153,6 +153,9 @@ mod tests {
     use crate::policy::{Item, Reason, Verdict};
 
     fn decision(verdict: Verdict, reason: Reason, message: &str) -> Decision {
+        let guardrail = message
+            .contains("ml-training")
+            .then(|| "ml-training".to_string());
         Decision {
             stage: "train".into(),
             field: "spec.stages[1].permissions[0]".into(),
@@ -165,6 +168,7 @@ mod tests {
             verdict,
             reason,
             message: message.into(),
+            guardrail,
         }
     }
 

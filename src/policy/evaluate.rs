@@ -66,6 +66,7 @@ pub(crate) fn evaluate_stage_into(
         start,
         delivered: Vec::new(),
         vault_patterns,
+        refused_by: std::cell::Cell::new(None),
     };
     // Credentials are decided first: only the Secrets of allowed credentials are delivered, and
     // only those may the stage read. Their decisions still come last, in spec order.
@@ -138,6 +139,9 @@ struct Evaluator<'a, 's> {
     /// Per ceiling of the scope, its Vault path patterns with the placeholders filled in for
     /// this stage (empty when the stage asks for nothing from Vault).
     vault_patterns: Vec<Vec<String>>,
+    /// The guardrail that refused the item being decided, if one did (set by `guardrail`,
+    /// taken by `push`).
+    refused_by: std::cell::Cell<Option<&'a str>>,
 }
 
 impl Evaluator<'_, '_> {
@@ -156,6 +160,12 @@ impl Evaluator<'_, '_> {
             ),
             Err((reason, message)) => (Verdict::Deny, reason, message),
         };
+        let refused_by = self.refused_by.take();
+        let guardrail = match reason {
+            Reason::WithinGuardrail => self.scope.ceilings.first().map(|b| b.name.to_string()),
+            Reason::OutsideGuardrail if !self.scope.defaults => refused_by.map(str::to_string),
+            _ => None,
+        };
         self.decisions.push(Decision {
             stage: self.stage.name.clone(),
             field,
@@ -163,6 +173,7 @@ impl Evaluator<'_, '_> {
             verdict,
             reason,
             message,
+            guardrail,
         });
     }
 
@@ -175,13 +186,16 @@ impl Evaluator<'_, '_> {
     ) -> Outcome {
         match self.scope.first_refusal(allows) {
             None => Ok(()),
-            Some(name) => Err((
-                Reason::OutsideGuardrail,
-                format!(
-                    "{what} is {}; ask the platform team to extend the guardrail, or remove it from the stage",
-                    self.scope.refusal_source(name, self.stage.role, section)
-                ),
-            )),
+            Some(name) => {
+                self.refused_by.set(Some(name));
+                Err((
+                    Reason::OutsideGuardrail,
+                    format!(
+                        "{what} is {}; ask the platform team to extend the guardrail, or remove it from the stage",
+                        self.scope.refusal_source(name, self.stage.role, section)
+                    ),
+                ))
+            }
         }
     }
 
@@ -406,6 +420,7 @@ impl Evaluator<'_, '_> {
                 verdict: Verdict::Allow,
                 reason: Reason::DnsByDefault,
                 message: "every stage may resolve names through kube-dns unless an AccessGuardrail sets dnsEgress: false".into(),
+                guardrail: None,
             });
         }
         let stage = self.stage;

@@ -570,3 +570,40 @@ spec:
         "{d:#?}"
     );
 }
+
+#[test]
+fn each_decision_names_the_guardrail_that_decided_it() {
+    let p = pipeline(TWO_STAGES);
+    let labels = labels("ml");
+    let guardrails = [guardrail(TRAINING_GUARDRAIL)];
+    let scope = Scope::new(p.spec.stages[0].role, &labels, &guardrails);
+    let ctx = StageContext {
+        namespace: "ml",
+        pipeline: "fraud",
+        index: 0,
+        claims: None,
+    };
+    let decisions = evaluate_stage(ctx, &validate(&p).expect("valid"), &scope);
+    let by_item = |item: &str| {
+        decisions
+            .iter()
+            .find(|d| d.item.to_string() == item)
+            .unwrap_or_else(|| panic!("no decision for {item}"))
+    };
+    for item in [
+        "get configmaps/train-db,serve-db,nobodys",
+        "delete configmaps/train-db,serve-db,nobodys",
+    ] {
+        assert_eq!(
+            by_item(item).guardrail.as_deref(),
+            Some("training"),
+            "{item}"
+        );
+    }
+    // The floor and the built-in DNS grant are no guardrail's.
+    for d in &decisions {
+        if !matches!(d.reason, Reason::WithinGuardrail | Reason::OutsideGuardrail) {
+            assert_eq!(d.guardrail, None, "{d:?}");
+        }
+    }
+}
