@@ -131,6 +131,7 @@ async fn main() {
         shard: Default::default(),
         watch_namespace: None,
         echo_decisions: false,
+        admission_policies: true,
         vault: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -353,6 +354,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         shard: Default::default(),
         watch_namespace: Some(ns.into()),
         echo_decisions: false,
+        admission_policies: true,
         vault: Some(controller::VaultRunConfig {
             connection: portcullis::vault::VaultConfig {
                 address: double.address(),

@@ -89,6 +89,18 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub vault: VaultArgs,
+
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+}
+
+/// Enforcement at admission.
+#[derive(Debug, clap::Args)]
+pub struct AdmissionArgs {
+    /// Do not keep a ValidatingAdmissionPolicy per namespace with AIPipelines (by default the API
+    /// server refuses pods and workloads that borrow a stage's ServiceAccount or labels).
+    #[arg(long)]
+    pub no_admission_policies: bool,
 }
 
 /// Vault: without `--vault-address`, Portcullis writes nothing to Vault and reports the stages
@@ -221,6 +233,7 @@ pub fn run(args: &RunArgs) -> u8 {
         watch_namespace: args.watch_namespace.clone(),
         shard,
         echo_decisions: true,
+        admission_policies: !args.admission.no_admission_policies,
         vault: args
             .vault
             .vault_address

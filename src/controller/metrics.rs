@@ -64,6 +64,8 @@ pub struct Metrics {
     /// Records of renewals and revocations made while the log could not be written, waiting
     /// to be appended.
     pub decision_log_deferred: Gauge,
+    /// Namespaces with a ValidatingAdmissionPolicy Portcullis keeps.
+    pub admission_policies: Gauge,
 }
 
 impl Default for Metrics {
@@ -162,8 +164,15 @@ impl Default for Metrics {
             "Records of renewals and revocations made while the log could not be written, waiting to be appended",
             decision_log_deferred.clone(),
         );
+        let admission_policies = Gauge::default();
+        registry.register(
+            "admission_policies",
+            "Namespaces with a ValidatingAdmissionPolicy Portcullis keeps (pods and workloads must not borrow a stage's identity)",
+            admission_policies.clone(),
+        );
         Metrics {
             registry,
+            admission_policies,
             decision_log_write_failures,
             decision_log_writable,
             decision_log_deferred,

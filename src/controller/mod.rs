@@ -14,6 +14,7 @@
 //! the lease exits, and its restart waits as a standby. With `--shard-count N`, each shard
 //! watches and writes only the namespaces it owns ([`crate::shard`]), under its own Lease.
 
+mod admission;
 mod apply;
 mod error;
 mod events;
@@ -75,6 +76,8 @@ pub struct RunConfig {
     pub echo_decisions: bool,
     /// Vault, when configured.
     pub vault: Option<VaultRunConfig>,
+    /// Keep a ValidatingAdmissionPolicy per namespace with AIPipelines (see `admission`).
+    pub admission_policies: bool,
 }
 
 /// Vault settings of `portcullis run`.

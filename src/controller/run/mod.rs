@@ -67,6 +67,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         ctx.clone(),
         pipelines.clone(),
     ));
+    spawn_admission(&config, &scope, &ctx, &pipelines);
 
     let mut leadership = leadership;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
@@ -147,6 +148,25 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         leadership.release().await;
     }
     Ok(())
+}
+
+/// The tasks that enforce at admission, as configured: the per-namespace
+/// ValidatingAdmissionPolicies.
+fn spawn_admission(
+    config: &RunConfig,
+    scope: &WatchScope,
+    ctx: &Arc<Context>,
+    pipelines: &Store<AIPipeline>,
+) {
+    if config.admission_policies {
+        let scope = scope.clone();
+        tokio::spawn(super::admission::keep_policies(
+            ctx.clone(),
+            pipelines.clone(),
+            config.lease_namespace.clone(),
+            move |ns: &str| scope.owns(ns),
+        ));
+    }
 }
 
 /// Serves /healthz, /readyz and /metrics, from the start (a standby answers too).
