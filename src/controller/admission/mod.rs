@@ -29,6 +29,9 @@ use crate::k8s::{
 };
 use crate::plan::{self, Plan};
 
+const PAUSE: Duration = Duration::from_secs(1);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
 /// Namespaces that never get a policy: the control plane's and the operator's own (a mistake
 /// there could stop the cluster or the operator itself from running pods).
 fn exempt(namespace: &str, operator_namespace: &str) -> bool {
@@ -45,13 +48,16 @@ pub(crate) async fn keep_policies(
 ) {
     let mut applied: HashMap<String, u64> = HashMap::new();
     let mut listed = false;
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A second between rounds; doubled after a round with a failure (the API server refusing,
+    // or the operator lacking the RBAC for these objects), up to a minute, so that a lasting
+    // failure is not logged every second.
+    let mut pause = PAUSE;
     loop {
-        every.tick().await;
+        tokio::time::sleep(pause).await;
         if !ctx.synced.load(Ordering::Acquire) {
             continue;
         }
+        pause = (pause * 2).min(MAX_PAUSE);
         if !listed {
             // What an earlier run left: each is re-applied or deleted below.
             match existing(&ctx).await {
@@ -67,6 +73,7 @@ pub(crate) async fn keep_policies(
                 }
             }
         }
+        let mut failed = 0;
         let wanted = fingerprints(&ctx, &pipelines, &operator_namespace);
         for (namespace, (fingerprint, members)) in &wanted {
             if applied.get(namespace) == Some(fingerprint) {
@@ -82,6 +89,7 @@ pub(crate) async fn keep_policies(
                     applied.insert(namespace.clone(), *fingerprint);
                 }
                 Err(error) => {
+                    failed += 1;
                     warn!(%namespace, %error, "cannot write the namespace's ValidatingAdmissionPolicy; retrying");
                 }
             }
@@ -97,9 +105,13 @@ pub(crate) async fn keep_policies(
                     applied.remove(&namespace);
                 }
                 Err(error) => {
+                    failed += 1;
                     warn!(%namespace, %error, "cannot delete the ValidatingAdmissionPolicy of a namespace without pipelines; retrying");
                 }
             }
+        }
+        if failed == 0 {
+            pause = PAUSE;
         }
         ctx.metrics
             .admission_policies
@@ -189,10 +201,22 @@ async fn apply(
     (policy, binding): (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding),
 ) -> KubeResult<()> {
     let name = policy::policy_name(namespace);
+    let api = Api::<ValidatingAdmissionPolicy>::all(ctx.client.clone());
+    if let Some(existing) = api.get_metadata_opt(&name).await?
+        && existing.labels().get(MANAGED_BY.0).map(String::as_str) != Some(MANAGED_BY.1)
+    {
+        // Someone else's object of the same name: never taken over.
+        ctx.metrics
+            .adoptions_refused
+            .get_or_create(&super::metrics::KindLabels {
+                kind: "ValidatingAdmissionPolicy".into(),
+            })
+            .inc();
+        warn!(%namespace, policy = %name, "a ValidatingAdmissionPolicy of this name exists and is not Portcullis's: not taking it over, so the namespace's pods are not checked at admission; rename or delete it");
+        return Ok(());
+    }
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<ValidatingAdmissionPolicy>::all(ctx.client.clone())
-        .patch(&name, &params, &Patch::Apply(&policy))
-        .await?;
+    api.patch(&name, &params, &Patch::Apply(&policy)).await?;
     Api::<ValidatingAdmissionPolicyBinding>::all(ctx.client.clone())
         .patch(&name, &params, &Patch::Apply(&binding))
         .await?;
@@ -222,4 +246,16 @@ async fn delete(ctx: &Context, namespace: &str) -> KubeResult<()> {
     )?;
     info!(%namespace, policy = %name, "ValidatingAdmissionPolicy deleted: no pipelines left in the namespace");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exempt;
+
+    #[test]
+    fn the_control_plane_and_the_operator_are_never_constrained() {
+        assert!(exempt("kube-system", "portcullis-system"));
+        assert!(exempt("portcullis-system", "portcullis-system"));
+        assert!(!exempt("ml-fraud", "portcullis-system"));
+    }
 }
