@@ -132,6 +132,7 @@ async fn main() {
         watch_namespace: None,
         echo_decisions: false,
         admission_policies: true,
+        webhook: None,
         vault: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -355,6 +356,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         watch_namespace: Some(ns.into()),
         echo_decisions: false,
         admission_policies: true,
+        webhook: None,
         vault: Some(controller::VaultRunConfig {
             connection: portcullis::vault::VaultConfig {
                 address: double.address(),

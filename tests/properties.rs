@@ -660,6 +660,7 @@ fn guardrail_from(
             namespace_selector,
             dns_egress,
             roles,
+            enforcement: Default::default(),
         },
     )
 }

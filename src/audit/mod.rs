@@ -123,11 +123,14 @@ pub enum Action {
     VaultFailed,
     /// Someone asked for a reconcile with the `portcullis.dev/reconcile` annotation.
     ReconcileRequested,
+    /// The admission webhook refused an AIPipeline (invalid, or asking for what an enforcing
+    /// guardrail denies).
+    AdmissionDenied,
 }
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 16] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -143,6 +146,7 @@ impl Action {
         Action::RoleWritten,
         Action::VaultFailed,
         Action::ReconcileRequested,
+        Action::AdmissionDenied,
     ];
 
     /// The name in the log, such as `drift-reverted`.
@@ -163,6 +167,7 @@ impl Action {
             Action::RoleWritten => "role-written",
             Action::VaultFailed => "vault-failed",
             Action::ReconcileRequested => "reconcile-requested",
+            Action::AdmissionDenied => "admission-denied",
         }
     }
 }

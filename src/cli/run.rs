@@ -101,6 +101,29 @@ pub struct AdmissionArgs {
     /// server refuses pods and workloads that borrow a stage's ServiceAccount or labels).
     #[arg(long)]
     pub no_admission_policies: bool,
+
+    /// Serve the AIPipeline admission webhook (AdmissionReview v1 over TLS) on this address, and
+    /// keep the ValidatingWebhookConfiguration `portcullis` pointing at it. Not with
+    /// `--shard-count` above 1.
+    #[arg(long, value_name = "ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// Register the webhook by this URL (`https://HOST:PORT`, for runs outside the cluster);
+    /// by default through the Service `--webhook-service` of the operator's namespace.
+    #[arg(long, value_name = "URL", requires = "webhook_addr")]
+    pub webhook_url: Option<String>,
+
+    /// The Service (port 443) in the operator's namespace that reaches `--webhook-addr`.
+    #[arg(long, value_name = "NAME", default_value = "portcullis-webhook")]
+    pub webhook_service: String,
+
+    /// The Secret in the operator's namespace that holds the webhook's CA and certificate.
+    #[arg(long, value_name = "NAME", default_value = "portcullis-webhook-tls")]
+    pub webhook_secret: String,
+
+    /// How long the webhook's certificates are valid; they are rotated with a third left.
+    #[arg(long, value_name = "DURATION", default_value = "2160h", value_parser = duration)]
+    pub webhook_cert_validity: std::time::Duration,
 }
 
 /// Vault: without `--vault-address`, Portcullis writes nothing to Vault and reports the stages
@@ -202,6 +225,13 @@ pub fn run(args: &RunArgs) -> u8 {
         );
         return super::EXIT_INVALID;
     }
+    if shard.is_sharded() && args.admission.webhook_addr.is_some() {
+        eprintln!(
+            "error: --webhook-addr and --shard-count {} exclude each other: one ValidatingWebhookConfiguration cannot reach every shard",
+            shard.count()
+        );
+        return super::EXIT_INVALID;
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -234,6 +264,17 @@ pub fn run(args: &RunArgs) -> u8 {
         shard,
         echo_decisions: true,
         admission_policies: !args.admission.no_admission_policies,
+        webhook: args
+            .admission
+            .webhook_addr
+            .map(|addr| controller::WebhookRunConfig {
+                addr,
+                url: args.admission.webhook_url.clone(),
+                service: args.admission.webhook_service.clone(),
+                namespace: args.lease_namespace.clone(),
+                secret: args.admission.webhook_secret.clone(),
+                cert_validity: args.admission.webhook_cert_validity,
+            }),
         vault: args
             .vault
             .vault_address

@@ -38,6 +38,11 @@ pub struct ShardLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -64,8 +69,33 @@ pub struct Metrics {
     /// Records of renewals and revocations made while the log could not be written, waiting
     /// to be appended.
     pub decision_log_deferred: Gauge,
+    pub admission: AdmissionMetrics,
+}
+
+/// Enforcement at admission.
+pub struct AdmissionMetrics {
     /// Namespaces with a ValidatingAdmissionPolicy Portcullis keeps.
-    pub admission_policies: Gauge,
+    pub policies: Gauge,
+    /// AIPipelines the admission webhook refused, by reason.
+    pub refusals: Family<ReasonLabels, Counter>,
+}
+
+impl AdmissionMetrics {
+    fn register(registry: &mut Registry) -> AdmissionMetrics {
+        let policies = Gauge::default();
+        registry.register(
+            "admission_policies",
+            "Namespaces with a ValidatingAdmissionPolicy Portcullis keeps (pods and workloads must not borrow a stage's identity)",
+            policies.clone(),
+        );
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "admission_refusals",
+            "AIPipelines the admission webhook refused, by reason (InvalidSpec, EnforcedGuardrail)",
+            refusals.clone(),
+        );
+        AdmissionMetrics { policies, refusals }
+    }
 }
 
 impl Default for Metrics {
@@ -164,15 +194,10 @@ impl Default for Metrics {
             "Records of renewals and revocations made while the log could not be written, waiting to be appended",
             decision_log_deferred.clone(),
         );
-        let admission_policies = Gauge::default();
-        registry.register(
-            "admission_policies",
-            "Namespaces with a ValidatingAdmissionPolicy Portcullis keeps (pods and workloads must not borrow a stage's identity)",
-            admission_policies.clone(),
-        );
+        let admission = AdmissionMetrics::register(&mut registry);
         Metrics {
             registry,
-            admission_policies,
+            admission,
             decision_log_write_failures,
             decision_log_writable,
             decision_log_deferred,

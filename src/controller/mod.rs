@@ -28,6 +28,7 @@ mod reports;
 mod run;
 pub mod status;
 pub(crate) mod vault;
+pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ pub use error::{ApplyFailure, ApplyFailures, Category, Error, Result};
 use index::ManagedIndex;
 use metrics::Metrics;
 pub use run::{RunError, run};
+pub use webhook::WebhookRunConfig;
 
 use crate::api::{AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
@@ -78,6 +80,8 @@ pub struct RunConfig {
     pub vault: Option<VaultRunConfig>,
     /// Keep a ValidatingAdmissionPolicy per namespace with AIPipelines (see `admission`).
     pub admission_policies: bool,
+    /// The AIPipeline admission webhook, when served.
+    pub webhook: Option<WebhookRunConfig>,
 }
 
 /// Vault settings of `portcullis run`.

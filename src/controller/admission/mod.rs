@@ -114,7 +114,8 @@ pub(crate) async fn keep_policies(
             pause = PAUSE;
         }
         ctx.metrics
-            .admission_policies
+            .admission
+            .policies
             .set(i64::try_from(applied.len()).unwrap_or(i64::MAX));
     }
 }

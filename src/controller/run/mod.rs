@@ -67,7 +67,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         ctx.clone(),
         pipelines.clone(),
     ));
-    spawn_admission(&config, &scope, &ctx, &pipelines);
+    start_admission(&config, &scope, &ctx, &pipelines).await?;
 
     let mut leadership = leadership;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
@@ -151,13 +151,19 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 }
 
 /// The tasks that enforce at admission, as configured: the per-namespace
-/// ValidatingAdmissionPolicies.
-fn spawn_admission(
+/// ValidatingAdmissionPolicies, and the AIPipeline webhook.
+async fn start_admission(
     config: &RunConfig,
     scope: &WatchScope,
     ctx: &Arc<Context>,
     pipelines: &Store<AIPipeline>,
-) {
+) -> Result<(), RunError> {
+    if let Some(webhook) = &config.webhook {
+        let scope = scope.clone();
+        super::webhook::start(ctx.clone(), webhook.clone(), move |ns: &str| scope.owns(ns))
+            .await
+            .map_err(RunError::Webhook)?;
+    }
     if config.admission_policies {
         let scope = scope.clone();
         tokio::spawn(super::admission::keep_policies(
@@ -167,6 +173,7 @@ fn spawn_admission(
             move |ns: &str| scope.owns(ns),
         ));
     }
+    Ok(())
 }
 
 /// Serves /healthz, /readyz and /metrics, from the start (a standby answers too).
@@ -416,4 +423,6 @@ pub enum RunError {
     VaultClient(#[source] crate::vault::ClientBuildError),
     #[error("lost the leader Lease")]
     LostLease,
+    #[error("{0}")]
+    Webhook(#[source] super::webhook::WebhookError),
 }
