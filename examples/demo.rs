@@ -133,6 +133,7 @@ async fn main() {
         echo_decisions: false,
         admission_policies: true,
         webhook: None,
+        foreign_grants: true,
         vault: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -357,6 +358,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         echo_decisions: false,
         admission_policies: true,
         webhook: None,
+        foreign_grants: true,
         vault: Some(controller::VaultRunConfig {
             connection: portcullis::vault::VaultConfig {
                 address: double.address(),

@@ -126,11 +126,14 @@ pub enum Action {
     /// The admission webhook refused an AIPipeline (invalid, or asking for what an enforcing
     /// guardrail denies).
     AdmissionDenied,
+    /// A RoleBinding or ClusterRoleBinding Portcullis does not manage reaches a stage's
+    /// ServiceAccount (the foreign-grant watchdog).
+    ForeignGrant,
 }
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -147,6 +150,7 @@ impl Action {
         Action::VaultFailed,
         Action::ReconcileRequested,
         Action::AdmissionDenied,
+        Action::ForeignGrant,
     ];
 
     /// The name in the log, such as `drift-reverted`.
@@ -168,6 +172,7 @@ impl Action {
             Action::VaultFailed => "vault-failed",
             Action::ReconcileRequested => "reconcile-requested",
             Action::AdmissionDenied => "admission-denied",
+            Action::ForeignGrant => "foreign-grant",
         }
     }
 }

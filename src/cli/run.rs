@@ -102,6 +102,11 @@ pub struct AdmissionArgs {
     #[arg(long)]
     pub no_admission_policies: bool,
 
+    /// Do not watch for RoleBindings and ClusterRoleBindings that reach a stage's
+    /// ServiceAccount besides Portcullis's own (the `ExclusiveAccess` condition).
+    #[arg(long)]
+    pub no_foreign_grant_watch: bool,
+
     /// Serve the AIPipeline admission webhook (AdmissionReview v1 over TLS) on this address, and
     /// keep the ValidatingWebhookConfiguration `portcullis` pointing at it. Not with
     /// `--shard-count` above 1.
@@ -264,6 +269,7 @@ pub fn run(args: &RunArgs) -> u8 {
         shard,
         echo_decisions: true,
         admission_policies: !args.admission.no_admission_policies,
+        foreign_grants: !args.admission.no_foreign_grant_watch,
         webhook: args
             .admission
             .webhook_addr

@@ -78,6 +78,8 @@ pub struct AdmissionMetrics {
     pub policies: Gauge,
     /// AIPipelines the admission webhook refused, by reason.
     pub refusals: Family<ReasonLabels, Counter>,
+    /// Foreign bindings reaching a stage's ServiceAccount now (one per binding and stage).
+    pub foreign_grants: Gauge,
 }
 
 impl AdmissionMetrics {
@@ -94,7 +96,17 @@ impl AdmissionMetrics {
             "AIPipelines the admission webhook refused, by reason (InvalidSpec, EnforcedGuardrail)",
             refusals.clone(),
         );
-        AdmissionMetrics { policies, refusals }
+        let foreign_grants = Gauge::default();
+        registry.register(
+            "foreign_grants",
+            "RoleBindings and ClusterRoleBindings Portcullis does not manage that reach a stage's ServiceAccount now, counted per binding and stage",
+            foreign_grants.clone(),
+        );
+        AdmissionMetrics {
+            policies,
+            refusals,
+            foreign_grants,
+        }
     }
 }
 

@@ -28,6 +28,7 @@ mod reports;
 mod run;
 pub mod status;
 pub(crate) mod vault;
+mod watchdog;
 pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
@@ -82,6 +83,8 @@ pub struct RunConfig {
     pub admission_policies: bool,
     /// The AIPipeline admission webhook, when served.
     pub webhook: Option<WebhookRunConfig>,
+    /// Watch for RoleBindings and ClusterRoleBindings that reach a stage's ServiceAccount.
+    pub foreign_grants: bool,
 }
 
 /// Vault settings of `portcullis run`.

@@ -151,7 +151,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 }
 
 /// The tasks that enforce at admission, as configured: the per-namespace
-/// ValidatingAdmissionPolicies, and the AIPipeline webhook.
+/// ValidatingAdmissionPolicies, the AIPipeline webhook, and the foreign-grant watchdog.
 async fn start_admission(
     config: &RunConfig,
     scope: &WatchScope,
@@ -163,6 +163,13 @@ async fn start_admission(
         super::webhook::start(ctx.clone(), webhook.clone(), move |ns: &str| scope.owns(ns))
             .await
             .map_err(RunError::Webhook)?;
+    }
+    if config.foreign_grants {
+        tokio::spawn(super::watchdog::watch(
+            ctx.clone(),
+            pipelines.clone(),
+            scope.namespace.clone(),
+        ));
     }
     if config.admission_policies {
         let scope = scope.clone();
