@@ -60,7 +60,13 @@ where
     )
     .default_backoff()
     .touched_objects();
-    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    tokio::spawn(stream.for_each(|event| {
+        if let Err(error) = event {
+            // Retried with backoff; lacking RBAC to list the kind is the usual cause.
+            warn!(%error, kind = K::kind(&()).as_ref(), "the foreign-grant watchdog cannot watch this kind");
+        }
+        futures::future::ready(())
+    }));
     store
 }
 
