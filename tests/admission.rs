@@ -87,7 +87,13 @@ where
 /// API server enforces the operator's policy there.
 async fn enforced(prefix: &str) -> (Client, String, Operator) {
     let (client, ns, _) = guarded_namespace(prefix).await;
-    let op = Operator::start("operator", &ns, None);
+    let op = Operator::start_with(
+        "operator",
+        &ns,
+        None,
+        tempfile::tempdir().unwrap(),
+        &["--admission-policies".to_string()],
+    );
     create_pipeline(
         &client,
         &example("examples/pipelines/fraud-detector.yaml", &ns),

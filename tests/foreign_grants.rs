@@ -121,7 +121,13 @@ async fn bind(client: &kube::Client, ns: &str) -> Bindings {
 #[tokio::test]
 async fn bindings_reaching_a_stage_are_reported_and_cleared_on_removal() {
     let (client, ns, _) = guarded_namespace("foreign").await;
-    let op = Operator::start("operator", &ns, None);
+    let op = Operator::start_with(
+        "operator",
+        &ns,
+        None,
+        tempfile::tempdir().unwrap(),
+        &["--foreign-grant-watch".to_string()],
+    );
     let mut pipeline = example("examples/pipelines/fraud-detector.yaml", &ns);
     for stage in &mut pipeline.spec.stages {
         stage.vault = None;

@@ -148,6 +148,38 @@ async fn an_enforcing_guardrail_refuses_an_over_asking_pipeline_and_an_auditing_
         async move { create(&client, &pipeline, false).await.ok() }
     })
     .await;
+
+    // Enforcing again: the accepted pipeline's labels can still change, its spec cannot.
+    set_enforcement(&client, &guardrails, Enforcement::Enforce).await;
+    let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &ns);
+    let mut probe = over_asking(&ns);
+    probe.metadata.name = Some("probe".into());
+    wait_for(
+        "the operator to see the guardrails enforcing again",
+        WAIT,
+        || {
+            let (client, probe) = (client.clone(), probe.clone());
+            async move { create(&client, &probe, true).await.err().map(|_| ()) }
+        },
+    )
+    .await;
+    let reordered: Vec<_> = over_asking(&ns).spec.stages.into_iter().rev().collect();
+    pipelines
+        .patch(
+            "fraud-detector",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"stages": reordered}})),
+        )
+        .await
+        .expect_err("a new spec asking for denied items is refused");
+    pipelines
+        .patch(
+            "fraud-detector",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "fraud"}}})),
+        )
+        .await
+        .expect("a label change is not reviewed");
 }
 
 #[tokio::test]

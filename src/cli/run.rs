@@ -97,15 +97,17 @@ pub struct RunArgs {
 /// Enforcement at admission.
 #[derive(Debug, clap::Args)]
 pub struct AdmissionArgs {
-    /// Do not keep a ValidatingAdmissionPolicy per namespace with AIPipelines (by default the API
-    /// server refuses pods and workloads that borrow a stage's ServiceAccount or labels).
+    /// Keep a ValidatingAdmissionPolicy per namespace with AIPipelines: the API server then
+    /// refuses pods and workloads that borrow a stage's ServiceAccount or labels. Needs RBAC on
+    /// validatingadmissionpolicies and their bindings (see the README).
     #[arg(long)]
-    pub no_admission_policies: bool,
+    pub admission_policies: bool,
 
-    /// Do not watch for RoleBindings and ClusterRoleBindings that reach a stage's
-    /// ServiceAccount besides Portcullis's own (the `ExclusiveAccess` condition).
+    /// Watch for RoleBindings and ClusterRoleBindings that reach a stage's ServiceAccount
+    /// besides Portcullis's own (the `ExclusiveAccess` condition). Needs get, list and watch on
+    /// rolebindings, roles, clusterrolebindings and clusterroles (see the README).
     #[arg(long)]
-    pub no_foreign_grant_watch: bool,
+    pub foreign_grant_watch: bool,
 
     /// Serve the AIPipeline admission webhook (AdmissionReview v1 over TLS) on this address, and
     /// keep the ValidatingWebhookConfiguration `portcullis` pointing at it. Not with
@@ -268,8 +270,8 @@ pub fn run(args: &RunArgs) -> u8 {
         watch_namespace: args.watch_namespace.clone(),
         shard,
         echo_decisions: true,
-        admission_policies: !args.admission.no_admission_policies,
-        foreign_grants: !args.admission.no_foreign_grant_watch,
+        admission_policies: args.admission.admission_policies,
+        foreign_grants: args.admission.foreign_grant_watch,
         webhook: args
             .admission
             .webhook_addr

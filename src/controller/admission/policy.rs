@@ -93,6 +93,10 @@ pub(crate) fn stages(plans: &[Plan]) -> Vec<StageIdentity> {
         }
     }
     out.sort_by(|a, b| a.service_account.cmp(&b.service_account));
+    // Two stages planned under one ServiceAccount name (a name collision between pipelines)
+    // would make the CEL map literal invalid, and the policy refuse every pod of the
+    // namespace: the first keeps the name.
+    out.dedup_by(|later, first| later.service_account == first.service_account);
     out
 }
 
@@ -298,6 +302,16 @@ mod tests {
         assert_eq!(ingest.identity[PIPELINE_LABEL], "fraud-detector");
         let required = ingest.required_labels();
         assert_eq!(required.len(), 3, "{required:?}");
+    }
+
+    #[test]
+    fn colliding_service_account_names_keep_the_first_stage() {
+        let mut first = fraud_plan();
+        let second = fraud_plan();
+        first.stages.extend(second.stages);
+        first.objects.extend(second.objects);
+        let stages = stages(&[first]);
+        assert_eq!(stages.len(), 3, "{stages:?}");
     }
 
     #[test]

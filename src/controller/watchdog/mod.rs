@@ -161,11 +161,13 @@ async fn round(
             continue;
         }
         let new: Vec<&(String, ForeignGrant)> = now_found.difference(&before).collect();
-        if report(ctx, &pipeline, &namespace, &name, &new).await
-            && write_condition(ctx, &pipeline, &namespace, &name, &now_found).await
-        {
-            seen.insert(uid, now_found);
+        if !report(ctx, &pipeline, &namespace, &name, &new).await {
+            continue;
         }
+        // A condition that could not be written is stale in the cache next round, and
+        // written again then; the grants are not reported again.
+        write_condition(ctx, &pipeline, &namespace, &name, &now_found).await;
+        seen.insert(uid, now_found);
     }
     seen.retain(|uid, _| live.contains(uid));
     ctx.metrics
@@ -255,7 +257,7 @@ async fn write_condition(
     namespace: &str,
     name: &str,
     found: &BTreeSet<(String, ForeignGrant)>,
-) -> bool {
+) {
     let old = pipeline
         .status
         .as_ref()
@@ -268,7 +270,7 @@ async fn write_condition(
         "kind": "AIPipeline",
         "status": {"conditions": [condition]},
     });
-    match Api::<AIPipeline>::namespaced(ctx.client.clone(), namespace)
+    if let Err(error) = Api::<AIPipeline>::namespaced(ctx.client.clone(), namespace)
         .patch_status(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -276,10 +278,6 @@ async fn write_condition(
         )
         .await
     {
-        Ok(_) => true,
-        Err(error) => {
-            warn!(%error, %namespace, pipeline = %name, "cannot set ExclusiveAccess; retrying");
-            false
-        }
+        warn!(%error, %namespace, pipeline = %name, "cannot set ExclusiveAccess; retrying");
     }
 }

@@ -356,7 +356,15 @@ async fn answer(ctx: &Context, request: &Value) -> Option<String> {
         // would; the reconcile audits it.
         return None;
     }
-    let pipeline: AIPipeline = match serde_json::from_value(request["object"].clone()) {
+    let object = &request["object"];
+    // An update that leaves the spec as it is (labels, annotations, the operator's own
+    // finalizer removed during a deletion) is not reviewed: only new specs are.
+    let unchanged =
+        request["operation"] == "UPDATE" && object["spec"] == request["oldObject"]["spec"];
+    if unchanged || !object["metadata"]["deletionTimestamp"].is_null() {
+        return None;
+    }
+    let pipeline: AIPipeline = match serde_json::from_value(object.clone()) {
         Ok(p) => p,
         // The schema the API server checked first makes this rare: a field of the wrong type.
         Err(error) => return Some(format!("the AIPipeline cannot be read: {error}")),
