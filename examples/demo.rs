@@ -134,6 +134,9 @@ async fn main() {
         watch_namespace: None,
         echo_decisions: false,
         policy_reports: false,
+        admission_policies: true,
+        webhook: None,
+        foreign_grants: true,
         vault: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
@@ -368,6 +371,9 @@ async fn vault_scene(client: &Client, work: &Path) {
         watch_namespace: Some(ns.into()),
         echo_decisions: false,
         policy_reports: false,
+        admission_policies: true,
+        webhook: None,
+        foreign_grants: true,
         vault: Some(controller::VaultRunConfig {
             connection: portcullis::vault::VaultConfig {
                 address: bao.address(),

@@ -21,6 +21,9 @@ use std::collections::BTreeMap;
 
 pub use k8s_openapi::ByteString;
 pub use k8s_openapi::NamespaceResourceScope;
+pub use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding, ValidatingWebhookConfiguration,
+};
 pub use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 pub use k8s_openapi::api::coordination::v1::Lease;
 pub use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret, ServiceAccount};

@@ -677,6 +677,7 @@ fn guardrail_from(
             allowed_roles: Vec::new(),
             credential_endpoints: Vec::new(),
             pod_creating_resources: Vec::new(),
+            enforcement: Default::default(),
         },
     )
 }

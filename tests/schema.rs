@@ -312,6 +312,7 @@ fn base_guardrail() -> AccessGuardrail {
         AccessGuardrailSpec {
             namespace_selector: Default::default(),
             dns_egress: true,
+            enforcement: Default::default(),
             roles: RoleCeilings {
                 training: Some(Ceiling {
                     kubernetes: vec![KubernetesCeiling {

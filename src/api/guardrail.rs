@@ -69,6 +69,24 @@ pub struct AccessGuardrailSpec {
     #[schemars(length(max = 32))]
     #[schemars(inner(length(min = 1, max = 253), pattern(patterns::DNS_SUBDOMAIN)))]
     pub pod_creating_resources: Vec<String>,
+    /// `Audit` (the default): a pipeline asking for more than this guardrail allows is accepted,
+    /// and what is denied is recorded and reported in its status. `Enforce`: the admission
+    /// webhook (when the operator runs it) refuses such a pipeline at `kubectl apply`, quoting
+    /// the denials. Either way nothing denied is ever granted.
+    #[serde(default)]
+    pub enforcement: Enforcement,
+}
+
+/// What happens to a pipeline that asks for more than a guardrail allows.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum Enforcement {
+    /// Accepted; the denials are recorded and reported.
+    #[default]
+    Audit,
+    /// Refused at admission by the operator's webhook.
+    Enforce,
 }
 
 fn default_true() -> bool {

@@ -123,11 +123,17 @@ pub enum Action {
     VaultFailed,
     /// Someone asked for a reconcile with the `portcullis.dev/reconcile` annotation.
     ReconcileRequested,
+    /// The admission webhook refused an AIPipeline (invalid, or asking for what an enforcing
+    /// guardrail denies).
+    AdmissionDenied,
+    /// A RoleBinding or ClusterRoleBinding Portcullis does not manage reaches a stage's
+    /// ServiceAccount (the foreign-grant watchdog).
+    ForeignGrant,
 }
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 17] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -143,6 +149,8 @@ impl Action {
         Action::RoleWritten,
         Action::VaultFailed,
         Action::ReconcileRequested,
+        Action::AdmissionDenied,
+        Action::ForeignGrant,
     ];
 
     /// The name in the log, such as `drift-reverted`.
@@ -163,6 +171,8 @@ impl Action {
             Action::RoleWritten => "role-written",
             Action::VaultFailed => "vault-failed",
             Action::ReconcileRequested => "reconcile-requested",
+            Action::AdmissionDenied => "admission-denied",
+            Action::ForeignGrant => "foreign-grant",
         }
     }
 }

@@ -102,6 +102,48 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub vault: VaultArgs,
+
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+}
+
+/// Enforcement at admission.
+#[derive(Debug, clap::Args)]
+pub struct AdmissionArgs {
+    /// Keep a ValidatingAdmissionPolicy per namespace with AIPipelines: the API server then
+    /// refuses pods and workloads that borrow a stage's ServiceAccount or labels. Needs RBAC on
+    /// validatingadmissionpolicies and their bindings (see the README).
+    #[arg(long)]
+    pub admission_policies: bool,
+
+    /// Watch for RoleBindings and ClusterRoleBindings that reach a stage's ServiceAccount
+    /// besides Portcullis's own (the `ExclusiveAccess` condition). Needs get, list and watch on
+    /// rolebindings, roles, clusterrolebindings and clusterroles (see the README).
+    #[arg(long)]
+    pub foreign_grant_watch: bool,
+
+    /// Serve the AIPipeline admission webhook (AdmissionReview v1 over TLS) on this address, and
+    /// keep the ValidatingWebhookConfiguration `portcullis` pointing at it. Not with
+    /// `--shard-count` above 1.
+    #[arg(long, value_name = "ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// Register the webhook by this URL (`https://HOST:PORT`, for runs outside the cluster);
+    /// by default through the Service `--webhook-service` of the operator's namespace.
+    #[arg(long, value_name = "URL", requires = "webhook_addr")]
+    pub webhook_url: Option<String>,
+
+    /// The Service (port 443) in the operator's namespace that reaches `--webhook-addr`.
+    #[arg(long, value_name = "NAME", default_value = "portcullis-webhook")]
+    pub webhook_service: String,
+
+    /// The Secret in the operator's namespace that holds the webhook's CA and certificate.
+    #[arg(long, value_name = "NAME", default_value = "portcullis-webhook-tls")]
+    pub webhook_secret: String,
+
+    /// How long the webhook's certificates are valid; they are rotated with a third left.
+    #[arg(long, value_name = "DURATION", default_value = "2160h", value_parser = duration)]
+    pub webhook_cert_validity: std::time::Duration,
 }
 
 /// Vault: without `--vault-address`, Portcullis writes nothing to Vault and reports the stages
@@ -208,6 +250,13 @@ pub fn run(args: &RunArgs) -> u8 {
         );
         return super::EXIT_INVALID;
     }
+    if shard.is_sharded() && args.admission.webhook_addr.is_some() {
+        eprintln!(
+            "error: --webhook-addr and --shard-count {} exclude each other: one ValidatingWebhookConfiguration cannot reach every shard",
+            shard.count()
+        );
+        return super::EXIT_INVALID;
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -240,6 +289,19 @@ pub fn run(args: &RunArgs) -> u8 {
         shard,
         echo_decisions: true,
         policy_reports: args.policy_reports,
+        admission_policies: args.admission.admission_policies,
+        foreign_grants: args.admission.foreign_grant_watch,
+        webhook: args
+            .admission
+            .webhook_addr
+            .map(|addr| controller::WebhookRunConfig {
+                addr,
+                url: args.admission.webhook_url.clone(),
+                service: args.admission.webhook_service.clone(),
+                namespace: args.lease_namespace.clone(),
+                secret: args.admission.webhook_secret.clone(),
+                cert_validity: args.admission.webhook_cert_validity,
+            }),
         vault: args
             .vault
             .vault_address

@@ -15,6 +15,8 @@ pub(crate) enum EventReason {
     DriftReverted,
     /// The `portcullis.dev/reconcile` annotation asked for a reconcile (step: Plan).
     ReconcileRequested,
+    /// A binding Portcullis does not manage reaches a stage's ServiceAccount (the watchdog).
+    ForeignGrant,
 }
 
 impl EventReason {
@@ -25,6 +27,7 @@ impl EventReason {
             EventReason::AdoptionRefused => "AdoptionRefused",
             EventReason::DriftReverted => "DriftReverted",
             EventReason::ReconcileRequested => "ReconcileRequested",
+            EventReason::ForeignGrant => "ForeignGrant",
         }
     }
 
@@ -35,6 +38,7 @@ impl EventReason {
             | EventReason::InvalidSpec
             | EventReason::ReconcileRequested => "Plan",
             EventReason::AdoptionRefused | EventReason::DriftReverted => "Apply",
+            EventReason::ForeignGrant => "Watch",
         }
     }
 }

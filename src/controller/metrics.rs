@@ -67,6 +67,11 @@ pub struct ShardLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -101,6 +106,45 @@ pub struct Metrics {
     /// The label sets of each pipeline's series, by pipeline UID, so a deleted pipeline's
     /// series go with it.
     series: Mutex<HashMap<String, PipelineSeries>>,
+    pub admission: AdmissionMetrics,
+}
+
+/// Enforcement at admission.
+pub struct AdmissionMetrics {
+    /// Namespaces with a ValidatingAdmissionPolicy Portcullis keeps.
+    pub policies: Gauge,
+    /// AIPipelines the admission webhook refused, by reason.
+    pub refusals: Family<ReasonLabels, Counter>,
+    /// Foreign bindings reaching a stage's ServiceAccount now (one per binding and stage).
+    pub foreign_grants: Gauge,
+}
+
+impl AdmissionMetrics {
+    fn register(registry: &mut Registry) -> AdmissionMetrics {
+        let policies = Gauge::default();
+        registry.register(
+            "admission_policies",
+            "Namespaces with a ValidatingAdmissionPolicy Portcullis keeps (pods and workloads must not borrow a stage's identity)",
+            policies.clone(),
+        );
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "admission_refusals",
+            "AIPipelines the admission webhook refused, by reason (InvalidSpec, EnforcedGuardrail)",
+            refusals.clone(),
+        );
+        let foreign_grants = Gauge::default();
+        registry.register(
+            "foreign_grants",
+            "RoleBindings and ClusterRoleBindings Portcullis does not manage that reach a stage's ServiceAccount now, counted per binding and stage",
+            foreign_grants.clone(),
+        );
+        AdmissionMetrics {
+            policies,
+            refusals,
+            foreign_grants,
+        }
+    }
 }
 
 /// The series one pipeline has.
@@ -202,8 +246,10 @@ impl Default for Metrics {
             lease_expiry,
             build_info,
         } = Later::register(&mut registry);
+        let admission = AdmissionMetrics::register(&mut registry);
         Metrics {
             registry,
+            admission,
             decision_log_write_failures,
             decision_log_writable,
             decision_log_deferred,

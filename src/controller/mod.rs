@@ -14,6 +14,7 @@
 //! the lease exits, and its restart waits as a standby. With `--shard-count N`, each shard
 //! watches and writes only the namespaces it owns ([`crate::shard`]), under its own Lease.
 
+mod admission;
 mod apply;
 mod error;
 mod events;
@@ -27,6 +28,8 @@ mod reports;
 mod run;
 pub mod status;
 pub(crate) mod vault;
+mod watchdog;
+pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -41,6 +44,7 @@ pub use error::{ApplyFailure, ApplyFailures, Category, Error, Result};
 use index::ManagedIndex;
 use metrics::Metrics;
 pub use run::{RunError, run};
+pub use webhook::WebhookRunConfig;
 
 use crate::api::{AIPipeline, AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
@@ -78,6 +82,12 @@ pub struct RunConfig {
     pub policy_reports: bool,
     /// Vault, when configured.
     pub vault: Option<VaultRunConfig>,
+    /// Keep a ValidatingAdmissionPolicy per namespace with AIPipelines (see `admission`).
+    pub admission_policies: bool,
+    /// The AIPipeline admission webhook, when served.
+    pub webhook: Option<WebhookRunConfig>,
+    /// Watch for RoleBindings and ClusterRoleBindings that reach a stage's ServiceAccount.
+    pub foreign_grants: bool,
 }
 
 /// Vault settings of `portcullis run`.

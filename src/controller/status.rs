@@ -106,6 +106,40 @@ pub mod types {
     pub const DEGRADED: &str = "Degraded";
     pub const CREDENTIALS_READY: &str = "CredentialsReady";
     pub const VAULT_SYNCED: &str = "VaultSynced";
+    pub const EXCLUSIVE_ACCESS: &str = "ExclusiveAccess";
+}
+
+/// `ExclusiveAccess`: whether the stages' ServiceAccounts hold only what Portcullis grants;
+/// `False` names the other RoleBindings and ClusterRoleBindings that reach them. Written by the
+/// foreign-grant watchdog under its own field manager, beside the reconcile's conditions.
+pub fn exclusive_access(
+    foreign: &[String],
+    generation: Option<i64>,
+    old: &[Condition],
+    now: Time,
+) -> Condition {
+    let mut c = Condition {
+        type_: types::EXCLUSIVE_ACCESS.into(),
+        status: if foreign.is_empty() { "True" } else { "False" }.into(),
+        reason: if foreign.is_empty() {
+            "NoForeignGrants"
+        } else {
+            "ForeignGrants"
+        }
+        .into(),
+        message: if foreign.is_empty() {
+            "no RoleBinding or ClusterRoleBinding but Portcullis's reaches the stages' ServiceAccounts".into()
+        } else {
+            format!(
+                "bindings Portcullis does not manage also grant to the stages' ServiceAccounts: {}",
+                foreign.join("; ")
+            )
+        },
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    };
+    carry_transitions(std::slice::from_mut(&mut c), old, now);
+    c
 }
 
 fn condition(

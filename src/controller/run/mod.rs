@@ -82,6 +82,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         ctx.clone(),
         pipelines.clone(),
     ));
+    start_admission(&config, &scope, &ctx, &pipelines).await?;
 
     let mut leadership = leadership;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
@@ -160,6 +161,39 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     // Only now, with nothing in flight, may a standby take over.
     if let Some(leadership) = leadership {
         leadership.release().await;
+    }
+    Ok(())
+}
+
+/// The tasks that enforce at admission, as configured: the per-namespace
+/// ValidatingAdmissionPolicies, the AIPipeline webhook, and the foreign-grant watchdog.
+async fn start_admission(
+    config: &RunConfig,
+    scope: &WatchScope,
+    ctx: &Arc<Context>,
+    pipelines: &Store<AIPipeline>,
+) -> Result<(), RunError> {
+    if let Some(webhook) = &config.webhook {
+        let scope = scope.clone();
+        super::webhook::start(ctx.clone(), webhook.clone(), move |ns: &str| scope.owns(ns))
+            .await
+            .map_err(RunError::Webhook)?;
+    }
+    if config.foreign_grants {
+        tokio::spawn(super::watchdog::watch(
+            ctx.clone(),
+            pipelines.clone(),
+            scope.namespace.clone(),
+        ));
+    }
+    if config.admission_policies {
+        let scope = scope.clone();
+        tokio::spawn(super::admission::keep_policies(
+            ctx.clone(),
+            pipelines.clone(),
+            config.lease_namespace.clone(),
+            move |ns: &str| scope.owns(ns),
+        ));
     }
     Ok(())
 }
@@ -429,4 +463,6 @@ pub enum RunError {
     VaultClient(#[source] crate::vault::ClientBuildError),
     #[error("lost the leader Lease")]
     LostLease,
+    #[error("{0}")]
+    Webhook(#[source] super::webhook::WebhookError),
 }
