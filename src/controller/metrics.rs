@@ -534,6 +534,12 @@ mod tests {
             })
             .inc();
         m.set_shard(crate::shard::Shard::new(0, 1).unwrap());
+        m.admission
+            .refusals
+            .get_or_create(&ReasonLabels {
+                reason: "InvalidSpec".into(),
+            })
+            .inc();
         m.observe_vault("issue", Duration::from_millis(3));
         m.observe_pipeline("uid", "ns", "p", &AIPipelineStatus::default());
         m.observe_leases("uid", "ns", "p", &[lease("s", "c", 10, false)]);
