@@ -121,11 +121,17 @@ pub enum Action {
     RoleWritten,
     /// A call to Vault failed.
     VaultFailed,
+    /// What a stage's identity did at runtime: a request to the Kubernetes API or to Vault
+    /// (allowed ones counted per window, refused ones one by one). See [`crate::access`].
+    Access,
+    /// Something unusual in what a stage's identity did: its `reason` is the kind
+    /// (`AccessDenied`, `TokenUsedOutsidePods`, `NewBehaviour`, `VolumeSpike`).
+    Anomaly,
 }
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 16] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -140,6 +146,8 @@ impl Action {
         Action::PolicyWritten,
         Action::RoleWritten,
         Action::VaultFailed,
+        Action::Access,
+        Action::Anomaly,
     ];
 
     /// The name in the log, such as `drift-reverted`.
@@ -159,6 +167,8 @@ impl Action {
             Action::PolicyWritten => "policy-written",
             Action::RoleWritten => "role-written",
             Action::VaultFailed => "vault-failed",
+            Action::Access => "access",
+            Action::Anomaly => "anomaly",
         }
     }
 }
@@ -327,7 +337,8 @@ pub struct Record {
     pub stage: Option<String>,
     pub subject: Option<String>,
     pub object: Option<String>,
-    /// The decided item as structured data (decisions only).
+    /// The decided item as structured data (decisions), or the request (`access` and
+    /// `anomaly` records).
     #[serde(default)]
     pub item: Option<Value>,
     pub verdict: Option<String>,
