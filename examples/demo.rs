@@ -132,6 +132,7 @@ async fn main() {
         watch_namespace: None,
         echo_decisions: false,
         vault: None,
+        access: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
 
@@ -370,6 +371,7 @@ async fn vault_scene(client: &Client, work: &Path) {
             max_restarts_per_minute: 10,
             resync: Duration::from_secs(300),
         }),
+        access: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
 

@@ -375,8 +375,7 @@ impl Tracker {
     /// Ends the window at `now`: its count records, `VolumeSpike`s and usage changes.
     pub fn flush(&mut self, now: DateTime<Utc>, out: &mut Vec<Output>) {
         let mut aggregates: Vec<Aggregate> = self.aggregates.drain().map(|(_, a)| a).collect();
-        aggregates
-            .sort_by(|a, b| (a.first, a.sample.to_string()).cmp(&(b.first, b.sample.to_string())));
+        aggregates.sort_by_key(|a| (a.first, a.sample.to_string()));
         out.extend(
             aggregates
                 .into_iter()

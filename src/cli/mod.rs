@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod can_i;
+pub mod ingest;
 pub mod load;
 pub mod output;
 pub mod run;

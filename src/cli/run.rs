@@ -89,6 +89,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub vault: VaultArgs,
+
+    #[command(flatten)]
+    pub access: super::ingest::AccessArgs,
 }
 
 /// Vault: without `--vault-address`, Portcullis writes nothing to Vault and reports the stages
@@ -190,6 +193,13 @@ pub fn run(args: &RunArgs) -> u8 {
         );
         return super::EXIT_INVALID;
     }
+    let access = match args.access.config() {
+        Ok(access) => access,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return super::EXIT_INVALID;
+        }
+    };
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -246,6 +256,7 @@ pub fn run(args: &RunArgs) -> u8 {
                 max_restarts_per_minute: args.vault.max_restarts_per_minute.max(1),
                 resync: args.vault.vault_resync,
             }),
+        access,
     };
     runtime.block_on(async {
         let client = match client(args.kubeconfig.as_deref()).await {

@@ -64,6 +64,8 @@ pub struct Metrics {
     /// Records of renewals and revocations made while the log could not be written, waiting
     /// to be appended.
     pub decision_log_deferred: Gauge,
+    /// Runtime access records (`controller::access`).
+    pub(crate) access: super::access::AccessMetrics,
 }
 
 impl Default for Metrics {
@@ -162,7 +164,9 @@ impl Default for Metrics {
             "Records of renewals and revocations made while the log could not be written, waiting to be appended",
             decision_log_deferred.clone(),
         );
+        let access = super::access::AccessMetrics::register(&mut registry);
         Metrics {
+            access,
             registry,
             decision_log_write_failures,
             decision_log_writable,

@@ -14,6 +14,7 @@
 //! the lease exits, and its restart waits as a standby. With `--shard-count N`, each shard
 //! watches and writes only the namespaces it owns ([`crate::shard`]), under its own Lease.
 
+pub(crate) mod access;
 mod apply;
 mod error;
 mod events;
@@ -34,6 +35,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use access::{AccessError, AccessRunConfig};
 use apply::AppliedState;
 pub use apply::json_subset;
 pub use error::{ApplyFailure, ApplyFailures, Category, Error, Result};
@@ -74,6 +76,8 @@ pub struct RunConfig {
     pub echo_decisions: bool,
     /// Vault, when configured.
     pub vault: Option<VaultRunConfig>,
+    /// Runtime access records, when an audit source is configured.
+    pub access: Option<AccessRunConfig>,
 }
 
 /// Vault settings of `portcullis run`.
@@ -123,6 +127,8 @@ pub struct Context {
     repeats: Mutex<HashMap<String, record::Repeats>>,
     /// Vault, when the operator is configured with it.
     vault: Option<vault::VaultCtx>,
+    /// The stages' identities and grants, for runtime access records (when they are on).
+    access: Option<Arc<crate::access::Directory>>,
 }
 
 impl Context {
@@ -164,6 +170,9 @@ impl Context {
             .expect("repeats lock")
             .retain(|uid, _| live.contains(uid));
         self.applied.forget_gone(&self.children);
+        if let Some(directory) = &self.access {
+            directory.retain_pipelines(live);
+        }
         if let Some(vault) = &self.vault {
             vault.forget_deleted(live).await;
         }

@@ -57,6 +57,9 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     }
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
     let ctx = context(&client, &config, &caches, applied, &metrics, &health, audit)?;
+    super::access::start_for(&client, &config, &ctx)
+        .await
+        .map_err(RunError::Access)?;
 
     let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
 
@@ -203,6 +206,7 @@ fn context(
         failures: Mutex::default(),
         repeats: Mutex::default(),
         vault,
+        access: config.access.as_ref().map(|_| Arc::default()),
     });
     Ok(ctx)
 }
@@ -379,4 +383,6 @@ pub enum RunError {
     VaultClient(#[source] crate::vault::ClientBuildError),
     #[error("lost the leader Lease")]
     LostLease,
+    #[error("{0}")]
+    Access(#[source] super::access::AccessError),
 }
