@@ -75,6 +75,16 @@ pub struct AccessArgs {
     #[arg(long, value_name = "FILE")]
     pub audit_webhook_token_file: Option<PathBuf>,
 
+    /// The webhook's TLS certificate chain (PEM). The API server sends its webhook
+    /// kubeconfig's token only over HTTPS; give it this certificate's CA as the kubeconfig's
+    /// `certificate-authority`.
+    #[arg(long, value_name = "FILE", requires = "audit_webhook_tls_key_file")]
+    pub audit_webhook_tls_cert_file: Option<PathBuf>,
+
+    /// The webhook's TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "audit_webhook_tls_cert_file")]
+    pub audit_webhook_tls_key_file: Option<PathBuf>,
+
     /// Accept Vault's (OpenBao's) `socket` audit device here: TCP, one JSON line per entry.
     /// Anyone who can connect can send entries: let only Vault reach it (a NetworkPolicy).
     #[arg(long, value_name = "ADDR")]
@@ -127,6 +137,10 @@ impl AccessArgs {
         Ok(Some(AccessRunConfig {
             webhook_addr: self.audit_webhook_addr,
             webhook_token,
+            webhook_tls: self
+                .audit_webhook_tls_cert_file
+                .clone()
+                .zip(self.audit_webhook_tls_key_file.clone()),
             vault_audit_addr: self.vault_audit_addr,
             max_body_bytes: self.audit_max_body_bytes.max(1024),
             events_per_second: self.audit_events_per_second,

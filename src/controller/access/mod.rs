@@ -51,6 +51,8 @@ pub struct AccessRunConfig {
     pub webhook_addr: Option<SocketAddr>,
     /// The bearer token the API server sends.
     pub webhook_token: Option<String>,
+    /// The webhook's TLS certificate chain and key (PEM).
+    pub webhook_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Where to accept Vault's socket audit device.
     pub vault_audit_addr: Option<SocketAddr>,
     /// The largest webhook body read.
@@ -76,6 +78,12 @@ pub enum AccessError {
         "--audit-webhook-addr needs --audit-webhook-token-file: the audit webhook accepts events only from the API server, which sends the token of its webhook kubeconfig"
     )]
     NoToken,
+    #[error(
+        "--audit-webhook-addr needs --audit-webhook-tls-cert-file and --audit-webhook-tls-key-file: the API server sends its webhook kubeconfig's token only over HTTPS"
+    )]
+    NoTls,
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Starts the runtime side when `config` asks for it, feeding `ctx`'s journal and filling its
@@ -120,10 +128,13 @@ pub(crate) async fn start(
     ));
     if let Some(address) = config.webhook_addr {
         let token = config.webhook_token.clone().ok_or(AccessError::NoToken)?;
+        let (cert, key) = config.webhook_tls.as_ref().ok_or(AccessError::NoTls)?;
+        let tls = server::tls_acceptor(cert, key).map_err(AccessError::Tls)?;
         let listener = bind(address, "the audit webhook").await?;
         info!(%address, path = server::WEBHOOK_PATH, "serving the Kubernetes audit webhook");
         tokio::spawn(server::serve_webhook(
             listener,
+            tls,
             Arc::new(server::Webhook {
                 intake: intake.clone(),
                 token,

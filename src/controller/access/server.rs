@@ -105,8 +105,37 @@ fn too_large(max: usize) -> Response<Full<Bytes>> {
     )
 }
 
-/// Serves the webhook on `listener` for ever.
-pub(crate) async fn serve_webhook(listener: TcpListener, hook: Arc<Webhook>) {
+/// The TLS settings of the webhook from a PEM certificate chain and key.
+pub(crate) fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("--audit-webhook-tls-cert-file {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--audit-webhook-tls-key-file {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| {
+        format!("the audit webhook's certificate and key do not make a TLS identity: {e}")
+    })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the webhook on `listener` over TLS, for ever.
+pub(crate) async fn serve_webhook(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    hook: Arc<Webhook>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -116,7 +145,15 @@ pub(crate) async fn serve_webhook(listener: TcpListener, hook: Arc<Webhook>) {
             }
         };
         let hook = hook.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let stream = match tls.accept(stream).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    debug!(%error, %peer, "audit webhook TLS handshake failed");
+                    return;
+                }
+            };
             let service = hyper::service::service_fn(move |req| route(req, hook.clone()));
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
