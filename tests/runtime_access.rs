@@ -132,21 +132,109 @@ async fn a_stage_that_probes_for_secrets_is_recorded_and_alerted_and_its_usage_s
         .expect_err("the stage may not list Secrets");
     assert!(refused.to_string().contains("forbidden"), "{refused}");
 
-    // The refusal: its own record, at once, and an AccessDenied anomaly.
+    refusal_is_recorded_and_alerted(&client, &ns, &user, &op).await;
+    allowed_requests_are_counted_and_usage_shown(&client, &ns, &user, &op).await;
+    token_used_outside_pods(&client, &stage, &ns, &sa, &op).await;
+    runtime_records_are_chained(&op);
+}
+
+/// A pod of the stage at 10.99.0.7 (no kubelet here: its status is written by the test), and
+/// the stage's token used from 127.0.0.1.
+async fn token_used_outside_pods(
+    client: &kube::Client,
+    stage: &kube::Client,
+    ns: &str,
+    sa: &str,
+    op: &Operator,
+) {
+    let ns = ns.to_string();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "ingest-0"},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "main", "image": "registry.invalid/ingest"}]},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    pods.patch_status(
+        "ingest-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"podIP": "10.99.0.7", "podIPs": [{"ip": "10.99.0.7"}]}})),
+    )
+    .await
+    .unwrap();
+    let outside = wait_for("the TokenUsedOutsidePods anomaly", WAIT, || {
+        let stage = stage.clone();
+        let ns = ns.clone();
+
+        async move {
+            let _ = Api::<ConfigMap>::namespaced(stage, &ns)
+                .get("ingest-config")
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            records_where(op, |r| {
+                r["action"] == "anomaly" && r["reason"] == "TokenUsedOutsidePods"
+            })
+            .pop()
+        }
+    })
+    .await;
+    let message = outside["message"].as_str().unwrap();
+    assert!(
+        message.contains("127.0.0.1") && message.contains("10.99.0.7"),
+        "{message}"
+    );
+}
+
+/// The runtime records are in the chain: it verifies, and a changed count is found.
+fn runtime_records_are_chained(op: &Operator) {
+    let (ok, report) = op.verify();
+    assert!(ok, "{report}");
+    let text = std::fs::read_to_string(op.audit_log()).unwrap();
+    let mut lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let target = lines
+        .iter()
+        .position(|r| r["action"] == "access" && r["verdict"] == "Allow")
+        .unwrap();
+    lines[target]["item"]["count"] = json!(0);
+    let tampered: String = lines.iter().map(|r| format!("{r}\n")).collect();
+    let bad = portcullis::audit::verify_bytes(tampered.as_bytes(), KEY.as_bytes())
+        .expect_err("a changed runtime record is found");
+    assert_eq!(
+        bad.seq,
+        lines[target]["seq"].as_u64(),
+        "the changed record is the one named: {bad}"
+    );
+}
+
+/// The refusal: its own record, at once, an AccessDenied anomaly (record, Event, metric).
+async fn refusal_is_recorded_and_alerted(
+    client: &kube::Client,
+    ns: &str,
+    user: &str,
+    op: &Operator,
+) {
+    let ns = ns.to_string();
     let denied = wait_for("the refused request's record", WAIT, || async {
-        records_where(&op, |r| {
+        records_where(op, |r| {
             r["action"] == "access" && r["verdict"] == "Deny" && r["object"] == "list secrets"
         })
         .pop()
     })
     .await;
     assert_eq!(denied["stage"], "ingest");
-    assert_eq!(denied["subject"], user.as_str());
+    assert_eq!(denied["subject"], user);
     assert_eq!(denied["reason"], "Refused");
     assert_eq!(denied["item"]["namespace"], ns.as_str());
     assert_eq!(denied["item"]["sourceIPs"][0], "127.0.0.1");
     let anomaly = wait_for("the AccessDenied anomaly record", WAIT, || async {
-        records_where(&op, |r| {
+        records_where(op, |r| {
             r["action"] == "anomaly" && r["reason"] == "AccessDenied"
         })
         .pop()
@@ -191,10 +279,19 @@ async fn a_stage_that_probes_for_secrets_is_recorded_and_alerted_and_its_usage_s
         "{}",
         op.http_get("/metrics").await
     );
+}
 
-    // The allowed request: counted at the window's end, with the grant that covered it.
+/// The allowed request: counted at the window's end with the grant that covered it, and the
+/// stage's usage in its status.
+async fn allowed_requests_are_counted_and_usage_shown(
+    client: &kube::Client,
+    ns: &str,
+    user: &str,
+    op: &Operator,
+) {
+    let ns = ns.to_string();
     let allowed = wait_for("the allowed request's count record", WAIT, || async {
-        records_where(&op, |r| {
+        records_where(op, |r| {
             r["action"] == "access"
                 && r["verdict"] == "Allow"
                 && r["object"] == "get configmaps/ingest-config"
@@ -207,9 +304,9 @@ async fn a_stage_that_probes_for_secrets_is_recorded_and_alerted_and_its_usage_s
     assert!(allowed["item"]["count"].as_u64().unwrap() >= 1);
     // Only the stage's identity is recorded: the admin's requests and the controllers' are not.
     assert!(
-        records_where(&op, |r| r["action"] == "access")
+        records_where(op, |r| r["action"] == "access")
             .iter()
-            .all(|r| r["subject"] == user.as_str()),
+            .all(|r| r["subject"] == user),
         "only the stage's requests are recorded"
     );
 
@@ -228,68 +325,4 @@ async fn a_stage_that_probes_for_secrets_is_recorded_and_alerted_and_its_usage_s
     assert!(of("get configmaps/ingest-config").used);
     assert!(of("get configmaps/ingest-config").last_used.is_some());
     assert!(!of("watch configmaps/ingest-config").used);
-
-    // The stage's token used from outside its pods: a pod of the stage at 10.99.0.7, the token
-    // used from 127.0.0.1.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "ingest-0"},
-            "spec": {"serviceAccountName": sa, "containers": [{"name": "main", "image": "registry.invalid/ingest"}]},
-        }))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    pods.patch_status(
-        "ingest-0",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"podIP": "10.99.0.7", "podIPs": [{"ip": "10.99.0.7"}]}})),
-    )
-    .await
-    .unwrap();
-    let outside = wait_for("the TokenUsedOutsidePods anomaly", WAIT, || {
-        let stage = stage.clone();
-        let ns = ns.clone();
-        let op = &op;
-        async move {
-            let _ = Api::<ConfigMap>::namespaced(stage, &ns)
-                .get("ingest-config")
-                .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            records_where(op, |r| {
-                r["action"] == "anomaly" && r["reason"] == "TokenUsedOutsidePods"
-            })
-            .pop()
-        }
-    })
-    .await;
-    let message = outside["message"].as_str().unwrap();
-    assert!(
-        message.contains("127.0.0.1") && message.contains("10.99.0.7"),
-        "{message}"
-    );
-
-    // The runtime records are in the chain: it verifies, and a changed count is found.
-    let (ok, report) = op.verify();
-    assert!(ok, "{report}");
-    let text = std::fs::read_to_string(op.audit_log()).unwrap();
-    let mut lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let target = lines
-        .iter()
-        .position(|r| r["action"] == "access" && r["verdict"] == "Allow")
-        .unwrap();
-    lines[target]["item"]["count"] = json!(0);
-    let tampered: String = lines.iter().map(|r| format!("{r}\n")).collect();
-    let bad = portcullis::audit::verify_bytes(tampered.as_bytes(), KEY.as_bytes())
-        .expect_err("a changed runtime record is found");
-    assert_eq!(
-        bad.seq,
-        lines[target]["seq"].as_u64(),
-        "the changed record is the one named: {bad}"
-    );
 }
