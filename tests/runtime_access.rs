@@ -325,4 +325,44 @@ async fn allowed_requests_are_counted_and_usage_shown(
     assert!(of("get configmaps/ingest-config").used);
     assert!(of("get configmaps/ingest-config").last_used.is_some());
     assert!(!of("watch configmaps/ingest-config").used);
+
+    // `usage` shows it; `--suggest` drops the unused watch and keeps the used get.
+    let usage_cli = |extra: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["usage", "probe", "-n", &ns, "--kubeconfig"])
+            .arg(control_plane().kubeconfig())
+            .args(extra)
+            .output()
+            .expect("run portcullis usage");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let table = usage_cli(&[]);
+    let row = |grant: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(grant))
+            .unwrap_or_else(|| panic!("{grant} in\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("get configmaps/ingest-config")[3], "yes", "{table}");
+    assert_eq!(row("watch configmaps/ingest-config")[3], "no", "{table}");
+    let suggestion = usage_cli(&["--suggest"]);
+    let narrowed: AIPipeline =
+        serde_saphyr::from_str(&suggestion).expect("the suggestion is an AIPipeline");
+    assert_eq!(
+        narrowed.spec.stages[0].permissions[0].verbs,
+        vec!["get".to_string()],
+        "{suggestion}"
+    );
+    assert!(
+        suggestion.contains("removed watch configmaps/ingest-config"),
+        "{suggestion}"
+    );
 }

@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod load;
 pub mod output;
 pub mod run;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -57,6 +58,8 @@ pub(crate) enum Command {
     /// it does not.
     #[command(name = "can-i")]
     CanI(can_i::CanIArgs),
+    /// Per stage, the grants it used at runtime; `--suggest` prints the narrowed spec.
+    Usage(usage::UsageArgs),
 }
 
 /// Output formats of `plan`.
@@ -137,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Audit(args) => audit::run(&args),
         Command::CanI(args) => can_i::run(&args),
+        Command::Usage(args) => usage::run(&args),
     };
     ExitCode::from(code)
 }
