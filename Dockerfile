@@ -1,32 +1,25 @@
-# syntax=docker/dockerfile:1
-# The Portcullis operator image: a static (musl) binary on distroless, running as 65532.
+# The Portcullis operator image: one static (musl) binary on an empty base, non-root.
 #
-#   docker build -t registry.example.com/portcullis:0.1.0 .
+# Nothing is compiled in here and nothing is pulled: `make image` (hack/image.sh) builds the
+# binary for each architecture and lays out a root filesystem per architecture in the build
+# context, `rootfs-<arch>/`:
 #
-# Build on the platform you deploy to (or `docker buildx build --platform linux/arm64 ...`): the
-# builder compiles for its own architecture. The chart (charts/portcullis) runs the image with a
-# read-only root filesystem, no capabilities, seccomp RuntimeDefault, as user 65532.
-
-FROM rust:1-bookworm AS build
-# ring (rustls's crypto) has C and assembly parts: musl-gcc compiles them for the musl target.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends musl-tools \
-    && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    set -eux; \
-    target="$(uname -m)-unknown-linux-musl"; \
-    rustup target add "$target"; \
-    export "CC_$(echo "$target" | tr - _)=musl-gcc"; \
-    cargo build --release --locked --bin portcullis --target "$target"; \
-    cp "target/$target/release/portcullis" /portcullis; \
-    /portcullis --version
-
-FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /portcullis /portcullis
-# nonroot is 65532:65532; stated here so that runAsNonRoot can check it without a name lookup.
+#   /portcullis                          the operator and CLI, statically linked
+#   /etc/ssl/certs/ca-certificates.crt   the CA bundle (Vault over TLS, the API server)
+#   /etc/passwd, /etc/group              one user and group, nonroot (65532)
+#
+# There is no shell, no package manager and no libc in the image. Build it with podman or
+# buildah (`make image`) or with `docker buildx build --platform linux/amd64,linux/arm64` on a
+# context holding rootfs-amd64/ and rootfs-arm64/ (.github/workflows/release.yml does that).
+FROM scratch
+ARG TARGETARCH
+ARG VERSION=dev
+COPY rootfs-${TARGETARCH}/ /
+LABEL org.opencontainers.image.title="portcullis" \
+      org.opencontainers.image.description="Least privilege for the stages of AI pipelines on Kubernetes" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}"
+# nonroot, as a number: runAsNonRoot can check it without looking the name up.
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/portcullis"]

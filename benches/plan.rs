@@ -205,8 +205,9 @@ fn ingestion(mix: &mut Mix, n: &Names<'_>, bad: Overreach) -> Stage {
         credential(
             mix.pick(&["feature-db", "raw-db", "object-store"]),
             format!(
-                "{}/creds/{}-{}",
+                "{}/creds/{}_{}_{}",
                 mix.pick(&["database", "aws"]),
+                n.namespace,
                 n.pipeline,
                 mix.pick(&["features-writer", "raw-reader", "datasets-reader"])
             ),
@@ -288,6 +289,7 @@ fn ingestion(mix: &mut Mix, n: &Names<'_>, bad: Overreach) -> Stage {
             token_ttl: mix.chance(30).then(|| "15m".into()),
             credentials: cred.into_iter().collect(),
         }),
+        produces: Vec::new(),
     }
 }
 
@@ -296,7 +298,7 @@ fn training(mix: &mut Mix, n: &Names<'_>, bad: Overreach) -> Stage {
     let cred = mix.chance(50).then(|| {
         credential(
             "artifacts",
-            format!("aws/creds/{}-artifacts-writer", n.pipeline),
+            format!("aws/creds/{}_{}_artifacts-writer", n.namespace, n.pipeline),
             mix.pick(&["1h", "2h", "45m"]),
             n.secret(name, "artifacts"),
             mix.chance(50)
@@ -351,6 +353,7 @@ fn training(mix: &mut Mix, n: &Names<'_>, bad: Overreach) -> Stage {
             token_ttl: mix.chance(40).then(|| "1h".into()),
             credentials: cred.into_iter().collect(),
         }),
+        produces: Vec::new(),
     }
 }
 
@@ -359,7 +362,10 @@ fn deployment(mix: &mut Mix, n: &Names<'_>) -> Stage {
     let cred = mix.chance(40).then(|| {
         credential(
             "feedback-db",
-            format!("database/creds/{}-feedback-writer", n.pipeline),
+            format!(
+                "database/creds/{}_{}_feedback-writer",
+                n.namespace, n.pipeline
+            ),
             mix.pick(&["10m", "20m", "30m"]),
             n.secret(name, "db"),
             Some((WorkloadKind::Deployment, format!("{}-{name}", n.pipeline))),
@@ -423,6 +429,7 @@ fn deployment(mix: &mut Mix, n: &Names<'_>) -> Stage {
             token_ttl: mix.chance(50).then(|| "10m".into()),
             credentials: cred.into_iter().collect(),
         }),
+        produces: Vec::new(),
     }
 }
 

@@ -5,8 +5,10 @@
 //! (the clean ones and the ones that ask for too much), runs the operator until every pipeline
 //! is reconciled, then prints what each stage was granted and denied, a can-i matrix that the
 //! API server's own RBAC authorizer answers, and the tail of the decision log. Then it runs the
-//! operator with Vault on one more pipeline, against the Vault HTTP double of the tests (not
-//! Vault), and shows the policy, the role, a stage's login and its delivered credentials.
+//! operator with Vault on one more pipeline, against real OpenBao (hack/openbao.sh) with a
+//! throwaway PostgreSQL behind its database engine, and shows the policy, the role, a stage's
+//! login and what it may read, its delivered credentials logging into PostgreSQL, the lease
+//! renewed (VALID UNTIL moves) and, once the pipeline is deleted, the role dropped.
 //! Everything it started stops when it exits.
 #![allow(
     clippy::too_many_lines,
@@ -131,6 +133,7 @@ async fn main() {
         shard: Default::default(),
         watch_namespace: None,
         echo_decisions: false,
+        policy_reports: false,
         vault: None,
         access: None,
     };
@@ -261,17 +264,18 @@ async fn main() {
 }
 
 /// The Vault side: a pipeline in its own namespace, reconciled by an operator configured with
-/// Vault. Vault here is the HTTP double the tests use (tests/support/vault): it follows Vault
-/// 1.15's HTTP API for the routes Portcullis calls, checks logins with a real TokenReview and
-/// keeps leases with real expiry, but it is not Vault.
+/// Vault. Vault here is real OpenBao 2.7 (from `hack/openbao.sh`), with a throwaway PostgreSQL
+/// behind its database secrets engine: the credentials the operator delivers are real
+/// PostgreSQL roles.
 async fn vault_scene(client: &Client, work: &Path) {
     use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
     use serde_json::json;
-    use support::vault::{Operation, VaultDouble, VaultDoubleConfig};
+    use support::openbao::{OpenBao, OperatorSetup};
+    use support::postgres::postgres;
 
     println!();
     println!(
-        "== Vault: the operator again, now with --vault-address, against the Vault HTTP double of the tests (not Vault)"
+        "== Vault: the operator again, now with --vault-address, against real OpenBao with PostgreSQL behind it"
     );
     let ns = "ml-vault-demo";
     let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns, "labels": {
@@ -294,22 +298,31 @@ async fn vault_scene(client: &Client, work: &Path) {
     )
     .expect("token written");
 
-    let double =
-        VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
+    let pg = postgres();
+    let bao = OpenBao::start().await;
     println!(
-        "   set up as the README says: Kubernetes auth, deploy/vault/portcullis-operator.hcl, a periodic role for the operator, a database role"
+        "   OpenBao {} (bao server -dev) and PostgreSQL on 127.0.0.1:{}, up in {:.1}s and {:.1}s",
+        bao.direct_address(),
+        pg.port(),
+        bao.startup_time().as_secs_f64(),
+        pg.startup_time().as_secs_f64()
     );
-    double
-        .set_up_for_operator(&support::vault::OperatorSetup {
+    println!(
+        "   set up as the README says: Kubernetes auth against this API server, the database engine, deploy/vault/portcullis-operator.hcl, a periodic role for the operator"
+    );
+    bao.set_up_for_operator(
+        client,
+        &OperatorSetup {
             namespace: "default",
             service_account: "portcullis",
             audience: None,
             period: "1h",
-            database_roles: &["fraud-detector-features-writer"],
-            database_ttl: "15m",
+            database_roles: &[&format!("{ns}_fraud-detector_features-writer")],
+            database_ttl: "6s",
             database_max_ttl: "1h",
-        })
-        .await;
+        },
+    )
+    .await;
     support::restart_target(client, ns, "fraud-ingest").await;
     let pipeline: AIPipeline = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1",
@@ -320,8 +333,8 @@ async fn vault_scene(client: &Client, work: &Path) {
                 "policies": [{"path": format!("kv/data/{ns}/fraud-detector/ingest/*"), "capabilities": ["read"]}],
                 "credentials": [{
                     "name": "feature-db",
-                    "path": "database/creds/fraud-detector-features-writer",
-                    "ttl": "15m",
+                    "path": format!("database/creds/{ns}_fraud-detector_features-writer"),
+                    "ttl": "6s",
                     "secretName": "fraud-ingest-db",
                     "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
                 }],
@@ -332,7 +345,8 @@ async fn vault_scene(client: &Client, work: &Path) {
         ]},
     }))
     .expect("pipeline");
-    Api::<AIPipeline>::namespaced(client.clone(), ns)
+    let pipelines = Api::<AIPipeline>::namespaced(client.clone(), ns);
+    pipelines
         .create(&PostParams::default(), &pipeline)
         .await
         .expect("pipeline created");
@@ -354,9 +368,10 @@ async fn vault_scene(client: &Client, work: &Path) {
         shard: Default::default(),
         watch_namespace: Some(ns.into()),
         echo_decisions: false,
+        policy_reports: false,
         vault: Some(controller::VaultRunConfig {
             connection: portcullis::vault::VaultConfig {
-                address: double.address(),
+                address: bao.address(),
                 ca_cert: None,
                 namespace: None,
                 auth_mount: "kubernetes".into(),
@@ -366,10 +381,11 @@ async fn vault_scene(client: &Client, work: &Path) {
                 request_timeout: Duration::from_secs(5),
             },
             state_namespace: "default".into(),
-            revoke_grace: Duration::from_secs(120),
+            revoke_grace: Duration::from_secs(1),
             restart_min_interval: Duration::from_secs(60),
             max_restarts_per_minute: 10,
             resync: Duration::from_secs(300),
+            name_prefix: portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX.into(),
         }),
         access: None,
     };
@@ -383,82 +399,146 @@ async fn vault_scene(client: &Client, work: &Path) {
             .flatten()
     })
     .await;
-    let role_name = format!("{ns}-fraud-detector-ingest");
+    let role_name = portcullis::plan::names::vault_object(
+        portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+        ns,
+        "fraud-detector",
+        "ingest",
+    );
     println!();
     println!("Vault policy {role_name}:");
-    for line in double.policy(&role_name).unwrap_or_default().lines() {
+    for line in bao.policy(&role_name).await.unwrap_or_default().lines() {
         println!("   {line}");
     }
-    let role = double
-        .kubernetes_roles()
-        .remove(&role_name)
-        .expect("role written");
+    let role = bao.kubernetes_role(&role_name).await.expect("role written");
     println!(
-        "Vault role auth/kubernetes/role/{role_name}: bound to {}/{}, token_policies {:?}, token_ttl {:?}",
-        role.bound_service_account_namespaces.join(","),
-        role.bound_service_account_names.join(","),
-        role.token_policies,
-        role.token_ttl
+        "Vault role auth/kubernetes/role/{role_name}: bound to {}/{}, token_policies {}, token_ttl {}s",
+        role["bound_service_account_namespaces"],
+        role["bound_service_account_names"],
+        role["token_policies"],
+        role["token_ttl"]
     );
-    let jwt = support::service_account_token(client, ns, "fraud-detector-ingest").await;
-    let login = double
-        .anonymous_client()
-        .post(
-            "auth/kubernetes/login",
-            &json!({"role": role_name, "jwt": jwt}),
+
+    // The stage's own identity, as its pods would use it.
+    let root = bao.client();
+    for stage in ["ingest", "train"] {
+        root.post(
+            &format!("kv/data/{ns}/fraud-detector/{stage}/config"),
+            &json!({"data": {"model": format!("{stage}-v1")}}),
         )
         .await
-        .expect("login");
+        .expect("kv write");
+    }
+    let jwt = support::service_account_token(client, ns, "fraud-detector-ingest").await;
+    let login = bao.login(&role_name, &jwt).await;
     let token = login.auth()["client_token"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     println!(
-        "ServiceAccount fraud-detector-ingest logs in (a real TokenReview checks its token); its token may:"
+        "ServiceAccount fraud-detector-ingest logs in to OpenBao (a real TokenReview checks its token), policies {}; reads:",
+        login.auth()["token_policies"]
     );
-    for stage in ["ingest", "train"] {
-        let path = format!("kv/data/{ns}/fraud-detector/{stage}/config");
-        let yes = double.allows(&token, Operation::Read, &path);
-        println!("   read {path:<55} {}", if yes { "yes" } else { "no" });
+    let as_stage = bao.anonymous_client().with_token(&token);
+    let creds = &format!("database/creds/{ns}_fraud-detector_features-writer");
+    for path in [
+        format!("kv/data/{ns}/fraud-detector/ingest/config"),
+        format!("kv/data/{ns}/fraud-detector/train/config"),
+        creds.to_string(),
+    ] {
+        let r = as_stage.get(&path).await.expect("OpenBao answers");
+        let said = match r.status {
+            200 => "200 allowed".to_string(),
+            403 => "403 permission denied".to_string(),
+            other => format!("{other} {:?}", r.errors()),
+        };
+        println!("   GET {path:<55} {said}");
     }
-    let creds = "database/creds/fraud-detector-features-writer";
+
+    let field = |s: &Secret, key: &str| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .unwrap_or_default()
+    };
+    let (user, password) = (field(&secret, "username"), field(&secret, "password"));
+    let leases = bao.leases().await;
     println!(
-        "   read {creds:<55} {}",
-        if double.allows(&token, Operation::Read, creds) {
-            "yes"
-        } else {
-            "no (the operator reads it and delivers a Secret)"
-        }
-    );
-    let mut keys: Vec<&String> = secret
-        .data
-        .as_ref()
-        .map(|d| d.keys().collect())
-        .unwrap_or_default();
-    keys.sort();
-    println!(
-        "Secret {ns}/fraud-ingest-db: keys {keys:?}, lease {} expires {}; Vault holds {} active lease(s)",
+        "Secret {ns}/fraud-ingest-db: username {user}, lease {} (OpenBao holds {} lease(s) under database/creds/)",
         secret
             .annotations()
             .get("portcullis.dev/lease-hash")
             .cloned()
             .unwrap_or_default(),
-        secret
-            .annotations()
-            .get("portcullis.dev/lease-expires-at")
-            .cloned()
-            .unwrap_or_default(),
-        double.active_leases().len()
+        leases.len()
     );
+    match pg.log_in(&user, &password) {
+        Ok(who) => println!("   psql with the Secret's username and password: logged in as {who}"),
+        Err(e) => println!("   psql with the Secret's username and password: REFUSED: {e}"),
+    }
+    let before = pg.role(&user).and_then(|r| r.valid_until);
+    println!(
+        "   pg_roles: {user} VALID UNTIL {}",
+        before.as_deref().unwrap_or("-")
+    );
+    // The 6 s lease is renewed in place before it runs out: same Secret, later VALID UNTIL.
+    let after = support::wait_for("a renewal", Duration::from_secs(60), || async {
+        pg.role(&user)
+            .and_then(|r| r.valid_until)
+            .filter(|v| Some(v) != before.as_ref())
+    })
+    .await;
+    println!("   renewed by the operator: VALID UNTIL {after} (same Secret, same login)");
+
+    // Deleting the pipeline revokes its lease: OpenBao drops the PostgreSQL role.
+    pipelines
+        .delete("fraud-detector", &Default::default())
+        .await
+        .expect("pipeline deleted");
+    support::wait_for("the pipeline gone", Duration::from_secs(60), || async {
+        pipelines
+            .get_opt("fraud-detector")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    println!(
+        "Pipeline deleted: OpenBao holds {} lease(s); pg_roles has {user}: {}; psql with the old password: {}",
+        bao.leases().await.len(),
+        if pg.role(&user).is_some() {
+            "yes"
+        } else {
+            "no"
+        },
+        match pg.log_in(&user, &password) {
+            Ok(_) => "still logs in".to_string(),
+            Err(e) => format!(
+                "refused ({})",
+                e.rsplit("FATAL:").next().unwrap_or_default().trim()
+            ),
+        }
+    );
+
     let text = std::fs::read_to_string(&audit).unwrap_or_default();
     println!("Vault actions in the decision log ({}):", audit.display());
     for line in text.lines() {
         let r: Value = serde_json::from_str(line).expect("JSON record");
         let action = r["action"].as_str().unwrap_or_default();
-        if ["policy-written", "role-written", "credential-issued"].contains(&action) {
+        if [
+            "policy-written",
+            "role-written",
+            "credential-issued",
+            "credential-renewed",
+            "credential-revoked",
+        ]
+        .contains(&action)
+        {
             println!(
                 "   {action:<18} {}",
-                r["object"].as_str().unwrap_or_default()
+                r["message"].as_str().unwrap_or_default()
             );
         }
     }

@@ -40,6 +40,7 @@ fn decision(stage: &str, verdict: Verdict, reason: Reason, resource: &str) -> De
         verdict,
         reason,
         message: format!("about {resource}: \"quoted\", back\\slash, ünïcødé"),
+        guardrail: None,
     }
 }
 

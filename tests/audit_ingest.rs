@@ -8,6 +8,10 @@ use serde_json::Value;
 const KEY: &str = "a-key-for-the-ingest-test-0123456789abcdef";
 
 const PIPELINE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: ml, labels: {portcullis.dev/tier: ml}}
+---
 apiVersion: portcullis.dev/v1alpha1
 kind: AIPipeline
 metadata: {name: fraud, namespace: ml}
@@ -99,6 +103,8 @@ fn an_exported_audit_log_becomes_verified_runtime_records() {
     let output = Command::new(bin)
         .args(["audit", "ingest", "-f"])
         .arg(path("pipeline.yaml"))
+        .arg("--guardrails")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/guardrails"))
         .arg("--kubernetes")
         .arg(path("audit.jsonl"))
         .arg("--vault")

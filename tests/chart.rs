@@ -355,7 +355,11 @@ fn check_common(objects: &[Value], values: &Value) {
     assert_eq!(deployment["spec"]["replicas"], json!(replicas));
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
-    assert_eq!(pod["securityContext"]["runAsUser"], json!(65532));
+    assert_eq!(
+        pod["securityContext"]["runAsUser"],
+        Value::Null,
+        "no pin (OpenShift)"
+    );
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],
         json!("RuntimeDefault")
@@ -365,7 +369,7 @@ fn check_common(objects: &[Value], values: &Value) {
     assert_eq!(sc["allowPrivilegeEscalation"], json!(false));
     assert_eq!(sc["readOnlyRootFilesystem"], json!(true));
     assert_eq!(sc["runAsNonRoot"], json!(true));
-    assert_eq!(sc["runAsUser"], json!(65532));
+    assert_eq!(sc["runAsUser"], Value::Null, "the image's USER 65532");
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(sc["seccompProfile"]["type"], json!("RuntimeDefault"));
     assert_eq!(
@@ -1498,7 +1502,7 @@ async fn operator_makes_the_example_ready(
     let example = support::example("examples/pipelines/fraud-detector.yaml", pipeline_ns);
     let pipeline = support::create_pipeline(client, &example).await;
     let name = pipeline.name_any();
-    let ready = support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
+    let ready = support::wait_converged(client, pipeline_ns, &name, &op).await;
     let stages = &ready.status.as_ref().expect("status").stages;
     assert_eq!(stages.len(), 3, "three stages");
     // It wrote Events (for the items the guardrails deny here): events.k8s.io create.
@@ -1574,7 +1578,7 @@ async fn operator_makes_the_example_ready(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    support::wait_ready(client, pipeline_ns, &name, "True", &op).await;
+    support::wait_converged(client, pipeline_ns, &name, &op).await;
 
     assert_no_forbidden(&op);
     let (ok, out) = op.verify();
@@ -2238,30 +2242,36 @@ where
     }
 }
 
-/// The Vault double, set up as the README's "Setting up Vault" says: Kubernetes auth, the
-/// operator's policy from deploy/vault, a periodic role for the operator's ServiceAccount
-/// `ns/sa` bound to `audience`, and two database roles.
+/// Real OpenBao (behind the tests' fault proxy, with PostgreSQL behind its database engine), set
+/// up as the README's "Setting up Vault" says: Kubernetes auth against the test API server, the
+/// operator's policy from deploy/vault, a periodic role for the operator's ServiceAccount `ns/sa`
+/// bound to `audience`, and two database roles.
 async fn vault_for_operator(
     client: &Client,
     ns: &str,
     sa: &str,
     audience: &str,
-) -> support::vault::VaultDouble {
-    use support::vault::{VaultDouble, VaultDoubleConfig};
-    let double =
-        VaultDouble::start(VaultDoubleConfig::default().with_kube_client(client.clone())).await;
-    double
-        .set_up_for_operator(&support::vault::OperatorSetup {
+    watched: &str,
+) -> support::openbao::OpenBao {
+    let bao = support::openbao::OpenBao::start().await;
+    bao.set_up_for_operator(
+        client,
+        &support::openbao::OperatorSetup {
             namespace: ns,
             service_account: sa,
             audience: Some(audience),
             period: "1h",
-            database_roles: &["fraud-writer", "fraud-writer-2"],
+            // `<namespace>_<pipeline>_<name>`, as the example guardrails allow.
+            database_roles: &[
+                &format!("{watched}_fraud_writer"),
+                &format!("{watched}_fraud_writer-2"),
+            ],
             database_ttl: "1h",
             database_max_ttl: "2h",
-        })
-        .await;
-    double
+        },
+    )
+    .await;
+    bao
 }
 
 /// A pipeline whose ingest stage reads a database credential from Vault into Secret
@@ -2278,7 +2288,7 @@ fn vault_pipeline(ns: &str, db_role: &str) -> AIPipeline {
                 "policies": [{"path": format!("kv/data/{ns}/fraud/ingest/*"), "capabilities": ["read"]}],
                 "credentials": [{
                     "name": "feature-db",
-                    "path": format!("database/creds/{db_role}"),
+                    "path": format!("database/creds/{ns}_fraud_{db_role}"),
                     "ttl": "1h",
                     "secretName": "fraud-ingest-db",
                     "restartTargets": [{"kind": "Deployment", "name": "fraud-ingest"}],
@@ -2291,10 +2301,11 @@ fn vault_pipeline(ns: &str, db_role: &str) -> AIPipeline {
 
 /// Vault on, with watchNamespace: the ServiceAccount gets the Vault rules in the watched namespace
 /// only, and in its own namespace just what its token and state Secrets need; the real operator,
-/// running as that ServiceAccount with the Deployment's arguments and logging in to the Vault
-/// double with the projected token the chart asks for, delivers a credential, rotates it with a
-/// restart, deletes the Secret of a credential no longer requested, and cleans Vault up when the
-/// pipeline is deleted, without being refused anything.
+/// running as that ServiceAccount with the Deployment's arguments and logging in to real OpenBao
+/// with the projected token the chart asks for, delivers a credential that logs into PostgreSQL,
+/// rotates it with a restart, deletes the Secret of a credential no longer requested, and cleans
+/// Vault up when the pipeline is deleted (the PostgreSQL roles dropped), without being refused
+/// anything.
 #[tokio::test]
 async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let cp = support::control_plane();
@@ -2306,12 +2317,12 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let sa = "vw-portcullis";
     let audience = "vault";
 
-    let double = vault_for_operator(&client, &ns, sa, audience).await;
+    let bao = vault_for_operator(&client, &ns, sa, audience, &watched).await;
     let values = json!({
         "watchNamespace": watched,
         "replicaCount": 1,
         "vault": {
-            "address": double.address(),
+            "address": bao.address(),
             "tokenAudience": audience,
             "requestTimeout": "5s",
             "revokeGrace": "1s",
@@ -2380,10 +2391,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
     let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &watched);
     let pipeline = pipelines
-        .create(
-            &PostParams::default(),
-            &vault_pipeline(&watched, "fraud-writer"),
-        )
+        .create(&PostParams::default(), &vault_pipeline(&watched, "writer"))
         .await
         .expect("the pipeline");
     let uid = pipeline.uid().expect("a uid");
@@ -2392,16 +2400,19 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     // watched namespace; the operator logged in with the projected token and kept its Vault token
     // and the pipeline's state in its own namespace).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &watched);
-    let first_hash = wait_logged(&op, "the credential Secret", WAIT, || async {
+    let (first_hash, first_user) = wait_logged(&op, "the credential Secret", WAIT, || async {
         let secret = secrets.get_opt("fraud-ingest-db").await.ok()??;
         let hash = secret
             .annotations()
             .get("portcullis.dev/lease-hash")?
             .clone();
         let data = secret.data.as_ref()?;
-        let delivered = data.contains_key("username") && data.contains_key("password");
+        let field = |key: &str| String::from_utf8(data.get(key)?.0.clone()).ok();
+        let (user, password) = (field("username")?, field("password")?);
         let owned = secret.owner_references().iter().any(|o| o.uid == uid);
-        (delivered && owned).then_some(hash)
+        // Delivered: the credentials log into PostgreSQL.
+        let login = support::postgres::postgres().log_in(&user, &password);
+        (login.as_deref() == Ok(user.as_str()) && owned).then_some((hash, user))
     })
     .await;
     let own: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -2423,15 +2434,21 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
             .any(|f| f == "portcullis.dev/vault-cleanup"),
         "the Vault finalizer is set (patch on aipipelines)"
     );
-    let stage_role = format!("{watched}-fraud-ingest");
+    let stage_role = portcullis::plan::names::vault_object(
+        portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+        &watched,
+        "fraud",
+        "ingest",
+    );
     assert!(
-        double.kubernetes_roles().contains_key(&stage_role) && double.policy(&stage_role).is_some(),
+        bao.kubernetes_roles().await.contains(&stage_role)
+            && bao.policy(&stage_role).await.is_some(),
         "the stage's Vault role and policy are written"
     );
 
     // Rotate: a new path issues new credentials and restarts the consumer (apps get, patch).
-    let stages = serde_json::to_value(&vault_pipeline(&watched, "fraud-writer-2").spec.stages)
-        .expect("stages");
+    let stages =
+        serde_json::to_value(&vault_pipeline(&watched, "writer-2").spec.stages).expect("stages");
     pipelines
         .patch(
             "fraud",
@@ -2462,12 +2479,13 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     .await;
     // The replaced lease is revoked after the grace period (1 s).
     wait_logged(&op, "one active lease", WAIT, || async {
-        (double.active_leases().len() == 1).then_some(())
+        let replaced_gone = support::postgres::postgres().role(&first_user).is_none();
+        (bao.leases().await.len() == 1 && replaced_gone).then_some(())
     })
     .await;
 
     // No credential any more: its lease is revoked and its Secret deleted (Secrets: delete).
-    let mut without = vault_pipeline(&watched, "fraud-writer-2");
+    let mut without = vault_pipeline(&watched, "writer-2");
     without.spec.stages[0]
         .vault
         .as_mut()
@@ -2506,9 +2524,9 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
         || async {
             let pipeline_gone = pipelines.get_opt("fraud").await.ok()?.is_none();
             let state_gone = own.get_opt(&state_secret).await.ok()?.is_none();
-            let vault_clean = !double.kubernetes_roles().contains_key(&stage_role)
-                && double.policy(&stage_role).is_none()
-                && double.active_leases().is_empty();
+            let vault_clean = !bao.kubernetes_roles().await.contains(&stage_role)
+                && bao.policy(&stage_role).await.is_none()
+                && bao.leases().await.is_empty();
             (pipeline_gone && state_gone && vault_clean).then_some(())
         },
     )

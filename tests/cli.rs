@@ -375,3 +375,277 @@ fn crds_prints_the_committed_crds() {
         "crds/ is stale: run `make crds`"
     );
 }
+
+// ---- kubectl's conventions: kubeconfig, context, namespace, stdin, completion, version ----
+
+/// A pipeline that names no namespace: it goes to the default namespace.
+const NO_NAMESPACE: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: tiny}
+spec:
+  stages:
+    - name: train
+      role: Training
+      podSelector:
+        matchLabels: {app: tiny-train}
+"#;
+
+/// Two kubeconfig files, as `KUBECONFIG=contexts.yaml:clusters.yaml`: the first has the
+/// contexts (current: `ml`, namespace `team-ml`; `fraud`, namespace `team-fraud`), the second
+/// the cluster (an address where nothing listens) and the user. Neither works alone.
+fn split_kubeconfig(dir: &std::path::Path) -> String {
+    let contexts = dir.join("contexts.yaml");
+    let clusters = dir.join("clusters.yaml");
+    std::fs::write(
+        &contexts,
+        "apiVersion: v1\nkind: Config\ncurrent-context: ml\ncontexts:\n\
+         - name: ml\n  context: {cluster: local, user: me, namespace: team-ml}\n\
+         - name: fraud\n  context: {cluster: local, user: me, namespace: team-fraud}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &clusters,
+        "apiVersion: v1\nkind: Config\nclusters:\n\
+         - name: local\n  cluster: {server: \"https://127.0.0.1:9\"}\n\
+         users:\n- name: me\n  user: {token: not-a-real-token}\n",
+    )
+    .unwrap();
+    format!("{}:{}", contexts.display(), clusters.display())
+}
+
+/// Runs portcullis with `KUBECONFIG` set to `kubeconfig` (unset when None, with a HOME that
+/// has no ~/.kube/config) and `stdin` on standard input.
+fn portcullis_with(kubeconfig: Option<&str>, stdin: &str, args: &[&str]) -> (i32, String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    command
+        .current_dir(root())
+        .args(args)
+        .env("HOME", home.path())
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(kubeconfig) = kubeconfig {
+        command.env("KUBECONFIG", kubeconfig);
+    }
+    let mut child = command.spawn().expect("portcullis runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().expect("exit code"),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+/// The namespaces of the ServiceAccounts `plan -o yaml` prints.
+fn planned_namespaces(yaml: &str) -> Vec<String> {
+    yaml.split("\n---")
+        .filter(|doc| doc.contains("kind: ServiceAccount"))
+        .filter_map(|doc| {
+            doc.lines()
+                .find_map(|l| l.trim().strip_prefix("namespace: ").map(String::from))
+        })
+        .collect()
+}
+
+#[test]
+fn plan_reads_standard_input_with_dash_f_dash() {
+    let file =
+        std::fs::read_to_string(root().join("examples/pipelines/fraud-detector.yaml")).unwrap();
+    let from_file = portcullis(&[
+        "plan",
+        "-f",
+        "examples/pipelines/fraud-detector.yaml",
+        "examples/namespaces.yaml",
+        "--guardrails",
+        "examples/guardrails",
+        "-o",
+        "yaml",
+    ]);
+    let (code, stdout, stderr) = portcullis_with(
+        None,
+        &file,
+        &[
+            "plan",
+            "-f",
+            "-",
+            "examples/namespaces.yaml",
+            "--guardrails",
+            "examples/guardrails",
+            "-o",
+            "yaml",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("fraud-detector"), "{stdout}");
+    assert_eq!(
+        stdout,
+        text(&from_file.stdout),
+        "the same plan from stdin as from the file"
+    );
+}
+
+#[test]
+fn an_error_in_standard_input_is_named_as_stdin() {
+    let broken = NO_NAMESPACE.replace("role: Training", "role: Trainer");
+    let (code, _, stderr) = portcullis_with(None, &broken, &["plan", "-f", "-"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("<stdin>"), "{stderr}");
+    assert!(stderr.contains("spec.stages[0].role"), "{stderr}");
+    assert_no_internals(&stderr);
+}
+
+#[test]
+fn plan_puts_pipelines_without_a_namespace_in_the_contexts_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = split_kubeconfig(dir.path());
+    let plan = |kubeconfig: Option<&str>, more: &[&str]| {
+        let mut args = vec!["plan", "-f", "-", "-o", "yaml"];
+        args.extend_from_slice(more);
+        let (_, stdout, stderr) = portcullis_with(kubeconfig, NO_NAMESPACE, &args);
+        let namespaces = planned_namespaces(&stdout);
+        assert!(
+            !namespaces.is_empty(),
+            "no ServiceAccount planned: {stderr}"
+        );
+        namespaces
+    };
+    assert_eq!(plan(None, &[]), ["default"], "no kubeconfig: default");
+    assert_eq!(
+        plan(Some(&kubeconfig), &[]),
+        ["team-ml"],
+        "the current context's"
+    );
+    assert_eq!(
+        plan(Some(&kubeconfig), &["--context", "fraud"]),
+        ["team-fraud"]
+    );
+    assert_eq!(
+        plan(Some(&kubeconfig), &["--context", "fraud", "-n", "sandbox"]),
+        ["sandbox"],
+        "-n wins over the context"
+    );
+}
+
+#[test]
+fn can_i_asks_in_the_contexts_namespace_of_merged_kubeconfig_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = split_kubeconfig(dir.path());
+    // Nothing listens at the cluster's address: the error names the object that was asked
+    // for, which shows the namespace chosen and that both files were read (the cluster and
+    // the user are only in the second).
+    let can_i = |more: &[&str]| {
+        let mut args = vec!["can-i", "scorer"];
+        args.extend_from_slice(more);
+        let (code, _, stderr) = portcullis_with(Some(&kubeconfig), "", &args);
+        assert_eq!(code, 2, "{stderr}");
+        stderr
+    };
+    assert!(
+        can_i(&[]).contains("AIPipeline team-ml/scorer"),
+        "{}",
+        can_i(&[])
+    );
+    let fraud = can_i(&["--context", "fraud"]);
+    assert!(fraud.contains("AIPipeline team-fraud/scorer"), "{fraud}");
+    let explicit = can_i(&["-n", "sandbox"]);
+    assert!(explicit.contains("AIPipeline sandbox/scorer"), "{explicit}");
+    let unknown = can_i(&["--context", "staging"]);
+    assert!(
+        unknown.contains("no context \"staging\"") && unknown.contains("\"fraud\""),
+        "an unknown context is named with the known ones: {unknown}"
+    );
+}
+
+#[test]
+fn completion_scripts_know_the_commands_and_flags() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = portcullis(&["completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in [
+            "can-i",
+            "plan",
+            "audit",
+            "completion",
+            "guardrails",
+            "context",
+        ] {
+            assert!(script.contains(word), "the {shell} script lacks {word}");
+        }
+    }
+    assert!(text(&portcullis(&["completion", "bash"]).stdout).contains("complete -F _portcullis"));
+    let out = portcullis(&["completion", "powershell-core"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("bash"), "the shells are listed");
+}
+
+#[test]
+fn version_is_the_crates() {
+    let out = portcullis(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("portcullis {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Serves one HTTP answer with `status` on 127.0.0.1, and returns the URL and the request it got.
+fn serve_once(status: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/readyz", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).unwrap();
+        // The rest of the request, to its blank line.
+        let mut header = String::new();
+        while reader.read_line(&mut header).unwrap() > 2 {
+            header.clear();
+        }
+        write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").unwrap();
+        request_line
+    });
+    (url, server)
+}
+
+#[test]
+fn probe_exits_0_only_when_the_operator_answers_200() {
+    let (url, server) = serve_once("200 OK");
+    let out = portcullis(&["probe", &url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.join().unwrap().trim(), "GET /readyz HTTP/1.1");
+
+    let (url, server) = serve_once("503 Service Unavailable");
+    let out = portcullis(&["probe", &url]);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("answered 503"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Nothing listens: refused, exit 1, the address named.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/readyz", closed.local_addr().unwrap());
+    drop(closed);
+    let out = portcullis(&["probe", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_no_internals(&text(&out.stderr));
+}

@@ -25,8 +25,8 @@ use portcullis::policy::Item;
 use serde_json::{Value, json};
 use support::admission::Refusal;
 use support::{
-    Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_ready,
-    with_pipeline,
+    Operator, WAIT, condition, create_pipeline, example, guarded_namespace, wait_converged,
+    wait_ready, with_pipeline,
 };
 
 /// Runs the binary as the kubectl plugin (`kubectl-portcullis`, through a symlink) with `args`.
@@ -84,7 +84,7 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
         create_pipeline(&client, p).await;
     }
     for p in &pipelines {
-        let live = wait_ready(&client, &ns, &p.name_any(), "True", &op).await;
+        let live = wait_converged(&client, &ns, &p.name_any(), &op).await;
         let plan = expected(p, &guardrails);
         // The examples' own namespace names (ml-rag, ...) differ from this test's namespace, so a
         // flow to "the pipeline's namespace by name" may be denied here: the status says exactly
@@ -272,7 +272,7 @@ async fn every_example_stage_gets_exactly_what_is_allowed() {
 async fn drift_is_reverted_and_recorded() {
     let f = with_pipeline("drift", "examples/pipelines/fraud-detector.yaml").await;
     let (client, ns, op) = (&f.client, &f.ns, &f.op);
-    f.wait_ready("True").await;
+    f.wait_converged().await;
 
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     let original = roles
@@ -369,7 +369,7 @@ async fn removed_stages_are_pruned_and_deletion_removes_everything() {
     let f = with_pipeline("prune", "examples/pipelines/fraud-detector.yaml").await;
     let (client, ns, op) = (&f.client, &f.ns, &f.op);
     let mut pipeline = example("examples/pipelines/fraud-detector.yaml", ns);
-    f.wait_ready("True").await;
+    f.wait_converged().await;
 
     let api: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
     let live = api.get("fraud-detector").await.expect("pipeline");
@@ -378,7 +378,7 @@ async fn removed_stages_are_pruned_and_deletion_removes_everything() {
     api.replace("fraud-detector", &PostParams::default(), &pipeline)
         .await
         .expect("stage removed");
-    wait_ready(client, ns, "fraud-detector", "True", op).await;
+    wait_converged(client, ns, "fraud-detector", op).await;
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     support::wait_for("the train stage's objects to be pruned", WAIT, || {
@@ -430,7 +430,7 @@ async fn a_tightened_guardrail_removes_what_it_no_longer_allows() {
     let f = with_pipeline("tighten", "examples/pipelines/llm-finetune.yaml").await;
     let (client, ns, op) = (&f.client, &f.ns, &f.op);
     assert_eq!(f.name(), "support-llm");
-    f.wait_ready("True").await;
+    f.wait_converged().await;
     // Whether the finetune stage may `verb` pods in the namespace.
     let pods = |verb: &'static str| {
         support::can_i(
@@ -636,7 +636,7 @@ async fn a_killed_operator_converges_on_restart() {
     let dir = std::mem::replace(&mut first.dir, tempfile::tempdir().expect("dir"));
     let second = Operator::start_with("operator-restart", &ns, None, dir, &[]);
     for i in 0..count {
-        wait_ready(&client, &ns, &format!("rag-{i}"), "True", &second).await;
+        wait_converged(&client, &ns, &format!("rag-{i}"), &second).await;
     }
     // Every planned object exists once, owned by its pipeline; nothing managed is orphaned.
     let pipelines = Api::<AIPipeline>::namespaced(client.clone(), &ns)
@@ -718,7 +718,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     let b = Operator::start("operator-b", &ns, Some(&ns));
     let first = example("examples/pipelines/fraud-detector.yaml", &ns);
     create_pipeline(&client, &first).await;
-    wait_ready(&client, &ns, "fraud-detector", "True", &a).await;
+    wait_converged(&client, &ns, "fraud-detector", &a).await;
     assert!(!a.records().is_empty());
     assert!(
         b.records().is_empty(),
@@ -742,7 +742,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     .await;
     let second = example("examples/pipelines/llm-finetune.yaml", &ns);
     create_pipeline(&client, &second).await;
-    wait_ready(&client, &ns, "support-llm", "True", &b).await;
+    wait_converged(&client, &ns, "support-llm", &b).await;
     assert!(b.records().iter().any(|r| r["pipeline"] == "support-llm"));
     assert!(b.verify().0, "{}", b.verify().1);
 }
@@ -764,7 +764,7 @@ async fn a_leader_that_cannot_renew_its_lease_stops_writing_before_it_expires() 
         &example("examples/pipelines/fraud-detector.yaml", &ns),
     )
     .await;
-    wait_ready(&client, &ns, "fraud-detector", "True", &a).await;
+    wait_converged(&client, &ns, "fraud-detector", &a).await;
 
     // The API server refuses every renewal of the Lease from now on.
     let refusal = Refusal::install(
@@ -804,4 +804,86 @@ async fn a_leader_that_cannot_renew_its_lease_stops_writing_before_it_expires() 
     refusal.lift().await;
     let (ok, out) = a.verify();
     assert!(ok, "{out}");
+}
+
+#[tokio::test]
+async fn the_reconcile_annotation_puts_a_tampered_status_right_and_is_recorded_once_per_value() {
+    let f = support::with_pipeline("annotate", "examples/pipelines/rag-assistant.yaml").await;
+    let mut pipeline = f.pipeline.clone();
+    for stage in &mut pipeline.spec.stages {
+        stage.vault = None;
+    }
+    let api: Api<AIPipeline> = Api::namespaced(f.client.clone(), &f.ns);
+    let name = f.name();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            &json!({"spec": {"stages": serde_json::to_value(&pipeline.spec.stages).unwrap()}}),
+        ),
+    )
+    .await
+    .unwrap();
+    f.wait_ready("True").await;
+
+    // Someone rewrites the status: the operator does not watch status edits.
+    let live = api.get_status(&name).await.unwrap();
+    let mut tampered = serde_json::to_value(live.status.unwrap()).unwrap();
+    for c in tampered["conditions"].as_array_mut().unwrap() {
+        if c["type"] == "Ready" {
+            c["status"] = json!("False");
+            c["reason"] = json!("Tampered");
+        }
+    }
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": tampered})),
+    )
+    .await
+    .unwrap();
+    let requests = |f: &support::Fixture| {
+        f.op.records()
+            .iter()
+            .filter(|r| r["action"] == "reconcile-requested")
+            .count()
+    };
+    for (value, expected) in [("1", 1), ("1", 1), ("2", 2)] {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"metadata": {"annotations": {"portcullis.dev/reconcile": value}}}),
+            ),
+        )
+        .await
+        .unwrap();
+        support::wait_for("the request to be recorded", WAIT, || async {
+            (requests(&f) == expected).then_some(())
+        })
+        .await;
+        let p = f.wait_ready("True").await;
+        assert_eq!(
+            support::condition(&p, "Ready").unwrap().reason,
+            "Reconciled"
+        );
+    }
+    let events = f
+        .client
+        .request::<Value>(
+            kube::core::Request::new(format!("/apis/events.k8s.io/v1/namespaces/{}/events", f.ns))
+                .list(&ListParams::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let asked = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "ReconcileRequested" && e["type"] == "Normal")
+        .count();
+    assert!(asked >= 1, "{events}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(requests(&f), 2, "the same value is not recorded again");
 }

@@ -7,7 +7,7 @@
 
 mod support;
 
-use support::{get_raw, pipelines_request, read, wait_ready_raw};
+use support::{get_raw, pipelines_request, read, wait_converged_raw};
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -142,7 +142,7 @@ async fn the_operator_leaves_an_argocd_applied_pipeline_as_applied() {
     // No defaulting, no mutation: what the API server stored is what was applied.
     assert_as_applied(&manifest, &applied, "as stored");
 
-    let live = wait_ready_raw(&client, &ns, "fraud-detector", "True", &op).await;
+    let live = wait_converged_raw(&client, &ns, "fraud-detector", &op).await;
     // Let the operator finish whatever it does after Ready; nothing more should be written.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let settled = get_raw(&client, &ns, "fraud-detector").await;

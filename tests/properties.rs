@@ -131,6 +131,12 @@ const CIDRS: &[&str] = &[
     "169.254.169.254/32",
     "169.254.0.0/16",
     "169.254.169.254/31",
+    "169.254.170.0/24",
+    "100.64.0.0/10",
+    "168.63.129.0/24",
+    "fe80::/10",
+    "fe80::/64",
+    "::ffff:0.0.0.0/96",
     "0.0.0.0/0",
     "10.0.0.0/8",
     "10.20.0.0/16",
@@ -158,7 +164,7 @@ const VAULT_POLICY_PATHS: &[&str] = &[
     "database/creds/*",
     "database/creds/reader",
     "database/creds/+",
-    "aws/creds/<p>-*",
+    "aws/creds/<ns>_<p>_*",
     "aws/creds/+",
 ];
 const RISKY_VAULT_POLICY_PATHS: &[&str] = &[
@@ -177,7 +183,7 @@ const RISKY_VAULT_POLICY_PATHS: &[&str] = &[
 const CREDENTIAL_PATHS: &[&str] = &[
     "database/creds/reader",
     "database/creds/writer",
-    "aws/creds/<p>-train",
+    "aws/creds/<ns>_<p>_train",
     "aws/creds/other",
     "kv/data/<ns>/<p>/<s>/db",
 ];
@@ -202,6 +208,9 @@ const MAX_TTLS: &[&str] = &["15m", "30m", "1h", "2h", "4h", "90s"];
 const GUARDRAIL_CIDRS: &[&str] = &[
     "0.0.0.0/0",
     "169.254.0.0/16",
+    "100.64.0.0/10",
+    "168.63.0.0/16",
+    "fe80::/10",
     "10.0.0.0/8",
     "10.20.0.0/16",
     "10.30.0.0/16",
@@ -218,7 +227,8 @@ const GUARDRAIL_PATTERNS: &[&str] = &[
     "kv/*",
     "database/creds/*",
     "database/creds/+",
-    "aws/creds/{pipeline}-*",
+    "aws/creds/{namespace}_{pipeline}_*",
+    "aws/creds/{namespace}_*",
     "sys/*",
     "auth/*",
     "identity/*",
@@ -487,6 +497,7 @@ fn stage_body(risky_paths: &'static [&'static str]) -> impl Strategy<Value = Sta
                 permissions,
                 network,
                 vault,
+                produces: Vec::new(),
             },
         )
 }
@@ -611,8 +622,11 @@ fn ceiling() -> impl Strategy<Value = Ceiling> {
                         egress_cidrs,
                         egress_namespaces,
                         allow_ingress,
+                        ingress_cidrs: Vec::new(),
+                        ingress_namespaces: Vec::new(),
                     },
                     vault: VaultCeiling { paths, max_ttl },
+                    allow_workload_creation: false,
                 }
             },
         )
@@ -660,6 +674,9 @@ fn guardrail_from(
             namespace_selector,
             dns_egress,
             roles,
+            allowed_roles: Vec::new(),
+            credential_endpoints: Vec::new(),
+            pod_creating_resources: Vec::new(),
         },
     )
 }
@@ -997,11 +1014,23 @@ fn is_label_value(s: &str) -> bool {
     s.len() <= 63 && re.is_match(s)
 }
 
+/// Credential endpoints of the clouds (issue 11, class 4): no granted range may reach them.
 fn metadata_addresses() -> Vec<std::net::IpAddr> {
-    vec![
-        "169.254.169.254".parse().unwrap(),
-        "fd00:ec2::254".parse().unwrap(),
+    [
+        "169.254.169.254",
+        "169.254.170.2",
+        "169.254.170.23",
+        "169.254.0.23",
+        "100.100.100.200",
+        "168.63.129.16",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+        "fe80::1",
+        "::ffff:169.254.169.254",
     ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1888,4 +1917,312 @@ fn deep_and_aliased_yaml_never_panics() {
         started.elapsed()
     );
     assert!(!inputs.errors.is_empty(), "the alias bomb is refused");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classes of escape (issue 11): each property generates attacks of one shape
+// ---------------------------------------------------------------------------------------------
+
+/// Names chosen to collide when joined with '-' or cut at a prefix: `team` + `prod-scorer` and
+/// `team-prod` + `scorer`, `fraud` and `fraud-v2`, dotted pipeline names.
+const TENANT_NAMESPACES: &[&str] = &["team", "team-prod", "ml", "ml-fraud", "a", "a-b"];
+const TENANT_PIPELINES: &[&str] = &[
+    "scorer",
+    "prod-scorer",
+    "fraud",
+    "fraud-v2",
+    "fraud-detector",
+    "fraud-fraud-detector",
+    "a.b",
+    "a-b",
+    "b",
+];
+const TENANT_STAGES: &[&str] = &["serve", "x", "x-y", "y", "detector-serve", "b-x"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Triple {
+    namespace: String,
+    pipeline: String,
+    stage: String,
+}
+
+fn triple() -> impl Strategy<Value = Triple> {
+    (s(TENANT_NAMESPACES), s(TENANT_PIPELINES), s(TENANT_STAGES)).prop_map(
+        |(namespace, pipeline, stage)| Triple {
+            namespace,
+            pipeline,
+            stage,
+        },
+    )
+}
+
+/// Guardrail Vault path patterns: literal segments and placeholders joined by separators,
+/// some of which (`-`, `.`, nothing) can occur inside names and make a pattern ambiguous.
+fn templated_pattern() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("{namespace}"),
+        Just("{pipeline}"),
+        Just("{stage}"),
+        Just("creds"),
+        Just("x"),
+    ];
+    let sep = prop_oneof![
+        3 => Just("/"),
+        2 => Just("_"),
+        2 => Just("-"),
+        1 => Just("."),
+        1 => Just(""),
+        1 => Just("@"),
+    ];
+    (
+        s(&["database", "kv/data", "aws"]),
+        prop::collection::vec((sep, piece), 1..=4),
+        s(&["", "*", "/*", "_*", "-*"]),
+    )
+        .prop_map(|(mount, pieces, tail)| {
+            let mut out = mount;
+            out.push('/');
+            for (i, (sep, piece)) in pieces.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                out.push_str(piece);
+            }
+            out.push_str(&tail);
+            out
+        })
+}
+
+fn fill(pattern: &str, t: &Triple) -> String {
+    pattern
+        .replace("{namespace}", &t.namespace)
+        .replace("{pipeline}", &t.pipeline)
+        .replace("{stage}", &t.stage)
+}
+
+/// The concrete path `pattern` gives `t`, with its trailing `*` standing for `suffix`.
+fn concrete(pattern: &str, t: &Triple, suffix: &str) -> String {
+    let filled = fill(pattern, t);
+    match filled.strip_suffix('*') {
+        Some(body) => format!("{body}{suffix}"),
+        None => filled,
+    }
+}
+
+fn one_stage_pipeline(t: &Triple, vault_path: &str) -> AIPipeline {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AIPipeline",
+        "metadata": {"name": t.pipeline, "namespace": t.namespace},
+        "spec": {"stages": [{
+            "name": t.stage,
+            "role": "Training",
+            "vault": {"policies": [{"path": vault_path, "capabilities": ["read"]}]},
+        }]},
+    }))
+    .expect("a pipeline")
+}
+
+fn guardrail_with_pattern(pattern: &str) -> AccessGuardrail {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AccessGuardrail",
+        "metadata": {"name": "tenants"},
+        "spec": {"roles": {"training": {"vault": {"paths": [
+            {"pattern": pattern, "capabilities": ["read"]},
+        ]}}}},
+    }))
+    .expect("a guardrail")
+}
+
+fn vault_path_allowed(plan: &Plan) -> bool {
+    plan.decisions
+        .iter()
+        .any(|d| d.is_allowed() && matches!(d.item, Item::VaultPath { .. }))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(512)
+    })]
+
+    /// Class 1: a path a guardrail pattern gives triple `owner` is never granted to a triple
+    /// that differs from it in a placeholder the pattern uses. Ambiguous patterns are refused
+    /// (the guardrail then allows nothing), so no joining or prefix trick reaches another
+    /// tenant's credentials.
+    #[test]
+    fn guardrail_patterns_never_give_two_triples_one_path(
+        pattern in templated_pattern(),
+        owner in triple(),
+        attacker in triple(),
+        suffix in s(&["", "x", "-v2", "_z", "/y", ".b"]),
+    ) {
+        let target = concrete(&pattern, &owner, &suffix);
+        prop_assume!(portcullis::api::validate::validate_pipeline(&one_stage_pipeline(&attacker, &target)).is_empty());
+        let guardrail = guardrail_with_pattern(&pattern);
+        let plan = plan::validate_and_build(
+            &one_stage_pipeline(&attacker, &target), "default", &BTreeMap::new(), std::slice::from_ref(&guardrail),
+        ).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        let ambiguous = portcullis::api::validate::ambiguous_placeholders(&pattern);
+        let uses = |p: &str| pattern.contains(p);
+        let same_tenant = (!uses("{namespace}") || owner.namespace == attacker.namespace)
+            && (!uses("{pipeline}") || owner.pipeline == attacker.pipeline)
+            && (!uses("{stage}") || owner.stage == attacker.stage);
+        if ambiguous.is_some() {
+            prop_assert!(!vault_path_allowed(&plan), "{pattern} is refused, yet {target} was granted");
+        } else if !same_tenant {
+            prop_assert!(
+                !vault_path_allowed(&plan),
+                "{pattern}: {target} of {owner:?} was granted to {attacker:?}"
+            );
+        }
+    }
+
+    /// Class 2: Vault names are injective over (namespace, pipeline, stage), whatever the
+    /// names spell when joined.
+    #[test]
+    fn vault_names_are_injective(a in triple(), b in triple()) {
+        let name = |t: &Triple| plan::names::vault_object(
+            plan::names::DEFAULT_VAULT_NAME_PREFIX, &t.namespace, &t.pipeline, &t.stage,
+        );
+        prop_assert_eq!(name(&a) == name(&b), a == b, "{:?} {:?}", name(&a), name(&b));
+        prop_assert!(name(&a).starts_with("portcullis-"));
+        prop_assert!(name(&a).len() <= 63);
+    }
+
+    /// Class 3: every stage's NetworkPolicy selects only pods with that stage's pipeline and
+    /// stage labels, whatever podSelector the stage wrote, so no two stages' policies select
+    /// one pod.
+    #[test]
+    fn network_policies_select_only_their_own_stage(pipeline in pipeline(), guardrails in guardrails()) {
+        let plan = plan_of(&pipeline, &guardrails)?;
+        let selectors: Vec<BTreeMap<String, String>> = plan.objects.iter().filter_map(|o| match o {
+            Object::NetworkPolicy(np) => np.spec.as_ref()?.pod_selector.clone()?.match_labels,
+            _ => None,
+        }).collect();
+        prop_assert_eq!(selectors.len(), pipeline.spec.stages.len());
+        for (stage, labels) in pipeline.spec.stages.iter().zip(&selectors) {
+            prop_assert_eq!(labels.get(STAGE_LABEL), Some(&stage.name));
+            prop_assert!(labels.contains_key("portcullis.dev/pipeline"));
+        }
+        for (i, a) in selectors.iter().enumerate() {
+            for b in &selectors[i + 1..] {
+                prop_assert!(a.iter().any(|(k, v)| b.get(k).is_some_and(|w| w != v)), "{a:?} and {b:?} can select one pod");
+            }
+        }
+    }
+
+    /// Classes 5 and 6: no Role lets a stage write pods or workloads unless every guardrail
+    /// that binds it allows workload creation, and no Role writes Portcullis's kinds or
+    /// NetworkPolicies.
+    #[test]
+    fn roles_never_create_workloads_or_administer_themselves(
+        pipeline in pipeline_writing_workloads(),
+        allow in any::<bool>(),
+        guardrails in guardrails(),
+    ) {
+        let mut guardrails = guardrails;
+        for g in &mut guardrails {
+            for c in [&mut g.spec.roles.ingestion, &mut g.spec.roles.training, &mut g.spec.roles.deployment].into_iter().flatten() {
+                c.allow_workload_creation = allow;
+                c.kubernetes.push(KubernetesCeiling {
+                    api_groups: vec![String::new(), "apps".into(), "batch".into(), "portcullis.dev".into(), "networking.k8s.io".into()],
+                    resources: vec!["pods".into(), "deployments".into(), "jobs".into(), "aipipelines".into(), "networkpolicies".into()],
+                    verbs: vec!["create".into(), "patch".into(), "update".into()],
+                });
+            }
+        }
+        let plan = plan_of(&pipeline, &guardrails)?;
+        for object in &plan.objects {
+            let Object::Role(role) = object else { continue };
+            for rule in role.rules.iter().flatten() {
+                let writes = rule.verbs.iter().any(|v| floor::WORKLOAD_VERBS.contains(&v.as_str()));
+                for g in rule.api_groups.iter().flatten() {
+                    for r in rule.resources.iter().flatten() {
+                        prop_assert!(!(writes && (g == "portcullis.dev" || r == "networkpolicies")), "{} writes {r}.{g}", object.name());
+                        let workload = floor::WORKLOAD_RESOURCES.iter().any(|(wg, wr)| wg == g && wr == r);
+                        prop_assert!(!(writes && workload && !allow), "{} writes {r}.{g} without allowWorkloadCreation", object.name());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Class 8: Vault paths with `.`, `..`, empty segments or percent-encodings, and system
+    /// mounts under a Vault namespace, are never granted, whatever the guardrail allows.
+    #[test]
+    fn vault_path_tricks_are_never_granted(
+        t in triple(),
+        trick in s(&["..", ".", "", "%2e%2e", "sys", "auth", "identity"]),
+        depth in 1usize..4,
+    ) {
+        let mut segments = vec!["kv".to_string(), "data".into(), t.namespace.clone(), t.pipeline.clone(), t.stage.clone()];
+        segments.insert(depth.min(segments.len()), trick.clone());
+        let path = format!("{}/*", segments.join("/"));
+        prop_assume!(validate_pipeline(&one_stage_pipeline(&t, &path)).is_empty());
+        let plan = plan::validate_and_build(
+            &one_stage_pipeline(&t, &path), "default", &BTreeMap::new(),
+            &[guardrail_with_pattern("kv/*")],
+        ).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        prop_assert!(!vault_path_allowed(&plan), "{path} was granted");
+    }
+
+    /// Class 7: a stage whose role no guardrail with allowedRoles lists gets its identity and
+    /// nothing else.
+    #[test]
+    fn roles_a_namespace_may_not_use_get_identity_only(
+        pipeline in pipeline(),
+        guardrails in guardrails(),
+        allowed in prop::collection::vec(select(StageRole::ALL.to_vec()), 1..=2),
+    ) {
+        let mut guardrails = guardrails;
+        for g in &mut guardrails {
+            g.spec.allowed_roles.clone_from(&allowed);
+        }
+        let plan = plan_of(&pipeline, &guardrails)?;
+        let selecting = guardrails.iter().any(|g| portcullis::policy::selects_namespace(&g.spec.namespace_selector, &plan.namespace, &namespace_labels()));
+        for stage in &pipeline.spec.stages {
+            if !selecting || allowed.contains(&stage.role) {
+                continue;
+            }
+            prop_assert!(
+                plan.decisions.iter().filter(|d| d.stage == stage.name).all(|d| !d.is_allowed()),
+                "stage {} ({:?}) was granted something", stage.name, stage.role
+            );
+        }
+    }
+}
+
+/// Pipelines whose stages ask to write workloads and their own limits.
+fn pipeline_writing_workloads() -> impl Strategy<Value = AIPipeline> {
+    (
+        pipeline(),
+        prop::collection::vec(
+            (
+                s(&["", "apps", "batch", "portcullis.dev", "networking.k8s.io"]),
+                s(&[
+                    "pods",
+                    "deployments",
+                    "jobs",
+                    "aipipelines",
+                    "networkpolicies",
+                ]),
+                s(&["create", "patch", "update"]),
+            ),
+            1..=4,
+        ),
+    )
+        .prop_map(|(mut p, asks)| {
+            for (i, (group, resource, verb)) in asks.into_iter().enumerate() {
+                let n = p.spec.stages.len();
+                p.spec.stages[i % n].permissions.push(PermissionRule {
+                    api_groups: vec![group],
+                    resources: vec![resource],
+                    resource_names: Vec::new(),
+                    verbs: vec![verb],
+                });
+            }
+            p
+        })
 }

@@ -293,6 +293,7 @@ fn base_pipeline() -> AIPipeline {
                 }],
             }],
         }),
+        produces: vec!["configmaps/features".into()],
     };
     let mut p = AIPipeline::new(
         "fraud",
@@ -322,6 +323,8 @@ fn base_guardrail() -> AccessGuardrail {
                         egress_cidrs: vec!["10.0.0.0/8".into()],
                         egress_namespaces: vec!["ml-platform".into()],
                         allow_ingress: false,
+                        ingress_cidrs: vec!["10.0.0.0/8".into()],
+                        ingress_namespaces: vec!["{namespace}".into()],
                     },
                     vault: VaultCeiling {
                         paths: vec![VaultPathCeiling {
@@ -330,9 +333,13 @@ fn base_guardrail() -> AccessGuardrail {
                         }],
                         max_ttl: Some("1h".into()),
                     },
+                    allow_workload_creation: false,
                 }),
                 ..RoleCeilings::default()
             },
+            allowed_roles: vec![StageRole::Training],
+            credential_endpoints: vec!["10.96.0.10/32".into()],
+            pod_creating_resources: vec!["workflows.argoproj.io".into()],
         },
     );
     assert_eq!(

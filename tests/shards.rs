@@ -22,8 +22,6 @@ use portcullis::shard::Shard;
 use serde_json::Value;
 use support::{Operator, create_guardrails, guardrails_for, root};
 
-const WAIT: Duration = Duration::from_secs(90);
-
 fn example(path: &str, namespace: &str) -> AIPipeline {
     let text = std::fs::read_to_string(root().join(path)).expect("example readable");
     let mut p: AIPipeline = serde_saphyr::from_str(&text).expect("example parses");
@@ -41,30 +39,10 @@ async fn create_pipeline(client: &Client, pipeline: &AIPipeline) {
         .expect("pipeline created");
 }
 
-fn ready(p: &AIPipeline) -> bool {
-    let Some(status) = &p.status else {
-        return false;
-    };
-    status.observed_generation == p.metadata.generation
-        && status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
-/// Waits until `namespace/name` is Ready for its current generation.
+/// Waits until `namespace/name` has converged for its current generation (the shards run
+/// without Vault).
 async fn wait_ready(client: &Client, namespace: &str, name: &str, op: &Operator) {
-    let api: Api<AIPipeline> = Api::namespaced(client.clone(), namespace);
-    let what = format!("AIPipeline {namespace}/{name} Ready");
-    let found = tokio::time::timeout(
-        WAIT,
-        support::wait_for(&what, WAIT, || {
-            let api = api.clone();
-            async move { api.get(name).await.ok().filter(ready).map(|_| ()) }
-        }),
-    )
-    .await;
-    found.unwrap_or_else(|_| panic!("{what} timed out; operator log:\n{}", op.log()));
+    support::wait_converged(client, namespace, name, op).await;
 }
 
 /// The namespaces a decision log has records of.

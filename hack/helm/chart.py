@@ -72,6 +72,7 @@ RESOURCES: list[tuple[str, str, str, str, bool, int, int | None]] = [
     ("portcullis.dev", "v1alpha1", "AIPipeline", "aipipelines", True, 0, None),
     ("portcullis.dev", "v1alpha1", "AccessGuardrail", "accessguardrails", False, 0, None),
     ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", True, 0, None),
+    ("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules", True, 0, None),
 ]
 
 
@@ -305,6 +306,7 @@ def summary(release: dict[str, Any]) -> dict[str, Any]:
         "status": info.get("status"),
         "description": info.get("description"),
         "manifest": release.get("manifest", ""),
+        "hooks": [h.get("manifest", "") for h in release.get("hooks") or []],
         "notes": info.get("notes", ""),
     }
 
@@ -383,7 +385,9 @@ def cmd_template(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        sys.stdout.write(out["manifest"].rstrip("\n") + "\n")
+        # As `helm template` prints them: the manifests, then the hooks (`helm test` Pods).
+        docs = [out["manifest"].rstrip("\n")] + [h.strip("\n") for h in out["hooks"] if h.strip()]
+        sys.stdout.write("\n---\n".join(d for d in docs if d) + "\n")
     return 0
 
 

@@ -43,6 +43,32 @@ pub struct AccessGuardrailSpec {
     /// role's stages.
     #[serde(default)]
     pub roles: RoleCeilings,
+
+    /// The stage roles pipelines in the selected namespaces may use. Empty: every role. A stage
+    /// whose role is not listed (by every guardrail that lists roles) gets its identity and
+    /// nothing else, so a tenant cannot pick the role with the widest ceiling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub allowed_roles: Vec<StageRole>,
+
+    /// More credential endpoints to cut out of every address range a stage is granted, in CIDR
+    /// notation, on top of the built-in list (169.254.0.0/16, fe80::/10, 100.100.100.200,
+    /// 168.63.129.16, fd00:ec2::254 and fd00:ec2::23). Use it for a cluster's own token or
+    /// metadata services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(max = 43), pattern(patterns::CIDR)))]
+    pub credential_endpoints: Vec<String>,
+
+    /// Custom resources that create pods, as `<plural>.<group>` (such as
+    /// `workflows.argoproj.io` or `pytorchjobs.kubeflow.org`). Writing them is workload creation,
+    /// like writing Deployments or Jobs: denied unless the role's ceiling sets
+    /// `allowWorkloadCreation`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(min = 1, max = 253), pattern(patterns::DNS_SUBDOMAIN)))]
+    pub pod_creating_resources: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -92,6 +118,14 @@ pub struct Ceiling {
     /// Vault access a stage may be granted.
     #[serde(default)]
     pub vault: VaultCeiling,
+
+    /// Let stages of this role create, update and patch pods and workloads (Deployments,
+    /// ReplicaSets, StatefulSets, DaemonSets, Jobs, CronJobs, ReplicationControllers and the
+    /// guardrail's `podCreatingResources`) when `kubernetes` lists them too. Off by default:
+    /// whoever writes a pod template picks its ServiceAccount and Secrets, so it borrows the
+    /// identity of any stage in the namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_workload_creation: bool,
 }
 
 /// API groups, resources and verbs a stage may be granted. A requested verb on a resource is
@@ -133,6 +167,27 @@ pub struct NetworkCeiling {
     /// Whether a stage may accept connections at all.
     #[serde(default)]
     pub allow_ingress: bool,
+
+    /// With allowIngress, the address ranges connections may come from: a requested fromCIDR
+    /// must lie inside one of them. Empty (and ingressNamespaces empty): any source.
+    #[serde(
+        default,
+        rename = "ingressCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(max = 43), pattern(patterns::CIDR)))]
+    pub ingress_cidrs: Vec<String>,
+
+    /// With allowIngress, the namespaces connections may come from, by name (`{namespace}` for
+    /// the pipeline's own). A requested source must then name its namespace with
+    /// `fromNamespaceSelector: {matchLabels: {kubernetes.io/metadata.name: <name>}}`, or be
+    /// `fromPodSelector` alone (the pipeline's namespace). Empty (and ingressCIDRs empty): any
+    /// source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(min = 1, max = 63), pattern(patterns::NAMESPACE_PATTERN)))]
+    pub ingress_namespaces: Vec<String>,
 }
 
 /// Vault access a stage may be granted.

@@ -55,9 +55,10 @@ pub struct Stage {
     /// What the stage does. The AccessGuardrails set a ceiling per role.
     pub role: StageRole,
 
-    /// The stage's pods. The NetworkPolicy selects them, and the workloads that run as this stage
-    /// carry these labels. When omitted, pods labelled `portcullis.dev/pipeline: <pipeline>` and
-    /// `portcullis.dev/stage: <stage>` are selected.
+    /// Narrows the stage's pods. The NetworkPolicy selects pods that match it and always also
+    /// carry `portcullis.dev/pipeline: <pipeline>` and `portcullis.dev/stage: <stage>` (the
+    /// operator adds them to the selector), so a stage's policy never applies to another
+    /// stage's pods: label the stage's workloads with both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
 
@@ -81,6 +82,16 @@ pub struct Stage {
     /// Vault access for the stage's identity, and dynamic credentials Portcullis delivers to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault: Option<StageVault>,
+
+    /// ConfigMaps and Secrets this stage writes for later stages to read, as
+    /// `configmaps/<name>` or `secrets/<name>`. A write to an object another stage of the
+    /// pipeline reads is denied unless the writer declares it here: the flow of data between
+    /// stages is then written down, and no stage can poison another's inputs by surprise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(inner(length(min = 1, max = 270)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub produces: Vec<String>,
 }
 
 /// What a stage does in the pipeline. Guardrails give each role its own ceiling.
@@ -180,8 +191,9 @@ pub struct StageNetwork {
 #[x_kube(validation = kube::core::Rule::new("has(self.cidr) != has(self.__namespace__)").message("set exactly one of cidr or namespace"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.podSelector) || has(self.__namespace__)").message("podSelector narrows a namespace destination; set namespace too, or remove podSelector"))]
 pub struct EgressRule {
-    /// Destination address range in CIDR notation, such as 10.20.0.0/16. The cloud metadata
-    /// address 169.254.169.254 is always cut out.
+    /// Destination address range in CIDR notation, such as 10.20.0.0/16. Credential endpoints
+    /// (all of 169.254.0.0/16 and fe80::/10, the clouds' metadata and identity addresses, and
+    /// those the guardrails add) are always cut out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 43), pattern(patterns::CIDR))]
     pub cidr: Option<String>,

@@ -571,6 +571,18 @@ fn check_stage(errors: &mut Errors, field: &Field<'_>, stage: &Stage) {
     if let Some(vault) = &stage.vault {
         check_vault(errors, &field.key("vault"), vault);
     }
+    let produces = field.key("produces");
+    for (i, item) in stage.produces.iter().enumerate() {
+        let valid = item
+            .split_once('/')
+            .is_some_and(|(r, n)| matches!(r, "configmaps" | "secrets") && is_dns_subdomain(n));
+        if !valid {
+            errors.push(
+                produces.at(i),
+                format!("{item:?} is not an object; write configmaps/<name> or secrets/<name>"),
+            );
+        }
+    }
 }
 
 /// (field name, values, check, a valid example)
@@ -750,6 +762,19 @@ pub fn validate_guardrail(guardrail: &AccessGuardrail) -> Vec<FieldError> {
         &Field::root("spec.namespaceSelector"),
         &guardrail.spec.namespace_selector,
     );
+    for (i, cidr) in guardrail.spec.credential_endpoints.iter().enumerate() {
+        if let Err(e) = parse_cidr(cidr) {
+            errors.push(format_args!("spec.credentialEndpoints[{i}]"), e);
+        }
+    }
+    for (i, named) in guardrail.spec.pod_creating_resources.iter().enumerate() {
+        if !named.contains('.') || !is_dns_subdomain(named) {
+            errors.push(
+                format_args!("spec.podCreatingResources[{i}]"),
+                format!("{named:?} is not <plural>.<group>; write it like workflows.argoproj.io"),
+            );
+        }
+    }
     let roles = Field::root("spec.roles");
     for role in super::StageRole::ALL {
         if let Some(ceiling) = guardrail.spec.roles.get(role) {
@@ -782,6 +807,19 @@ fn check_ceiling(errors: &mut Errors, field: &Field<'_>, ceiling: &Ceiling) {
     for (i, cidr) in ceiling.network.egress_cidrs.iter().enumerate() {
         if let Err(e) = parse_cidr(cidr) {
             errors.push(format_args!("{field}.network.egressCIDRs[{i}]"), e);
+        }
+    }
+    for (i, cidr) in ceiling.network.ingress_cidrs.iter().enumerate() {
+        if let Err(e) = parse_cidr(cidr) {
+            errors.push(format_args!("{field}.network.ingressCIDRs[{i}]"), e);
+        }
+    }
+    for (i, ns) in ceiling.network.ingress_namespaces.iter().enumerate() {
+        if ns != "{namespace}" && !is_dns_label(ns) {
+            errors.push(
+                format_args!("{field}.network.ingressNamespaces[{i}]"),
+                format!("{ns:?} is not a namespace name; use a name or {{namespace}}"),
+            );
         }
     }
     for (i, ns) in ceiling.network.egress_namespaces.iter().enumerate() {
@@ -826,6 +864,9 @@ fn check_ceiling(errors: &mut Errors, field: &Field<'_>, ceiling: &Ceiling) {
                 }
             }
         }
+        if let Some(problem) = ambiguous_placeholders(&p.pattern) {
+            errors.push(f.key("pattern"), problem);
+        }
         if p.capabilities.is_empty() {
             errors.push(
                 f.key("capabilities"),
@@ -838,9 +879,142 @@ fn check_ceiling(errors: &mut Errors, field: &Field<'_>, ceiling: &Ceiling) {
     }
 }
 
+/// What a valid guardrail allows that is probably wider than meant, one sentence each, for
+/// `portcullis plan` to print as warnings.
+pub fn guardrail_warnings(guardrail: &AccessGuardrail) -> Vec<String> {
+    let name = guardrail.metadata.name.as_deref().unwrap_or_default();
+    let mut out = Vec::new();
+    for role in super::StageRole::ALL {
+        let Some(ceiling) = guardrail.spec.roles.get(role) else {
+            continue;
+        };
+        let field = format!("spec.roles.{}", role.guardrail_field());
+        let logs = ceiling.kubernetes.iter().any(|k| {
+            k.api_groups.iter().any(String::is_empty) && k.resources.iter().any(|r| r == "pods/log")
+        });
+        if logs {
+            out.push(format!(
+                "AccessGuardrail {name} {field}.kubernetes: pods/log lets {} stages read the logs of every pod in their namespace, other pipelines' included; stages should list resourceNames",
+                role.as_str()
+            ));
+        }
+        let n = &ceiling.network;
+        if n.allow_ingress && n.ingress_cidrs.is_empty() && n.ingress_namespaces.is_empty() {
+            out.push(format!(
+                "AccessGuardrail {name} {field}.network: allowIngress without ingressCIDRs or ingressNamespaces lets {} stages accept connections from anywhere",
+                role.as_str()
+            ));
+        }
+        if ceiling.allow_workload_creation {
+            out.push(format!(
+                "AccessGuardrail {name} {field}.allowWorkloadCreation: {} stages may start pods as any ServiceAccount of their namespace",
+                role.as_str()
+            ));
+        }
+    }
+    out
+}
+
+/// Characters that may stand next to a placeholder: none of them can occur in a namespace,
+/// pipeline or stage name, so where a placeholder's value ends is never in doubt.
+pub const PLACEHOLDER_DELIMITERS: [char; 7] = ['/', '_', '@', '=', ':', ',', '~'];
+
+/// Why a guardrail's Vault path pattern could give two different (namespace, pipeline, stage)
+/// triples the same path, or None when it cannot.
+///
+/// Every placeholder must stand between delimiters ([`PLACEHOLDER_DELIMITERS`], the start or
+/// the end of the pattern): `{pipeline}-*` would match pipeline `fraud-v2`'s paths for pipeline
+/// `fraud`, and `{namespace}-{pipeline}` reads `team` + `prod-scorer` like `team-prod` +
+/// `scorer`. `{pipeline}` needs `{namespace}` in the pattern, and `{stage}` needs `{pipeline}`:
+/// pipelines of the same name in two namespaces are two tenants.
+pub fn ambiguous_placeholders(pattern: &str) -> Option<String> {
+    let fix = "write each placeholder as a whole path segment, such as database/creds/{namespace}_{pipeline}_{stage} or kv/data/{namespace}/{pipeline}/*";
+    let has = |p: &str| pattern.contains(p);
+    for placeholder in ["{namespace}", "{pipeline}", "{stage}"] {
+        let mut from = 0;
+        while let Some(at) = pattern[from..].find(placeholder).map(|i| i + from) {
+            let end = at + placeholder.len();
+            let before = pattern[..at].chars().next_back();
+            let after = pattern[end..].chars().next();
+            let bounded = |c: Option<char>| c.is_none_or(|c| PLACEHOLDER_DELIMITERS.contains(&c));
+            if !bounded(before) || !bounded(after) {
+                let side = if bounded(before) { after } else { before };
+                return Some(format!(
+                    "{pattern:?}: {placeholder} stands next to {:?}, which can be part of a name, so two different pipelines could expand to the same path; {fix}",
+                    side.unwrap_or_default()
+                ));
+            }
+            from = end;
+        }
+    }
+    if has("{pipeline}") && !has("{namespace}") {
+        return Some(format!(
+            "{pattern:?}: {{pipeline}} without {{namespace}} gives pipelines of the same name in different namespaces the same paths; add {{namespace}}"
+        ));
+    }
+    if has("{stage}") && !has("{pipeline}") {
+        return Some(format!(
+            "{pattern:?}: {{stage}} without {{pipeline}} gives stages of the same name in different pipelines the same paths; add {{pipeline}}"
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wide_ceilings_are_warned_about() {
+        let g: AccessGuardrail = serde_saphyr::from_str(
+            r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AccessGuardrail
+metadata: {name: wide}
+spec:
+  roles:
+    training:
+      kubernetes: [{apiGroups: [""], resources: [pods, pods/log], verbs: [get]}]
+      network: {allowIngress: true}
+      allowWorkloadCreation: true
+    deployment:
+      network: {allowIngress: true, ingressNamespaces: [web]}
+"#,
+        )
+        .expect("test guardrail parses");
+        let warnings = guardrail_warnings(&g);
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(warnings[0].contains("pods/log"), "{}", warnings[0]);
+        assert!(warnings[1].contains("from anywhere"), "{}", warnings[1]);
+        assert!(
+            warnings[2].contains("allowWorkloadCreation"),
+            "{}",
+            warnings[2]
+        );
+    }
+
+    #[test]
+    fn ambiguous_placeholders_are_refused() {
+        for bad in [
+            "database/creds/{pipeline}-*",
+            "database/creds/{namespace}-{pipeline}-*",
+            "kv/data/{namespace}/{pipeline}*",
+            "kv/data/x{namespace}/*",
+            "kv/data/{pipeline}/*",
+            "kv/data/{namespace}/{stage}/*",
+        ] {
+            assert!(ambiguous_placeholders(bad).is_some(), "{bad}");
+        }
+        for good in [
+            "kv/data/{namespace}/{pipeline}/{stage}/*",
+            "database/creds/{namespace}_{pipeline}_{stage}",
+            "database/creds/{namespace}_{pipeline}_*",
+            "kv/data/{namespace}/*",
+            "kv/data/shared/*",
+        ] {
+            assert_eq!(ambiguous_placeholders(good), None, "{good}");
+        }
+    }
 
     #[test]
     fn durations_parse_and_print_round_trip() {

@@ -121,6 +121,8 @@ pub enum Action {
     RoleWritten,
     /// A call to Vault failed.
     VaultFailed,
+    /// Someone asked for a reconcile with the `portcullis.dev/reconcile` annotation.
+    ReconcileRequested,
     /// What a stage's identity did at runtime: a request to the Kubernetes API or to Vault
     /// (allowed ones counted per window, refused ones one by one). See [`crate::access`].
     Access,
@@ -131,7 +133,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -146,6 +148,7 @@ impl Action {
         Action::PolicyWritten,
         Action::RoleWritten,
         Action::VaultFailed,
+        Action::ReconcileRequested,
         Action::Access,
         Action::Anomaly,
     ];
@@ -167,6 +170,7 @@ impl Action {
             Action::PolicyWritten => "policy-written",
             Action::RoleWritten => "role-written",
             Action::VaultFailed => "vault-failed",
+            Action::ReconcileRequested => "reconcile-requested",
             Action::Access => "access",
             Action::Anomaly => "anomaly",
         }
@@ -260,7 +264,7 @@ impl Entry {
             message: decision.message.clone(),
             generation,
             pipeline_uid: None,
-            guardrail: None,
+            guardrail: decision.guardrail.clone(),
             item: Some(item_value(&decision.field, &decision.item)),
         }
     }

@@ -127,6 +127,7 @@ fn from_decision_takes_the_decision() {
         verdict: Verdict::Deny,
         reason: Reason::CrossStageCredential,
         message: "not yours".into(),
+        guardrail: None,
     };
     let entry = Entry::from_decision(
         "ml-churn",

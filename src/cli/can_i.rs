@@ -3,7 +3,6 @@
 //! nothing of a matrix of dangerous requests should be.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -25,13 +24,12 @@ pub(crate) struct CanIArgs {
     #[arg(long)]
     pub stage: Option<String>,
 
-    /// The pipeline's namespace.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
+    /// The pipeline's namespace (default: the namespace of the kubeconfig's context).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
 
-    /// The kubeconfig to use.
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: super::kubeconfig::KubeArgs,
 }
 
 /// One access question: may the subject `verb` the `resource` (`/subresource`), optionally the
@@ -181,8 +179,8 @@ pub(crate) fn run(args: &CanIArgs) -> u8 {
 }
 
 async fn check_pipeline(args: &CanIArgs) -> Result<bool, String> {
-    let client = super::run::client(args.kubeconfig.as_deref()).await?;
-    let ns = &args.namespace;
+    let (client, context_namespace) = args.kube.client().await?;
+    let ns = args.namespace.as_ref().unwrap_or(&context_namespace);
     let pipeline = Api::<AIPipeline>::namespaced(client.clone(), ns)
         .get(&args.pipeline)
         .await

@@ -95,7 +95,7 @@ pub struct AccessArgs {
     pub audit_max_body_bytes: usize,
 
     /// Stages' requests examined per second, over both sources; beyond, they are counted (in
-    /// `portcullis_audit_events_dropped{reason="rate_limited"}` and one record per stage and
+    /// `portcullis_audit_events_dropped_total{reason="rate_limited"}` and one record per stage and
     /// window) but not examined.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub audit_events_per_second: u32,

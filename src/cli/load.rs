@@ -65,6 +65,8 @@ pub struct Inputs {
     pub guardrails: Vec<(Origin, AccessGuardrail)>,
     /// Labels of the Namespaces found, by name.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Where each Namespace was read first, to name it when another file relabels it.
+    namespace_origins: BTreeMap<String, Origin>,
     /// Documents that were skipped, and why.
     pub notes: Vec<String>,
     pub errors: Vec<InputError>,
@@ -77,6 +79,10 @@ pub enum Expect {
     Anything,
     /// `--guardrails`: guardrails (and namespaces); anything else is skipped with a note.
     Guardrails,
+    /// `-f` when `--guardrails` is given: pipelines and namespaces. Guardrails are skipped with a
+    /// note: the CI gate takes them only from the platform team's folder, never from the
+    /// tenant's.
+    Pipelines,
 }
 
 /// The files under `paths`: files as given, folders searched recursively for .yaml, .yml and
@@ -233,9 +239,27 @@ impl Inputs {
                         l.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect()
                     })
                     .unwrap_or_default();
-                self.namespaces.insert(name.to_string(), labels);
+                match self.namespaces.get(name) {
+                    Some(first) if *first != labels => {
+                        let first_origin = self
+                            .namespace_origins
+                            .get(name)
+                            .map_or_else(|| "another document".to_string(), ToString::to_string);
+                        self.errors.push(error(
+                            Some("metadata.labels".into()),
+                            format!(
+                                "Namespace {name} is also defined in {first_origin} with other labels; guardrails select on them, so keep one definition"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.namespace_origins.insert(name.to_string(), origin.clone());
+                        self.namespaces.insert(name.to_string(), labels);
+                    }
+                }
             }
-            (API_VERSION, "AIPipeline") if expect == Expect::Anything => match typed::<AIPipeline>(doc) {
+            (API_VERSION, "AIPipeline") if expect != Expect::Guardrails => match typed::<AIPipeline>(doc) {
                 Ok(p) => match validate(p) {
                     Ok(p) => self.pipelines.push((origin.clone(), p)),
                     Err(problems) => {
@@ -246,6 +270,9 @@ impl Inputs {
                 },
                 Err(e) => self.errors.push(error(Some(e.field), e.message)),
             },
+            (API_VERSION, "AccessGuardrail") if expect == Expect::Pipelines => self.notes.push(format!(
+                "{origin}: skipped {object}: with --guardrails, guardrails come only from there"
+            )),
             (API_VERSION, "AccessGuardrail") => match typed::<AccessGuardrail>(doc) {
                 Ok(g) => {
                     let problems = validate_guardrail(&g);
@@ -328,5 +355,80 @@ fn fix_hint(message: &str) -> String {
         format!("{message}; check the field's type with `kubectl explain`")
     } else {
         message.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TENANT_FOLDER: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages: [{name: train, role: Training}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: AccessGuardrail
+metadata: {name: everything}
+spec:
+  roles:
+    training:
+      kubernetes: [{apiGroups: [""], resources: [secrets], verbs: [get]}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ml, labels: {portcullis.dev/tier: prod}}
+"#;
+
+    #[test]
+    fn with_guardrails_given_the_tenant_files_bring_none() {
+        let mut inputs = Inputs::default();
+        inputs.read_str(Path::new("tenant.yaml"), TENANT_FOLDER, Expect::Pipelines);
+        assert_eq!(inputs.pipelines.len(), 1);
+        assert!(inputs.guardrails.is_empty(), "{:?}", inputs.guardrails);
+        assert!(
+            inputs
+                .notes
+                .iter()
+                .any(|n| n.contains("AccessGuardrail everything") && n.contains("--guardrails")),
+            "{:?}",
+            inputs.notes
+        );
+        // Without --guardrails, the same files do bring them (a local try-out).
+        let mut inputs = Inputs::default();
+        inputs.read_str(Path::new("tenant.yaml"), TENANT_FOLDER, Expect::Anything);
+        assert_eq!(inputs.guardrails.len(), 1);
+    }
+
+    #[test]
+    fn a_namespace_relabelled_by_another_file_is_an_error_naming_both() {
+        let mut inputs = Inputs::default();
+        inputs.read_str(
+            Path::new("platform/namespaces.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml, labels: {portcullis.dev/tier: ml}}\n",
+            Expect::Guardrails,
+        );
+        inputs.read_str(Path::new("tenant.yaml"), TENANT_FOLDER, Expect::Pipelines);
+        let error = inputs
+            .errors
+            .iter()
+            .find(|e| e.field.as_deref() == Some("metadata.labels"))
+            .expect("a relabelled namespace is an error");
+        let text = error.to_string();
+        assert!(text.contains("tenant.yaml"), "{text}");
+        assert!(text.contains("platform/namespaces.yaml"), "{text}");
+        // The first definition stands.
+        assert_eq!(
+            inputs.namespaces["ml"].get("portcullis.dev/tier"),
+            Some(&"ml".to_string())
+        );
+        // The same labels twice are fine.
+        let mut inputs = Inputs::default();
+        let same = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ml, labels: {a: b}}\n";
+        inputs.read_str(Path::new("one.yaml"), same, Expect::Anything);
+        inputs.read_str(Path::new("two.yaml"), same, Expect::Anything);
+        assert!(inputs.errors.is_empty(), "{:?}", inputs.errors);
     }
 }

@@ -3,8 +3,10 @@
 pub mod audit;
 pub mod can_i;
 pub mod ingest;
+pub mod kubeconfig;
 pub mod load;
 pub mod output;
+pub mod probe;
 pub mod run;
 pub mod usage;
 
@@ -60,6 +62,33 @@ pub(crate) enum Command {
     CanI(can_i::CanIArgs),
     /// Per stage, the grants it used at runtime; `--suggest` prints the narrowed spec.
     Usage(usage::UsageArgs),
+    /// Ask a running operator whether it answers: GET `URL` (plain HTTP, such as
+    /// `http://portcullis-metrics.portcullis-system.svc:8080/readyz`), exit 0 on 200 OK and 1
+    /// otherwise. The chart's `helm test` runs it; the image has no shell and no curl.
+    Probe {
+        /// The URL: `http://HOST[:PORT]/PATH`.
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Print a shell completion script: `source <(portcullis completion bash)`.
+    ///
+    /// zsh: `portcullis completion zsh > "${fpath[1]}/_portcullis"`; fish: `portcullis
+    /// completion fish > ~/.config/fish/completions/portcullis.fish`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// Shells `completion` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// Output formats of `plan`.
@@ -76,7 +105,8 @@ pub(crate) enum Format {
 #[derive(Debug, clap::Args)]
 pub(crate) struct PlanArgs {
     /// Files or folders with AIPipelines (and AccessGuardrails and Namespaces). Folders are
-    /// searched for .yaml, .yml and .json files; other kinds of object are skipped.
+    /// searched for .yaml, .yml and .json files; other kinds of object are skipped. `-` reads
+    /// standard input: `kustomize build overlays/prod | portcullis plan -f -`.
     #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR", required = true, num_args = 1..)]
     pub files: Vec<PathBuf>,
 
@@ -89,13 +119,27 @@ pub(crate) struct PlanArgs {
     #[arg(long, value_name = "K=V,...", value_parser = parse_labels)]
     pub namespace_labels: Option<BTreeMap<String, String>>,
 
-    /// The namespace of pipelines that name none.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
+    /// The namespace of pipelines that name none (default: the namespace of the kubeconfig's
+    /// context, as kubectl; `default` when there is no kubeconfig or it sets none).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+
+    /// Only for the default namespace: no cluster is contacted.
+    #[command(flatten)]
+    pub kube: kubeconfig::KubeArgs,
 
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+
+    /// The prefix of the Vault policy and role names shown, as the operator's
+    /// `--vault-name-prefix`.
+    #[arg(long, default_value = plan::names::DEFAULT_VAULT_NAME_PREFIX, value_parser = parse_vault_name_prefix)]
+    pub vault_name_prefix: String,
+}
+
+fn parse_vault_name_prefix(s: &str) -> Result<String, String> {
+    plan::names::check_vault_name_prefix(s).map(|()| s.to_string())
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -140,9 +184,47 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Audit(args) => audit::run(&args),
         Command::CanI(args) => can_i::run(&args),
+        Command::Completion { shell } => completion(shell, as_plugin),
+        Command::Probe { url, timeout } => {
+            match probe::get(&url, std::time::Duration::from_secs(timeout)) {
+                Ok(200) => {
+                    println!("{url}: 200 OK");
+                    EXIT_ALLOWED
+                }
+                Ok(status) => {
+                    eprintln!("error: {url} answered {status}, not 200");
+                    EXIT_FAILURE
+                }
+                Err(e) => {
+                    eprintln!("error: {url}: {e}");
+                    EXIT_FAILURE
+                }
+            }
+        }
         Command::Usage(args) => usage::run(&args),
     };
     ExitCode::from(code)
+}
+
+/// `portcullis completion`: the script for `shell`, for the name the binary was called by.
+fn completion(shell: Shell, as_plugin: bool) -> u8 {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let name = if as_plugin {
+        "kubectl-portcullis"
+    } else {
+        "portcullis"
+    };
+    let generator = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    clap_complete::generate(generator, &mut command, name, &mut script);
+    match std::io::stdout().write_all(&script) {
+        Ok(()) => EXIT_ALLOWED,
+        Err(_) => EXIT_FAILURE,
+    }
 }
 
 fn report(errors: &[InputError]) -> u8 {
@@ -161,16 +243,37 @@ fn report(errors: &[InputError]) -> u8 {
 /// The table and the YAML are then written one pipeline at a time, each plan dropped once it is
 /// written; the JSON document needs every plan at once.
 fn run_plan(args: &PlanArgs) -> u8 {
+    let namespace = match &args.namespace {
+        Some(namespace) => namespace.clone(),
+        None => match args.kube.context_namespace() {
+            Ok(namespace) => namespace.unwrap_or_else(|| "default".into()),
+            Err(e) => {
+                eprintln!("error: {e}; or name the namespace with -n");
+                return EXIT_INVALID;
+            }
+        },
+    };
     let mut inputs = Inputs::default();
-    inputs.read(&args.files, Expect::Anything);
-    inputs.read(&args.guardrails, Expect::Guardrails);
+    // With --guardrails, the pipeline files cannot bring guardrails of their own.
+    let from_files = if args.guardrails.is_empty() {
+        Expect::Anything
+    } else {
+        Expect::Pipelines
+    };
+    read_files(&mut inputs, &args.files, from_files);
+    read_files(&mut inputs, &args.guardrails, Expect::Guardrails);
     for note in &inputs.notes {
         eprintln!("note: {note}");
+    }
+    for (_, guardrail) in &inputs.guardrails {
+        for warning in crate::api::validate::guardrail_warnings(guardrail) {
+            eprintln!("warning: {warning}");
+        }
     }
     if !inputs.errors.is_empty() {
         return report(&inputs.errors);
     }
-    let (guardrails, errors) = check_all(&inputs, args);
+    let (guardrails, errors) = check_all(&inputs, &namespace);
     if !errors.is_empty() {
         return report(&errors);
     }
@@ -179,7 +282,7 @@ fn run_plan(args: &PlanArgs) -> u8 {
     let written = match args.output {
         Format::Table => {
             let mut table = output::TableWriter::new(&mut stdout);
-            plan_each(&inputs, args, &guardrails, |plan| {
+            plan_each(&inputs, &namespace, args, &guardrails, |plan| {
                 denied |= plan.denied() > 0;
                 table.plan(&plan)
             })
@@ -187,7 +290,7 @@ fn run_plan(args: &PlanArgs) -> u8 {
         }
         Format::Yaml => {
             let mut yaml = output::YamlWriter::new(&mut stdout);
-            plan_each(&inputs, args, &guardrails, |plan| {
+            plan_each(&inputs, &namespace, args, &guardrails, |plan| {
                 denied |= plan.denied() > 0;
                 yaml.plan(&plan)
             })
@@ -195,7 +298,7 @@ fn run_plan(args: &PlanArgs) -> u8 {
         }
         Format::Json => {
             let mut plans = Vec::with_capacity(inputs.pipelines.len());
-            let _ = plan_each(&inputs, args, &guardrails, |plan| {
+            let _ = plan_each(&inputs, &namespace, args, &guardrails, |plan| {
                 plans.push(plan);
                 Ok(())
             });
@@ -209,15 +312,48 @@ fn run_plan(args: &PlanArgs) -> u8 {
     if denied { EXIT_DENIED } else { EXIT_ALLOWED }
 }
 
+/// Reads `paths` into `inputs`; `-` is standard input, read once even if named twice.
+fn read_files(inputs: &mut Inputs, paths: &[PathBuf], expect: Expect) {
+    let stdin = std::path::Path::new("-");
+    let (from_stdin, files): (Vec<PathBuf>, Vec<PathBuf>) =
+        paths.iter().cloned().partition(|p| p == stdin);
+    inputs.read(&files, expect);
+    if !from_stdin.is_empty() {
+        let mut text = String::new();
+        match std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text) {
+            Ok(_) => inputs.read_str(std::path::Path::new("<stdin>"), &text, expect),
+            Err(e) => inputs.errors.push(InputError {
+                origin: None,
+                object: None,
+                field: None,
+                message: format!(
+                    "cannot read standard input (-f -): {e}; pipe YAML into it, e.g. `kustomize build | portcullis plan -f -`"
+                ),
+            }),
+        }
+    }
+}
+
 /// Plans the pipelines read, in input order, and gives each plan to `each`, stopping at the
 /// first error `each` returns. Every pipeline in `inputs` has been validated by the loader, and
 /// [`check_all`] has passed: planning cannot fail.
 fn plan_each(
     inputs: &Inputs,
+    default_namespace: &str,
     args: &PlanArgs,
     guardrails: &[AccessGuardrail],
     mut each: impl FnMut(Plan) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    // Credential paths and Secrets belong to the pipeline that claims them first; offline, all
+    // pipelines read are the cluster.
+    let claims = crate::policy::CredentialClaims::from_pipelines(
+        inputs.pipelines.iter().map(|(_, p)| p.pipeline()),
+        default_namespace,
+    );
+    let options = plan::PlanOptions {
+        vault_name_prefix: &args.vault_name_prefix,
+        claims: Some(&claims),
+    };
     // Namespace labels, by namespace: many pipelines share a namespace.
     let mut labels_of: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
     for (_, pipeline) in &inputs.pipelines {
@@ -225,7 +361,7 @@ fn plan_each(
             .metadata
             .namespace
             .as_deref()
-            .unwrap_or(&args.namespace);
+            .unwrap_or(default_namespace);
         let labels = labels_of.entry(namespace).or_insert_with(|| {
             let mut labels = inputs
                 .namespaces
@@ -235,7 +371,13 @@ fn plan_each(
             labels.extend(args.namespace_labels.clone().unwrap_or_default());
             labels
         });
-        each(plan::build(pipeline, &args.namespace, labels, guardrails))?;
+        each(plan::build_with(
+            pipeline,
+            default_namespace,
+            labels,
+            guardrails,
+            options,
+        ))?;
     }
     Ok(())
 }
@@ -243,7 +385,7 @@ fn plan_each(
 /// Checks what only shows across pipelines, from names alone (nothing is planned): the same
 /// pipeline twice, and two pipelines whose stage objects would share a name. Returns the
 /// guardrails by name, and the errors.
-fn check_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<AccessGuardrail>, Vec<InputError>) {
+fn check_all(inputs: &Inputs, default_namespace: &str) -> (Vec<AccessGuardrail>, Vec<InputError>) {
     let mut errors = Vec::new();
     let guardrails = unique_guardrails(inputs, &mut errors);
     let mut seen: BTreeMap<(&str, &str), &load::Origin> = BTreeMap::new();
@@ -253,7 +395,7 @@ fn check_all(inputs: &Inputs, args: &PlanArgs) -> (Vec<AccessGuardrail>, Vec<Inp
             .metadata
             .namespace
             .as_deref()
-            .unwrap_or(&args.namespace);
+            .unwrap_or(default_namespace);
         let name = pipeline.metadata.name.as_deref().unwrap_or_default();
         let object = || format!("AIPipeline {namespace}/{name}");
         if let Some(first) = seen.insert((namespace, name), origin) {

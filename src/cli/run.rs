@@ -32,6 +32,12 @@ pub struct RunArgs {
     /// stdout copy of the log elsewhere before lowering this).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub audit_keep_segments: usize,
+    /// When the `--audit-key` file does not exist: take the key from this Secret (its `key`)
+    /// in the operator's namespace (`--lease-namespace`), creating the Secret with 32 random
+    /// bytes when it is missing, and write it to the `--audit-key` file (which must then be
+    /// writable, e.g. a memory emptyDir). Lets GitOps tools install the chart without a key.
+    #[arg(long, value_name = "NAME", env = "PORTCULLIS_AUDIT_KEY_SECRET")]
+    pub audit_key_secret: Option<String>,
 
     /// Where to serve /healthz, /readyz and /metrics.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
@@ -79,9 +85,16 @@ pub struct RunArgs {
     )]
     pub shard_index: u32,
 
-    /// The kubeconfig to use; in a pod the in-cluster configuration is used when unset.
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    /// The cluster: `--kubeconfig`, `--context`, else KUBECONFIG (several files merged), else
+    /// ~/.kube/config, else the in-cluster configuration of the pod.
+    #[command(flatten)]
+    pub kube: super::kubeconfig::KubeArgs,
+
+    /// Publish each pipeline's decisions as a `wgpolicyk8s.io/v1alpha2` PolicyReport in its
+    /// namespace (for Policy Reporter), when the API server serves that kind. Needs get, create
+    /// and patch on policyreports (the chart's `policyReports.enabled`).
+    #[arg(long)]
+    pub policy_reports: bool,
 
     /// How many AIPipelines are reconciled at once.
     #[arg(long, default_value_t = 8)]
@@ -129,6 +142,11 @@ pub struct VaultArgs {
     /// The Kubernetes auth mount on which Portcullis writes the stages' roles.
     #[arg(long, value_name = "MOUNT", default_value = "kubernetes")]
     pub vault_workload_auth_mount: String,
+
+    /// The prefix of every Vault policy and role the operator writes; its own Vault policy is
+    /// narrowed to names with this prefix (deploy/vault/portcullis-operator.hcl).
+    #[arg(long, value_name = "PREFIX", default_value = crate::plan::names::DEFAULT_VAULT_NAME_PREFIX, value_parser = vault_name_prefix)]
+    pub vault_name_prefix: String,
 
     /// The namespace of the operator's Vault token Secret and lease state Secrets (default:
     /// the leader Lease's namespace, the operator's own).
@@ -231,6 +249,7 @@ pub fn run(args: &RunArgs) -> u8 {
         watch_namespace: args.watch_namespace.clone(),
         shard,
         echo_decisions: true,
+        policy_reports: args.policy_reports,
         vault: args
             .vault
             .vault_address
@@ -255,17 +274,25 @@ pub fn run(args: &RunArgs) -> u8 {
                 restart_min_interval: args.vault.restart_min_interval,
                 max_restarts_per_minute: args.vault.max_restarts_per_minute.max(1),
                 resync: args.vault.vault_resync,
+                name_prefix: args.vault.vault_name_prefix.clone(),
             }),
         access,
     };
     runtime.block_on(async {
-        let client = match client(args.kubeconfig.as_deref()).await {
-            Ok(c) => c,
+        let client = match args.kube.client().await {
+            Ok((c, _)) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot reach the Kubernetes API; set KUBECONFIG or run in a pod");
                 return super::EXIT_FAILURE;
             }
         };
+        if let Some(secret) = &args.audit_key_secret
+            && let Err(e) =
+                ensure_audit_key(&client, &args.lease_namespace, secret, &args.audit_key).await
+        {
+            tracing::error!(error = %e, "no key for the decision log");
+            return super::EXIT_FAILURE;
+        }
         match controller::run(client, config).await {
             Ok(()) => 0,
             Err(e) => {
@@ -276,19 +303,119 @@ pub fn run(args: &RunArgs) -> u8 {
     })
 }
 
-pub(crate) async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
+/// The key in a key Secret.
+pub const AUDIT_KEY_SECRET_KEY: &str = "key";
+
+/// Makes the `path` file hold the decision log's key, unless it exists: the key of Secret
+/// `namespace/name`, which is created with 32 random bytes (64 hex characters) when missing.
+/// Two replicas starting at once both end with the key of the one Secret that was created
+/// (the loser of the race reads the winner's). Returns whether a Secret was created.
+pub async fn ensure_audit_key(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<bool, String> {
+    use crate::k8s::{Api, ByteString, ObjectMeta, Secret};
+    if path.exists() {
+        return Ok(false);
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let object = format!("Secret {namespace}/{name}");
+    let mut created = false;
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            let mut random = [0_u8; 32];
+            std::io::Read::read_exact(
+                &mut std::fs::File::open("/dev/urandom")
+                    .map_err(|e| format!("/dev/urandom: {e}"))?,
+                &mut random,
             )
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))?
+            .map_err(|e| format!("/dev/urandom: {e}"))?;
+            let new = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some(namespace.into()),
+                    labels: Some(
+                        [("app.kubernetes.io/managed-by".to_string(), "portcullis".to_string())]
+                            .into(),
+                    ),
+                    annotations: Some(
+                        [(
+                            "portcullis.dev/purpose".to_string(),
+                            "The HMAC key of the operator's decision log: keep it to verify the log (portcullis audit verify)".to_string(),
+                        )]
+                        .into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                immutable: Some(true),
+                type_: Some("Opaque".into()),
+                data: Some(
+                    [(
+                        AUDIT_KEY_SECRET_KEY.to_string(),
+                        ByteString(hex::encode(random).into_bytes()),
+                    )]
+                    .into(),
+                ),
+                ..Secret::default()
+            };
+            match secrets.create(&Default::default(), &new).await {
+                Ok(secret) => {
+                    created = true;
+                    tracing::info!(secret = %object, "generated the decision log's key");
+                    secret
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => secrets
+                    .get(name)
+                    .await
+                    .map_err(|e| format!("{object}: {e}"))?,
+                Err(e) => {
+                    return Err(format!(
+                        "cannot create {object}: {e}; grant the operator `create` on secrets in {namespace}, or create the Secret yourself"
+                    ));
+                }
+            }
         }
-        None => kube::Config::infer().await.map_err(|e| e.to_string())?,
+        Err(e) => return Err(format!("cannot read {object}: {e}")),
     };
-    kube::Client::try_from(config).map_err(|e| e.to_string())
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(AUDIT_KEY_SECRET_KEY))
+        .map(|k| k.0.clone())
+        .unwrap_or_default();
+    if key.trim_ascii().len() < 32 {
+        return Err(format!(
+            "{object} has no `{AUDIT_KEY_SECRET_KEY}` of at least 32 bytes; put one there (`head -c 32 /dev/urandom | base64`), or delete the Secret to have one generated"
+        ));
+    }
+    write_private(path, &key).map_err(|e| {
+        format!(
+            "cannot write the key to {}: {e}; --audit-key must be a writable path",
+            path.display()
+        )
+    })?;
+    Ok(created)
+}
+
+/// Writes `bytes` to a new file readable by its owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn vault_name_prefix(s: &str) -> Result<String, String> {
+    crate::plan::names::check_vault_name_prefix(s).map(|()| s.to_string())
 }

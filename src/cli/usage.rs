@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 
 use super::{EXIT_ALLOWED, EXIT_FAILURE, EXIT_INVALID};
 use crate::api::{AIPipeline, AIPipelineSpec, GrantUsage, PermissionRule, Stage, VaultPathRule};
@@ -14,8 +13,9 @@ pub struct UsageArgs {
     /// The AIPipeline.
     pub name: String,
 
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
+    /// The pipeline's namespace (default: the namespace of the kubeconfig's context).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
 
     /// Print the AIPipeline with the grants its stages did not use removed, as YAML ready to
     /// commit. Only grants the status shows as unused are removed: a stage without recorded
@@ -23,9 +23,8 @@ pub struct UsageArgs {
     #[arg(long)]
     pub suggest: bool,
 
-    /// The kubeconfig to use.
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: super::kubeconfig::KubeArgs,
 }
 
 /// Runs `usage`; returns the exit code.
@@ -41,17 +40,15 @@ pub fn run(args: &UsageArgs) -> u8 {
         }
     };
     let pipeline = runtime.block_on(async {
-        let client = super::run::client(args.kubeconfig.as_deref()).await?;
-        let api: kube::Api<AIPipeline> = kube::Api::namespaced(client, &args.namespace);
+        let (client, context_namespace) = args.kube.client().await?;
+        let ns = args.namespace.clone().unwrap_or(context_namespace);
+        let api: kube::Api<AIPipeline> = kube::Api::namespaced(client, &ns);
         api.get(&args.name).await.map_err(|e| match e {
             kube::Error::Api(s) if s.code == 404 => format!(
-                "AIPipeline {}/{} not found; check the name and -n",
-                args.namespace, args.name
+                "AIPipeline {ns}/{} not found; check the name and -n",
+                args.name
             ),
-            e => format!(
-                "cannot read AIPipeline {}/{}: {e}",
-                args.namespace, args.name
-            ),
+            e => format!("cannot read AIPipeline {ns}/{}: {e}", args.name),
         })
     });
     let pipeline = match pipeline {

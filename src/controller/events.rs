@@ -13,6 +13,8 @@ pub(crate) enum EventReason {
     AdoptionRefused,
     /// A managed object changed or deleted outside Portcullis was put back (step: Apply).
     DriftReverted,
+    /// The `portcullis.dev/reconcile` annotation asked for a reconcile (step: Plan).
+    ReconcileRequested,
 }
 
 impl EventReason {
@@ -22,13 +24,16 @@ impl EventReason {
             EventReason::InvalidSpec => "InvalidSpec",
             EventReason::AdoptionRefused => "AdoptionRefused",
             EventReason::DriftReverted => "DriftReverted",
+            EventReason::ReconcileRequested => "ReconcileRequested",
         }
     }
 
     /// The step that publishes it (the Event's `action`).
     fn action(self) -> &'static str {
         match self {
-            EventReason::AccessDenied | EventReason::InvalidSpec => "Plan",
+            EventReason::AccessDenied
+            | EventReason::InvalidSpec
+            | EventReason::ReconcileRequested => "Plan",
             EventReason::AdoptionRefused | EventReason::DriftReverted => "Apply",
         }
     }
@@ -42,13 +47,33 @@ pub(crate) async fn warn(
     reason: EventReason,
     note: String,
 ) {
+    publish(recorder, reference, reason, note, EventType::Warning).await;
+}
+
+/// Publishes a normal Event (something the user asked for, or expected, happened).
+pub(crate) async fn normal(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    reason: EventReason,
+    note: String,
+) {
+    publish(recorder, reference, reason, note, EventType::Normal).await;
+}
+
+async fn publish(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    reason: EventReason,
+    note: String,
+    type_: EventType,
+) {
     let mut note = note;
     if note.len() > 1000 {
         note.truncate(note.floor_char_boundary(990));
         note.push_str(" ...");
     }
     let event = Event {
-        type_: EventType::Warning,
+        type_,
         reason: reason.as_str().into(),
         note: Some(note),
         action: reason.action().into(),

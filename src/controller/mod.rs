@@ -24,6 +24,7 @@ mod journal;
 mod metrics;
 mod reconcile;
 mod record;
+mod reports;
 mod run;
 pub mod status;
 pub(crate) mod vault;
@@ -43,7 +44,7 @@ use index::ManagedIndex;
 use metrics::Metrics;
 pub use run::{RunError, run};
 
-use crate::api::{AIPipelineStatus, AccessGuardrail};
+use crate::api::{AIPipeline, AIPipelineStatus, AccessGuardrail};
 use crate::audit::Entry;
 pub use crate::k8s::FIELD_MANAGER;
 use crate::k8s::{Client, Namespace, PartialObjectMeta, Recorder, Reporter, Store};
@@ -74,6 +75,9 @@ pub struct RunConfig {
     pub shard: Shard,
     /// Also write each decision record to stdout.
     pub echo_decisions: bool,
+    /// Publish each pipeline's decisions as a `wgpolicyk8s.io` PolicyReport (when the API
+    /// server serves the kind).
+    pub policy_reports: bool,
     /// Vault, when configured.
     pub vault: Option<VaultRunConfig>,
     /// Runtime access records, when an audit source is configured.
@@ -95,11 +99,15 @@ pub struct VaultRunConfig {
     pub max_restarts_per_minute: usize,
     /// Policies and roles are compared with Vault at least this often.
     pub resync: Duration,
+    /// The prefix of every Vault policy and role name the operator writes.
+    pub name_prefix: String,
 }
 
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    /// The AIPipelines the operator watches: who claimed a credential path or Secret first.
+    pub pipelines: Store<AIPipeline>,
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Every managed object of the watched namespaces, compactly.
@@ -114,6 +122,8 @@ pub struct Context {
     synced: Arc<AtomicBool>,
     /// Woken when `synced` is set, so that reconciles waiting for it go on at once.
     synced_notify: Arc<tokio::sync::Notify>,
+    /// Whether the API server serves PolicyReports (looked up once the caches are synced).
+    policy_reports: AtomicBool,
     /// The digest of the decisions last recorded per AIPipeline uid. The status holds it too
     /// (for restarts), but the cached AIPipeline a reconcile gets may predate our last status
     /// write.
@@ -173,6 +183,7 @@ impl Context {
         if let Some(directory) = &self.access {
             directory.retain_pipelines(live);
         }
+        self.metrics.forget_deleted(live);
         if let Some(vault) = &self.vault {
             vault.forget_deleted(live).await;
         }

@@ -23,6 +23,7 @@ use super::error::{ApplyFailure, ApplyFailures};
 use super::events::{self, EventReason};
 use super::metrics::{Metrics, ResultLabels};
 use super::record::{self, Recorded};
+use super::reports;
 use super::status::{self, Reason};
 use super::vault::{self, VaultOutcome, VaultSide};
 use super::{Context, Error, Result};
@@ -46,7 +47,15 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
         // (the API server is slow or refusing), come back later rather than spin.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let target = Target::of(&ctx, &pipeline)?;
+    let mut target = Target::of(&ctx, &pipeline)?;
+    if record::requested(&ctx, &pipeline, &target).await? {
+        // Asked for: compare with the status as the API server has it, not as last written.
+        ctx.statuses
+            .lock()
+            .expect("status lock")
+            .remove(&target.uid);
+        target = Target::of(&ctx, &pipeline)?;
+    }
     let plan = match plan(&ctx, &pipeline, &target) {
         Ok(plan) => plan,
         Err(errors) => return invalid(&ctx, &target, &errors).await,
@@ -78,7 +87,7 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
         Err(Error::Audit(e)) => return log_unavailable(&ctx, &target, e).await,
         other => other?,
     };
-    status(&ctx, &target, &plan, recorded, applied, vault).await
+    status(&ctx, &target, &plan, &owner, recorded, applied, vault).await
 }
 
 /// The decision log cannot be written: say so in the status, and fail (retried).
@@ -181,8 +190,58 @@ fn plan(
         .iter()
         .map(|g| (**g).clone())
         .collect();
-    plan::validate_and_build(pipeline, &target.namespace, &labels, &guardrails)
+    let claims = credential_claims(ctx, pipeline, &target.namespace);
+    let options = plan::PlanOptions {
+        vault_name_prefix: ctx
+            .vault
+            .as_ref()
+            .map_or(plan::names::DEFAULT_VAULT_NAME_PREFIX, |v| {
+                v.name_prefix.as_str()
+            }),
+        claims: Some(&claims),
+    };
+    plan::validate_and_build_with(pipeline, &target.namespace, &labels, &guardrails, options)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+}
+
+/// Who claimed this pipeline's credential paths and Secret names first, among the pipelines
+/// the operator watches: only pipelines that share one of them are considered, so the scan
+/// allocates nothing for the others.
+fn credential_claims(
+    ctx: &Context,
+    pipeline: &AIPipeline,
+    namespace: &str,
+) -> crate::policy::CredentialClaims {
+    let credentials = |p: &AIPipeline| {
+        p.spec
+            .stages
+            .iter()
+            .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
+            .map(|c| (c.path.clone(), c.secret_name.clone()))
+            .collect::<Vec<_>>()
+    };
+    let ours = credentials(pipeline);
+    if ours.is_empty() {
+        return crate::policy::CredentialClaims::default();
+    }
+    let all = ctx.pipelines.state();
+    let sharing: Vec<&AIPipeline> = all
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| {
+            let same_namespace = p.metadata.namespace.as_deref() == Some(namespace);
+            p.spec
+                .stages
+                .iter()
+                .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
+                .any(|c| {
+                    ours.iter().any(|(path, secret)| {
+                        *path == c.path || (same_namespace && *secret == c.secret_name)
+                    })
+                })
+        })
+        .collect();
+    crate::policy::CredentialClaims::from_pipelines(sharing, namespace)
 }
 
 /// A spec that cannot be planned: say so in the status and an Event, and wait for the next
@@ -306,6 +365,7 @@ async fn status(
     ctx: &Context,
     target: &Target,
     plan: &Plan,
+    owner: &OwnerReference,
     recorded: Recorded,
     applied: Applied,
     vault: Option<VaultOutcome>,
@@ -316,9 +376,18 @@ async fn status(
         vault: vault.as_ref().map(VaultOutcome::summary),
     };
     let old = target.old_status.as_ref();
+    let decided_anew = old.and_then(|s| s.recorded_decisions.as_deref()) != Some(&recorded.digest);
     let mut new = status::for_plan(plan, &outcome, target.generation, old, now());
     new.recorded_decisions = Some(recorded.digest);
     write_status(ctx, &target.namespace, &target.name, &target.uid, old, new).await?;
+    if decided_anew && ctx.policy_reports.load(Ordering::Relaxed) {
+        let report = reports::report(plan, owner, chrono::Utc::now().timestamp());
+        if let Err(error) = reports::write(&ctx.client, &report).await {
+            // Advisory: the decision log and the status hold the same; written again when the
+            // decisions next change.
+            warn!(%error, "could not write the pipeline's PolicyReport");
+        }
+    }
 
     if !applied.failures.0.is_empty() {
         return Err(Error::Apply(applied.failures));
@@ -391,6 +460,7 @@ async fn write_status(
     old: Option<&AIPipelineStatus>,
     new: AIPipelineStatus,
 ) -> Result<()> {
+    ctx.metrics.observe_pipeline(uid, namespace, name, &new);
     if old == Some(&new) {
         return Ok(());
     }

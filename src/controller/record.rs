@@ -10,8 +10,11 @@ use super::events::{self, EventReason};
 use super::metrics::DecisionLabels;
 use super::reconcile::Target;
 use super::{Context, Result};
+use crate::api::AIPipeline;
 use crate::audit::{Action as AuditAction, Entry};
+use crate::k8s::ResourceExt;
 use crate::plan::Plan;
+use crate::plan::names::RECONCILE_ANNOTATION;
 
 /// Failures already in the log for one pipeline, so that a failure that persists is recorded
 /// once per change of outcome (with how often it repeated), not at every retry.
@@ -22,6 +25,56 @@ pub(crate) struct Repeats {
     changes: Option<(String, u32)>,
     /// Per Vault operation and object, the error last recorded and how often it repeated.
     vault: HashMap<String, (String, u32)>,
+    /// The value of the `portcullis.dev/reconcile` annotation last recorded.
+    reconcile_request: Option<String>,
+}
+
+/// Records a reconcile asked for with the [`RECONCILE_ANNOTATION`], once per value of the
+/// annotation (and once more after a restart of the operator), and announces it in an Event.
+/// Whether one was asked for.
+pub(crate) async fn requested(
+    ctx: &Context,
+    pipeline: &AIPipeline,
+    target: &Target,
+) -> Result<bool> {
+    let Some(value) = pipeline.annotations().get(RECONCILE_ANNOTATION) else {
+        return Ok(false);
+    };
+    let seen = ctx
+        .repeats
+        .lock()
+        .expect("repeats lock")
+        .get(&target.uid)
+        .and_then(|r| r.reconcile_request.clone());
+    if seen.as_deref() == Some(value.as_str()) {
+        return Ok(false);
+    }
+    let message =
+        format!("a reconcile was asked for with the {RECONCILE_ANNOTATION} annotation ({value:?})");
+    let mut entry = Entry::new(
+        AuditAction::ReconcileRequested,
+        &target.namespace,
+        &target.name,
+        message.clone(),
+    );
+    entry.pipeline_uid = Some(target.uid.clone());
+    entry.generation = target.generation;
+    entry.object = Some(format!("AIPipeline {}/{}", target.namespace, target.name));
+    ctx.record(vec![entry]).await?;
+    ctx.repeats
+        .lock()
+        .expect("repeats lock")
+        .entry(target.uid.clone())
+        .or_default()
+        .reconcile_request = Some(value.clone());
+    events::normal(
+        &target.recorder,
+        &target.reference,
+        EventReason::ReconcileRequested,
+        message,
+    )
+    .await;
+    Ok(true)
 }
 
 /// What to record of a failed Vault call: `None` when the same call failed the same way last

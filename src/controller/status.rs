@@ -155,18 +155,16 @@ pub fn for_plan(
 ) -> AIPipelineStatus {
     let denied = u32::try_from(plan.denied()).unwrap_or(u32::MAX);
     let stages = stage_statuses(plan, outcome);
-    // An operator run without Vault is a supported mode: the Kubernetes side is still Ready,
-    // and VaultSynced says what is missing.
-    let vault_problem = outcome
-        .vault
-        .as_ref()
-        .and_then(|v| v.problem.as_ref())
-        .filter(|p| p.reason != Reason::VaultNotConfigured);
-    let ready = outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
+    // Ready means everything asked for is in place, the credentials included: Vault refusing,
+    // down or not configured all make it False (Degraded says something is wrong), and
+    // credentials still being issued make it False too (not Degraded: in progress).
+    let vault_problem = outcome.vault.as_ref().and_then(|v| v.problem.as_ref());
+    let healthy =
+        outcome.refused.is_empty() && outcome.errors.is_empty() && vault_problem.is_none();
     let mut conditions = vec![
         ready_condition(plan, outcome, vault_problem, generation),
         guardrails_condition(plan, denied, generation),
-        degraded_condition(outcome, ready, vault_problem, generation),
+        degraded_condition(outcome, healthy, vault_problem, generation),
     ];
     conditions.extend(vault_conditions(outcome, generation));
     carry_transitions_from(&mut conditions, old, now);
@@ -252,6 +250,17 @@ fn ready_condition(
             outcome.errors.join("; "),
             generation,
         )
+    } else if let Some(v) = outcome.vault.as_ref().filter(|v| v.live < v.requested) {
+        condition(
+            types::READY,
+            false,
+            Reason::Issuing,
+            format!(
+                "the stages have their identities, RBAC and network policies; {} of {} credentials are delivered, the rest are being issued",
+                v.live, v.requested
+            ),
+            generation,
+        )
     } else {
         condition(
             types::READY,
@@ -295,7 +304,7 @@ fn guardrails_condition(plan: &Plan, denied: u32, generation: Option<i64>) -> Co
     }
 }
 
-/// `Degraded`: the opposite of Ready, with the reason of what is wrong.
+/// `Degraded`: something is wrong (not merely in progress), with the reason.
 fn degraded_condition(
     outcome: &Outcome,
     ready: bool,
@@ -561,14 +570,43 @@ mod vault_conditions {
     }
 
     #[test]
-    fn an_operator_without_vault_keeps_the_pipeline_ready_and_says_so() {
+    fn credentials_not_delivered_are_not_ready_whatever_the_reason() {
+        // Vault not configured: not Ready, and Degraded (someone must act).
         let s = status_with(VaultSummary {
             problem: problem(Reason::VaultNotConfigured),
             requested: 1,
             ..VaultSummary::default()
         });
+        assert_eq!(
+            get(&s, "Ready"),
+            ("False".into(), "VaultNotConfigured".into())
+        );
+        assert_eq!(
+            get(&s, "Degraded"),
+            ("True".into(), "VaultNotConfigured".into())
+        );
+        // Still being issued, nothing wrong: not Ready, not Degraded.
+        let s = status_with(VaultSummary {
+            requested: 2,
+            live: 1,
+            credentials: delivered(),
+            ..VaultSummary::default()
+        });
+        assert_eq!(get(&s, "Ready"), ("False".into(), "Issuing".into()));
+        assert_eq!(get(&s, "Degraded"), ("False".into(), "Healthy".into()));
+        // All delivered: Ready.
+        let s = status_with(VaultSummary {
+            requested: 1,
+            live: 1,
+            credentials: delivered(),
+            ..VaultSummary::default()
+        });
         assert_eq!(get(&s, "Ready"), ("True".into(), "Reconciled".into()));
-        assert_eq!(get(&s, "Degraded").0, "False");
+        let s = status_with(VaultSummary {
+            problem: problem(Reason::VaultNotConfigured),
+            requested: 1,
+            ..VaultSummary::default()
+        });
         assert_eq!(
             get(&s, "VaultSynced"),
             ("False".into(), "VaultNotConfigured".into())

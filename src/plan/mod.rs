@@ -91,6 +91,25 @@ impl Plan {
     }
 }
 
+/// What a plan depends on beyond the pipeline, its namespace and the guardrails.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions<'a> {
+    /// The prefix of every Vault policy and role name (`--vault-name-prefix`).
+    pub vault_name_prefix: &'a str,
+    /// Who owns which credential path cluster-wide; None when not known (then a credential path
+    /// is only compared with the pipeline's own stages).
+    pub claims: Option<&'a policy::CredentialClaims>,
+}
+
+impl Default for PlanOptions<'_> {
+    fn default() -> Self {
+        PlanOptions {
+            vault_name_prefix: names::DEFAULT_VAULT_NAME_PREFIX,
+            claims: None,
+        }
+    }
+}
+
 /// Validates `pipeline` ([`validate`]) and plans it ([`build`]).
 pub fn validate_and_build(
     pipeline: &AIPipeline,
@@ -98,12 +117,30 @@ pub fn validate_and_build(
     namespace_labels: &BTreeMap<String, String>,
     guardrails: &[AccessGuardrail],
 ) -> Result<Plan, Vec<FieldError>> {
+    validate_and_build_with(
+        pipeline,
+        default_namespace,
+        namespace_labels,
+        guardrails,
+        PlanOptions::default(),
+    )
+}
+
+/// [`validate_and_build`] with [`PlanOptions`].
+pub fn validate_and_build_with(
+    pipeline: &AIPipeline,
+    default_namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    guardrails: &[AccessGuardrail],
+    options: PlanOptions<'_>,
+) -> Result<Plan, Vec<FieldError>> {
     let pipeline = validate(pipeline)?;
-    Ok(build(
+    Ok(build_with(
         &pipeline,
         default_namespace,
         namespace_labels,
         guardrails,
+        options,
     ))
 }
 
@@ -115,6 +152,23 @@ pub fn build(
     default_namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
     guardrails: &[AccessGuardrail],
+) -> Plan {
+    build_with(
+        validated,
+        default_namespace,
+        namespace_labels,
+        guardrails,
+        PlanOptions::default(),
+    )
+}
+
+/// [`build`] with [`PlanOptions`].
+pub fn build_with(
+    validated: &Validated<impl Borrow<AIPipeline>>,
+    default_namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    guardrails: &[AccessGuardrail],
+    options: PlanOptions<'_>,
 ) -> Plan {
     let pipeline = validated.pipeline();
     let name = pipeline.metadata.name.as_deref().unwrap_or_default();
@@ -155,6 +209,7 @@ pub fn build(
             namespace,
             pipeline: name,
             index,
+            claims: options.claims,
         };
         let start = plan.decisions.len();
         policy::evaluate_stage_into(ctx, validated, scope, &mut plan.decisions);
@@ -164,6 +219,7 @@ pub fn build(
             pipeline: name,
             stage: &stage.name,
             scope,
+            vault_name_prefix: options.vault_name_prefix,
             labels: BTreeMap::from([
                 (
                     names::MANAGED_BY.0.to_string(),
@@ -227,6 +283,7 @@ struct StageBuilder<'a> {
     pipeline: &'a str,
     stage: &'a str,
     scope: &'a Scope<'a>,
+    vault_name_prefix: &'a str,
     /// The labels every object of the stage carries.
     labels: BTreeMap<String, String>,
 }
@@ -276,20 +333,29 @@ impl StageBuilder<'_> {
                 }]),
             }));
         }
-        let pod_selector = stage.pod_selector.clone().unwrap_or_else(|| LabelSelector {
-            match_labels: Some(
-                self.labels
-                    .iter()
-                    .filter(|(k, _)| *k == names::PIPELINE_LABEL || *k == names::STAGE_LABEL)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            ),
-            ..LabelSelector::default()
-        });
         out.push(Object::NetworkPolicy(NetworkPolicy {
             metadata: self.metadata(sa),
-            spec: Some(network_spec(pod_selector, decisions)),
+            spec: Some(network_spec(
+                self.pod_selector(stage),
+                decisions,
+                &self.scope.credential_endpoints,
+            )),
         }));
+    }
+
+    /// The stage's pods: the stage's `podSelector` with the operator's pipeline and stage labels
+    /// always added (they win over the same keys in the stage's `matchLabels`). Two stages
+    /// differ in one of these labels, so no stage's NetworkPolicy can select another stage's
+    /// pods, and `podSelector: {}` selects the stage's own pods only.
+    fn pod_selector(&self, stage: &crate::api::Stage) -> LabelSelector {
+        let mut selector = stage.pod_selector.clone().unwrap_or_default();
+        let labels = selector.match_labels.get_or_insert_with(BTreeMap::new);
+        for (k, v) in &self.labels {
+            if k == names::PIPELINE_LABEL || k == names::STAGE_LABEL {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+        selector
     }
 
     fn vault(&self, sa: &str, decisions: &[Decision], out: &mut VaultPlan) {
@@ -314,7 +380,12 @@ impl StageBuilder<'_> {
         if paths.is_empty() {
             return;
         }
-        let name = names::vault_object(self.namespace, self.pipeline, self.stage);
+        let name = names::vault_object(
+            self.vault_name_prefix,
+            self.namespace,
+            self.pipeline,
+            self.stage,
+        );
         out.policies.push(VaultPolicy {
             name: name.clone(),
             namespace: self.namespace.into(),
@@ -410,7 +481,11 @@ fn namespace_by_name(ns: &str) -> LabelSelector {
 }
 
 /// Default deny in and out, then DNS (when allowed) and the allowed flows.
-fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkPolicySpec {
+fn network_spec(
+    pod_selector: LabelSelector,
+    decisions: &[Decision],
+    credential_endpoints: &[ipnet::IpNet],
+) -> NetworkPolicySpec {
     let mut egress = Vec::new();
     let mut ingress = Vec::new();
     for d in decisions.iter().filter(|d| d.is_allowed()) {
@@ -441,7 +516,7 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
             Item::Egress(rule) => {
                 let peer = match (&rule.cidr, &rule.namespace, rule.net) {
                     (Some(cidr), _, Some(net)) => {
-                        let except = floor::metadata_excepts(&net);
+                        let except = floor::credential_excepts(&net, credential_endpoints);
                         NetworkPolicyPeer {
                             ip_block: Some(IPBlock {
                                 cidr: cidr.clone(),
@@ -465,7 +540,7 @@ fn network_spec(pod_selector: LabelSelector, decisions: &[Decision]) -> NetworkP
             Item::Ingress(rule) => {
                 let peer = match (&rule.from_cidr, rule.net) {
                     (Some(cidr), Some(net)) => {
-                        let except = floor::metadata_excepts(&net);
+                        let except = floor::credential_excepts(&net, credential_endpoints);
                         NetworkPolicyPeer {
                             ip_block: Some(IPBlock {
                                 cidr: cidr.clone(),

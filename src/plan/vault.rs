@@ -49,7 +49,8 @@ impl VaultPlan {
 /// A Vault ACL policy: what one stage may do in Vault.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaultPolicy {
-    /// The policy's name in Vault, `<namespace>-<pipeline>-<stage>`, cut to 63 characters.
+    /// The policy's name in Vault: the operator's prefix, the readable triple and its hash
+    /// ([`super::names::vault_object`]).
     pub name: String,
     pub namespace: String,
     pub pipeline: String,
@@ -66,12 +67,26 @@ pub struct AclRule {
 }
 
 impl VaultPolicy {
+    /// The first line of the policy: who it belongs to. The operator writes it into every
+    /// policy it creates, and touches (rewrites, deletes) only policies that start with it, so
+    /// a policy someone else created under the same name is never taken over.
+    pub fn ownership_header(&self) -> String {
+        format!(
+            "# Managed by Portcullis: pipeline {}/{}, stage {}. Do not edit; changes are reverted.",
+            self.namespace, self.pipeline, self.stage
+        )
+    }
+
+    /// Whether `existing`, a policy read from Vault under this policy's name, was written by
+    /// Portcullis for this same stage (its first line is [`Self::ownership_header`]).
+    pub fn owns(&self, existing: &str) -> bool {
+        existing.lines().next() == Some(self.ownership_header().as_str())
+    }
+
     /// The policy as HCL, as it is written to Vault and shown by `portcullis plan`.
     pub fn hcl(&self) -> String {
-        let mut hcl = format!(
-            "# Managed by Portcullis: pipeline {}/{}, stage {}. Do not edit; changes are reverted.\n",
-            self.namespace, self.pipeline, self.stage
-        );
+        let mut hcl = self.ownership_header();
+        hcl.push('\n');
         for rule in &self.rules {
             hcl.push_str("\npath ");
             hcl_string_into(&rule.path, &mut hcl);
@@ -128,6 +143,17 @@ pub struct VaultRole {
     pub token_ttl: u64,
     /// Seconds.
     pub token_max_ttl: u64,
+}
+
+impl VaultRole {
+    /// Whether a role read from Vault under this role's name, with `existing_policies` as its
+    /// `token_policies`, is Portcullis's own for this stage: it carries exactly this stage's
+    /// policy (whose name holds the hash of the stage's triple, and whose text the operator
+    /// checks with [`VaultPolicy::owns`]). Anything else was created by someone else and is
+    /// left alone.
+    pub fn owns(&self, existing_policies: &[String]) -> bool {
+        existing_policies == self.token_policies.as_slice()
+    }
 }
 
 /// Dynamic credentials the operator issues for a stage and delivers as a Secret.
@@ -187,5 +213,15 @@ mod tests {
             "{hcl}"
         );
         assert!(hcl.ends_with("]\n}\n"), "{hcl}");
+        assert!(policy.owns(&hcl));
+        assert!(!policy.owns("path \"kv/*\" { capabilities = [\"read\"] }"));
+        let other = VaultPolicy {
+            pipeline: "fraud2".into(),
+            ..policy.clone()
+        };
+        assert!(
+            !policy.owns(&other.hcl()),
+            "another stage's policy is not ours"
+        );
     }
 }

@@ -53,17 +53,58 @@ pub enum Reason {
     CrossStageCredential,
     /// Not allowed by an applicable AccessGuardrail (or by the defaults).
     OutsideGuardrail,
-    /// Egress to the cloud metadata address.
+    /// An address range inside a credential endpoint: cloud metadata (169.254.169.254), task-role
+    /// and workload-identity services, all of 169.254.0.0/16 and fe80::/10, and any range an
+    /// AccessGuardrail adds.
     MetadataEndpoint,
     /// A credential or token lifetime longer than the guardrail's maxTTL.
     TtlTooLong,
     /// The Vault `sudo` capability.
     SudoCapability,
-    /// Vault `sys/`, `auth/` or `identity/` paths.
+    /// Vault `sys/`, `auth/` or `identity/` paths, at any depth (Vault namespaces).
     VaultSystemPath,
+    /// A write to Portcullis's own kinds or to NetworkPolicies: the stage would rewrite its limits.
+    SelfAdministration,
+    /// create/update/patch on pods or workloads (or a pod-creating custom resource a guardrail
+    /// names) without a guardrail that allows workload creation for the role.
+    WorkloadCreation,
+    /// A write to a ConfigMap or Secret another stage of the pipeline reads, not declared in the
+    /// writer's `produces`.
+    CrossStageWrite,
+    /// A Vault path with `.`, `..` or empty segments, or a percent-encoding.
+    PathTraversal,
+    /// A credential path another pipeline claimed first (cluster-wide).
+    CrossTenantCredential,
+    /// The stage's role is not among the roles the namespace's guardrails allow.
+    RoleNotAllowed,
+    /// An AccessGuardrail that selects the namespace is invalid: it allows nothing until fixed.
+    InvalidGuardrail,
 }
 
 impl Reason {
+    /// Every reason a denial can carry, in declaration order: the floor and the guardrails.
+    pub const DENIALS: [Reason; 19] = [
+        Reason::WildcardForbidden,
+        Reason::EscalationVerb,
+        Reason::ForbiddenSubresource,
+        Reason::ClusterScoped,
+        Reason::PrivilegedWrite,
+        Reason::SecretNotOwned,
+        Reason::CrossStageCredential,
+        Reason::OutsideGuardrail,
+        Reason::MetadataEndpoint,
+        Reason::TtlTooLong,
+        Reason::SudoCapability,
+        Reason::VaultSystemPath,
+        Reason::SelfAdministration,
+        Reason::WorkloadCreation,
+        Reason::CrossStageWrite,
+        Reason::PathTraversal,
+        Reason::CrossTenantCredential,
+        Reason::RoleNotAllowed,
+        Reason::InvalidGuardrail,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::WithinGuardrail => "WithinGuardrail",
@@ -81,6 +122,13 @@ impl Reason {
             Reason::TtlTooLong => "TtlTooLong",
             Reason::SudoCapability => "SudoCapability",
             Reason::VaultSystemPath => "VaultSystemPath",
+            Reason::SelfAdministration => "SelfAdministration",
+            Reason::WorkloadCreation => "WorkloadCreation",
+            Reason::CrossStageWrite => "CrossStageWrite",
+            Reason::PathTraversal => "PathTraversal",
+            Reason::CrossTenantCredential => "CrossTenantCredential",
+            Reason::RoleNotAllowed => "RoleNotAllowed",
+            Reason::InvalidGuardrail => "InvalidGuardrail",
         }
     }
 }
@@ -258,10 +306,35 @@ pub struct Decision {
     pub reason: Reason,
     /// What happened and, for a denial, what to do about it.
     pub message: String,
+    /// The AccessGuardrail that decided: for an item within the guardrails, the first (by
+    /// name) of those that bound the stage; for one outside them, the first that refused it.
+    /// None when the built-in floor or defaults decided.
+    pub guardrail: Option<String>,
 }
 
 impl Decision {
     pub fn is_allowed(&self) -> bool {
         self.verdict == Verdict::Allow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's table of denial reasons is the user's reference: every reason is in it.
+    #[test]
+    fn every_denial_reason_is_documented_and_named_once() {
+        let readme = include_str!("../../README.md");
+        let mut names: Vec<&str> = Reason::DENIALS.iter().map(|r| r.as_str()).collect();
+        for name in &names {
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "{name} is missing from the README's table of reasons"
+            );
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::DENIALS.len());
     }
 }

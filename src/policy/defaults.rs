@@ -1,16 +1,13 @@
-//! The ceiling used when no AccessGuardrail applies to a stage: deliberately small.
+//! The ceiling used when no AccessGuardrail applies to a stage: identity only.
 //!
-//! - Kubernetes: get, list and watch on ConfigMaps and (by name, only the stage's own) Secrets.
-//! - Network: DNS only; no other egress, no ingress.
-//! - Vault: read and list under `kv/data/{namespace}/{pipeline}/{stage}/*` and
-//!   `kv/metadata/{namespace}/{pipeline}/{stage}/*`; no dynamic credentials.
-//! - Lifetimes: at most 1h ([`MAX_TTL_SECONDS`]); tokens 20m unless asked ([`TOKEN_TTL_SECONDS`]).
+//! A stage in a namespace no guardrail covers gets its ServiceAccount and a NetworkPolicy that
+//! denies every flow, DNS included, and nothing else: no Kubernetes API access, no Vault paths,
+//! no credentials. Access is granted by writing a guardrail, never by forgetting to.
+//! Lifetimes: at most 1h ([`MAX_TTL_SECONDS`]); tokens 20m unless asked ([`TOKEN_TTL_SECONDS`]).
 
 use std::sync::OnceLock;
 
-use crate::api::{
-    Ceiling, KubernetesCeiling, NetworkCeiling, VaultCapability, VaultCeiling, VaultPathCeiling,
-};
+use crate::api::Ceiling;
 
 /// The longest lifetime when no guardrail says otherwise.
 pub(crate) const MAX_TTL_SECONDS: u64 = 3600;
@@ -18,28 +15,8 @@ pub(crate) const MAX_TTL_SECONDS: u64 = 3600;
 /// The Vault token lifetime a stage gets when it does not ask for one (capped by maxTTL).
 pub(crate) const TOKEN_TTL_SECONDS: u64 = 20 * 60;
 
-/// The built-in ceiling.
+/// The built-in ceiling: empty.
 pub(crate) fn ceiling() -> &'static Ceiling {
     static CEILING: OnceLock<Ceiling> = OnceLock::new();
-    CEILING.get_or_init(|| Ceiling {
-        kubernetes: vec![KubernetesCeiling {
-            api_groups: vec![String::new()],
-            resources: vec!["configmaps".into(), "secrets".into()],
-            verbs: vec!["get".into(), "list".into(), "watch".into()],
-        }],
-        network: NetworkCeiling::default(),
-        vault: VaultCeiling {
-            paths: vec![
-                VaultPathCeiling {
-                    pattern: "kv/data/{namespace}/{pipeline}/{stage}/*".into(),
-                    capabilities: vec![VaultCapability::Read, VaultCapability::List],
-                },
-                VaultPathCeiling {
-                    pattern: "kv/metadata/{namespace}/{pipeline}/{stage}/*".into(),
-                    capabilities: vec![VaultCapability::Read, VaultCapability::List],
-                },
-            ],
-            max_ttl: Some("1h".into()),
-        },
-    })
+    CEILING.get_or_init(Ceiling::default)
 }

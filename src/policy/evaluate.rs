@@ -7,11 +7,14 @@ use std::fmt;
 use ipnet::IpNet;
 
 use crate::api::validate::{ValidStage, Validated, format_duration};
-use crate::api::{AIPipeline, AIPipelineSpec, Ceiling, EgressRule, Stage, VaultCapability};
+use crate::api::{
+    AIPipeline, AIPipelineSpec, Ceiling, EgressRule, IngressRule, Stage, VaultCapability,
+};
 
 use super::scope::{Bound, placeholders};
 use super::{
-    Decision, Item, Reason, Scope, StageContext, Verdict, WithCidr, defaults, floor, vault_path,
+    Claimant, Decision, Item, Reason, Scope, StageContext, Verdict, WithCidr, defaults, floor,
+    vault_path,
 };
 
 /// Decides every item that stage `ctx.index` of `pipeline` requests, in spec order.
@@ -63,6 +66,7 @@ pub(crate) fn evaluate_stage_into(
         start,
         delivered: Vec::new(),
         vault_patterns,
+        refused_by: std::cell::Cell::new(None),
     };
     // Credentials are decided first: only the Secrets of allowed credentials are delivered, and
     // only those may the stage read. Their decisions still come last, in spec order.
@@ -135,10 +139,19 @@ struct Evaluator<'a, 's> {
     /// Per ceiling of the scope, its Vault path patterns with the placeholders filled in for
     /// this stage (empty when the stage asks for nothing from Vault).
     vault_patterns: Vec<Vec<String>>,
+    /// The guardrail that refused the item being decided, if one did (set by `guardrail`,
+    /// taken by `push`).
+    refused_by: std::cell::Cell<Option<&'a str>>,
 }
 
 impl Evaluator<'_, '_> {
     fn push(&mut self, field: String, item: Item, outcome: Outcome) {
+        // A refused role or an invalid guardrail turns every allow into a denial: nothing of
+        // the stage can pass by a path this check forgot.
+        let outcome = match (&self.scope.refusal, outcome) {
+            (Some(refusal), Ok(())) => Err(refusal.clone()),
+            (_, outcome) => outcome,
+        };
         let (verdict, reason, message) = match outcome {
             Ok(()) => (
                 Verdict::Allow,
@@ -147,6 +160,12 @@ impl Evaluator<'_, '_> {
             ),
             Err((reason, message)) => (Verdict::Deny, reason, message),
         };
+        let refused_by = self.refused_by.take();
+        let guardrail = match reason {
+            Reason::WithinGuardrail => self.scope.ceilings.first().map(|b| b.name.to_string()),
+            Reason::OutsideGuardrail if !self.scope.defaults => refused_by.map(str::to_string),
+            _ => None,
+        };
         self.decisions.push(Decision {
             stage: self.stage.name.clone(),
             field,
@@ -154,6 +173,7 @@ impl Evaluator<'_, '_> {
             verdict,
             reason,
             message,
+            guardrail,
         });
     }
 
@@ -166,13 +186,16 @@ impl Evaluator<'_, '_> {
     ) -> Outcome {
         match self.scope.first_refusal(allows) {
             None => Ok(()),
-            Some(name) => Err((
-                Reason::OutsideGuardrail,
-                format!(
-                    "{what} is {}; ask the platform team to extend the guardrail, or remove it from the stage",
-                    self.scope.refusal_source(name, self.stage.role, section)
-                ),
-            )),
+            Some(name) => {
+                self.refused_by.set(Some(name));
+                Err((
+                    Reason::OutsideGuardrail,
+                    format!(
+                        "{what} is {}; ask the platform team to extend the guardrail, or remove it from the stage",
+                        self.scope.refusal_source(name, self.stage.role, section)
+                    ),
+                ))
+            }
         }
     }
 
@@ -305,6 +328,18 @@ impl Evaluator<'_, '_> {
                 }
             }
         }
+        if floor::is_workload_write(group, resource, verb, &self.scope.pod_creating)
+            && !self.scope.workload_creation
+        {
+            return Err((
+                Reason::WorkloadCreation,
+                format!(
+                    "{verb} on {resource} lets the stage start pods as any ServiceAccount of the namespace with any of its Secrets, borrowing other stages' identities; it needs a guardrail whose ceiling for {} stages sets allowWorkloadCreation: true",
+                    self.stage.role.as_str()
+                ),
+            ));
+        }
+        self.cross_stage_write(group, resource, verb, names)?;
         self.guardrail(
             "kubernetes",
             |_, b| {
@@ -318,8 +353,66 @@ impl Evaluator<'_, '_> {
         )
     }
 
+    /// A write on ConfigMaps or Secrets that another stage of the pipeline reads poisons that
+    /// stage's inputs, unless the writer declares the flow in `produces`.
+    fn cross_stage_write(
+        &self,
+        group: &str,
+        resource: &str,
+        verb: &str,
+        names: &[String],
+    ) -> Outcome {
+        const WRITES: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
+        const READS: [&str; 3] = ["get", "list", "watch"];
+        if !group.is_empty()
+            || !matches!(resource, "configmaps" | "secrets")
+            || !WRITES.contains(&verb)
+        {
+            return Ok(());
+        }
+        // The other stages' reads of `resource`: None for a read of every object, else the names.
+        let reads = self
+            .spec
+            .stages
+            .iter()
+            .filter(|s| s.name != self.stage.name)
+            .flat_map(|s| s.permissions.iter().map(move |p| (s.name.as_str(), p)))
+            .filter(|(_, p)| {
+                p.api_groups.iter().any(String::is_empty)
+                    && p.resources.iter().any(|r| r == resource)
+                    && p.verbs.iter().any(|v| READS.contains(&v.as_str()))
+            });
+        for (reader, rule) in reads {
+            if names.is_empty() {
+                return Err((
+                    Reason::CrossStageWrite,
+                    format!(
+                        "{verb} on every {resource} includes the ones stage {reader:?} reads; list the names this stage writes in resourceNames and declare them in produces"
+                    ),
+                ));
+            }
+            let read_name = names.iter().find(|n| {
+                (rule.resource_names.is_empty() || rule.resource_names.contains(n))
+                    && !self
+                        .stage
+                        .produces
+                        .iter()
+                        .any(|p| p.split_once('/') == Some((resource, n.as_str())))
+            });
+            if let Some(name) = read_name {
+                return Err((
+                    Reason::CrossStageWrite,
+                    format!(
+                        "stage {reader:?} reads {resource}/{name}; writing it would change that stage's inputs. Declare the flow with produces: [{resource}/{name}] on this stage, or write another object"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn network(&mut self) {
-        if self.scope.dns_egress {
+        if self.scope.dns_egress && self.scope.refusal.is_none() {
             self.decisions.push(Decision {
                 stage: self.stage.name.clone(),
                 field: format!("spec.stages[{}]", self.ctx.index),
@@ -327,6 +420,7 @@ impl Evaluator<'_, '_> {
                 verdict: Verdict::Allow,
                 reason: Reason::DnsByDefault,
                 message: "every stage may resolve names through kube-dns unless an AccessGuardrail sets dnsEgress: false".into(),
+                guardrail: None,
             });
         }
         let stage = self.stage;
@@ -341,11 +435,13 @@ impl Evaluator<'_, '_> {
         }
         for (i, (rule, cidr)) in stage.ingress().enumerate() {
             let field = format!("spec.stages[{}].network.ingress[{i}]", self.ctx.index);
-            let outcome = self.guardrail(
-                "network.allowIngress",
-                |_, b| b.ceiling.network.allow_ingress,
-                format_args!("ingress"),
-            );
+            let outcome = self
+                .guardrail(
+                    "network.allowIngress",
+                    |_, b| b.ceiling.network.allow_ingress,
+                    format_args!("ingress"),
+                )
+                .and_then(|()| self.decide_ingress_source(rule, cidr));
             let item = Item::Ingress(WithCidr {
                 rule: rule.clone(),
                 net: cidr,
@@ -354,10 +450,55 @@ impl Evaluator<'_, '_> {
         }
     }
 
+    /// Whether every ceiling that bounds ingress sources (`ingressCIDRs`, `ingressNamespaces`)
+    /// admits the rule's source. `net` is `rule.from_cidr`, parsed by validation.
+    fn decide_ingress_source(&self, rule: &IngressRule, net: Option<IpNet>) -> Outcome {
+        const NAME: &str = "kubernetes.io/metadata.name";
+        // The one namespace the rule's source is in, when it says so exactly.
+        let source_namespace = match (&rule.from_namespace_selector, &rule.from_pod_selector) {
+            (None, Some(_)) => Some(self.ctx.namespace),
+            (Some(sel), _) => sel
+                .match_labels
+                .as_ref()
+                .filter(|l| {
+                    l.len() == 1
+                        && sel
+                            .match_expressions
+                            .as_deref()
+                            .unwrap_or_default()
+                            .is_empty()
+                })
+                .and_then(|l| l.get(NAME))
+                .map(String::as_str),
+            (None, None) => None,
+        };
+        self.guardrail(
+            "network.ingressCIDRs/ingressNamespaces",
+            |_, b| {
+                let n = &b.ceiling.network;
+                if n.ingress_cidrs.is_empty() && n.ingress_namespaces.is_empty() {
+                    return true;
+                }
+                match (net, source_namespace) {
+                    (Some(net), _) => n
+                        .ingress_cidrs
+                        .iter()
+                        .filter_map(|c| c.parse::<IpNet>().ok())
+                        .any(|c| c.contains(&net)),
+                    (None, Some(ns)) => n.ingress_namespaces.iter().any(|allowed| {
+                        allowed == ns || (allowed == "{namespace}" && ns == self.ctx.namespace)
+                    }),
+                    (None, None) => false,
+                }
+            },
+            format_args!("ingress from this source"),
+        )
+    }
+
     /// `net` is `rule.cidr`, parsed by validation.
     fn decide_egress(&self, rule: &EgressRule, net: Option<IpNet>) -> Outcome {
         if let (Some(cidr), Some(net)) = (&rule.cidr, net) {
-            floor::egress(&net)?;
+            floor::egress(&net, &self.scope.credential_endpoints)?;
             return self.guardrail(
                 "network.egressCIDRs",
                 |_, b| b.egress_cidrs.iter().any(|a| a.contains(&net)),
@@ -418,7 +559,7 @@ impl Evaluator<'_, '_> {
         let before = self.decisions.len();
         for (i, (cred, ttl_seconds)) in stage.credentials().enumerate() {
             let field = format!("spec.stages[{}].vault.credentials[{i}]", self.ctx.index);
-            let outcome = self.decide_credential(&cred.path, ttl_seconds);
+            let outcome = self.decide_credential(&cred.path, &cred.secret_name, ttl_seconds);
             let item = Item::Credential {
                 name: cred.name.clone(),
                 path: cred.path.clone(),
@@ -445,8 +586,37 @@ impl Evaluator<'_, '_> {
             })
     }
 
+    /// A credential path another pipeline claimed first, reached by `path` (a credential path,
+    /// or a policy path that matches it).
+    fn other_tenant(&self, path: &str, exact: bool) -> Outcome {
+        let Some(claims) = self.ctx.claims else {
+            return Ok(());
+        };
+        let ours = |owner: &Claimant| {
+            owner.namespace == self.ctx.namespace && owner.pipeline == self.ctx.pipeline
+        };
+        let found = if exact {
+            claims.owner(path).filter(|o| !ours(o)).map(|o| (path, o))
+        } else {
+            let literal = &path[..path.find(['+', '*']).unwrap_or(path.len())];
+            claims.find_under(literal, |claimed, owner| {
+                !ours(owner) && vault_path::matches(path, claimed)
+            })
+        };
+        match found {
+            None => Ok(()),
+            Some((claimed, owner)) => Err((
+                Reason::CrossTenantCredential,
+                format!(
+                    "{claimed} issues the credentials of pipeline {owner}, which claimed it first; a credential path belongs to one pipeline cluster-wide. Ask the Vault team for a role of this pipeline's own"
+                ),
+            )),
+        }
+    }
+
     fn decide_vault_path(&self, path: &str, capability: VaultCapability) -> Outcome {
         floor::vault_path(path, capability)?;
+        self.other_tenant(path, false)?;
         if let Some((owner, cred)) = self.other_credential(|c| vault_path::matches(path, c)) {
             return Err((
                 Reason::CrossStageCredential,
@@ -476,7 +646,26 @@ impl Evaluator<'_, '_> {
         Ok(())
     }
 
-    fn decide_credential(&self, path: &str, ttl_seconds: u64) -> Outcome {
+    /// A credential Secret another pipeline of the namespace claimed first: delivering to it
+    /// would give this stage RBAC on the other pipeline's credentials.
+    fn foreign_secret(&self, secret_name: &str) -> Outcome {
+        let owner = self
+            .ctx
+            .claims
+            .and_then(|c| c.secret_owner(self.ctx.namespace, secret_name))
+            .filter(|o| o.pipeline != self.ctx.pipeline);
+        match owner {
+            None => Ok(()),
+            Some(owner) => Err((
+                Reason::CrossTenantCredential,
+                format!(
+                    "Secret {secret_name:?} receives the credentials of pipeline {owner}, which claimed it first; choose a secretName of this pipeline's own"
+                ),
+            )),
+        }
+    }
+
+    fn decide_credential(&self, path: &str, secret_name: &str, ttl_seconds: u64) -> Outcome {
         floor::vault_path(path, VaultCapability::Read)?;
         // The first stage to declare a credential path owns it; a later stage is refused, so
         // that no two stages ever share one set of dynamic credentials.
@@ -495,6 +684,8 @@ impl Evaluator<'_, '_> {
                 ),
             ));
         }
+        self.other_tenant(path, true)?;
+        self.foreign_secret(secret_name)?;
         self.decide_ttl(ttl_seconds, "the credential lifetime")?;
         if self.scope.defaults {
             return Err((

@@ -13,6 +13,7 @@
 //! `evaluate` runs every requested item of a [validated](crate::api::validate::Validated) stage
 //! through the floor and the scope.
 
+pub mod claims;
 pub(crate) mod defaults;
 pub mod floor;
 pub(crate) mod vault_path;
@@ -21,10 +22,12 @@ mod decision;
 mod evaluate;
 mod scope;
 
+pub use claims::{Claimant, CredentialClaims};
 pub use decision::{Decision, Item, Reason, Verdict, WithCidr};
 #[cfg(test)]
 pub(crate) use evaluate::evaluate_stage;
 pub(crate) use evaluate::{decision_count, evaluate_stage_into};
+pub use scope::selects_namespace;
 pub(crate) use scope::{Scope, StageContext, applicable_guardrails, selects};
 
 #[cfg(test)]

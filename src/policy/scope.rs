@@ -7,7 +7,7 @@ use ipnet::IpNet;
 
 use super::Reason;
 use super::defaults;
-use crate::api::validate::parse_duration;
+use crate::api::validate::{parse_duration, validate_guardrail};
 use crate::api::{AccessGuardrail, Ceiling, StageRole};
 
 /// The ceilings that bind one stage: the applicable guardrails, or the built-in defaults.
@@ -28,6 +28,16 @@ pub(crate) struct Scope<'a> {
     pub max_ttl: u64,
     /// The message of every allowed decision (but DNS) in this scope.
     pub(super) allowed_message: String,
+    /// When set, every item of the stage is denied with this reason and message, whatever the
+    /// ceilings say: the stage's role is not allowed in the namespace, or a guardrail that
+    /// selects the namespace is invalid (which fails closed, not open).
+    pub(super) refusal: Option<(Reason, String)>,
+    /// Credential endpoints the applicable guardrails add to the built-in list.
+    pub credential_endpoints: Vec<IpNet>,
+    /// Pod-creating custom resources the applicable guardrails name (`<plural>.<group>`).
+    pub(super) pod_creating: Vec<String>,
+    /// Whether every ceiling of the scope allows workload creation (never under the defaults).
+    pub(super) workload_creation: bool,
 }
 
 /// One ceiling that binds a stage, with what its checks need parsed once.
@@ -63,9 +73,15 @@ pub(crate) fn applicable_guardrails<'a>(
     namespace_labels: &BTreeMap<String, String>,
     guardrails: &'a [AccessGuardrail],
 ) -> Vec<&'a AccessGuardrail> {
+    // A selector that does not parse applies everywhere: the guardrail is then invalid, and an
+    // invalid guardrail denies (see `Scope::from_applicable`) instead of silently selecting
+    // nothing.
     let mut applicable: Vec<&'a AccessGuardrail> = guardrails
         .iter()
-        .filter(|g| selects(&g.spec.namespace_selector, namespace_labels))
+        .filter(|g| {
+            selects(&g.spec.namespace_selector, namespace_labels)
+                || kube::core::Selector::try_from(g.spec.namespace_selector.clone()).is_err()
+        })
         .collect();
     applicable.sort_by(|a, b| guardrail_name(a).cmp(guardrail_name(b)));
     applicable
@@ -88,11 +104,22 @@ impl<'a> Scope<'a> {
 
     /// The scope of a stage of `role`, from the guardrails that select its namespace, as
     /// [`applicable_guardrails`] returns them.
-    pub(crate) fn from_applicable(
-        role: StageRole,
-        applicable: &[&'a AccessGuardrail],
-    ) -> Scope<'a> {
-        let applicable: Vec<(&'a AccessGuardrail, &'a Ceiling)> = applicable
+    pub(crate) fn from_applicable(role: StageRole, selecting: &[&'a AccessGuardrail]) -> Scope<'a> {
+        let refusal = refusal(role, selecting);
+        let mut credential_endpoints: Vec<IpNet> = selecting
+            .iter()
+            .flat_map(|g| &g.spec.credential_endpoints)
+            .filter_map(|c| c.parse::<IpNet>().ok())
+            .collect();
+        credential_endpoints.sort();
+        credential_endpoints.dedup();
+        let mut pod_creating: Vec<String> = selecting
+            .iter()
+            .flat_map(|g| g.spec.pod_creating_resources.iter().cloned())
+            .collect();
+        pod_creating.sort();
+        pod_creating.dedup();
+        let applicable: Vec<(&'a AccessGuardrail, &'a Ceiling)> = selecting
             .iter()
             .filter_map(|g| Some((*g, g.spec.roles.get(role)?)))
             .collect();
@@ -101,12 +128,16 @@ impl<'a> Scope<'a> {
             return Scope {
                 ceilings: vec![Bound::new("built-in defaults", ceiling)],
                 defaults: true,
-                dns_egress: true,
+                dns_egress: false,
                 max_ttl: ttl_of(ceiling),
                 allowed_message: format!(
                     "no AccessGuardrail sets a ceiling for {} stages in this namespace; the built-in defaults allow it",
                     role.as_str()
                 ),
+                refusal,
+                credential_endpoints,
+                pod_creating,
+                workload_creation: false,
             };
         }
         let ceilings: Vec<Bound<'a>> = applicable
@@ -122,8 +153,12 @@ impl<'a> Scope<'a> {
                 .min()
                 .unwrap_or(defaults::MAX_TTL_SECONDS),
             allowed_message: format!("allowed by AccessGuardrail {}", names.join(", ")),
+            workload_creation: applicable.iter().all(|(_, c)| c.allow_workload_creation),
             ceilings,
             defaults: false,
+            refusal,
+            credential_endpoints,
+            pod_creating,
         }
     }
 
@@ -171,6 +206,42 @@ impl<'a> Scope<'a> {
     }
 }
 
+/// Why every item of a stage of `role` is denied, if it is: an invalid guardrail among those
+/// that select the namespace (fail closed), or a role no selecting guardrail with
+/// `allowedRoles` lists.
+fn refusal(role: StageRole, selecting: &[&AccessGuardrail]) -> Option<(Reason, String)> {
+    for g in selecting {
+        let problems = validate_guardrail(g);
+        if let Some(first) = problems.first() {
+            return Some((
+                Reason::InvalidGuardrail,
+                format!(
+                    "AccessGuardrail {} selects this namespace but is invalid ({first}); until it is fixed it allows nothing here",
+                    guardrail_name(g)
+                ),
+            ));
+        }
+    }
+    let refusing = selecting
+        .iter()
+        .find(|g| !g.spec.allowed_roles.is_empty() && !g.spec.allowed_roles.contains(&role))?;
+    let allowed: Vec<&str> = refusing
+        .spec
+        .allowed_roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    Some((
+        Reason::RoleNotAllowed,
+        format!(
+            "AccessGuardrail {} allows only {} stages in this namespace (spec.allowedRoles), not {}; the stage keeps its identity and nothing else. Use an allowed role, or ask the platform team",
+            guardrail_name(refusing),
+            allowed.join(", "),
+            role.as_str()
+        ),
+    ))
+}
+
 fn ttl_of(ceiling: &Ceiling) -> u64 {
     ceiling
         .vault
@@ -190,12 +261,28 @@ pub(crate) fn selects(
     kube::core::Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
+/// Whether a guardrail with `selector` applies to pipelines in `namespace` (with `labels`): it
+/// selects the namespace (`kubernetes.io/metadata.name` included), or its selector does not
+/// parse, which applies everywhere and fails closed.
+pub fn selects_namespace(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let mut labels = labels.clone();
+    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    selects(selector, &labels) || kube::core::Selector::try_from(selector.clone()).is_err()
+}
+
 /// Names a stage is known by, given by the caller (the plan owns naming).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StageContext<'a> {
     pub namespace: &'a str,
     pub pipeline: &'a str,
     pub index: usize,
+    /// Who owns which credential path cluster-wide; None when unknown (then only the pipeline's
+    /// own stages are compared).
+    pub claims: Option<&'a super::CredentialClaims>,
 }
 
 /// A guardrail's Vault path pattern with `{namespace}`, `{pipeline}` and `{stage}` filled in,

@@ -38,6 +38,7 @@ fn decide(
         namespace: "ml",
         pipeline: "fraud",
         index,
+        claims: None,
     };
     evaluate_stage(ctx, &validate(p).expect("test pipeline is valid"), &scope)
         .into_iter()
@@ -72,7 +73,7 @@ spec:
         paths:
           - pattern: kv/data/{namespace}/{pipeline}/{stage}/*
             capabilities: [read]
-          - pattern: database/creds/{pipeline}-*
+          - pattern: database/creds/{namespace}_{pipeline}_*
             capabilities: [read]
         maxTTL: 1h
 "#;
@@ -111,14 +112,14 @@ spec:
             capabilities: [read]
         tokenTTL: 2h
         credentials:
-          - {name: db, path: database/creds/fraud-train, ttl: 30m, secretName: train-db}
-          - {name: long, path: database/creds/fraud-long, ttl: 3h, secretName: train-long}
-          - {name: shared, path: database/creds/fraud-serve, ttl: 10m, secretName: train-shared}
+          - {name: db, path: database/creds/ml_fraud_train, ttl: 30m, secretName: train-db}
+          - {name: long, path: database/creds/ml_fraud_long, ttl: 3h, secretName: train-long}
+          - {name: shared, path: database/creds/ml_fraud_serve, ttl: 10m, secretName: train-shared}
     - name: serve
       role: Training
       vault:
         credentials:
-          - {name: db, path: database/creds/fraud-serve, ttl: 10m, secretName: serve-db}
+          - {name: db, path: database/creds/ml_fraud_serve, ttl: 10m, secretName: serve-db}
 "#;
 
 #[test]
@@ -142,7 +143,10 @@ fn allowed_items_name_the_guardrail() {
         Reason::WithinGuardrail
     );
     assert_eq!(
-        reason_of(&d, "credential db from database/creds/fraud-train ttl 30m"),
+        reason_of(
+            &d,
+            "credential db from database/creds/ml_fraud_train ttl 30m"
+        ),
         Reason::WithinGuardrail
     );
 }
@@ -194,7 +198,7 @@ fn secrets_are_decided_by_name_and_owner() {
 fn other_stages_credentials_are_out_of_reach() {
     let p = pipeline(TWO_STAGES);
     let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
-    // database/creds/* reaches the serve stage's database/creds/fraud-serve.
+    // database/creds/* reaches the serve stage's database/creds/ml_fraud_serve.
     assert_eq!(
         reason_of(&d, "vault read database/creds/*"),
         Reason::CrossStageCredential
@@ -203,7 +207,7 @@ fn other_stages_credentials_are_out_of_reach() {
     assert_eq!(
         reason_of(
             &d,
-            "credential shared from database/creds/fraud-serve ttl 10m"
+            "credential shared from database/creds/ml_fraud_serve ttl 10m"
         ),
         Reason::WithinGuardrail
     );
@@ -211,7 +215,7 @@ fn other_stages_credentials_are_out_of_reach() {
     assert_eq!(
         reason_of(
             &serve,
-            "credential db from database/creds/fraud-serve ttl 10m"
+            "credential db from database/creds/ml_fraud_serve ttl 10m"
         ),
         Reason::CrossStageCredential
     );
@@ -222,7 +226,10 @@ fn lifetimes_above_max_ttl_are_too_long() {
     let p = pipeline(TWO_STAGES);
     let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "ml");
     assert_eq!(
-        reason_of(&d, "credential long from database/creds/fraud-long ttl 3h"),
+        reason_of(
+            &d,
+            "credential long from database/creds/ml_fraud_long ttl 3h"
+        ),
         Reason::TtlTooLong
     );
     assert_eq!(reason_of(&d, "vault token ttl 2h"), Reason::TtlTooLong);
@@ -242,24 +249,29 @@ fn dns_is_granted_unless_a_guardrail_turns_it_off() {
 }
 
 #[test]
-fn no_applicable_guardrail_means_the_defaults() {
+fn no_applicable_guardrail_means_identity_only() {
     let p = pipeline(TWO_STAGES);
-    // The namespace is not selected.
+    // The namespace is not selected: every requested item is denied, DNS is not granted.
     let d = decide(&p, 0, &[guardrail(TRAINING_GUARDRAIL)], "web");
-    assert_eq!(
-        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
-        Reason::WithinDefaults
+    assert!(!d.is_empty());
+    assert!(
+        d.iter()
+            .all(|(_, r)| *r != Reason::WithinDefaults && *r != Reason::DnsByDefault),
+        "{d:#?}"
     );
     assert_eq!(
-        reason_of(&d, "egress 10.1.0.0/16 all ports"),
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
         Reason::OutsideGuardrail
     );
     assert_eq!(
         reason_of(&d, "vault read kv/data/ml/fraud/train/*"),
-        Reason::WithinDefaults
+        Reason::OutsideGuardrail
     );
     assert_eq!(
-        reason_of(&d, "credential db from database/creds/fraud-train ttl 30m"),
+        reason_of(
+            &d,
+            "credential db from database/creds/ml_fraud_train ttl 30m"
+        ),
         Reason::OutsideGuardrail
     );
     // A guardrail that selects the namespace but sets no ceiling for Training does not apply.
@@ -267,7 +279,48 @@ fn no_applicable_guardrail_means_the_defaults() {
     let d = decide(&p, 0, &[serving_only], "ml");
     assert_eq!(
         reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
-        Reason::WithinDefaults
+        Reason::OutsideGuardrail
+    );
+}
+
+#[test]
+fn a_role_the_namespace_may_not_use_gets_identity_only() {
+    let p = pipeline(TWO_STAGES);
+    let restricted =
+        guardrail(&TRAINING_GUARDRAIL.replace("spec:\n", "spec:\n  allowedRoles: [Ingestion]\n"));
+    let d = decide(&p, 0, &[restricted], "ml");
+    assert!(
+        d.iter()
+            .all(|(_, r)| *r != Reason::WithinGuardrail && *r != Reason::DnsByDefault)
+    );
+    assert_eq!(
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
+        Reason::RoleNotAllowed
+    );
+}
+
+#[test]
+fn an_invalid_guardrail_fails_closed() {
+    let p = pipeline(TWO_STAGES);
+    // The old, ambiguous pattern: the guardrail is invalid, and denies instead of allowing.
+    let ambiguous = guardrail(&TRAINING_GUARDRAIL.replace(
+        "database/creds/{namespace}_{pipeline}_*",
+        "database/creds/{pipeline}-*",
+    ));
+    let d = decide(&p, 0, &[ambiguous], "ml");
+    assert_eq!(
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
+        Reason::InvalidGuardrail
+    );
+    // A namespaceSelector that does not parse applies everywhere, and denies.
+    let broken = guardrail(&TRAINING_GUARDRAIL.replace(
+        "namespaceSelector: {matchLabels: {portcullis.dev/tier: ml}}",
+        "namespaceSelector: {matchExpressions: [{key: tier, operator: Bogus}]}",
+    ));
+    let d = decide(&p, 0, &[broken], "web");
+    assert_eq!(
+        reason_of(&d, "get configmaps/train-db,serve-db,nobodys"),
+        Reason::InvalidGuardrail
     );
 }
 
@@ -288,6 +341,7 @@ fn several_guardrails_intersect_and_the_refusing_one_is_named() {
         namespace: "ml",
         pipeline: "fraud",
         index: 0,
+        claims: None,
     };
     let decisions = evaluate_stage(ctx, &validate(p).expect("test pipeline is valid"), &scope);
     let wide = decisions
@@ -433,6 +487,7 @@ fn placeholders_fill_in_as_three_replacements_would() {
         namespace,
         pipeline,
         index: 0,
+        claims: None,
     };
     let sequential = |pattern: &str, c: StageContext<'_>, stage: &str| {
         pattern
@@ -443,7 +498,7 @@ fn placeholders_fill_in_as_three_replacements_would() {
     let patterns = [
         "kv/data/{namespace}/{pipeline}/{stage}/*",
         "kv/metadata/{stage}/{stage}-{pipeline}",
-        "database/creds/{pipeline}-*",
+        "database/creds/{namespace}_{pipeline}_*",
         "no/placeholders/*",
         "{namespace}{pipeline}{stage}",
         // Not valid in a guardrail, but filled in the same way all the same.
@@ -467,6 +522,88 @@ fn placeholders_fill_in_as_three_replacements_would() {
                 sequential(pattern, c, stage),
                 "{pattern} in {c:?}, stage {stage}"
             );
+        }
+    }
+}
+
+#[test]
+fn ingress_sources_are_bounded_by_the_ceiling() {
+    let p = pipeline(
+        r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages:
+    - name: serve
+      role: Training
+      network:
+        ingress:
+          - fromNamespaceSelector: {matchLabels: {kubernetes.io/metadata.name: payments}}
+          - fromNamespaceSelector: {matchLabels: {kubernetes.io/metadata.name: attacker}}
+          - fromNamespaceSelector: {}
+          - fromPodSelector: {matchLabels: {app: x}}
+          - fromCIDR: 10.1.0.0/16
+          - fromCIDR: 0.0.0.0/0
+"#,
+    );
+    let bounded = guardrail(&TRAINING_GUARDRAIL.replace(
+        "        egressNamespaces: [\"{namespace}\"]\n",
+        "        egressNamespaces: [\"{namespace}\"]\n        allowIngress: true\n        ingressNamespaces: [\"{namespace}\", payments]\n        ingressCIDRs: [10.0.0.0/8]\n",
+    ));
+    let d = decide(&p, 0, &[bounded], "ml");
+    let reasons: Vec<Reason> = d
+        .iter()
+        .filter(|(i, _)| i.starts_with("ingress"))
+        .map(|(_, r)| *r)
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Reason::WithinGuardrail,
+            Reason::OutsideGuardrail,
+            Reason::OutsideGuardrail,
+            Reason::WithinGuardrail,
+            Reason::WithinGuardrail,
+            Reason::OutsideGuardrail,
+        ],
+        "{d:#?}"
+    );
+}
+
+#[test]
+fn each_decision_names_the_guardrail_that_decided_it() {
+    let p = pipeline(TWO_STAGES);
+    let labels = labels("ml");
+    let guardrails = [guardrail(TRAINING_GUARDRAIL)];
+    let scope = Scope::new(p.spec.stages[0].role, &labels, &guardrails);
+    let ctx = StageContext {
+        namespace: "ml",
+        pipeline: "fraud",
+        index: 0,
+        claims: None,
+    };
+    let decisions = evaluate_stage(ctx, &validate(&p).expect("valid"), &scope);
+    let by_item = |item: &str| {
+        decisions
+            .iter()
+            .find(|d| d.item.to_string() == item)
+            .unwrap_or_else(|| panic!("no decision for {item}"))
+    };
+    for item in [
+        "get configmaps/train-db,serve-db,nobodys",
+        "delete configmaps/train-db,serve-db,nobodys",
+    ] {
+        assert_eq!(
+            by_item(item).guardrail.as_deref(),
+            Some("training"),
+            "{item}"
+        );
+    }
+    // The floor and the built-in DNS grant are no guardrail's.
+    for d in &decisions {
+        if !matches!(d.reason, Reason::WithinGuardrail | Reason::OutsideGuardrail) {
+            assert_eq!(d.guardrail, None, "{d:?}");
         }
     }
 }

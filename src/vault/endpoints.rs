@@ -2,7 +2,8 @@
 //! settings, token and namespace headers, and error parsing):
 //!
 //! - `sys/policies/acl/{name}`: vaultrs only speaks the older `sys/policy/{name}`;
-//! - `sys/leases/renew`, `sys/leases/revoke`, `sys/leases/lookup`: vaultrs has none;
+//! - `sys/leases/renew`, `sys/leases/revoke`, `sys/leases/lookup` (and its LIST by prefix):
+//!   vaultrs has none;
 //! - reading a dynamic-secret path with its lease (`lease_id`, `lease_duration`, `renewable`):
 //!   vaultrs's database call keeps only `data`;
 //! - `auth/token/renew-self` and `lookup-self`: vaultrs's renew-self path starts with a tab;
@@ -174,17 +175,23 @@ pub async fn role_read(
 }
 
 /// `POST auth/{mount}/role/{name}`.
+///
+/// `token_policies` goes as one comma-separated string, which Vault also accepts: Vault's
+/// `allowed_parameters` globs (`"token_policies" = ["portcullis-*"]`, the operator's own policy)
+/// match strings only, never lists.
 pub async fn role_write(
     client: &VaultClient,
     mount: &str,
     name: &str,
     role: &KubernetesRole,
 ) -> Result<(), ClientError> {
+    let mut body = serde_json::to_value(role).expect("a role serializes");
+    body["token_policies"] = serde_json::Value::String(role.token_policies.join(","));
     empty(
         client,
         RequestMethod::POST,
         format!("/auth/{mount}/role/{name}"),
-        Some(serde_json::to_value(role).expect("a role serializes")),
+        Some(body),
     )
     .await
 }
@@ -276,6 +283,38 @@ pub struct LeaseLookup {
     pub ttl: i64,
     #[serde(default)]
     pub renewable: bool,
+    /// When Vault issued it (RFC 3339).
+    #[serde(default)]
+    pub issue_time: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Keys {
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+/// `LIST sys/leases/lookup/{prefix}/`: the ids of the live leases issued from `prefix` (a
+/// credentials path such as `database/creds/writer`); none when Vault has none (404).
+pub async fn lease_list(client: &VaultClient, prefix: &str) -> Result<Vec<String>, ClientError> {
+    let prefix = prefix.trim_matches('/');
+    let listed = found(
+        envelope::<Keys>(
+            client,
+            RequestMethod::LIST,
+            format!("/sys/leases/lookup/{prefix}/"),
+            None,
+        )
+        .await,
+    )?;
+    Ok(listed
+        .and_then(|e| e.data)
+        .map(|d| d.keys)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| !k.ends_with('/'))
+        .map(|k| format!("{prefix}/{k}"))
+        .collect())
 }
 
 /// `POST sys/leases/lookup`: `None` when the lease is gone (Vault answers 400 "invalid lease").
@@ -314,6 +353,9 @@ pub struct TokenLookup {
     pub policies: Vec<String>,
     #[serde(default)]
     pub meta: Option<BTreeMap<String, String>>,
+    /// The token's accessor: which leases it issued are recorded with.
+    #[serde(default)]
+    pub accessor: String,
 }
 
 /// `GET auth/token/lookup-self`.

@@ -2,8 +2,9 @@
 //! clock and the cluster, asks [`due`] what to do, and does it.
 //!
 //! The rules, per requested credential:
-//! - no current lease, a changed path or Secret, a missing Secret, or an expired lease: issue new
-//!   credentials (replacing the current lease, if any);
+//! - no current lease, a changed path or Secret, a missing Secret, a Secret that holds another
+//!   lease's credentials (a rotation cut short between saving the new lease and writing the
+//!   Secret), or an expired lease: issue new credentials (replacing the current lease, if any);
 //! - at its renewal time (about two thirds of the lease, with up to a tenth of jitter): renew, or,
 //!   when the lease is not renewable or its last renewal was cut short by Vault's max TTL, issue
 //!   new credentials instead;
@@ -47,6 +48,13 @@ pub struct LeaseRecord {
     /// The consumers of the credentials issued with this lease still have to be restarted.
     #[serde(default)]
     pub restart_pending: bool,
+    /// The accessor of the operator token that issued it: the lease ends when that token does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_accessor: Option<String>,
+    /// Issued under a token the operator no longer holds (its Secret was lost): nobody renews
+    /// that token, so the lease ends with it; replace it now.
+    #[serde(default)]
+    pub orphaned: bool,
 }
 
 impl LeaseRecord {
@@ -81,6 +89,18 @@ pub fn renew_at(from: DateTime<Utc>, duration: Duration, lease_id: &str) -> Date
     from + Duration::milliseconds(ms * 2 / 3 - jitter)
 }
 
+/// What a credential's Secret holds, compared with the current lease (its
+/// `portcullis.dev/lease-hash` annotation against [`lease_hash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The Secret is not there.
+    Missing,
+    /// It holds the current lease's credentials.
+    Current,
+    /// It holds other credentials: a replaced lease's, or none the operator knows.
+    Stale,
+}
+
 /// Something to do for a pipeline's credentials.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -97,11 +117,12 @@ pub enum Step {
 }
 
 /// What is due at `now`, and when to look again (the earliest future renewal or revocation).
+/// `delivery(secret_name, lease_id)` says what a credential's Secret holds.
 pub fn due(
     now: DateTime<Utc>,
     requests: &[CredentialRequest],
     leases: &[LeaseRecord],
-    secret_exists: impl Fn(&str) -> bool,
+    delivery: impl Fn(&str, &str) -> Delivery,
 ) -> (Vec<Step>, Option<DateTime<Utc>>) {
     let mut steps = Vec::new();
     let mut wake: Option<DateTime<Utc>> = None;
@@ -122,12 +143,21 @@ pub fn due(
             replaces: Some(lease.lease_id.clone()),
             why,
         };
+        let delivered = delivery(&request.secret_name, &lease.lease_id);
         if lease.path != request.path || lease.secret_name != request.secret_name {
             steps.push(replace("the credential's path or Secret changed"));
-        } else if !secret_exists(&request.secret_name) {
+        } else if delivered == Delivery::Missing {
             steps.push(replace("its Secret is missing"));
+        } else if delivered == Delivery::Stale {
+            steps.push(replace(
+                "its Secret holds other credentials than the current lease's",
+            ));
         } else if lease.expires_at <= now {
             steps.push(replace("the lease expired"));
+        } else if lease.orphaned {
+            steps.push(replace(
+                "the token that issued it is no longer the operator's, and ends unrenewed",
+            ));
         } else if lease.renew_at <= now {
             if lease.renewable && !lease.replace_next {
                 steps.push(Step::Renew {
@@ -226,6 +256,8 @@ mod tests {
             replace_next: false,
             retire_at: None,
             restart_pending: false,
+            token_accessor: None,
+            orphaned: false,
         }
     }
 
@@ -245,17 +277,21 @@ mod tests {
 
     #[test]
     fn a_new_credential_is_issued_and_a_healthy_lease_waits() {
-        let (steps, wake) = due(t(10), &[request("db")], &[], |_| true);
+        let (steps, wake) = due(t(10), &[request("db")], &[], |_, _| Delivery::Current);
         assert!(matches!(steps[..], [Step::Issue { replaces: None, .. }]));
         assert_eq!(wake, None);
-        let (steps, wake) = due(t(10), &[request("db")], &[lease("db", "L1")], |_| true);
+        let (steps, wake) = due(t(10), &[request("db")], &[lease("db", "L1")], |_, _| {
+            Delivery::Current
+        });
         assert!(steps.is_empty());
         assert_eq!(wake, Some(t(600)));
     }
 
     #[test]
     fn renewal_time_renews_unless_the_lease_cannot_go_on() {
-        let (steps, _) = due(t(600), &[request("db")], &[lease("db", "L1")], |_| true);
+        let (steps, _) = due(t(600), &[request("db")], &[lease("db", "L1")], |_, _| {
+            Delivery::Current
+        });
         assert_eq!(
             steps,
             vec![Step::Renew {
@@ -265,23 +301,46 @@ mod tests {
         );
         let mut capped = lease("db", "L1");
         capped.replace_next = true;
-        let (steps, _) = due(t(600), &[request("db")], &[capped], |_| true);
+        let (steps, _) = due(t(600), &[request("db")], &[capped], |_, _| {
+            Delivery::Current
+        });
         assert!(
             matches!(&steps[..], [Step::Issue { replaces: Some(id), why, .. }] if id == "L1" && why.contains("max TTL"))
         );
         let mut fixed = lease("db", "L1");
         fixed.renewable = false;
-        let (steps, _) = due(t(600), &[request("db")], &[fixed], |_| true);
+        let (steps, _) = due(t(600), &[request("db")], &[fixed], |_, _| Delivery::Current);
         assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("not renewable")));
+        // Issued under a token the operator lost: replaced long before its renewal is due.
+        let mut orphaned = lease("db", "L1");
+        orphaned.orphaned = true;
+        let (steps, _) = due(t(10), &[request("db")], &[orphaned], |_, _| {
+            Delivery::Current
+        });
+        assert!(
+            matches!(&steps[..], [Step::Issue { replaces: Some(id), why, .. }] if id == "L1" && why.contains("no longer the operator's"))
+        );
     }
 
     #[test]
     fn a_missing_secret_or_changed_path_gets_new_credentials() {
-        let (steps, _) = due(t(10), &[request("db")], &[lease("db", "L1")], |_| false);
+        let (steps, _) = due(t(10), &[request("db")], &[lease("db", "L1")], |_, _| {
+            Delivery::Missing
+        });
         assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("missing")));
+        // A Secret that holds another lease's credentials is as good as missing: the current
+        // lease's credentials were never delivered, so new ones replace it.
+        let (steps, _) = due(t(10), &[request("db")], &[lease("db", "L1")], |_, _| {
+            Delivery::Stale
+        });
+        assert!(
+            matches!(&steps[..], [Step::Issue { replaces: Some(id), why, .. }] if id == "L1" && why.contains("other credentials"))
+        );
         let mut moved = request("db");
         moved.path = "database/creds/other".into();
-        let (steps, _) = due(t(10), &[moved], &[lease("db", "L1")], |_| true);
+        let (steps, _) = due(t(10), &[moved], &[lease("db", "L1")], |_, _| {
+            Delivery::Current
+        });
         assert!(matches!(&steps[..], [Step::Issue { why, .. }] if why.contains("changed")));
     }
 
@@ -295,12 +354,14 @@ mod tests {
             t(130),
             &[request("db")],
             &[old.clone(), new.clone()],
-            |_| true,
+            |_, _| Delivery::Current,
         );
         assert!(steps.is_empty(), "{steps:?}");
         assert_eq!(wake, Some(t(131)));
         new.restart_pending = false;
-        let (steps, _) = due(t(130), &[request("db")], &[old.clone(), new], |_| true);
+        let (steps, _) = due(t(130), &[request("db")], &[old.clone(), new], |_, _| {
+            Delivery::Current
+        });
         assert_eq!(
             steps,
             vec![Step::Revoke {
@@ -312,7 +373,7 @@ mod tests {
 
     #[test]
     fn a_lease_nobody_requests_is_revoked() {
-        let (steps, _) = due(t(10), &[], &[lease("db", "L1")], |_| true);
+        let (steps, _) = due(t(10), &[], &[lease("db", "L1")], |_, _| Delivery::Current);
         assert!(matches!(&steps[..], [Step::Revoke { lease_id, .. }] if lease_id == "L1"));
     }
 

@@ -22,6 +22,11 @@ pub struct Session<S> {
     /// Seconds the token had left at its last login, lookup or renewal, and whether it can be
     /// renewed.
     token_ttl: std::sync::Mutex<Option<(u64, bool)>>,
+    /// Counts the tokens the session has taken up (a kept one resumed, or a new login): when it
+    /// changes, the leases issued before may be gone with the token that created them.
+    generation: std::sync::atomic::AtomicU64,
+    /// The current token's accessor (empty before the first token).
+    accessor: std::sync::Mutex<String>,
 }
 
 impl<S: TokenStore> Session<S> {
@@ -34,11 +39,24 @@ impl<S: TokenStore> Session<S> {
             store,
             client: RwLock::new(client),
             token_ttl: std::sync::Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            accessor: std::sync::Mutex::default(),
         }))
     }
 
     pub fn config(&self) -> &VaultConfig {
         &self.config
+    }
+
+    /// How many tokens the session has taken up so far (0: none yet). A pipeline whose leases
+    /// were last looked up under another generation looks them up again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The current token's accessor (empty before the first token).
+    pub fn accessor(&self) -> String {
+        self.accessor.lock().expect("accessor lock").clone()
     }
 
     /// The client, with a token: resumes the kept token or logs in when there is none.
@@ -55,6 +73,8 @@ impl<S: TokenStore> Session<S> {
             let mut guard = self.client.write().await;
             if !endpoints::has_token(&guard) {
                 self.establish(&mut guard).await?;
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             }
         }
         Ok(self.client.read().await)
@@ -91,6 +111,7 @@ impl<S: TokenStore> Session<S> {
                     );
                     *self.token_ttl.lock().expect("ttl lock") =
                         Some((lookup.ttl, lookup.renewable));
+                    *self.accessor.lock().expect("accessor lock") = lookup.accessor;
                     return Ok(());
                 }
                 Ok(_) | Err(ClientError::APIError { code: 403, .. }) => {
@@ -128,10 +149,20 @@ impl<S: TokenStore> Session<S> {
                 VaultError::from_client(&format!("auth/{}/login", self.config.auth_mount), other)
             }
         })?;
-        vaultrs::client::Client::set_token(client, &auth.client_token);
-        let lookup = endpoints::token_lookup_self(client)
+        // Kept before it is used: a crash after its first lease must not lose the token that
+        // lease lives and dies with.
+        self.store
+            .save(&auth.client_token)
             .await
-            .map_err(|e| VaultError::from_client("auth/token/lookup-self", e))?;
+            .map_err(VaultError::TokenStore)?;
+        vaultrs::client::Client::set_token(client, &auth.client_token);
+        let lookup = match endpoints::token_lookup_self(client).await {
+            Ok(lookup) => lookup,
+            Err(e) => {
+                vaultrs::client::Client::set_token(client, "");
+                return Err(VaultError::from_client("auth/token/lookup-self", e));
+            }
+        };
         if lookup.period.unwrap_or(0) == 0 {
             warn!(
                 role = %self.config.auth_role,
@@ -141,10 +172,8 @@ impl<S: TokenStore> Session<S> {
         }
         info!(policies = ?auth.policies, ttl_seconds = auth.lease_duration, period_seconds = lookup.period.unwrap_or(0), "logged in to Vault");
         *self.token_ttl.lock().expect("ttl lock") = Some((auth.lease_duration, auth.renewable));
-        self.store
-            .save(&auth.client_token)
-            .await
-            .map_err(VaultError::TokenStore)
+        *self.accessor.lock().expect("accessor lock") = lookup.accessor;
+        Ok(())
     }
 
     /// Renews the token at half its TTL, forever; a token Vault no longer knows is replaced by a

@@ -65,6 +65,11 @@ impl Fixture {
     pub(crate) async fn wait_ready(&self, ready: &str) -> AIPipeline {
         wait_ready(&self.client, &self.ns, &self.name(), ready, &self.op).await
     }
+
+    /// [`wait_converged`] for the pipeline (the fixture's operator runs without Vault).
+    pub(crate) async fn wait_converged(&self) -> AIPipeline {
+        wait_converged(&self.client, &self.ns, &self.name(), &self.op).await
+    }
 }
 
 /// The example pipeline at `path` (relative to the repository), in `namespace`.
@@ -137,6 +142,50 @@ pub(crate) async fn get_raw(client: &Client, ns: &str, name: &str) -> Value {
         .request::<Value>(request)
         .await
         .unwrap_or_else(|e| panic!("get AIPipeline {ns}/{name}: {e}"))
+}
+
+/// Waits (at most [`WAIT`]) until AIPipeline `ns/name`, reconciled by an operator that runs
+/// without Vault, has converged for its current generation: `Ready=True`, or, when its plan
+/// involves Vault (the status has a `VaultSynced` condition), `Ready=False` with reason
+/// `VaultNotConfigured` (Ready means the credentials are delivered too). Returns it as the API
+/// server serves it.
+pub(crate) async fn wait_converged_raw(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    op: &Operator,
+) -> Value {
+    let what = format!("AIPipeline {ns}/{name} converged without Vault");
+    let found = tokio::time::timeout(
+        WAIT,
+        wait_for(&what, WAIT, || async move {
+            let p = get_raw(client, ns, name).await;
+            let current = p["status"]["observedGeneration"] == p["metadata"]["generation"];
+            let conditions = p["status"]["conditions"].as_array()?;
+            let involves_vault = conditions.iter().any(|c| c["type"] == "VaultSynced");
+            let (status, reason) = if involves_vault {
+                ("False", "VaultNotConfigured")
+            } else {
+                ("True", "Reconciled")
+            };
+            let is = conditions
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == status && c["reason"] == reason);
+            (current && is).then_some(p)
+        }),
+    )
+    .await;
+    found.unwrap_or_else(|_| panic!("{what} timed out; operator log:\n{}", op.log()))
+}
+
+/// [`wait_converged_raw`], typed.
+pub(crate) async fn wait_converged(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    op: &Operator,
+) -> AIPipeline {
+    serde_json::from_value(wait_converged_raw(client, ns, name, op).await).expect("an AIPipeline")
 }
 
 /// [`wait_ready`], returning the pipeline as the API server serves it.

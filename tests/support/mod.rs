@@ -35,11 +35,14 @@ pub(crate) mod admission;
 mod control_plane;
 mod fixture;
 mod helpers;
+/// A real OpenBao (Vault API) per test, behind a fault-injecting proxy.
+pub(crate) mod openbao;
 pub(crate) mod operator;
+/// A throwaway PostgreSQL cluster per test process, for the database secrets engine.
+pub(crate) mod postgres;
 /// Processes under a watchdog that stops them when the test process exits; also for the
 /// operator under test (`process::Server::spawn`, `stop`, `log_tail`).
 pub(crate) mod process;
-pub(crate) mod vault;
 
 #[allow(unused_imports)]
 pub(crate) use control_plane::{
@@ -48,7 +51,8 @@ pub(crate) use control_plane::{
 #[allow(unused_imports)]
 pub(crate) use fixture::{
     Fixture, WAIT, condition, create_pipeline, example, get_raw, guarded_namespace,
-    pipelines_request, wait_ready, wait_ready_raw, with_pipeline,
+    pipelines_request, wait_converged, wait_converged_raw, wait_ready, wait_ready_raw,
+    with_pipeline,
 };
 #[allow(unused_imports)]
 pub(crate) use helpers::{

@@ -4,7 +4,8 @@
 //! with SIGKILL, so no Rust destructor can be relied on to stop the servers. Each server runs
 //! under a small bash watchdog instead: it polls the test process every 0.5 s and, once that is
 //! gone (or the watchdog itself is asked to stop with SIGTERM/SIGINT/SIGHUP, or the server has
-//! exited), sends the server SIGTERM, and SIGKILL 2 s later if it is still there.
+//! exited), sends the server SIGTERM (or the signal it was started with), and SIGKILL 2 s later
+//! if it is still there.
 //!
 //! A second kind of watchdog, the reaper, removes the control plane's temporary directory once
 //! the test process and every server whose pid is recorded in that directory are gone.
@@ -15,10 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `bash -c` script: `$1` the pid to watch, `$2` a file to write the server's pid to, then the
+/// `bash -c` script: `$1` the pid to watch, `$2` a file to write the server's pid to, `$3` the
+/// signal that stops the server (TERM for most; PostgreSQL's fast shutdown is INT), then the
 /// server's command line.
 const WATCHDOG: &str = r#"
-parent=$1; pidfile=$2; shift 2
+parent=$1; pidfile=$2; sig=$3; shift 3
 stop=
 trap 'stop=1' INT TERM HUP
 "$@" &
@@ -27,7 +29,7 @@ echo "$child" > "$pidfile"
 while [ -z "$stop" ] && kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do
     sleep 0.5
 done
-kill -TERM "$child" 2>/dev/null
+kill -"$sig" "$child" 2>/dev/null
 for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
     kill -0 "$child" 2>/dev/null || break
     sleep 0.1
@@ -72,6 +74,17 @@ impl Server {
         program: &Path,
         args: &[String],
     ) -> Result<Server, String> {
+        Self::spawn_stopped_by(name, dir, program, args, "TERM")
+    }
+
+    /// As [`Server::spawn`], for a server that `stop_signal` (`TERM`, `INT`, ...) stops best.
+    pub(crate) fn spawn_stopped_by(
+        name: &'static str,
+        dir: &Path,
+        program: &Path,
+        args: &[String],
+        stop_signal: &str,
+    ) -> Result<Server, String> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
         let err = out
@@ -83,6 +96,7 @@ impl Server {
             .arg(format!("portcullis-envtest-{name}"))
             .arg(std::process::id().to_string())
             .arg(dir.join(format!("{name}.pid")))
+            .arg(stop_signal)
             .arg(program)
             .args(args)
             .stdin(Stdio::null())

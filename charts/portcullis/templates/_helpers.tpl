@@ -64,6 +64,21 @@ app.kubernetes.io/part-of: portcullis
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The labels of the `helm test` Pod: none of the operator's selector labels. */}}
+{{- define "portcullis.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "portcullis.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
+{{- define "portcullis.testLabels" -}}
+helm.sh/chart: {{ include "portcullis.chart" . }}
+{{ include "portcullis.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: portcullis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "portcullis.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "portcullis.fullname" .) .Values.serviceAccount.name }}
@@ -83,6 +98,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The Secret holding the decision log's HMAC key, and the key in it. */}}
 {{- define "portcullis.auditKeySecret" -}}
 {{- default (printf "%s-audit-key" (include "portcullis.fullname" .)) .Values.auditLog.existingSecret }}
+{{- end }}
+
+{{/* Non-empty when the operator reads (and, when missing, creates) the key Secret itself. */}}
+{{- define "portcullis.operatorMakesKey" -}}
+{{- if and (not .Values.auditLog.existingSecret) (eq .Values.auditLog.generateKey "operator") }}true{{ end }}
 {{- end }}
 
 {{- define "portcullis.auditKeySecretKey" -}}

@@ -83,6 +83,33 @@ impl AccessMetrics {
         m
     }
 
+    /// One series in each family, so that each shows in the exposition (for tests).
+    #[cfg(test)]
+    pub(crate) fn touch_all(&self) {
+        use crate::access::Source;
+        self.events
+            .get_or_create(&SourceLabels {
+                source: "kubernetes".into(),
+            })
+            .inc();
+        self.dropped(Source::Kubernetes, "not_a_stage");
+        self.rejected(Source::Kubernetes, "unauthorized");
+        self.requests
+            .get_or_create(&RequestLabels {
+                source: "kubernetes".into(),
+                verdict: "Allow".into(),
+            })
+            .inc();
+        self.anomalies
+            .get_or_create(&AnomalyLabels {
+                anomaly: "AccessDenied".into(),
+                namespace: "ns".into(),
+                pipeline: "p".into(),
+                stage: "s".into(),
+            })
+            .inc();
+    }
+
     pub(crate) fn dropped(&self, source: crate::access::Source, reason: &str) {
         self.dropped
             .get_or_create(&DroppedLabels {

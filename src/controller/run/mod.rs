@@ -27,6 +27,7 @@ use crate::k8s::{
     Client, Controller, ControllerConfig, ControllerError, LAST_APPLIED, PartialObjectMeta,
     Reporter, Secret, Store, WatchStreamExt, predicates, reflector, watcher,
 };
+use crate::plan::names::RECONCILE_ANNOTATION;
 use crate::shard::Shard;
 use caches::{Caches, Streams, WatchScope};
 use leader::Elected;
@@ -56,15 +57,30 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         info!(shard = %config.shard, "reconciling only the namespaces of this shard");
     }
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
-    let ctx = context(&client, &config, &caches, applied, &metrics, &health, audit)?;
+    let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
+    let ctx = context(
+        &client,
+        &config,
+        &caches,
+        pipelines.clone(),
+        applied,
+        (&metrics, &health),
+        audit,
+    )?;
+    if let Some(vault) = &ctx.vault {
+        vault.set_pipelines(pipelines.clone());
+    }
     super::access::start_for(&client, &config, &ctx)
         .await
         .map_err(RunError::Access)?;
 
-    let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
-
     // No reconcile plans before the caches are full (see `Context::synced`).
-    tokio::spawn(mark_synced(caches.clone(), ctx.clone(), health.clone()));
+    tokio::spawn(mark_synced(
+        caches.clone(),
+        ctx.clone(),
+        health.clone(),
+        config.policy_reports,
+    ));
     tokio::spawn(housekeeping::forget_deleted_pipelines(
         ctx.clone(),
         pipelines.clone(),
@@ -172,9 +188,9 @@ fn context(
     client: &Client,
     config: &RunConfig,
     caches: &Caches,
+    pipelines: Store<AIPipeline>,
     applied: Arc<AppliedState>,
-    metrics: &Arc<Metrics>,
-    health: &Arc<http::Health>,
+    (metrics, health): (&Arc<Metrics>, &Arc<http::Health>),
     audit: AuditLog,
 ) -> Result<Arc<Context>, RunError> {
     let vault = match &config.vault {
@@ -188,6 +204,7 @@ fn context(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
+        pipelines,
         guardrails: caches.guardrails.clone(),
         namespaces: caches.namespaces.clone(),
         children: caches.children.clone(),
@@ -201,6 +218,7 @@ fn context(
         },
         synced: Arc::new(AtomicBool::new(false)),
         synced_notify: Arc::default(),
+        policy_reports: AtomicBool::new(false),
         recorded: Mutex::default(),
         statuses: Mutex::default(),
         failures: Mutex::default(),
@@ -269,13 +287,23 @@ fn pipeline_controller(
     )
     .default_backoff()
     .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    .predicate_filter(generation_or_request, Default::default());
     let controller = Controller::for_stream(pipeline_events, pipelines.clone())
         // No debounce: the echo of the operator's own writes is filtered out where it arrives
         // (see `caches`), so a debounce would only delay every first reconcile of a new
         // pipeline (it was 250 ms, most of a new pipeline's time to Ready).
         .with_config(ControllerConfig::default().concurrency(concurrency));
     (pipelines, controller)
+}
+
+/// What makes an AIPipeline event worth a reconcile: a new generation (a new spec, or
+/// deletion), or a new value of an annotation that asks for something
+/// ([`RECONCILE_ANNOTATION`]).
+fn generation_or_request(pipeline: &AIPipeline) -> Option<u64> {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let generation = predicates::generation(pipeline)?;
+    let request = crate::k8s::ResourceExt::annotations(pipeline).get(RECONCILE_ANNOTATION);
+    Some(BuildHasherDefault::<DefaultHasher>::default().hash_one((generation, request)))
 }
 
 /// Logs what the controller reports besides reconciles (those are counted and logged by
@@ -295,8 +323,24 @@ where
 }
 
 /// Once every cache holds a full list: reconciles may plan, and /readyz says ready.
-async fn mark_synced(caches: Caches, ctx: Arc<Context>, health: Arc<http::Health>) {
+async fn mark_synced(
+    caches: Caches,
+    ctx: Arc<Context>,
+    health: Arc<http::Health>,
+    policy_reports: bool,
+) {
     if caches.wait_synced().await {
+        if policy_reports {
+            let served = super::reports::served(&ctx.client).await;
+            if served {
+                info!("writing a wgpolicyk8s.io PolicyReport per pipeline");
+            } else {
+                warn!(
+                    "--policy-reports: the API server does not serve wgpolicyk8s.io/v1alpha2 PolicyReports (install Policy Reporter's or Kyverno's CRDs); writing none"
+                );
+            }
+            ctx.policy_reports.store(served, Ordering::Relaxed);
+        }
         ctx.synced.store(true, Ordering::Release);
         ctx.synced_notify.notify_waiters();
         health.ready.store(true, Ordering::Relaxed);
@@ -321,7 +365,7 @@ fn vault_context(
     tokio::spawn(session.clone().keep_renewed());
     info!(address = %v.connection.address, auth_mount = %v.connection.auth_mount, role = %v.connection.auth_role, "Vault configured");
     let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-    Ok(VaultCtx::new(
+    let mut vault = VaultCtx::new(
         session,
         v.state_namespace.clone(),
         chrono(v.revoke_grace),
@@ -329,7 +373,13 @@ fn vault_context(
         v.max_restarts_per_minute,
         v.resync,
         secrets,
-    ))
+    );
+    vault.name_prefix.clone_from(&v.name_prefix);
+    Ok(if shard.is_sharded() {
+        vault.without_sweep()
+    } else {
+        vault
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -6,6 +6,7 @@ use tracing::{info, warn};
 use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
+use super::secrets::Held;
 use super::state::VaultState;
 use super::{VaultSide, Work, earliest, rfc3339, secrets};
 use crate::api::CredentialStatus;
@@ -15,21 +16,40 @@ use crate::k8s::OwnerReference;
 use crate::plan::CredentialRequest;
 use crate::vault::VaultError;
 use crate::vault::endpoints;
-use crate::vault::leases::{self, LeaseRecord, Step};
+use crate::vault::leases::{self, Delivery, LeaseRecord, Step};
 
 /// Issues, renews, replaces and revokes what is due now. Returns the earliest time something
-/// falls due next.
+/// falls due next. `held` is what the credential Secrets hold; it is confirmed against the API
+/// server where it differs from the current lease, and kept up to date with what is written.
 pub(super) async fn converge(
     work: &Work<'_>,
     client: &VaultClient,
     side: &VaultSide,
     owner: &OwnerReference,
     state: &mut VaultState,
+    held: &mut Held,
 ) -> Result<Option<DateTime<Utc>>> {
-    let (steps, mut wake) =
-        leases::due(Utc::now(), &side.vault.credentials, &state.leases, |name| {
-            secrets::delivered(work, name)
-        });
+    verify(work, client, side, state).await?;
+    for r in &side.vault.credentials {
+        let current = state
+            .leases
+            .iter()
+            .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name);
+        if let Some(lease) = current
+            && secrets::delivery(held, &r.secret_name, &lease.lease_id) != Delivery::Current
+        {
+            held.insert(
+                r.secret_name.clone(),
+                secrets::confirm(work, &r.secret_name).await?,
+            );
+        }
+    }
+    let (steps, mut wake) = leases::due(
+        Utc::now(),
+        &side.vault.credentials,
+        &state.leases,
+        |name, lease| secrets::delivery(held, name, lease),
+    );
     for step in steps {
         match step {
             Step::Issue {
@@ -38,7 +58,9 @@ pub(super) async fn converge(
                 why,
             } => {
                 let r = &side.vault.credentials[request];
-                let renew_at = issue(work, client, side, owner, state, r, replaces, why).await?;
+                let (lease_id, renew_at) =
+                    issue(work, client, side, owner, state, r, replaces, why).await?;
+                held.insert(r.secret_name.clone(), Some(leases::lease_hash(&lease_id)));
                 wake = earliest(wake, renew_at);
             }
             Step::Renew { lease_id, request } => {
@@ -63,12 +85,121 @@ pub(super) async fn converge(
     Ok(wake)
 }
 
+/// After the operator's token changed (a restart resuming it, or a new login), looks up every
+/// lease the pipeline holds: Vault revokes every lease a token created when that token dies
+/// (revoked, expired while the operator was down), so a lease Vault no longer knows ends now:
+/// it is replaced (its consumers restarted) and never reported as delivered. A live lease
+/// issued under another token than the current one (the kept token's Secret was lost) ends when
+/// that token, which nobody renews any more, does: it is replaced now.
+async fn verify(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    state: &mut VaultState,
+) -> Result<()> {
+    let generation = work.vault.session.generation();
+    let verified = work
+        .vault
+        .verified
+        .lock()
+        .expect("verified lock")
+        .get(&work.uid)
+        .copied();
+    if verified == Some(generation) {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let accessor = work.vault.session.accessor();
+    let mut gone = Vec::new();
+    let mut orphaned = Vec::new();
+    for lease in &state.leases {
+        let object = format!(
+            "credential {}/{} ({})",
+            lease.stage, lease.credential, lease.path
+        );
+        let found = work
+            .call(
+                "lookup",
+                Some(&lease.stage),
+                &object,
+                endpoints::lease_lookup(client, &lease.lease_id),
+            )
+            .await?;
+        let foreign = lease
+            .token_accessor
+            .as_ref()
+            .is_some_and(|a| !accessor.is_empty() && *a != accessor);
+        if found.is_some() && foreign && lease.is_current() && !lease.orphaned {
+            let mut e = work.entry(
+                AuditAction::VaultFailed,
+                Some(&lease.stage),
+                object.clone(),
+                format!(
+                    "lease {} was issued under an operator token it no longer holds (its Secret was lost); it ends when that token does: issuing new credentials and restarting their consumers",
+                    leases::lease_hash(&lease.lease_id)
+                ),
+            );
+            e.subject = side.subject(&lease.stage);
+            work.record_keepalive(e).await?;
+            orphaned.push(lease.lease_id.clone());
+        }
+        if found.is_none() {
+            let mut e = work.entry(
+                AuditAction::VaultFailed,
+                Some(&lease.stage),
+                object,
+                format!(
+                    "lease {} is gone from Vault (revoked with the operator's token that created it, or expired); {}",
+                    leases::lease_hash(&lease.lease_id),
+                    if lease.is_current() {
+                        "issuing new credentials and restarting their consumers"
+                    } else {
+                        "it was already replaced"
+                    }
+                ),
+            );
+            e.subject = side.subject(&lease.stage);
+            work.record_keepalive(e).await?;
+            gone.push(lease.lease_id.clone());
+        }
+    }
+    for l in state
+        .leases
+        .iter_mut()
+        .filter(|l| orphaned.contains(&l.lease_id))
+    {
+        l.orphaned = true;
+    }
+    if !gone.is_empty() || !orphaned.is_empty() {
+        // A current lease that is gone has expired as far as anyone can use it; a replaced
+        // one has nothing left to revoke.
+        state
+            .leases
+            .retain(|l| l.is_current() || !gone.contains(&l.lease_id));
+        for l in state
+            .leases
+            .iter_mut()
+            .filter(|l| gone.contains(&l.lease_id))
+        {
+            l.expires_at = now;
+            l.renew_at = now;
+        }
+        work.save(state).await?;
+    }
+    work.vault
+        .verified
+        .lock()
+        .expect("verified lock")
+        .insert(work.uid.clone(), generation);
+    Ok(())
+}
+
 fn object(r: &CredentialRequest) -> String {
     format!("credential {}/{} ({})", r.stage, r.name, r.path)
 }
 
 /// Records, then issues new credentials into the request's Secret; the lease it replaces (if
-/// any) is retired after the grace period. Returns when to renew the new lease.
+/// any) is retired after the grace period. Returns the new lease and when to renew it.
 #[allow(clippy::too_many_arguments)]
 async fn issue(
     work: &Work<'_>,
@@ -79,7 +210,7 @@ async fn issue(
     r: &CredentialRequest,
     replaces: Option<String>,
     why: &str,
-) -> Result<DateTime<Utc>> {
+) -> Result<(String, DateTime<Utc>)> {
     let object = object(r);
     secrets::refuse_foreign(work, side, r, &object).await?;
     let (action, message) = match &replaces {
@@ -130,6 +261,8 @@ async fn issue(
         replace_next: false,
         retire_at: None,
         restart_pending: replaces.is_some() && !r.restart_targets.is_empty(),
+        token_accessor: Some(work.vault.session.accessor()).filter(|a| !a.is_empty()),
+        orphaned: false,
     };
     if let Some(old) = &replaces
         && let Some(l) = state.leases.iter_mut().find(|l| &l.lease_id == old)
@@ -146,7 +279,7 @@ async fn issue(
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
-    Ok(record.renew_at)
+    Ok((record.lease_id, record.renew_at))
 }
 
 /// Records, then renews a lease. A lease Vault no longer knows is marked for replacement.
@@ -271,11 +404,12 @@ pub(super) async fn revoke(
     work.save(state).await
 }
 
-/// The delivered credentials for the status, and how many of them have a lease that has not
-/// expired.
+/// The delivered credentials for the status (a current lease whose credentials its Secret
+/// holds), and how many of them have a lease that has not expired.
 pub(super) fn delivered(
     side: &VaultSide,
     state: &VaultState,
+    held: &Held,
 ) -> (Vec<(String, CredentialStatus)>, usize) {
     let now = Utc::now();
     let mut live = 0;
@@ -287,7 +421,10 @@ pub(super) fn delivered(
             let lease = state
                 .leases
                 .iter()
-                .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)?;
+                .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)
+                .filter(|l| {
+                    secrets::delivery(held, &r.secret_name, &l.lease_id) == Delivery::Current
+                })?;
             live += usize::from(lease.expires_at > now);
             Some((
                 r.stage.clone(),

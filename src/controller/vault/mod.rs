@@ -21,6 +21,7 @@ pub(crate) mod policies;
 pub(crate) mod restarts;
 pub(crate) mod secrets;
 pub(crate) mod state;
+pub(crate) mod sweep;
 pub(crate) mod token;
 
 use std::collections::{BTreeMap, HashMap};
@@ -58,8 +59,18 @@ pub(crate) struct VaultCtx {
     pub resync: std::time::Duration,
     /// The credential Secrets (metadata, by label), in the watched namespaces.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// The prefix of the Vault policy and role names (`--vault-name-prefix`).
+    pub name_prefix: String,
     restarts: restarts::Restarts,
     states: tokio::sync::Mutex<HashMap<String, VaultState>>,
+    /// The pipelines of this operator, for the sweep to know every lease recorded.
+    pipelines: std::sync::OnceLock<Store<AIPipeline>>,
+    /// Whether leases no pipeline recorded are swept (not when sharded).
+    sweep: bool,
+    /// When each credentials path was last swept.
+    swept: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Per pipeline uid, the session generation under which its leases were last looked up.
+    verified: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl VaultCtx {
@@ -78,14 +89,34 @@ impl VaultCtx {
             grace,
             resync,
             secrets,
+            name_prefix: crate::plan::names::DEFAULT_VAULT_NAME_PREFIX.to_string(),
             restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
             states: tokio::sync::Mutex::default(),
+            pipelines: std::sync::OnceLock::new(),
+            sweep: true,
+            swept: std::sync::Mutex::default(),
+            verified: std::sync::Mutex::default(),
         }
+    }
+
+    /// The operator's pipelines: the sweep starts once it has them.
+    pub(crate) fn set_pipelines(&self, pipelines: Store<AIPipeline>) {
+        let _ = self.pipelines.set(pipelines);
+    }
+
+    /// No sweep: a sharded operator cannot see the other shards' leases.
+    pub(crate) fn without_sweep(mut self) -> VaultCtx {
+        self.sweep = false;
+        self
     }
 
     /// Drops the cached state of pipelines no longer in `live` (uids).
     pub(crate) async fn forget_deleted(&self, live: &std::collections::HashSet<String>) {
         self.states.lock().await.retain(|uid, _| live.contains(uid));
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .retain(|uid, _| live.contains(uid));
     }
 }
 
@@ -105,6 +136,12 @@ pub enum VaultProblem {
         /// `credential <stage>/<name> (<path>)`
         credential: String,
     },
+    /// A Vault policy or role of the planned name exists and was not written by Portcullis for
+    /// this stage: it is left alone.
+    #[error(
+        "{object} exists in Vault and was not written by Portcullis for this stage, so it was left alone; remove or rename it in Vault, or run the operator with another --vault-name-prefix"
+    )]
+    ObjectNotOwned { object: String },
     /// The stages ask for Vault, and the operator runs without it.
     #[error(
         "the stages ask for Vault access, but the operator runs without --vault-address; nothing was written to Vault"
@@ -128,6 +165,7 @@ impl VaultProblem {
                 VaultErrorKind::TokenStore => Reason::KubernetesError,
             },
             VaultProblem::SecretNotOwned { .. } => Reason::SecretNotOwned,
+            VaultProblem::ObjectNotOwned { .. } => Reason::VaultRefused,
             VaultProblem::NotConfigured | VaultProblem::CleanupNotConfigured => {
                 Reason::VaultNotConfigured
             }
@@ -140,7 +178,9 @@ impl VaultProblem {
                 VaultErrorKind::Unavailable | VaultErrorKind::TokenStore => Category::Unavailable,
                 VaultErrorKind::Refused | VaultErrorKind::Login => Category::Refused,
             },
-            VaultProblem::SecretNotOwned { .. } => Category::Refused,
+            VaultProblem::SecretNotOwned { .. } | VaultProblem::ObjectNotOwned { .. } => {
+                Category::Refused
+            }
             VaultProblem::NotConfigured | VaultProblem::CleanupNotConfigured => Category::Invalid,
         }
     }
@@ -289,7 +329,10 @@ impl<'a> Work<'a> {
         object: &str,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T> {
-        match call.await {
+        let started = std::time::Instant::now();
+        let answer = call.await;
+        self.ctx.metrics.observe_vault(operation, started.elapsed());
+        match answer {
             Ok(v) => {
                 self.count(operation, "ok");
                 self.succeeded(operation, object);
@@ -379,7 +422,8 @@ pub(crate) async fn reconcile(
     if !finalizer::holds(pipeline) {
         finalizer::add(ctx, pipeline).await?;
     }
-    match converge(&work, side, owner, &mut state).await {
+    let mut held = secrets::held(&work, side);
+    match converge(&work, side, owner, &mut state, &mut held).await {
         Ok(wake) => outcome.wake = wake,
         Err(Error::Vault(problem)) => {
             if problem.reason() == Reason::VaultRefused {
@@ -392,7 +436,7 @@ pub(crate) async fn reconcile(
         }
         Err(other) => return Err(other),
     }
-    (outcome.credentials, outcome.live) = credentials::delivered(side, &state);
+    (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held);
     Ok(outcome)
 }
 
@@ -402,20 +446,33 @@ async fn converge(
     side: &VaultSide,
     owner: &OwnerReference,
     state: &mut VaultState,
+    held: &mut secrets::Held,
 ) -> Result<Option<DateTime<Utc>>> {
     let client = match work.vault.session.client().await {
         Ok(client) => client,
         Err(e) => return Err(work.failed("login", None, "Vault session".into(), e).await),
     };
     policies::converge(work, &client, side, state).await?;
-    let wake = credentials::converge(work, &client, side, owner, state).await?;
+    let wake = credentials::converge(work, &client, side, owner, state, held).await?;
     secrets::prune(work, side).await?;
+    sweep::converge(work, &client, side).await?;
     let wake = restarts::converge(work, side, state, wake).await?;
     Ok(earliest(
         wake,
         Utc::now()
             + chrono::Duration::from_std(work.vault.resync).unwrap_or(chrono::Duration::minutes(5)),
     ))
+}
+
+/// The lease ids in the cached states.
+async fn recorded_leases(vault: &VaultCtx) -> Vec<String> {
+    vault
+        .states
+        .lock()
+        .await
+        .values()
+        .flat_map(|s| s.leases.iter().map(|l| l.lease_id.clone()))
+        .collect()
 }
 
 fn earliest(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {

@@ -6,9 +6,9 @@ use tracing::info;
 use vaultrs::client::VaultClient;
 
 use super::state::VaultState;
-use super::{VaultSide, Work};
+use super::{VaultProblem, VaultSide, Work};
 use crate::audit::Action as AuditAction;
-use crate::controller::Result;
+use crate::controller::{Error, Result};
 use crate::vault::endpoints::{self, KubernetesRole};
 
 /// Puts the planned policies and roles in Vault and deletes the ones no longer planned.
@@ -30,6 +30,7 @@ pub(super) async fn converge(
             .iter()
             .any(|r| !state.roles.contains(&r.name));
     if names_new {
+        claim_unrecorded(work, client, side, state, &mount).await?;
         state
             .policies
             .extend(side.vault.policies.iter().map(|p| p.name.clone()));
@@ -127,6 +128,76 @@ pub(super) async fn converge(
         info!(role = %role.name, "wrote a Vault Kubernetes-auth role");
     }
     delete_unplanned(work, client, state, side, "no longer planned").await
+}
+
+/// Before the operator records a policy or role name as its own, the object of that name must
+/// not exist in Vault as someone else's: a policy must carry this stage's ownership header
+/// ([`crate::plan::VaultPolicy::owns`]) and a role this stage's policy. Names it recorded are
+/// its own, and drift in them is reverted.
+async fn claim_unrecorded(
+    work: &Work<'_>,
+    client: &VaultClient,
+    side: &VaultSide,
+    state: &VaultState,
+    mount: &str,
+) -> Result<()> {
+    for policy in side
+        .vault
+        .policies
+        .iter()
+        .filter(|p| !state.policies.contains(&p.name))
+    {
+        let object = format!("Vault policy {}", policy.name);
+        let stage = Some(policy.stage.as_str());
+        let current = work
+            .call(
+                "policy_read",
+                stage,
+                &object,
+                endpoints::policy_read(client, &policy.name),
+            )
+            .await?;
+        if current.as_deref().is_some_and(|e| !policy.owns(e)) {
+            return Err(not_owned(work, stage, object).await);
+        }
+    }
+    for role in side
+        .vault
+        .roles
+        .iter()
+        .filter(|r| !state.roles.contains(&r.name))
+    {
+        let object = format!("Vault role auth/{mount}/role/{}", role.name);
+        let stage = Some(role.stage.as_str());
+        let current = work
+            .call(
+                "role_read",
+                stage,
+                &object,
+                endpoints::role_read(client, mount, &role.name),
+            )
+            .await?;
+        if current
+            .as_ref()
+            .is_some_and(|e| !role.owns(&e.token_policies))
+        {
+            return Err(not_owned(work, stage, object).await);
+        }
+    }
+    Ok(())
+}
+
+/// Records that `object` exists in Vault and is not Portcullis's for this stage, and returns
+/// the problem (or the decision log's error when it could not be recorded).
+async fn not_owned(work: &Work<'_>, stage: Option<&str>, object: String) -> Error {
+    let problem = VaultProblem::ObjectNotOwned {
+        object: object.clone(),
+    };
+    let entry = work.entry(AuditAction::VaultFailed, stage, object, problem.to_string());
+    match work.record(entry).await {
+        Ok(()) => Error::Vault(problem),
+        Err(log) => log,
+    }
 }
 
 /// A policy or role Portcullis wrote and no longer plans.

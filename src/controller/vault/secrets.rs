@@ -2,7 +2,7 @@
 //! annotated with their lease, never taken over from someone else, and deleted when their
 //! credential is no longer requested.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Value, json};
 
@@ -15,18 +15,74 @@ use crate::k8s::{
     is_not_found, merge_patch_if_present,
 };
 use crate::plan::CredentialRequest;
-use crate::vault::leases::{self, LeaseRecord};
+use crate::vault::leases::{self, Delivery, LeaseRecord};
+
+/// The annotation that names the lease a credential Secret holds (a [`leases::lease_hash`]).
+const LEASE_HASH: &str = "portcullis.dev/lease-hash";
+
+/// What the pipeline's credential Secrets hold: Secret name → the lease hash it carries
+/// (`None`: missing, or not the pipeline's).
+pub(super) type Held = HashMap<String, Option<String>>;
 
 fn api(work: &Work<'_>) -> Api<Secret> {
     Api::namespaced(work.ctx.client.clone(), &work.namespace)
 }
 
-/// Whether the pipeline's Secret `name` is in the cache.
-pub(super) fn delivered(work: &Work<'_>, name: &str) -> bool {
-    work.vault
+/// The lease hash the pipeline's Secret `name` carries, as the cache has it (`None`: not in the
+/// cache, or not the pipeline's; an empty hash: no annotation).
+fn cached_hash(work: &Work<'_>, name: &str) -> Option<String> {
+    let secret = work
+        .vault
         .secrets
-        .get(&ObjectRef::new(name).within(&work.namespace))
-        .is_some_and(|s| s.owner_references().iter().any(|o| o.uid == work.uid))
+        .get(&ObjectRef::new(name).within(&work.namespace))?;
+    secret
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == work.uid)
+        .then(|| {
+            secret
+                .annotations()
+                .get(LEASE_HASH)
+                .cloned()
+                .unwrap_or_default()
+        })
+}
+
+/// What each requested credential's Secret holds, as the cache has it.
+pub(super) fn held(work: &Work<'_>, side: &VaultSide) -> Held {
+    side.vault
+        .credentials
+        .iter()
+        .map(|r| (r.secret_name.clone(), cached_hash(work, &r.secret_name)))
+        .collect()
+}
+
+/// What the Secret `name` holds, read from the API server: the cache may lag behind the
+/// operator's own writes, so a mismatch is confirmed before it is repaired.
+pub(super) async fn confirm(work: &Work<'_>, name: &str) -> Result<Option<String>> {
+    let Some(secret) = api(work).get_metadata_opt(name).await? else {
+        return Ok(None);
+    };
+    Ok(secret
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == work.uid)
+        .then(|| {
+            secret
+                .annotations()
+                .get(LEASE_HASH)
+                .cloned()
+                .unwrap_or_default()
+        }))
+}
+
+/// Whether the Secret `name` holds the lease `lease_id`'s credentials.
+pub(super) fn delivery(held: &Held, name: &str, lease_id: &str) -> Delivery {
+    match held.get(name) {
+        None | Some(None) => Delivery::Missing,
+        Some(Some(hash)) if *hash == leases::lease_hash(lease_id) => Delivery::Current,
+        Some(Some(_)) => Delivery::Stale,
+    }
 }
 
 /// Before issuing into `r`'s Secret: a Secret of that name that is not the pipeline's is
@@ -37,7 +93,7 @@ pub(super) async fn refuse_foreign(
     r: &CredentialRequest,
     credential: &str,
 ) -> Result<()> {
-    if delivered(work, &r.secret_name) {
+    if cached_hash(work, &r.secret_name).is_some() {
         return Ok(());
     }
     let Some(existing) = api(work).get_metadata_opt(&r.secret_name).await? else {
@@ -82,10 +138,7 @@ pub(super) async fn write(
             "portcullis.dev/lease-expires-at".to_string(),
             rfc3339(lease.expires_at),
         ),
-        (
-            "portcullis.dev/lease-hash".to_string(),
-            leases::lease_hash(&lease.lease_id),
-        ),
+        (LEASE_HASH.to_string(), leases::lease_hash(&lease.lease_id)),
         (
             "portcullis.dev/issued-at".to_string(),
             rfc3339(lease.issued_at),

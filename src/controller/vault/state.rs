@@ -52,6 +52,9 @@ impl Work<'_> {
             .map_or(0, |s| s.leases.len());
         self.ctx
             .metrics
+            .observe_leases(&self.uid, &self.namespace, &self.name, &state.leases);
+        self.ctx
+            .metrics
             .credential_leases
             .inc_by(gauge(state.leases.len()) - gauge(previous));
     }
@@ -61,20 +64,33 @@ impl Work<'_> {
         if let Some(s) = self.vault.states.lock().await.get(&self.uid) {
             return Ok(s.clone());
         }
-        let secret = self.state_api().get_opt(&secret_name(&self.uid)).await?;
+        let state = self.read_state(&self.uid).await?;
+        self.keep(&state).await;
+        Ok(state)
+    }
+
+    /// Another pipeline's state (by uid): cached, or read from its Secret, not cached.
+    pub(super) async fn state_of(&self, uid: &str) -> Result<VaultState> {
+        if let Some(s) = self.vault.states.lock().await.get(uid) {
+            return Ok(s.clone());
+        }
+        self.read_state(uid).await
+    }
+
+    async fn read_state(&self, uid: &str) -> Result<VaultState> {
+        let secret = self.state_api().get_opt(&secret_name(uid)).await?;
         let state = match secret
             .and_then(|s| s.data)
             .and_then(|d| d.get("state.json").cloned())
         {
             Some(bytes) => {
                 serde_json::from_slice(&bytes.0).map_err(|source| Error::VaultState {
-                    secret: secret_name(&self.uid),
+                    secret: secret_name(uid),
                     source,
                 })?
             }
             None => VaultState::default(),
         };
-        self.keep(&state).await;
         Ok(state)
     }
 

@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 client for tests to talk to the double (or anything Vault-shaped): one
+//! A minimal HTTP/1.1 client for tests to talk to OpenBao (or anything Vault-shaped): one
 //! connection per request, `X-Vault-Token`, JSON bodies, a timeout, and `LIST` as a method.
 
 use std::fmt;

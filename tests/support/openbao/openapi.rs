@@ -13,14 +13,13 @@
 //!   that schema's `properties`. Query parameters other than `list` are not checked (the
 //!   document declares none for `sys/health`, for example, although Vault reads some).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde_json::Value;
 
 use super::RecordedRequest;
-use super::routes::{self, ROUTES};
 
 /// Where the document is read from.
 pub(crate) fn document_path() -> PathBuf {
@@ -239,7 +238,7 @@ where
         };
         let template_segments: Vec<&str> = concrete.trim_start_matches('/').split('/').collect();
         let mut params = Default::default();
-        if !routes::match_segments(&template_segments, &segments, &mut params) {
+        if !match_segments(&template_segments, &segments, &mut params) {
             continue;
         }
         matched_any = true;
@@ -302,59 +301,48 @@ pub(crate) fn check_requests(mounts: &Mounts, requests: &[RecordedRequest]) -> V
         .collect()
 }
 
-/// Checks the double's own route table against the document: each template exists with that
-/// method, LIST routes are list operations (and others are not), every body field the double
-/// reads or accepts is declared, and the create/update and unauthenticated flags agree with
-/// `x-vault-createSupported` and `x-vault-unauthenticated`. One message per mismatch.
-pub(crate) fn check_route_table() -> Vec<String> {
-    let doc = match document() {
-        Ok(d) => d,
-        Err(e) => return vec![e],
+/// The path parameters that stand for one or more segments.
+const MULTI_SEGMENT_PARAMS: [&str; 3] = ["path", "prefix", "url_lease_id"];
+
+/// Matches `path` (segments, without a leading `/`) against `template` segments, filling
+/// `params`. `{name}` matches one non-empty segment; the multi-segment parameters match one or
+/// more (zero or more just before a trailing `/`).
+fn match_segments(template: &[&str], path: &[&str], params: &mut HashMap<String, String>) -> bool {
+    let Some((first, rest)) = template.split_first() else {
+        return path.is_empty();
     };
-    let mut problems = Vec::new();
-    for route in ROUTES {
-        let what = format!("{} {}", route.method, route.path);
-        let Some(item) = doc.pointer(&format!(
-            "/paths/{}",
-            route.path.replace('~', "~0").replace('/', "~1")
-        )) else {
-            problems.push(format!("{what}: path not in the document"));
-            continue;
-        };
-        let op_name = match doc_method(route.method) {
-            Ok(m) => m,
-            Err(e) => {
-                problems.push(format!("{what}: {e}"));
-                continue;
+    if let Some(name) = first.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        if MULTI_SEGMENT_PARAMS.contains(&name) {
+            // Zero segments only when what follows is the trailing empty segment of a list path.
+            let min = if rest == [""] { 0 } else { 1 };
+            for take in (min..=path.len()).rev() {
+                let value = path[..take].join("/");
+                if take > 0 && value.is_empty() {
+                    continue;
+                }
+                let mut attempt = params.clone();
+                if match_segments(rest, &path[take..], &mut attempt) {
+                    attempt.insert(name.to_string(), value);
+                    *params = attempt;
+                    return true;
+                }
             }
+            return false;
+        }
+        let Some((segment, path_rest)) = path.split_first() else {
+            return false;
         };
-        let Some(operation) = item.get(op_name) else {
-            problems.push(format!("{what}: the document has no {op_name} here"));
-            continue;
-        };
-        if is_list_operation(operation) != (route.method == "LIST") {
-            problems.push(format!("{what}: list-ness differs from the document"));
+        if segment.is_empty() {
+            return false;
         }
-        let declared = declared_fields(doc, operation).unwrap_or_default();
-        for field in route.fields.iter().chain(route.ignored) {
-            if !declared.contains(*field) {
-                problems.push(format!("{what}: body field {field:?} is not declared"));
-            }
+        if match_segments(rest, path_rest, params) {
+            params.insert(name.to_string(), segment.to_string());
+            return true;
         }
-        let create = item.get("x-vault-createSupported").and_then(Value::as_bool) == Some(true);
-        if route.method == "POST" && create != route.create_supported {
-            problems.push(format!(
-                "{what}: create_supported {} but x-vault-createSupported {create}",
-                route.create_supported
-            ));
-        }
-        let unauth = item.get("x-vault-unauthenticated").and_then(Value::as_bool) == Some(true);
-        if unauth != route.unauthenticated {
-            problems.push(format!(
-                "{what}: unauthenticated {} but x-vault-unauthenticated {unauth}",
-                route.unauthenticated
-            ));
-        }
+        return false;
     }
-    problems
+    match path.split_first() {
+        Some((segment, path_rest)) if segment == first => match_segments(rest, path_rest, params),
+        _ => false,
+    }
 }
