@@ -136,6 +136,57 @@ async fn a_stage_that_probes_for_secrets_is_recorded_and_alerted_and_its_usage_s
     allowed_requests_are_counted_and_usage_shown(&client, &ns, &user, &op).await;
     token_used_outside_pods(&client, &stage, &ns, &sa, &op).await;
     runtime_records_are_chained(&op);
+    the_webhook_bounds_who_sends_and_how_much(port, &token, &op).await;
+}
+
+/// POSTs `body` (a file) to the webhook with curl, with `token` if any; the HTTP status.
+fn post(port: u16, token: Option<&str>, body: &std::path::Path) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg("--data-binary")
+        .arg(format!("@{}", body.display()))
+        .arg(format!("https://127.0.0.1:{port}/audit/kubernetes"));
+    if let Some(token) = token {
+        curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let output = curl.output().expect("run curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Without the token, nothing is read; a body over the bound and one that is not an EventList
+/// are refused; each is counted.
+async fn the_webhook_bounds_who_sends_and_how_much(port: u16, token: &str, op: &Operator) {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.json");
+    std::fs::write(
+        &empty,
+        r#"{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[]}"#,
+    )
+    .unwrap();
+    let huge = dir.path().join("huge.json");
+    std::fs::write(&huge, vec![b' '; 9 * 1024 * 1024]).unwrap();
+    let garbage = dir.path().join("garbage.json");
+    std::fs::write(&garbage, "not an event list").unwrap();
+    assert_eq!(post(port, None, &empty), "401");
+    assert_eq!(
+        post(
+            port,
+            Some("a-guessed-token-of-the-same-size-0123456789"),
+            &empty
+        ),
+        "401"
+    );
+    assert_eq!(post(port, Some(token), &empty), "200");
+    assert_eq!(post(port, Some(token), &huge), "413");
+    assert_eq!(post(port, Some(token), &garbage), "400");
+    let rejected = |reason: &str| {
+        format!(
+            "portcullis_audit_requests_rejected_total{{source=\"kubernetes\",reason=\"{reason}\"}}"
+        )
+    };
+    assert_eq!(op.metric(&rejected("unauthorized")).await, 2.0);
+    assert_eq!(op.metric(&rejected("too_large")).await, 1.0);
+    assert_eq!(op.metric(&rejected("malformed")).await, 1.0);
 }
 
 /// A pod of the stage at 10.99.0.7 (no kubelet here: its status is written by the test), and
