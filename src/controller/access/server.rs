@@ -242,3 +242,31 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_line_over_the_bound_is_skipped_whole_and_the_next_one_read() {
+        let mut input = b"first\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_VAULT_LINE + 10));
+        input.extend(b"\nlast");
+        // A small buffer, so that lines span many reads.
+        let mut reader = BufReader::with_capacity(1024, input.as_slice());
+        let mut line = Vec::new();
+        let mut read = Vec::new();
+        while let Some(ok) = read_line(&mut reader, &mut line).await.unwrap() {
+            read.push((ok, String::from_utf8_lossy(&line).into_owned()));
+            line.clear();
+        }
+        assert_eq!(
+            read,
+            vec![
+                (true, "first".to_string()),
+                (false, String::new()),
+                (true, "last".to_string())
+            ]
+        );
+    }
+}
