@@ -138,6 +138,7 @@ async fn main() {
         webhook: None,
         foreign_grants: true,
         vault: None,
+        access: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
 
@@ -392,6 +393,7 @@ async fn vault_scene(client: &Client, work: &Path) {
             resync: Duration::from_secs(300),
             name_prefix: portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX.into(),
         }),
+        access: None,
     };
     let operator = tokio::spawn(controller::run(client.clone(), config));
 

@@ -26,7 +26,7 @@ pub use k8s_openapi::api::admissionregistration::v1::{
 };
 pub use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 pub use k8s_openapi::api::coordination::v1::Lease;
-pub use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret, ServiceAccount};
+pub use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Secret, ServiceAccount};
 pub use k8s_openapi::api::networking::v1::NetworkPolicy;
 pub use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::{

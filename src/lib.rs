@@ -5,6 +5,7 @@
 //! `portcullis plan` prints is what the controller applies.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod audit;
 pub mod cli;

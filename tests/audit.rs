@@ -611,7 +611,9 @@ fn cli_arguments_parse() {
         command: Top::Audit(args),
     } = Wired::try_parse_from(["portcullis", "audit", "verify", "log.jsonl", "--key", "k"])
         .unwrap();
-    let AuditCommand::Verify { files, key, prev } = args.command;
+    let AuditCommand::Verify { files, key, prev } = args.command else {
+        panic!("audit verify parses as Verify");
+    };
     assert_eq!(
         (files, key, prev),
         (

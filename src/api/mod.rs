@@ -14,9 +14,9 @@ pub use guardrail::{
 };
 pub use pipeline::{
     AIPipeline, AIPipelineSpec, AIPipelineStatus, CredentialStatus, DeniedItem, EgressRule,
-    IngressRule, NetworkPort, PermissionRule, Protocol, RestartTarget, Stage, StageNetwork,
-    StageRole, StageStatus, StageVault, VaultCapability, VaultCredential, VaultPathRule,
-    WorkloadKind,
+    GrantUsage, IngressRule, NetworkPort, PermissionRule, Protocol, RestartTarget, Stage,
+    StageNetwork, StageRole, StageStatus, StageVault, VaultCapability, VaultCredential,
+    VaultPathRule, WorkloadKind,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{

@@ -464,6 +464,30 @@ pub struct StageStatus {
     /// The stage's delivered credentials.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<CredentialStatus>,
+    /// Per grant (at most 64), whether the stage's identity used it at runtime, as seen in the
+    /// API server's and Vault's audit events. Written only when runtime access records are on
+    /// (`--audit-webhook-addr`, `--vault-audit-addr`); `kubectl portcullis usage --suggest`
+    /// narrows the spec to what was used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub usage: Vec<GrantUsage>,
+}
+
+/// How a stage used one of its grants.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantUsage {
+    /// The grant as the decision log names it, such as `get configmaps/ingest-config` or
+    /// `vault read kv/data/ml/*`.
+    pub grant: String,
+    /// Whether any request it covers was seen.
+    pub used: bool,
+    /// How many requests it covered.
+    #[serde(default)]
+    pub count: u64,
+    /// When it was last used (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
 }
 
 /// A requested item that was not granted.

@@ -129,11 +129,17 @@ pub enum Action {
     /// A RoleBinding or ClusterRoleBinding Portcullis does not manage reaches a stage's
     /// ServiceAccount (the foreign-grant watchdog).
     ForeignGrant,
+    /// What a stage's identity did at runtime: a request to the Kubernetes API or to Vault
+    /// (allowed ones counted per window, refused ones one by one). See [`crate::access`].
+    Access,
+    /// Something unusual in what a stage's identity did: its `reason` is the kind
+    /// (`AccessDenied`, `TokenUsedOutsidePods`, `NewBehaviour`, `VolumeSpike`).
+    Anomaly,
 }
 
 impl Action {
     /// Every action, in the order of the declaration.
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 19] = [
         Action::Grant,
         Action::Deny,
         Action::Create,
@@ -151,6 +157,8 @@ impl Action {
         Action::ReconcileRequested,
         Action::AdmissionDenied,
         Action::ForeignGrant,
+        Action::Access,
+        Action::Anomaly,
     ];
 
     /// The name in the log, such as `drift-reverted`.
@@ -173,6 +181,8 @@ impl Action {
             Action::ReconcileRequested => "reconcile-requested",
             Action::AdmissionDenied => "admission-denied",
             Action::ForeignGrant => "foreign-grant",
+            Action::Access => "access",
+            Action::Anomaly => "anomaly",
         }
     }
 }
@@ -341,7 +351,8 @@ pub struct Record {
     pub stage: Option<String>,
     pub subject: Option<String>,
     pub object: Option<String>,
-    /// The decided item as structured data (decisions only).
+    /// The decided item as structured data (decisions), or the request (`access` and
+    /// `anomaly` records).
     #[serde(default)]
     pub item: Option<Value>,
     pub verdict: Option<String>,

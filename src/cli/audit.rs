@@ -37,6 +37,10 @@ pub enum AuditCommand {
         #[arg(long, value_name = "HASH")]
         prev: Option<String>,
     },
+    /// Append runtime access records to a decision log from exported audit events: a managed
+    /// cluster's Kubernetes audit log, or a Vault `file` audit device's output. The records,
+    /// anomalies and usage are those `portcullis run --audit-webhook-addr` makes.
+    Ingest(Box<super::ingest::IngestArgs>),
 }
 
 /// Runs `portcullis audit` and returns the exit code; prints to stdout and stderr.
@@ -59,6 +63,7 @@ pub fn run_to(args: &AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 
             out,
             err,
         ),
+        AuditCommand::Ingest(ingest) => super::ingest::run(ingest, out, err),
     }
 }
 

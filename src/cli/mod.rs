@@ -2,11 +2,13 @@
 
 pub mod audit;
 pub mod can_i;
+pub mod ingest;
 pub mod kubeconfig;
 pub mod load;
 pub mod output;
 pub mod probe;
 pub mod run;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -58,6 +60,8 @@ pub(crate) enum Command {
     /// it does not.
     #[command(name = "can-i")]
     CanI(can_i::CanIArgs),
+    /// Per stage, the grants it used at runtime; `--suggest` prints the narrowed spec.
+    Usage(usage::UsageArgs),
     /// Ask a running operator whether it answers: GET `URL` (plain HTTP, such as
     /// `http://portcullis-metrics.portcullis-system.svc:8080/readyz`), exit 0 on 200 OK and 1
     /// otherwise. The chart's `helm test` runs it; the image has no shell and no curl.
@@ -197,6 +201,7 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Usage(args) => usage::run(&args),
     };
     ExitCode::from(code)
 }

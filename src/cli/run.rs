@@ -104,6 +104,9 @@ pub struct RunArgs {
     pub vault: VaultArgs,
 
     #[command(flatten)]
+    pub access: super::ingest::AccessArgs,
+
+    #[command(flatten)]
     pub admission: AdmissionArgs,
 }
 
@@ -235,6 +238,23 @@ fn init_logging() {
 }
 
 /// Runs the operator; returns the process exit code.
+/// Flags that exclude each other.
+fn exclusive_flags(args: &RunArgs, shard: Shard) -> Result<(), String> {
+    if shard.is_sharded() && args.watch_namespace.is_some() {
+        return Err(format!(
+            "--watch-namespace and --shard-count {} exclude each other: one namespace is never split across shards",
+            shard.count()
+        ));
+    }
+    if shard.is_sharded() && args.admission.webhook_addr.is_some() {
+        return Err(format!(
+            "--webhook-addr and --shard-count {} exclude each other: one ValidatingWebhookConfiguration cannot reach every shard",
+            shard.count()
+        ));
+    }
+    Ok(())
+}
+
 pub fn run(args: &RunArgs) -> u8 {
     let shard = match Shard::new(args.shard_index, args.shard_count) {
         Ok(shard) => shard,
@@ -243,20 +263,17 @@ pub fn run(args: &RunArgs) -> u8 {
             return super::EXIT_INVALID;
         }
     };
-    if shard.is_sharded() && args.watch_namespace.is_some() {
-        eprintln!(
-            "error: --watch-namespace and --shard-count {} exclude each other: one namespace is never split across shards",
-            shard.count()
-        );
+    if let Err(e) = exclusive_flags(args, shard) {
+        eprintln!("error: {e}");
         return super::EXIT_INVALID;
     }
-    if shard.is_sharded() && args.admission.webhook_addr.is_some() {
-        eprintln!(
-            "error: --webhook-addr and --shard-count {} exclude each other: one ValidatingWebhookConfiguration cannot reach every shard",
-            shard.count()
-        );
-        return super::EXIT_INVALID;
-    }
+    let access = match args.access.config() {
+        Ok(access) => access,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return super::EXIT_INVALID;
+        }
+    };
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -328,6 +345,7 @@ pub fn run(args: &RunArgs) -> u8 {
                 resync: args.vault.vault_resync,
                 name_prefix: args.vault.vault_name_prefix.clone(),
             }),
+        access,
     };
     runtime.block_on(async {
         let client = match args.kube.client().await {

@@ -98,6 +98,8 @@ pub struct Metrics {
     /// Records of renewals and revocations made while the log could not be written, waiting
     /// to be appended.
     pub decision_log_deferred: Gauge,
+    /// Runtime access records (`controller::access`).
+    pub(crate) access: super::access::AccessMetrics,
     pub vault_request_duration: Family<OperationLabels, Histogram>,
     pub pipeline_ready: Family<PipelineLabels, Gauge>,
     pub pipeline_denied: Family<PipelineLabels, Gauge>,
@@ -247,7 +249,9 @@ impl Default for Metrics {
             build_info,
         } = Later::register(&mut registry);
         let admission = AdmissionMetrics::register(&mut registry);
+        let access = super::access::AccessMetrics::register(&mut registry);
         Metrics {
+            access,
             registry,
             admission,
             decision_log_write_failures,
@@ -540,6 +544,7 @@ mod tests {
                 reason: "InvalidSpec".into(),
             })
             .inc();
+        m.access.touch_all();
         m.observe_vault("issue", Duration::from_millis(3));
         m.observe_pipeline("uid", "ns", "p", &AIPipelineStatus::default());
         m.observe_leases("uid", "ns", "p", &[lease("s", "c", 10, false)]);

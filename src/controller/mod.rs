@@ -14,6 +14,7 @@
 //! the lease exits, and its restart waits as a standby. With `--shard-count N`, each shard
 //! watches and writes only the namespaces it owns ([`crate::shard`]), under its own Lease.
 
+pub(crate) mod access;
 mod admission;
 mod apply;
 mod error;
@@ -38,6 +39,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use access::{AccessError, AccessRunConfig};
 use apply::AppliedState;
 pub use apply::json_subset;
 pub use error::{ApplyFailure, ApplyFailures, Category, Error, Result};
@@ -88,6 +90,8 @@ pub struct RunConfig {
     pub webhook: Option<WebhookRunConfig>,
     /// Watch for RoleBindings and ClusterRoleBindings that reach a stage's ServiceAccount.
     pub foreign_grants: bool,
+    /// Runtime access records, when an audit source is configured.
+    pub access: Option<AccessRunConfig>,
 }
 
 /// Vault settings of `portcullis run`.
@@ -143,6 +147,8 @@ pub struct Context {
     repeats: Mutex<HashMap<String, record::Repeats>>,
     /// Vault, when the operator is configured with it.
     vault: Option<vault::VaultCtx>,
+    /// The stages' identities and grants, for runtime access records (when they are on).
+    access: Option<Arc<crate::access::Directory>>,
 }
 
 impl Context {
@@ -184,6 +190,9 @@ impl Context {
             .expect("repeats lock")
             .retain(|uid, _| live.contains(uid));
         self.applied.forget_gone(&self.children);
+        if let Some(directory) = &self.access {
+            directory.retain_pipelines(live);
+        }
         self.metrics.forget_deleted(live);
         if let Some(vault) = &self.vault {
             vault.forget_deleted(live).await;

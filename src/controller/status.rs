@@ -241,6 +241,8 @@ fn stage_statuses(plan: &Plan, outcome: &Outcome) -> Vec<StageStatus> {
                     .filter(|(stage, _)| *stage == s.name)
                     .map(|(_, c)| c.clone())
                     .collect(),
+                // Written by the runtime side under its own field manager (`controller::access`).
+                usage: Vec::new(),
             }
         })
         .collect()

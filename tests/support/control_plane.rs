@@ -47,6 +47,50 @@ pub(crate) struct ControlPlane {
     _tempdir: TempDir,
 }
 
+/// An audit webhook for the API server of this test binary (default: none).
+pub(crate) struct AuditWebhook {
+    /// Events go to `https://127.0.0.1:<port>/audit/kubernetes`.
+    pub port: u16,
+    /// The bearer token the API server sends.
+    pub token: String,
+    /// The audit policy file.
+    pub policy: PathBuf,
+    /// The CA of the webhook's serving certificate (PEM).
+    pub ca: PathBuf,
+}
+
+static AUDIT_WEBHOOK: OnceLock<AuditWebhook> = OnceLock::new();
+
+/// Makes the API server of this test binary send its audit events to `webhook`, in batches
+/// that wait at most 200 ms. Call it before the binary's first [`control_plane`]; other test
+/// binaries are unaffected.
+pub(crate) fn with_audit_webhook(webhook: AuditWebhook) {
+    let _ = AUDIT_WEBHOOK.set(webhook);
+}
+
+fn audit_webhook_args(dir: &Path) -> Result<Vec<String>, Failure> {
+    let Some(webhook) = AUDIT_WEBHOOK.get() else {
+        return Ok(Vec::new());
+    };
+    let config = dir.join("audit-webhook.kubeconfig");
+    write(
+        &config,
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: portcullis\n  cluster:\n    server: https://127.0.0.1:{}/audit/kubernetes\n    certificate-authority: {}\ncontexts:\n- name: portcullis\n  context: {{cluster: portcullis, user: kube-apiserver}}\ncurrent-context: portcullis\nusers:\n- name: kube-apiserver\n  user:\n    token: {}\n",
+            webhook.port,
+            webhook.ca.display(),
+            webhook.token
+        ),
+    )?;
+    Ok(vec![
+        format!("--audit-policy-file={}", webhook.policy.display()),
+        format!("--audit-webhook-config-file={}", config.display()),
+        "--audit-webhook-batch-max-wait=200ms".into(),
+        // The operator starts after the API server: retry soon, not after the default 10 s.
+        "--audit-webhook-initial-backoff=200ms".into(),
+    ])
+}
+
 /// The control plane of this test binary, started on first use and shared by every test in the
 /// binary (each test works in its own namespace, see [`super::temp_namespace`]).
 ///
@@ -268,27 +312,29 @@ async fn start_once(assets: &Path, begin: Instant) -> Result<ControlPlane, Failu
     wait_etcd(&mut servers, etcd_port).await?;
     phases.mark("etcd");
 
+    let mut apiserver_args = audit_webhook_args(&dir)?;
+    apiserver_args.extend([
+        format!("--etcd-servers={etcd_url}"),
+        format!("--secure-port={secure_port}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--cert-dir={}", certs.display()),
+        format!("--token-auth-file={}", tokens.display()),
+        "--authorization-mode=RBAC".into(),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        format!("--service-account-key-file={}", key.display()),
+        format!("--service-account-signing-key-file={}", key.display()),
+        format!("--service-account-issuer={ISSUER}"),
+        format!("--api-audiences={ISSUER}"),
+        // Only one API server, on loopback: the `kubernetes` Service's endpoints would point
+        // nowhere, and the reconciler logs an error about it every 10 seconds.
+        "--endpoint-reconciler-type=none".into(),
+    ]);
     servers.push(spawn(
         "kube-apiserver",
         &dir,
         &assets.join("kube-apiserver"),
-        &[
-            format!("--etcd-servers={etcd_url}"),
-            format!("--secure-port={secure_port}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--cert-dir={}", certs.display()),
-            format!("--token-auth-file={}", tokens.display()),
-            "--authorization-mode=RBAC".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            format!("--service-account-key-file={}", key.display()),
-            format!("--service-account-signing-key-file={}", key.display()),
-            format!("--service-account-issuer={ISSUER}"),
-            format!("--api-audiences={ISSUER}"),
-            // Only one API server, on loopback: the `kubernetes` Service's endpoints would point
-            // nowhere, and the reconciler logs an error about it every 10 seconds.
-            "--endpoint-reconciler-type=none".into(),
-        ],
+        &apiserver_args,
     )?);
 
     let kubeconfig = dir.join("kubeconfig");

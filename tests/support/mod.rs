@@ -45,7 +45,9 @@ pub(crate) mod postgres;
 pub(crate) mod process;
 
 #[allow(unused_imports)]
-pub(crate) use control_plane::{ControlPlane, ISSUER, control_plane};
+pub(crate) use control_plane::{
+    AuditWebhook, ControlPlane, ISSUER, control_plane, with_audit_webhook,
+};
 #[allow(unused_imports)]
 pub(crate) use fixture::{
     Fixture, WAIT, condition, create_pipeline, example, get_raw, guarded_namespace,

@@ -53,9 +53,6 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         namespace: config.watch_namespace.clone(),
         shard: config.shard,
     };
-    if config.shard.is_sharded() {
-        info!(shard = %config.shard, "reconciling only the namespaces of this shard");
-    }
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
     let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
     let ctx = context(
@@ -70,6 +67,9 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
     if let Some(vault) = &ctx.vault {
         vault.set_pipelines(pipelines.clone());
     }
+    super::access::start_for(&client, &config, &ctx)
+        .await
+        .map_err(RunError::Access)?;
 
     // No reconcile plans before the caches are full (see `Context::synced`).
     tokio::spawn(mark_synced(
@@ -224,6 +224,9 @@ fn context(
     (metrics, health): (&Arc<Metrics>, &Arc<http::Health>),
     audit: AuditLog,
 ) -> Result<Arc<Context>, RunError> {
+    if config.shard.is_sharded() {
+        info!(shard = %config.shard, "reconciling only the namespaces of this shard");
+    }
     let vault = match &config.vault {
         Some(v) => Some(vault_context(
             client,
@@ -255,6 +258,7 @@ fn context(
         failures: Mutex::default(),
         repeats: Mutex::default(),
         vault,
+        access: config.access.as_ref().map(|_| Arc::default()),
     });
     Ok(ctx)
 }
@@ -465,4 +469,6 @@ pub enum RunError {
     LostLease,
     #[error("{0}")]
     Webhook(#[source] super::webhook::WebhookError),
+    #[error("{0}")]
+    Access(#[source] super::access::AccessError),
 }
