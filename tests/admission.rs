@@ -94,11 +94,14 @@ async fn enforced(prefix: &str) -> (Client, String, Operator) {
         tempfile::tempdir().unwrap(),
         &["--admission-policies".to_string()],
     );
-    create_pipeline(
-        &client,
-        &example("examples/pipelines/fraud-detector.yaml", &ns),
-    )
-    .await;
+    // The example's Vault paths name its own namespace (as the guardrails' placeholders expect):
+    // moved to this one, so that its credentials (and their Secrets) are allowed here.
+    let mut example = example("examples/pipelines/fraud-detector.yaml", &ns);
+    let moved = serde_json::to_string(&example.spec)
+        .unwrap()
+        .replace("ml-fraud", &ns);
+    example.spec = serde_json::from_str(&moved).unwrap();
+    create_pipeline(&client, &example).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let unlabelled = pod("probe", json!({}), INGEST);
     wait_for(
@@ -209,12 +212,9 @@ async fn a_pod_with_a_stage_labels_must_run_as_the_stage_account() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     // Selected by the ingest stage's NetworkPolicy (its podSelector), running as someone else.
-    let refused = admit(
-        &pods,
-        &pod("borrower", json!({"app": "fraud-ingest"}), "default"),
-    )
-    .await
-    .expect_err("a pod matching the ingest stage's podSelector as `default` is refused");
+    let refused = admit(&pods, &pod("borrower", ingest_labels(), "default"))
+        .await
+        .expect_err("a pod matching the ingest stage's podSelector as `default` is refused");
     assert!(
         refused.contains(INGEST) && refused.contains("runs as default"),
         "{refused}"
@@ -239,7 +239,7 @@ async fn a_pod_with_a_stage_labels_must_run_as_the_stage_account() {
         .await
         .expect("a pod of no stage is created");
     let mut relabelled = created.clone();
-    relabelled.metadata.labels = Some([("app".to_string(), "fraud-ingest".to_string())].into());
+    relabelled.metadata.labels = Some(serde_json::from_value(ingest_labels()).unwrap());
     let refused = pods
         .replace("later", &PostParams::default(), &relabelled)
         .await
@@ -359,12 +359,9 @@ async fn a_namespace_without_pipelines_keeps_no_policy() {
     wait_for("the API server to stop enforcing it", WAIT, || {
         let pods = pods.clone();
         async move {
-            admit(
-                &pods,
-                &pod("free", json!({"app": "fraud-ingest"}), "default"),
-            )
-            .await
-            .ok()
+            admit(&pods, &pod("free", ingest_labels(), "default"))
+                .await
+                .ok()
         }
     })
     .await;
