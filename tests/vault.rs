@@ -1359,3 +1359,83 @@ async fn a_lost_token_secret_gets_the_leases_it_issued_replaced() {
     assert_eq!(active, setup.tracked_leases().await);
     setup.assert_conformant();
 }
+
+/// Issue 10, hole 3: a writer whose copy of a pipeline's state is stale (an old leader still
+/// running while a newer one has moved on) must fail rather than overwrite the newer state.
+/// Here another writer, as a newer leader would, records in the state Secret a lease it issued
+/// and replaced (due for revocation now). The running operator's next write (its next renewal)
+/// is made on the version it read: it is refused, the operator reads the state again and acts
+/// on it, revoking that lease and recording it, instead of dropping the record and leaving the
+/// lease to live untracked.
+#[tokio::test]
+async fn a_stale_state_writer_fails_reads_again_and_acts_on_the_newer_state() {
+    let setup = Setup::new("vault-stale", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    setup.wait_for_secret().await;
+    assert_eq!(setup.active_leases().await.len(), 1);
+
+    let other = setup
+        .bao
+        .client()
+        .get(&format!("database/creds/{DB_ROLE}"))
+        .await
+        .unwrap();
+    assert_eq!(other.status, 200, "{:?}", other.errors());
+    let other_lease = other.body["lease_id"].as_str().unwrap().to_string();
+    let other_user = other.data()["username"].as_str().unwrap().to_string();
+
+    let states: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.ops);
+    let mut state_secret = states
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|s| s.name_any().starts_with("portcullis-vault-"))
+        .expect("the pipeline's state Secret");
+    let data = state_secret.data.as_mut().unwrap();
+    let mut state: Value = serde_json::from_slice(&data["state.json"].0).unwrap();
+    let mut replaced = state["leases"][0].clone();
+    replaced["leaseId"] = json!(other_lease);
+    replaced["retireAt"] = json!(chrono::Utc::now().to_rfc3339());
+    replaced["restartPending"] = json!(false);
+    state["leases"].as_array_mut().unwrap().push(replaced);
+    data.insert(
+        "state.json".into(),
+        k8s_openapi::ByteString(serde_json::to_vec(&state).unwrap()),
+    );
+    states
+        .replace(
+            &state_secret.name_any(),
+            &PostParams::default(),
+            &state_secret,
+        )
+        .await
+        .expect("the other writer's state written");
+
+    wait_for("the other writer's lease revoked", WAIT, || async {
+        let gone = !setup.active_leases().await.contains(&other_lease)
+            && postgres().role(&other_user).is_none();
+        (gone && setup.revocation_recorded(&other_lease)).then_some(())
+    })
+    .await;
+    assert!(
+        setup
+            .operator()
+            .full_log()
+            .contains("changed since it was read"),
+        "the refused write is logged"
+    );
+    // The pipeline's own credentials were not disturbed: its Secret's credentials log in, and
+    // every live lease is tracked.
+    let (secret, _) = setup.wait_for_secret().await;
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    assert!(
+        setup
+            .active_leases()
+            .await
+            .is_subset(&setup.tracked_leases().await)
+    );
+    setup.assert_conformant();
+}

@@ -60,7 +60,7 @@ pub(crate) struct VaultCtx {
     /// The credential Secrets (metadata, by label), in the watched namespaces.
     pub secrets: Store<PartialObjectMeta<Secret>>,
     restarts: restarts::Restarts,
-    states: tokio::sync::Mutex<HashMap<String, VaultState>>,
+    states: tokio::sync::Mutex<HashMap<String, state::Kept>>,
     /// The pipelines of this operator, for the sweep to know every lease recorded.
     pipelines: std::sync::OnceLock<Store<AIPipeline>>,
     /// Whether leases no pipeline recorded are swept (not when sharded).
@@ -456,7 +456,7 @@ async fn recorded_leases(vault: &VaultCtx) -> Vec<String> {
         .lock()
         .await
         .values()
-        .flat_map(|s| s.leases.iter().map(|l| l.lease_id.clone()))
+        .flat_map(|k| k.state.leases.iter().map(|l| l.lease_id.clone()))
         .collect()
 }
 
