@@ -23,7 +23,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
-use support::openbao::{OpenBao, OperatorSetup};
+use support::openbao::{OpenBao, OperatorSetup, PathFault};
 use support::postgres::postgres;
 use support::{Operator, guarded_namespace, temp_namespace, wait_for};
 
@@ -248,6 +248,13 @@ impl Setup {
     async fn secret(&self) -> Option<Secret> {
         Api::<Secret>::namespaced(self.client.clone(), &self.ns)
             .get_opt("fraud-ingest-db")
+            .await
+            .expect("get Secret")
+    }
+
+    async fn secret_named(&self, name: &str) -> Option<Secret> {
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(name)
             .await
             .expect("get Secret")
     }
@@ -1431,6 +1438,110 @@ async fn a_stale_state_writer_fails_reads_again_and_acts_on_the_newer_state() {
     let (secret, _) = setup.wait_for_secret().await;
     let (user, password) = credentials(&secret);
     assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    assert!(
+        setup
+            .active_leases()
+            .await
+            .is_subset(&setup.tracked_leases().await)
+    );
+    setup.assert_conformant();
+}
+
+/// Issue 10, hole 5: one failing call must not block a whole pipeline. The stage's role writes
+/// are refused (403) and a second credential, added with the change, comes from a path where
+/// Vault never answers (a black hole past the request timeout). The first credential is still
+/// renewed: long after its 6 s TTL its credentials log into PostgreSQL, and its lease's
+/// renewals go on; the status names the failing credential, with its own problem, and keeps
+/// the other delivered. When the faults end, the second credential is issued too.
+#[tokio::test]
+async fn a_refused_role_write_and_a_silent_credential_path_do_not_stop_other_renewals() {
+    let setup = Setup::new("vault-isolated", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    let (secret, first_hash) = setup.wait_for_secret().await;
+    let (user, password) = credentials(&secret);
+
+    setup
+        .bao
+        .faults()
+        .fault_path("/v1/auth/kubernetes/role/", PathFault::Fail(403));
+    setup.bao.faults().fault_path(
+        &format!("/v1/database/creds/{DB_ROLE_2}"),
+        PathFault::BlackHole,
+    );
+    let mut changed = setup.pipeline(FAST.credential_ttl);
+    let ingest = &mut changed.spec.stages[0];
+    let vault = ingest.vault.as_mut().unwrap();
+    vault.token_ttl = Some("1h".into());
+    let mut second = vault.credentials[0].clone();
+    second.name = "second-db".into();
+    second.path = format!("database/creds/{DB_ROLE_2}");
+    second.secret_name = "fraud-ingest-db-2".into();
+    second.restart_targets.clear();
+    vault.credentials.push(second);
+    Api::<AIPipeline>::namespaced(setup.client.clone(), &setup.ns)
+        .patch(
+            PIPELINE,
+            &Default::default(),
+            &kube::api::Patch::Merge(&json!({"spec": changed.spec})),
+        )
+        .await
+        .unwrap();
+
+    // The second credential's problem is shown on it; the first stays delivered.
+    wait_for("the second credential's problem shown", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        let creds = &p.status.as_ref()?.stages[0].credentials;
+        let second = creds.iter().find(|c| c.name == "second-db")?;
+        let first = creds.iter().find(|c| c.name == "feature-db")?;
+        (second.problem.is_some() && second.lease_hash.is_none() && first.lease_hash.is_some())
+            .then_some(())
+    })
+    .await;
+    // Renewals of the first credential go on: three of its 6 s TTLs later, the same
+    // credentials (or, past its 30 s max TTL, their replacement) still log in.
+    let renewals_before = setup.records("credential-renewed").len();
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    assert!(
+        setup.records("credential-renewed").len() >= renewals_before + 2,
+        "renewals went on while the role write and the second credential failed"
+    );
+    let (secret, hash) = setup.wait_for_secret().await;
+    let (now_user, now_password) = credentials(&secret);
+    assert_eq!(
+        postgres().log_in(&now_user, &now_password),
+        Ok(now_user.clone())
+    );
+    if hash == first_hash {
+        assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    }
+    let p = setup.get_pipeline().await.unwrap();
+    let second = p.status.as_ref().unwrap().stages[0]
+        .credentials
+        .iter()
+        .find(|c| c.name == "second-db")
+        .cloned()
+        .unwrap();
+    assert!(second.lease_hash.is_none());
+    assert!(
+        setup.secret_named("fraud-ingest-db-2").await.is_none(),
+        "no Secret for credentials never issued"
+    );
+
+    setup.bao.faults().clear_path_faults();
+    wait_for("both credentials delivered", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        let creds = &p.status.as_ref()?.stages[0].credentials;
+        (creds.len() == 2
+            && creds
+                .iter()
+                .all(|c| c.lease_hash.is_some() && c.problem.is_none())
+            && Setup::condition(&p, "CredentialsReady")?.0 == "True")
+            .then_some(())
+    })
+    .await;
+    let second = setup.secret_named("fraud-ingest-db-2").await.unwrap();
+    let (u2, p2) = credentials(&second);
+    assert_eq!(postgres().log_in(&u2, &p2), Ok(u2.clone()));
     assert!(
         setup
             .active_leases()

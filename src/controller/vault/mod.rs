@@ -48,6 +48,50 @@ use token::SecretTokenStore;
 /// The operator's Vault session, its token kept in a Secret.
 pub(crate) type VaultSession = Session<SecretTokenStore>;
 
+/// How many Vault calls the operator has in flight at once, across all pipelines. Each call is
+/// bounded by `--vault-request-timeout`, so a slow or silent Vault holds a slot for at most that
+/// long.
+pub(crate) const MAX_CONCURRENT_CALLS: usize = 16;
+/// Of [`MAX_CONCURRENT_CALLS`], the slots only renewals, revocations and lease lookups may take:
+/// however many slow policy writes, issues or sweeps are waiting, what keeps delivered
+/// credentials alive (or ends them) gets through.
+pub(crate) const KEEPALIVE_SLOTS: usize = 4;
+
+/// The bounded slots for Vault calls, with some kept for renewals and revocations.
+struct CallSlots {
+    any: tokio::sync::Semaphore,
+    keepalive: tokio::sync::Semaphore,
+}
+
+impl CallSlots {
+    fn new() -> CallSlots {
+        CallSlots {
+            any: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS - KEEPALIVE_SLOTS),
+            keepalive: tokio::sync::Semaphore::new(KEEPALIVE_SLOTS),
+        }
+    }
+
+    /// A slot for one call: renewals, revocations and lookups take a reserved one or a shared
+    /// one, whichever is free first; other calls wait for a shared one.
+    async fn acquire(&self, keepalive: bool) -> tokio::sync::SemaphorePermit<'_> {
+        let permit = if keepalive {
+            tokio::select! {
+                biased;
+                p = self.keepalive.acquire() => p,
+                p = self.any.acquire() => p,
+            }
+        } else {
+            self.any.acquire().await
+        };
+        permit.expect("the call slots are never closed")
+    }
+}
+
+/// Whether a Vault operation keeps delivered credentials alive or ends them: it goes first.
+fn keeps_alive(operation: &str) -> bool {
+    matches!(operation, "renew" | "revoke" | "lookup" | "sweep_revoke")
+}
+
 /// Settings and state shared by every pipeline's Vault work.
 pub(crate) struct VaultCtx {
     pub session: Arc<VaultSession>,
@@ -60,6 +104,7 @@ pub(crate) struct VaultCtx {
     /// The credential Secrets (metadata, by label), in the watched namespaces.
     pub secrets: Store<PartialObjectMeta<Secret>>,
     restarts: restarts::Restarts,
+    slots: CallSlots,
     states: tokio::sync::Mutex<HashMap<String, state::Kept>>,
     /// The pipelines of this operator, for the sweep to know every lease recorded.
     pipelines: std::sync::OnceLock<Store<AIPipeline>>,
@@ -69,6 +114,9 @@ pub(crate) struct VaultCtx {
     swept: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Per pipeline uid, the session generation under which its leases were last looked up.
     verified: std::sync::Mutex<HashMap<String, u64>>,
+    /// Per pipeline uid whose last reconcile ended with a Vault problem, when its next renewal
+    /// (or revocation) is due: the retry's backoff never waits past it.
+    due: std::sync::Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl VaultCtx {
@@ -88,12 +136,32 @@ impl VaultCtx {
             resync,
             secrets,
             restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
+            slots: CallSlots::new(),
             states: tokio::sync::Mutex::default(),
             pipelines: std::sync::OnceLock::new(),
             sweep: true,
             swept: std::sync::Mutex::default(),
             verified: std::sync::Mutex::default(),
+            due: std::sync::Mutex::default(),
         }
+    }
+
+    /// The retry delay after a failed reconcile of pipeline `uid`: `backoff`, but no later than
+    /// its next renewal or revocation, so one failing credential (its retries backing off to
+    /// minutes) never lets the pipeline's other leases run out.
+    pub(crate) fn retry_within_schedule(
+        &self,
+        uid: &str,
+        backoff: std::time::Duration,
+    ) -> std::time::Duration {
+        let Some(due) = self.due.lock().expect("due lock").remove(uid) else {
+            return backoff;
+        };
+        let until = (due - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .max(std::time::Duration::from_millis(500));
+        backoff.min(until)
     }
 
     /// The operator's pipelines: the sweep starts once it has them.
@@ -113,6 +181,10 @@ impl VaultCtx {
         self.verified
             .lock()
             .expect("verified lock")
+            .retain(|uid, _| live.contains(uid));
+        self.due
+            .lock()
+            .expect("due lock")
             .retain(|uid, _| live.contains(uid));
     }
 }
@@ -317,7 +389,10 @@ impl<'a> Work<'a> {
         object: &str,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T> {
-        match call.await {
+        let slot = self.vault.slots.acquire(keeps_alive(operation)).await;
+        let result = call.await;
+        drop(slot);
+        match result {
             Ok(v) => {
                 self.count(operation, "ok");
                 self.succeeded(operation, object);
@@ -372,6 +447,13 @@ impl<'a> Work<'a> {
         }
     }
 
+    /// Makes one Vault call in a bounded slot (see [`MAX_CONCURRENT_CALLS`]), without the
+    /// counting and recording of [`Work::call`].
+    async fn slotted<T>(&self, operation: &str, call: impl Future<Output = T>) -> T {
+        let _slot = self.vault.slots.acquire(keeps_alive(operation)).await;
+        call.await
+    }
+
     fn count(&self, operation: &str, result: &str) {
         self.ctx
             .metrics
@@ -408,8 +490,21 @@ pub(crate) async fn reconcile(
         finalizer::add(ctx, pipeline).await?;
     }
     let mut held = secrets::held(&work, side);
-    match converge(&work, side, owner, &mut state, &mut held).await {
-        Ok(wake) => outcome.wake = wake,
+    let mut problems = credentials::CredentialProblems::default();
+    match converge(&work, side, owner, &mut state, &mut held, &mut problems).await {
+        Ok((wake, None)) => outcome.wake = wake,
+        Ok((wake, Some(problem))) => {
+            // Retried with backoff, but the other credentials' schedule is kept.
+            if let Some(wake) = wake {
+                vault
+                    .due
+                    .lock()
+                    .expect("due lock")
+                    .insert(work.uid.clone(), wake);
+            }
+            outcome.problem = Some(problem);
+            outcome.wake = wake;
+        }
         Err(Error::Vault(problem)) => {
             if problem.reason() == Reason::VaultRefused {
                 // A refused call may mean the operator's token is gone; check it outside the
@@ -421,32 +516,73 @@ pub(crate) async fn reconcile(
         }
         Err(other) => return Err(other),
     }
-    (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held);
+    (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held, &problems);
     Ok(outcome)
 }
 
-/// The Vault steps in order; when to come back.
+/// The Vault steps in order: renewals first (they keep what is delivered alive), then policies
+/// and roles, then the other credential steps, the Secrets, the sweep and the restarts. A
+/// failed Vault call of one step, or of one credential (in `problems`), does not stop the
+/// others; the first such problem is returned with when to come back.
 async fn converge(
     work: &Work<'_>,
     side: &VaultSide,
     owner: &OwnerReference,
     state: &mut VaultState,
     held: &mut secrets::Held,
-) -> Result<Option<DateTime<Utc>>> {
+    problems: &mut credentials::CredentialProblems,
+) -> Result<(Option<DateTime<Utc>>, Option<VaultProblem>)> {
     let client = match work.vault.session.client().await {
         Ok(client) => client,
         Err(e) => return Err(work.failed("login", None, "Vault session".into(), e).await),
     };
-    policies::converge(work, &client, side, state).await?;
-    let wake = credentials::converge(work, &client, side, owner, state, held).await?;
+    credentials::converge(
+        work,
+        &client,
+        side,
+        owner,
+        state,
+        held,
+        credentials::Pass::Renewals,
+        problems,
+    )
+    .await?;
+    let mut problem = vault_problem(policies::converge(work, &client, side, state).await)?;
+    let wake = credentials::converge(
+        work,
+        &client,
+        side,
+        owner,
+        state,
+        held,
+        credentials::Pass::All,
+        problems,
+    )
+    .await?;
     secrets::prune(work, side).await?;
-    sweep::converge(work, &client, side).await?;
+    if problem.is_none() {
+        problem = vault_problem(sweep::converge(work, &client, side).await)?;
+    }
     let wake = restarts::converge(work, side, state, wake).await?;
-    Ok(earliest(
-        wake,
-        Utc::now()
-            + chrono::Duration::from_std(work.vault.resync).unwrap_or(chrono::Duration::minutes(5)),
+    let problem = problem.or_else(|| problems.first.take());
+    Ok((
+        earliest(
+            wake,
+            Utc::now()
+                + chrono::Duration::from_std(work.vault.resync)
+                    .unwrap_or(chrono::Duration::minutes(5)),
+        ),
+        problem,
     ))
+}
+
+/// A step's Vault problem, taken out of its result; other errors stay errors.
+fn vault_problem(result: Result<()>) -> Result<Option<VaultProblem>> {
+    match result {
+        Ok(()) => Ok(None),
+        Err(Error::Vault(problem)) => Ok(Some(problem)),
+        Err(other) => Err(other),
+    }
 }
 
 /// The lease ids in the cached states.

@@ -65,7 +65,10 @@ pub(super) async fn converge(
 }
 
 async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> {
-    let listed = match endpoints::lease_list(client, path).await {
+    let listed = match work
+        .slotted("sweep_list", endpoints::lease_list(client, path))
+        .await
+    {
         Ok(listed) => {
             work.count("sweep_list", "ok");
             listed
@@ -95,7 +98,8 @@ async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> 
     let recorded = recorded(work).await?;
     unrecorded.retain(|id| !recorded.contains(id));
     for lease_id in unrecorded {
-        let Some(lookup) = endpoints::lease_lookup(client, &lease_id)
+        let Some(lookup) = work
+            .slotted("lookup", endpoints::lease_lookup(client, &lease_id))
             .await
             .ok()
             .flatten()
