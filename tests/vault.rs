@@ -1550,3 +1550,68 @@ async fn a_refused_role_write_and_a_silent_credential_path_do_not_stop_other_ren
     );
     setup.assert_conformant();
 }
+
+/// Issue 10, hole 6: the pipeline's state Secret is lost (deleted while the operator was down).
+/// The operator must not silently issue new credentials next to the old, still-live lease: it
+/// records the loss, issues new credentials, restarts their consumers, and one grace period
+/// later the sweep revokes the old lease (its PostgreSQL role is dropped).
+#[tokio::test]
+async fn a_lost_state_secret_leads_to_a_recorded_reissue_a_restart_and_a_sweep() {
+    let mut setup = Setup::new("vault-lost-state", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (first_secret, first_hash) = setup.wait_for_secret().await;
+    let (first_user, _) = credentials(&first_secret);
+    let first_leases = setup.active_leases().await;
+    assert_eq!(first_leases.len(), 1);
+    assert!(Setup::restarted_at(&setup.deployment().await).is_none());
+
+    let states: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.ops);
+    let state_secret = states
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|s| s.name_any().starts_with("portcullis-vault-"))
+        .expect("the pipeline's state Secret");
+    let mut old = setup.operator.take().expect("operator running");
+    old.kill();
+    states
+        .delete(&state_secret.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let support::Operator { dir, .. } = old;
+    setup.start_operator(dir);
+
+    let (secret, hash) = wait_for("new credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    let restarted = wait_for("the consumers restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    assert!(!restarted.is_empty());
+    wait_for("the old lease swept", WAIT, || async {
+        let gone = first_leases.iter().all(|l| setup.revocation_recorded(l))
+            && postgres().role(&first_user).is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(
+        setup.records("vault-failed").iter().any(|r| r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("state Secret is gone"))),
+        "the loss is recorded"
+    );
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    let active = setup.active_leases().await;
+    assert_eq!(active, setup.tracked_leases().await);
+    assert_eq!(
+        hash,
+        portcullis::vault::leases::lease_hash(active.iter().next().unwrap())
+    );
+    setup.assert_conformant();
+}

@@ -92,12 +92,26 @@ pub(super) async fn converge(
                 why,
             } => {
                 let r = &side.vault.credentials[request];
-                let done = issue(work, client, side, owner, state, r, replaces, why)
-                    .await
-                    .map(|(lease_id, renew_at)| {
-                        held.insert(r.secret_name.clone(), Some(leases::lease_hash(&lease_id)));
-                        Some(renew_at)
-                    });
+                // The Secret holds credentials of a lease the state does not know (the state
+                // Secret was lost): their consumers are restarted onto the new ones as well.
+                let replaces_unknown = replaces.is_none()
+                    && secrets::delivery(held, &r.secret_name, "") == Delivery::Stale;
+                let done = issue(
+                    work,
+                    client,
+                    side,
+                    owner,
+                    state,
+                    r,
+                    replaces,
+                    replaces_unknown,
+                    why,
+                )
+                .await
+                .map(|(lease_id, renew_at)| {
+                    held.insert(r.secret_name.clone(), Some(leases::lease_hash(&lease_id)));
+                    Some(renew_at)
+                });
                 ((r.stage.clone(), r.name.clone()), done)
             }
             Step::Renew { lease_id, request } => {
@@ -269,6 +283,7 @@ async fn issue(
     state: &mut VaultState,
     r: &CredentialRequest,
     replaces: Option<String>,
+    replaces_unknown: bool,
     why: &str,
 ) -> Result<(String, DateTime<Utc>)> {
     let object = object(r);
@@ -320,7 +335,7 @@ async fn issue(
         granted_seconds: issued.lease_duration,
         replace_next: false,
         retire_at: None,
-        restart_pending: replaces.is_some() && !r.restart_targets.is_empty(),
+        restart_pending: (replaces.is_some() || replaces_unknown) && !r.restart_targets.is_empty(),
         token_accessor: Some(work.vault.session.accessor()).filter(|a| !a.is_empty()),
         orphaned: false,
     };

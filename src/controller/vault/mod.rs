@@ -486,6 +486,13 @@ pub(crate) async fn reconcile(
     };
     let work = Work::new(ctx, vault, pipeline);
     let mut state = work.load().await?;
+    let lost = finalizer::holds(pipeline)
+        && state.is_empty()
+        && !side.vault.credentials.is_empty()
+        && !work.has_state_secret().await;
+    if lost {
+        lost_state(&work, side).await?;
+    }
     if !finalizer::holds(pipeline) {
         finalizer::add(ctx, pipeline).await?;
     }
@@ -518,6 +525,37 @@ pub(crate) async fn reconcile(
     }
     (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held, &problems);
     Ok(outcome)
+}
+
+/// The pipeline holds Vault state (its finalizer says so) but its state Secret is gone
+/// (deleted, or lost with a restore of the cluster): the leases it recorded are unknown, still
+/// live, and their credentials still in use. New credentials are issued (the Secrets holding
+/// unknown credentials get them, their consumers restarted), and the credentials paths are swept
+/// one grace period later, revoking the old leases. Recorded, never silent.
+async fn lost_state(work: &Work<'_>, side: &VaultSide) -> Result<()> {
+    let paths: std::collections::BTreeSet<&str> = side
+        .vault
+        .credentials
+        .iter()
+        .map(|r| r.path.as_str())
+        .collect();
+    let paths: Vec<&str> = paths.into_iter().collect();
+    warn!(pipeline = %work.name, namespace = %work.namespace, "the pipeline's Vault state Secret is gone; re-issuing its credentials, restarting their consumers and sweeping the old leases");
+    work.record_keepalive(work.entry(
+        AuditAction::VaultFailed,
+        None,
+        format!("Secret {}/portcullis-vault-{}", work.vault.state_namespace, work.uid),
+        format!(
+            "the pipeline's Vault state Secret is gone, and with it the record of its leases: issuing new credentials, restarting their consumers, and sweeping the unrecorded leases under {} after {}s",
+            paths.join(", "),
+            work.vault.grace.num_seconds()
+        ),
+    ))
+    .await?;
+    if work.vault.sweep {
+        sweep::sweep_after(work, side, work.vault.grace.to_std().unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// The Vault steps in order: renewals first (they keep what is delivered alive), then policies
@@ -564,6 +602,11 @@ async fn converge(
         problem = vault_problem(sweep::converge(work, &client, side).await)?;
     }
     let wake = restarts::converge(work, side, state, wake).await?;
+    // A sweep brought forward (after a lost state) is due before the resync.
+    let wake = match sweep::next_due(work, side) {
+        Some(due) => earliest(wake, due),
+        None => wake,
+    };
     let problem = problem.or_else(|| problems.first.take());
     Ok((
         earliest(

@@ -87,6 +87,16 @@ impl Work<'_> {
         Ok(state)
     }
 
+    /// Whether the pipeline's state Secret existed when its state was last read or written.
+    pub(super) async fn has_state_secret(&self) -> bool {
+        self.vault
+            .states
+            .lock()
+            .await
+            .get(&self.uid)
+            .is_some_and(|k| k.resource_version.is_some())
+    }
+
     /// Another pipeline's state (by uid): cached, or read from its Secret, not cached.
     pub(super) async fn state_of(&self, uid: &str) -> Result<VaultState> {
         if let Some(k) = self.vault.states.lock().await.get(uid) {
