@@ -1615,3 +1615,147 @@ async fn a_lost_state_secret_leads_to_a_recorded_reissue_a_restart_and_a_sweep()
     );
     setup.assert_conformant();
 }
+
+/// The Events of the pipeline's Vault side, one per publication: (reason, type, note).
+async fn vault_events(setup: &Setup) -> Vec<(String, String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(setup.client.clone(), &setup.ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.action.as_deref() == Some("Vault"))
+        // An Event published again is one Event with a series: one entry per publication.
+        .flat_map(|e| {
+            let times = e.series.as_ref().map_or(1, |s| s.count.max(1));
+            std::iter::repeat_n(e, usize::try_from(times).unwrap_or(1))
+        })
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.type_.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 13: a new value of `portcullis.dev/rotate-now` rotates the pipeline's credentials at
+/// once (new credentials, consumers restarted, the old lease revoked), recorded as asked for,
+/// with a Normal Event; the same value again, or a restart of the operator, rotates nothing
+/// more; a failing Vault call is a Warning Event, published once while it repeats.
+#[tokio::test]
+async fn rotate_now_rotates_once_per_value_with_events() {
+    let mut setup = Setup::new("vault-rotate-now", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (first, first_hash) = setup.wait_for_secret().await;
+    let (first_user, _) = credentials(&first);
+    let first_leases = setup.active_leases().await;
+    wait_for("a CredentialsIssued Event", WAIT, || async {
+        vault_events(&setup)
+            .await
+            .iter()
+            .any(|(reason, type_, _)| reason == "CredentialsIssued" && type_ == "Normal")
+            .then_some(())
+    })
+    .await;
+
+    let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
+    let annotate = |key: &'static str, value: &'static str| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                PIPELINE,
+                &Default::default(),
+                &kube::api::Patch::Merge(&json!({"metadata": {"annotations": {key: value}}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    annotate("portcullis.dev/rotate-now", "2026-11-27-a").await;
+    let (_, second_hash) = wait_for("rotated credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    let rotated = setup.records("credential-rotated");
+    assert_eq!(rotated.len(), 1, "{rotated:#?}");
+    assert!(
+        rotated[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rotation was asked for with the portcullis.dev/rotate-now annotation"),
+        "{}",
+        rotated[0]
+    );
+    wait_for("the consumers restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    wait_for("the old lease revoked", WAIT, || async {
+        (first_leases.iter().all(|l| setup.revocation_recorded(l))
+            && postgres().role(&first_user).is_none())
+        .then_some(())
+    })
+    .await;
+    wait_for("a CredentialsRotated Event", WAIT, || async {
+        vault_events(&setup)
+            .await
+            .iter()
+            .any(|(reason, type_, note)| {
+                reason == "CredentialsRotated" && type_ == "Normal" && note.contains("asked for")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The same value again (another reconcile asked for), then a restart: nothing more.
+    annotate("portcullis.dev/reconcile", "again").await;
+    wait_for("the reconcile asked for recorded", WAIT, || async {
+        (!setup.records("reconcile-requested").is_empty()).then_some(())
+    })
+    .await;
+    setup.kill_and_restart();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, hash) = setup.wait_for_secret().await;
+    assert_eq!(hash, second_hash, "one rotation per value");
+    assert_eq!(setup.records("credential-rotated").len(), 1);
+
+    // A failing Vault call: one Warning Event while it repeats.
+    setup.bao.faults().fault_path(
+        &format!("/v1/database/creds/{DB_ROLE}"),
+        PathFault::Fail(500),
+    );
+    annotate("portcullis.dev/rotate-now", "2026-11-27-b").await;
+    wait_for("a VaultFailed Event", WAIT, || async {
+        vault_events(&setup)
+            .await
+            .iter()
+            .any(|(reason, type_, _)| reason == "VaultFailed" && type_ == "Warning")
+            .then_some(())
+    })
+    .await;
+    // Several retries later, still one.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let failed: Vec<_> = vault_events(&setup)
+        .await
+        .into_iter()
+        .filter(|(reason, _, _)| reason == "VaultFailed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    setup.bao.faults().clear_path_faults();
+    wait_for("the second rotation", WAIT, || async {
+        let (_, hash) = setup.wait_for_secret().await;
+        (hash != second_hash).then_some(())
+    })
+    .await;
+    // Each attempt is recorded before it is made; all of them say why.
+    assert!(
+        setup
+            .records("credential-rotated")
+            .iter()
+            .all(|r| r["message"].as_str().unwrap().contains("asked for"))
+    );
+    setup.assert_conformant();
+}

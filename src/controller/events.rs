@@ -2,7 +2,7 @@
 
 use crate::k8s::{Event, EventType, ObjectReference, Recorder};
 
-/// Why an Event is published (its `reason`). Every one is a warning.
+/// Why an Event is published (its `reason`): warnings, but for credentials issued and rotated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventReason {
     /// Requested items were denied (step: Plan).
@@ -15,6 +15,12 @@ pub(crate) enum EventReason {
     DriftReverted,
     /// The `portcullis.dev/reconcile` annotation asked for a reconcile (step: Plan).
     ReconcileRequested,
+    /// Credentials were issued into a stage's Secret (normal; step: Vault).
+    CredentialsIssued,
+    /// A stage's credentials were replaced by new ones (normal; step: Vault).
+    CredentialsRotated,
+    /// A Vault call failed; a failure that repeats is published once (warning; step: Vault).
+    VaultFailed,
 }
 
 impl EventReason {
@@ -25,6 +31,9 @@ impl EventReason {
             EventReason::AdoptionRefused => "AdoptionRefused",
             EventReason::DriftReverted => "DriftReverted",
             EventReason::ReconcileRequested => "ReconcileRequested",
+            EventReason::CredentialsIssued => "CredentialsIssued",
+            EventReason::CredentialsRotated => "CredentialsRotated",
+            EventReason::VaultFailed => "VaultFailed",
         }
     }
 
@@ -35,6 +44,9 @@ impl EventReason {
             | EventReason::InvalidSpec
             | EventReason::ReconcileRequested => "Plan",
             EventReason::AdoptionRefused | EventReason::DriftReverted => "Apply",
+            EventReason::CredentialsIssued
+            | EventReason::CredentialsRotated
+            | EventReason::VaultFailed => "Vault",
         }
     }
 }

@@ -13,6 +13,7 @@ use super::state::VaultState;
 use super::{VaultProblem, VaultSide, Work, earliest, rfc3339, secrets};
 use crate::api::CredentialStatus;
 use crate::audit::Action as AuditAction;
+use crate::controller::events::{self, EventReason};
 use crate::controller::{Error, Result};
 use crate::k8s::OwnerReference;
 use crate::plan::CredentialRequest;
@@ -55,6 +56,9 @@ pub(super) async fn converge(
     problems: &mut CredentialProblems,
 ) -> Result<Option<DateTime<Utc>>> {
     verify(work, client, side, state).await?;
+    if pass == Pass::All {
+        rotate_if_asked(work, side, state).await?;
+    }
     for r in &side.vault.credentials {
         let current = state
             .leases
@@ -157,6 +161,31 @@ pub(super) async fn converge(
         }
     }
     Ok(wake)
+}
+
+/// A new value of the `portcullis.dev/rotate-now` annotation marks every current lease of the
+/// pipeline's credentials for replacement, once: the value is kept in the state with the marks,
+/// so a restart or a failed issue neither forgets nor repeats the rotation.
+async fn rotate_if_asked(work: &Work<'_>, side: &VaultSide, state: &mut VaultState) -> Result<()> {
+    let Some(value) = work.rotate_now.as_ref() else {
+        return Ok(());
+    };
+    if state.rotated_for.as_ref() == Some(value) {
+        return Ok(());
+    }
+    for l in state.leases.iter_mut().filter(|l| {
+        l.is_current()
+            && side
+                .vault
+                .credentials
+                .iter()
+                .any(|r| r.stage == l.stage && r.name == l.credential)
+    }) {
+        l.rotate_requested = true;
+    }
+    state.rotated_for = Some(value.clone());
+    info!(pipeline = %work.name, namespace = %work.namespace, value = %value, "a rotation of the pipeline's credentials was asked for");
+    work.save(state).await
 }
 
 /// After the operator's token changed (a restart resuming it, or a new login), looks up every
@@ -338,6 +367,7 @@ async fn issue(
         restart_pending: (replaces.is_some() || replaces_unknown) && !r.restart_targets.is_empty(),
         token_accessor: Some(work.vault.session.accessor()).filter(|a| !a.is_empty()),
         orphaned: false,
+        rotate_requested: false,
     };
     if let Some(old) = &replaces
         && let Some(l) = state.leases.iter_mut().find(|l| &l.lease_id == old)
@@ -356,6 +386,25 @@ async fn issue(
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
+    let (reason, verb) = if replaces.is_some() || replaces_unknown {
+        (EventReason::CredentialsRotated, "rotated")
+    } else {
+        (EventReason::CredentialsIssued, "issued")
+    };
+    events::normal(
+        &work.ctx.recorder(),
+        &work.reference,
+        reason,
+        format!(
+            "{verb} credentials {}/{} from {} into Secret {} (lease {}): {why}",
+            r.stage,
+            r.name,
+            r.path,
+            r.secret_name,
+            leases::lease_hash(&issued.lease_id)
+        ),
+    )
+    .await;
     Ok((record.lease_id, record.renew_at))
 }
 

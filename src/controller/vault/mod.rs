@@ -341,6 +341,10 @@ struct Work<'a> {
     name: String,
     uid: String,
     generation: Option<i64>,
+    /// The `portcullis.dev/rotate-now` annotation's value.
+    rotate_now: Option<String>,
+    /// The pipeline, for its Events.
+    reference: crate::k8s::ObjectReference,
 }
 
 impl<'a> Work<'a> {
@@ -352,6 +356,11 @@ impl<'a> Work<'a> {
             name: pipeline.name_any(),
             uid: pipeline.uid().unwrap_or_default(),
             generation: pipeline.metadata.generation,
+            rotate_now: pipeline
+                .annotations()
+                .get(crate::plan::names::ROTATE_NOW_ANNOTATION)
+                .cloned(),
+            reference: crate::k8s::Resource::object_ref(pipeline, &()),
         }
     }
 
@@ -427,6 +436,14 @@ impl<'a> Work<'a> {
         else {
             return Error::Vault(VaultProblem::Call(e));
         };
+        // The Event follows the record: once per change of outcome.
+        super::events::warn(
+            &self.ctx.recorder(),
+            &self.reference,
+            super::events::EventReason::VaultFailed,
+            format!("{object}: {message}"),
+        )
+        .await;
         match self
             .record_keepalive(self.entry(AuditAction::VaultFailed, stage, object, message))
             .await

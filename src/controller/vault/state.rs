@@ -25,6 +25,10 @@ pub(crate) struct VaultState {
     pub roles: BTreeSet<String>,
     #[serde(default)]
     pub leases: Vec<LeaseRecord>,
+    /// The last value of the `portcullis.dev/rotate-now` annotation acted on: each value
+    /// rotates the credentials once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_for: Option<String>,
 }
 
 impl VaultState {
