@@ -3,7 +3,7 @@
 CARGO ?= cargo
 EXAMPLES := -f examples/pipelines examples/namespaces.yaml --guardrails examples/guardrails
 
-.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-scale envtest openbao
+.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-vault bench-scale envtest openbao
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ bench: ## Plan 10,000 pipelines x 3 stages on one core; prints pipelines/s and p
 
 bench-converge: ## Cold convergence of 300 pipelines x 3 stages vs plain server-side apply; new-pipeline latency; API writes, CPU and RSS in steady state.
 	$(CARGO) bench --locked --bench converge
+
+bench-vault: ## Against real OpenBao and PostgreSQL: issue-to-Secret p50/p99, renewals/s for 1,000 credentials, Vault calls per credential per hour in steady state.
+	$(CARGO) bench --locked --features envtest --bench vault
 
 bench-scale: ## The same at 3,000 pipelines (with the floor), then 1,000 and 10,000 (memory, latency, steady state).
 	PORTCULLIS_BENCH_PIPELINES=3000 $(CARGO) bench --locked --bench converge
