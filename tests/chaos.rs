@@ -436,3 +436,82 @@ async fn twenty_sigkills_while_pipelines_change_converge_to_the_truth() {
     let (ok, out) = chaos.operator.as_ref().unwrap().verify();
     assert!(ok, "the decision log verifies: {out}");
 }
+
+/// A Vault outage longer than the credentials' TTL (the proxy a black hole for 20 s, leases of
+/// 8 s): the leases expire in OpenBao, which revokes them (their PostgreSQL roles dropped). At
+/// every moment the status must not call a credential delivered whose credentials no longer log
+/// in; afterwards every pipeline gets new credentials and converges. Prints the figure:
+/// credentials served past revocation, 0.
+#[tokio::test]
+async fn a_vault_outage_longer_than_a_ttl_serves_nothing_past_revocation() {
+    let chaos = Chaos::new().await;
+    let mut live = BTreeMap::new();
+    for i in 0..3 {
+        let name = format!("p{i}");
+        let secret = format!("{name}-db");
+        chaos
+            .api()
+            .create(
+                &PostParams::default(),
+                &chaos.pipeline(&name, "8s", &secret),
+            )
+            .await
+            .unwrap();
+        live.insert(name, secret);
+    }
+    let none = BTreeSet::new();
+    wait_for("converged", Duration::from_secs(60), || async {
+        chaos.problems(&live, &none).await.is_empty().then_some(())
+    })
+    .await;
+
+    chaos.bao.faults().black_hole(true);
+    let secrets: Api<Secret> = Api::namespaced(chaos.client.clone(), &chaos.ns);
+    let mut past_revocation = 0;
+    let mut samples = 0;
+    let mut undelivered_seen = false;
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(20) {
+        for (name, secret_name) in &live {
+            let p = chaos.api().get(name).await.unwrap();
+            let delivered = p
+                .status
+                .as_ref()
+                .and_then(|s| s.stages.first())
+                .and_then(|s| s.credentials.iter().find(|c| c.name == "db"))
+                .and_then(|c| c.lease_expires_at.clone())
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .is_some_and(|t| t > chrono::Utc::now());
+            let Some(secret) = secrets.get_opt(secret_name).await.unwrap() else {
+                continue;
+            };
+            let data = secret.data.as_ref().unwrap();
+            let user = String::from_utf8(data["username"].0.clone()).unwrap();
+            let password = String::from_utf8(data["password"].0.clone()).unwrap();
+            let works = postgres().log_in(&user, &password).is_ok();
+            samples += 1;
+            undelivered_seen |= !delivered;
+            if delivered && !works {
+                past_revocation += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    chaos.bao.faults().black_hole(false);
+    println!(
+        "outage of 20 s with 8 s leases: {samples} samples; credentials served past revocation: {past_revocation}"
+    );
+    assert_eq!(past_revocation, 0);
+    assert!(
+        undelivered_seen,
+        "the leases ran out during the outage, and the status said so"
+    );
+    wait_for(
+        "converged after the outage",
+        Duration::from_secs(90),
+        || async { chaos.problems(&live, &none).await.is_empty().then_some(()) },
+    )
+    .await;
+    let (ok, out) = chaos.operator.as_ref().unwrap().verify();
+    assert!(ok, "the decision log verifies: {out}");
+}
