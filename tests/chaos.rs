@@ -111,6 +111,10 @@ impl Chaos {
     }
 
     fn start(&mut self, dir: tempfile::TempDir) {
+        self.operator = Some(self.launch("portcullis", None, dir));
+    }
+
+    fn launch(&self, name: &'static str, lease: Option<&str>, dir: tempfile::TempDir) -> Operator {
         let args: Vec<String> = [
             "--vault-address",
             &self.bao.address(),
@@ -130,13 +134,7 @@ impl Chaos {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.operator = Some(Operator::start_with(
-            "portcullis",
-            &self.ns,
-            None,
-            dir,
-            &args,
-        ));
+        Operator::start_with(name, &self.ns, lease, dir, &args)
     }
 
     fn kill_and_restart(&mut self) {
@@ -212,6 +210,46 @@ impl Chaos {
             }
         }
         failing
+    }
+
+    /// Samples every pipeline twice a second for `period`: how many samples, how many of them
+    /// a credential the status calls delivered (its lease not expired) whose credentials no
+    /// longer log in, and whether a credential was ever not delivered.
+    async fn sample(
+        &self,
+        live: &BTreeMap<String, String>,
+        period: Duration,
+    ) -> (usize, usize, bool) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let (mut samples, mut past_revocation, mut undelivered_seen) = (0, 0, false);
+        let start = std::time::Instant::now();
+        while start.elapsed() < period {
+            for (name, secret_name) in live {
+                let p = self.api().get(name).await.unwrap();
+                let delivered = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.stages.first())
+                    .and_then(|s| s.credentials.iter().find(|c| c.name == "db"))
+                    .and_then(|c| c.lease_expires_at.clone())
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                    .is_some_and(|t| t > chrono::Utc::now());
+                let Some(secret) = secrets.get_opt(secret_name).await.unwrap() else {
+                    continue;
+                };
+                let data = secret.data.as_ref().unwrap();
+                let user = String::from_utf8(data["username"].0.clone()).unwrap();
+                let password = String::from_utf8(data["password"].0.clone()).unwrap();
+                let works = postgres().log_in(&user, &password).is_ok();
+                samples += 1;
+                undelivered_seen |= !delivered;
+                if delivered && !works {
+                    past_revocation += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        (samples, past_revocation, undelivered_seen)
     }
 
     /// Whatever is wrong with the converged state; empty when nothing is.
@@ -487,37 +525,8 @@ async fn a_vault_outage_longer_than_a_ttl_serves_nothing_past_revocation() {
     .await;
 
     chaos.bao.faults().black_hole(true);
-    let secrets: Api<Secret> = Api::namespaced(chaos.client.clone(), &chaos.ns);
-    let mut past_revocation = 0;
-    let mut samples = 0;
-    let mut undelivered_seen = false;
-    let outage = std::time::Instant::now();
-    while outage.elapsed() < Duration::from_secs(20) {
-        for (name, secret_name) in &live {
-            let p = chaos.api().get(name).await.unwrap();
-            let delivered = p
-                .status
-                .as_ref()
-                .and_then(|s| s.stages.first())
-                .and_then(|s| s.credentials.iter().find(|c| c.name == "db"))
-                .and_then(|c| c.lease_expires_at.clone())
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                .is_some_and(|t| t > chrono::Utc::now());
-            let Some(secret) = secrets.get_opt(secret_name).await.unwrap() else {
-                continue;
-            };
-            let data = secret.data.as_ref().unwrap();
-            let user = String::from_utf8(data["username"].0.clone()).unwrap();
-            let password = String::from_utf8(data["password"].0.clone()).unwrap();
-            let works = postgres().log_in(&user, &password).is_ok();
-            samples += 1;
-            undelivered_seen |= !delivered;
-            if delivered && !works {
-                past_revocation += 1;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (samples, past_revocation, undelivered_seen) =
+        chaos.sample(&live, Duration::from_secs(20)).await;
     chaos.bao.faults().black_hole(false);
     println!(
         "outage of 20 s with 8 s leases: {samples} samples; credentials served past revocation: {past_revocation}"
@@ -535,4 +544,65 @@ async fn a_vault_outage_longer_than_a_ttl_serves_nothing_past_revocation() {
     .await;
     let (ok, out) = chaos.operator.as_ref().unwrap().verify();
     assert!(ok, "the decision log verifies: {out}");
+}
+
+/// A leader handover under load: two replicas on one Lease, pipelines with 8 s leases renewed
+/// all the time; the leader is stopped (SIGTERM: it drains, then releases the Lease) and the
+/// standby takes over. Sampled throughout: credentials served past revocation, 0; then
+/// convergence, no lease untracked, and both replicas' decision logs verify.
+#[tokio::test]
+async fn a_leader_handover_under_load_serves_nothing_past_revocation() {
+    let mut chaos = Chaos::new().await;
+    // The single replica Chaos::new started is replaced by two on a Lease.
+    let mut single = chaos.operator.take().unwrap();
+    single.stop();
+    let mut leader = chaos.launch(
+        "portcullis-a",
+        Some(&chaos.ops),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut live = BTreeMap::new();
+    for i in 0..PIPELINES {
+        let name = format!("p{i}");
+        let secret = format!("{name}-db");
+        chaos
+            .api()
+            .create(
+                &PostParams::default(),
+                &chaos.pipeline(&name, "8s", &secret),
+            )
+            .await
+            .unwrap();
+        live.insert(name, secret);
+    }
+    let none = BTreeSet::new();
+    wait_for(
+        "converged under the first leader",
+        Duration::from_secs(60),
+        || async { chaos.problems(&live, &none).await.is_empty().then_some(()) },
+    )
+    .await;
+    let standby = chaos.launch(
+        "portcullis-b",
+        Some(&chaos.ops),
+        tempfile::tempdir().unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    leader.stop();
+    let (samples, past_revocation, _) = chaos.sample(&live, Duration::from_secs(16)).await;
+    println!(
+        "leader handover under load ({PIPELINES} pipelines, 8 s leases): {samples} samples; credentials served past revocation: {past_revocation}"
+    );
+    assert_eq!(past_revocation, 0);
+    chaos.operator = Some(standby);
+    wait_for(
+        "converged under the new leader",
+        Duration::from_secs(90),
+        || async { chaos.problems(&live, &none).await.is_empty().then_some(()) },
+    )
+    .await;
+    for op in [&leader, chaos.operator.as_ref().unwrap()] {
+        let (ok, out) = op.verify();
+        assert!(ok, "the decision log verifies: {out}");
+    }
 }
