@@ -3,7 +3,7 @@
 CARGO ?= cargo
 EXAMPLES := -f examples/pipelines examples/namespaces.yaml --guardrails examples/guardrails
 
-.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-audit bench-scale envtest openbao image test-image
+.PHONY: help demo plan plan-denied test fmt lint crds golden bench bench-converge bench-audit bench-scale envtest openbao image test-image bench-vault
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench-converge: ## Cold convergence of 300 pipelines x 3 stages vs plain server-
 
 bench-audit: ## The operator's cost per 10,000 audit events per second (CPU, memory): parse, drop non-stages, records.
 	$(CARGO) bench --locked --bench audit
+
+bench-vault: ## Against real OpenBao and PostgreSQL: issue-to-Secret p50/p99, renewals/s for 1,000 credentials, Vault calls per credential per hour in steady state.
+	$(CARGO) bench --locked --features envtest --bench vault
 
 bench-scale: ## The same at 3,000 pipelines (with the floor), then 1,000 and 10,000 (memory, latency, steady state).
 	PORTCULLIS_BENCH_PIPELINES=3000 $(CARGO) bench --locked --bench converge

@@ -34,7 +34,8 @@ pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 pub use k8s_openapi::jiff::Timestamp;
 pub use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, Preconditions,
+    ApiResource, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, PostParams,
+    Preconditions,
 };
 pub use kube::runtime::controller::{Action, Config as ControllerConfig, Error as ControllerError};
 pub use kube::runtime::events::{Event, EventType, Recorder, Reporter};

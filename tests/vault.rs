@@ -23,7 +23,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
-use support::openbao::{OpenBao, OperatorSetup};
+use support::openbao::{OpenBao, OperatorSetup, PathFault};
 use support::postgres::postgres;
 use support::{Operator, guarded_namespace, temp_namespace, wait_for};
 
@@ -254,6 +254,13 @@ impl Setup {
     async fn secret(&self) -> Option<Secret> {
         Api::<Secret>::namespaced(self.client.clone(), &self.ns)
             .get_opt("fraud-ingest-db")
+            .await
+            .expect("get Secret")
+    }
+
+    async fn secret_named(&self, name: &str) -> Option<Secret> {
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(name)
             .await
             .expect("get Secret")
     }
@@ -1380,5 +1387,398 @@ async fn a_lost_token_secret_gets_the_leases_it_issued_replaced() {
     let active = setup.active_leases().await;
     assert_eq!(active.len(), 1);
     assert_eq!(active, setup.tracked_leases().await);
+    setup.assert_conformant();
+}
+
+/// Issue 10, hole 3: a writer whose copy of a pipeline's state is stale (an old leader still
+/// running while a newer one has moved on) must fail rather than overwrite the newer state.
+/// Here another writer, as a newer leader would, records in the state Secret a lease it issued
+/// and replaced (due for revocation now). The running operator's next write (its next renewal)
+/// is made on the version it read: it is refused, the operator reads the state again and acts
+/// on it, revoking that lease and recording it, instead of dropping the record and leaving the
+/// lease to live untracked.
+#[tokio::test]
+async fn a_stale_state_writer_fails_reads_again_and_acts_on_the_newer_state() {
+    let setup = Setup::new("vault-stale", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    setup.wait_for_secret().await;
+    assert_eq!(setup.active_leases().await.len(), 1);
+
+    let other = setup
+        .bao
+        .client()
+        .get(&format!("database/creds/{}", db_role(&setup.ns)))
+        .await
+        .unwrap();
+    assert_eq!(other.status, 200, "{:?}", other.errors());
+    let other_lease = other.body["lease_id"].as_str().unwrap().to_string();
+    let other_user = other.data()["username"].as_str().unwrap().to_string();
+
+    let states: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.ops);
+    let mut state_secret = states
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|s| s.name_any().starts_with("portcullis-vault-"))
+        .expect("the pipeline's state Secret");
+    let data = state_secret.data.as_mut().unwrap();
+    let mut state: Value = serde_json::from_slice(&data["state.json"].0).unwrap();
+    let mut replaced = state["leases"][0].clone();
+    replaced["leaseId"] = json!(other_lease);
+    replaced["retireAt"] = json!(chrono::Utc::now().to_rfc3339());
+    replaced["restartPending"] = json!(false);
+    state["leases"].as_array_mut().unwrap().push(replaced);
+    data.insert(
+        "state.json".into(),
+        k8s_openapi::ByteString(serde_json::to_vec(&state).unwrap()),
+    );
+    states
+        .replace(
+            &state_secret.name_any(),
+            &PostParams::default(),
+            &state_secret,
+        )
+        .await
+        .expect("the other writer's state written");
+
+    wait_for("the other writer's lease revoked", WAIT, || async {
+        let gone = !setup.active_leases().await.contains(&other_lease)
+            && postgres().role(&other_user).is_none();
+        (gone && setup.revocation_recorded(&other_lease)).then_some(())
+    })
+    .await;
+    assert!(
+        setup
+            .operator()
+            .full_log()
+            .contains("changed since it was read"),
+        "the refused write is logged"
+    );
+    // The pipeline's own credentials were not disturbed: its Secret's credentials log in, and
+    // every live lease is tracked.
+    let (secret, _) = setup.wait_for_secret().await;
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    assert!(
+        setup
+            .active_leases()
+            .await
+            .is_subset(&setup.tracked_leases().await)
+    );
+    setup.assert_conformant();
+}
+
+/// Issue 10, hole 5: one failing call must not block a whole pipeline. The stage's role writes
+/// are refused (403) and a second credential, added with the change, comes from a path where
+/// Vault never answers (a black hole past the request timeout). The first credential is still
+/// renewed: long after its 6 s TTL its credentials log into PostgreSQL, and its lease's
+/// renewals go on; the status names the failing credential, with its own problem, and keeps
+/// the other delivered. When the faults end, the second credential is issued too.
+#[tokio::test]
+async fn a_refused_role_write_and_a_silent_credential_path_do_not_stop_other_renewals() {
+    let setup = Setup::new("vault-isolated", &FAST).await;
+    setup.create(FAST.credential_ttl).await;
+    let (secret, first_hash) = setup.wait_for_secret().await;
+    let (user, password) = credentials(&secret);
+
+    setup
+        .bao
+        .faults()
+        .fault_path("/v1/auth/kubernetes/role/", PathFault::Fail(403));
+    setup.bao.faults().fault_path(
+        &format!("/v1/database/creds/{}", db_role_2(&setup.ns)),
+        PathFault::BlackHole,
+    );
+    let mut changed = setup.pipeline(FAST.credential_ttl);
+    let ingest = &mut changed.spec.stages[0];
+    let vault = ingest.vault.as_mut().unwrap();
+    vault.token_ttl = Some("1h".into());
+    let mut second = vault.credentials[0].clone();
+    second.name = "second-db".into();
+    second.path = format!("database/creds/{}", db_role_2(&setup.ns));
+    second.secret_name = "fraud-ingest-db-2".into();
+    second.restart_targets.clear();
+    vault.credentials.push(second);
+    Api::<AIPipeline>::namespaced(setup.client.clone(), &setup.ns)
+        .patch(
+            PIPELINE,
+            &Default::default(),
+            &kube::api::Patch::Merge(&json!({"spec": changed.spec})),
+        )
+        .await
+        .unwrap();
+
+    // The second credential's problem is shown on it; the first stays delivered.
+    wait_for("the second credential's problem shown", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        let creds = &p.status.as_ref()?.stages[0].credentials;
+        let second = creds.iter().find(|c| c.name == "second-db")?;
+        let first = creds.iter().find(|c| c.name == "feature-db")?;
+        (second.problem.is_some() && second.lease_hash.is_none() && first.lease_hash.is_some())
+            .then_some(())
+    })
+    .await;
+    // Renewals of the first credential go on: three of its 6 s TTLs later, the same
+    // credentials (or, past its 30 s max TTL, their replacement) still log in.
+    let renewals_before = setup.records("credential-renewed").len();
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    assert!(
+        setup.records("credential-renewed").len() >= renewals_before + 2,
+        "renewals went on while the role write and the second credential failed"
+    );
+    let (secret, hash) = setup.wait_for_secret().await;
+    let (now_user, now_password) = credentials(&secret);
+    assert_eq!(
+        postgres().log_in(&now_user, &now_password),
+        Ok(now_user.clone())
+    );
+    if hash == first_hash {
+        assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    }
+    let p = setup.get_pipeline().await.unwrap();
+    let second = p.status.as_ref().unwrap().stages[0]
+        .credentials
+        .iter()
+        .find(|c| c.name == "second-db")
+        .cloned()
+        .unwrap();
+    assert!(second.lease_hash.is_none());
+    assert!(
+        setup.secret_named("fraud-ingest-db-2").await.is_none(),
+        "no Secret for credentials never issued"
+    );
+
+    setup.bao.faults().clear_path_faults();
+    wait_for("both credentials delivered", WAIT, || async {
+        let p = setup.get_pipeline().await?;
+        let creds = &p.status.as_ref()?.stages[0].credentials;
+        (creds.len() == 2
+            && creds
+                .iter()
+                .all(|c| c.lease_hash.is_some() && c.problem.is_none())
+            && Setup::condition(&p, "CredentialsReady")?.0 == "True")
+            .then_some(())
+    })
+    .await;
+    let second = setup.secret_named("fraud-ingest-db-2").await.unwrap();
+    let (u2, p2) = credentials(&second);
+    assert_eq!(postgres().log_in(&u2, &p2), Ok(u2.clone()));
+    assert!(
+        setup
+            .active_leases()
+            .await
+            .is_subset(&setup.tracked_leases().await)
+    );
+    setup.assert_conformant();
+}
+
+/// Issue 10, hole 6: the pipeline's state Secret is lost (deleted while the operator was down).
+/// The operator must not silently issue new credentials next to the old, still-live lease: it
+/// records the loss, issues new credentials, restarts their consumers, and one grace period
+/// later the sweep revokes the old lease (its PostgreSQL role is dropped).
+#[tokio::test]
+async fn a_lost_state_secret_leads_to_a_recorded_reissue_a_restart_and_a_sweep() {
+    let mut setup = Setup::new("vault-lost-state", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (first_secret, first_hash) = setup.wait_for_secret().await;
+    let (first_user, _) = credentials(&first_secret);
+    let first_leases = setup.active_leases().await;
+    assert_eq!(first_leases.len(), 1);
+    assert!(Setup::restarted_at(&setup.deployment().await).is_none());
+
+    let states: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.ops);
+    let state_secret = states
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|s| s.name_any().starts_with("portcullis-vault-"))
+        .expect("the pipeline's state Secret");
+    let mut old = setup.operator.take().expect("operator running");
+    old.kill();
+    states
+        .delete(&state_secret.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let support::Operator { dir, .. } = old;
+    setup.start_operator(dir);
+
+    let (secret, hash) = wait_for("new credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    let restarted = wait_for("the consumers restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    assert!(!restarted.is_empty());
+    wait_for("the old lease swept", WAIT, || async {
+        let gone = first_leases.iter().all(|l| setup.revocation_recorded(l))
+            && postgres().role(&first_user).is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(
+        setup.records("vault-failed").iter().any(|r| r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("state Secret is gone"))),
+        "the loss is recorded"
+    );
+    let (user, password) = credentials(&secret);
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
+    let active = setup.active_leases().await;
+    assert_eq!(active, setup.tracked_leases().await);
+    assert_eq!(
+        hash,
+        portcullis::vault::leases::lease_hash(active.iter().next().unwrap())
+    );
+    setup.assert_conformant();
+}
+
+/// The Events of the pipeline's Vault side, one per publication: (reason, type, note).
+async fn vault_events(setup: &Setup) -> Vec<(String, String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(setup.client.clone(), &setup.ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.action.as_deref() == Some("Vault"))
+        // An Event published again is one Event with a series: one entry per publication.
+        .flat_map(|e| {
+            let times = e.series.as_ref().map_or(1, |s| s.count.max(1));
+            std::iter::repeat_n(e, usize::try_from(times).unwrap_or(1))
+        })
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.type_.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 13: a new value of `portcullis.dev/rotate-now` rotates the pipeline's credentials at
+/// once (new credentials, consumers restarted, the old lease revoked), recorded as asked for,
+/// with a Normal Event; the same value again, or a restart of the operator, rotates nothing
+/// more; a failing Vault call is a Warning Event, published once while it repeats.
+#[tokio::test]
+async fn rotate_now_rotates_once_per_value_with_events() {
+    let mut setup = Setup::new("vault-rotate-now", &SLOW).await;
+    setup.create(SLOW.credential_ttl).await;
+    let (first, first_hash) = setup.wait_for_secret().await;
+    let (first_user, _) = credentials(&first);
+    let first_leases = setup.active_leases().await;
+    wait_for("a CredentialsIssued Event", WAIT, || async {
+        vault_events(&setup)
+            .await
+            .iter()
+            .any(|(reason, type_, _)| reason == "CredentialsIssued" && type_ == "Normal")
+            .then_some(())
+    })
+    .await;
+
+    let api: Api<AIPipeline> = Api::namespaced(setup.client.clone(), &setup.ns);
+    let annotate = |key: &'static str, value: &'static str| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                PIPELINE,
+                &Default::default(),
+                &kube::api::Patch::Merge(&json!({"metadata": {"annotations": {key: value}}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    annotate("portcullis.dev/rotate-now", "2026-11-27-a").await;
+    let (_, second_hash) = wait_for("rotated credentials", WAIT, || async {
+        let (s, hash) = setup.wait_for_secret().await;
+        (hash != first_hash).then_some((s, hash))
+    })
+    .await;
+    let rotated = setup.records("credential-rotated");
+    assert_eq!(rotated.len(), 1, "{rotated:#?}");
+    assert!(
+        rotated[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rotation was asked for with the portcullis.dev/rotate-now annotation"),
+        "{}",
+        rotated[0]
+    );
+    wait_for("the consumers restarted", WAIT, || async {
+        Setup::restarted_at(&setup.deployment().await)
+    })
+    .await;
+    wait_for("the old lease revoked", WAIT, || async {
+        (first_leases.iter().all(|l| setup.revocation_recorded(l))
+            && postgres().role(&first_user).is_none())
+        .then_some(())
+    })
+    .await;
+    wait_for("a CredentialsRotated Event", WAIT, || async {
+        vault_events(&setup)
+            .await
+            .iter()
+            .any(|(reason, type_, note)| {
+                reason == "CredentialsRotated" && type_ == "Normal" && note.contains("asked for")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The same value again (another reconcile asked for), then a restart: nothing more.
+    annotate("portcullis.dev/reconcile", "again").await;
+    wait_for("the reconcile asked for recorded", WAIT, || async {
+        (!setup.records("reconcile-requested").is_empty()).then_some(())
+    })
+    .await;
+    setup.kill_and_restart();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, hash) = setup.wait_for_secret().await;
+    assert_eq!(hash, second_hash, "one rotation per value");
+    assert_eq!(setup.records("credential-rotated").len(), 1);
+
+    // A failing Vault call: one Warning Event while it repeats.
+    setup.bao.faults().fault_path(
+        &format!("/v1/database/creds/{}", db_role(&setup.ns)),
+        PathFault::Fail(500),
+    );
+    annotate("portcullis.dev/rotate-now", "2026-11-27-b").await;
+    wait_for("a VaultFailed Event", WAIT, || async {
+        vault_events(&setup)
+            .await
+            .iter()
+            .any(|(reason, type_, _)| reason == "VaultFailed" && type_ == "Warning")
+            .then_some(())
+    })
+    .await;
+    // Several retries later, still one.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let failed: Vec<_> = vault_events(&setup)
+        .await
+        .into_iter()
+        .filter(|(reason, _, _)| reason == "VaultFailed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    setup.bao.faults().clear_path_faults();
+    wait_for("the second rotation", WAIT, || async {
+        let (_, hash) = setup.wait_for_secret().await;
+        (hash != second_hash).then_some(())
+    })
+    .await;
+    // Each attempt is recorded before it is made; all of them say why.
+    assert!(
+        setup
+            .records("credential-rotated")
+            .iter()
+            .all(|r| r["message"].as_str().unwrap().contains("asked for"))
+    );
     setup.assert_conformant();
 }

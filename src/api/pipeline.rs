@@ -502,7 +502,7 @@ pub struct DeniedItem {
     pub message: String,
 }
 
-/// A delivered credential.
+/// A credential: delivered, or failing (`problem`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialStatus {
@@ -520,4 +520,8 @@ pub struct CredentialStatus {
     /// A SHA-256 prefix of the lease id, to match against the decision log without showing the id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_hash: Option<String>,
+    /// Why this credential's last Vault call (issue, renewal, revocation) failed, while it
+    /// fails; the pipeline's other credentials are renewed and issued regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }

@@ -2,7 +2,7 @@
 
 use crate::k8s::{Event, EventType, ObjectReference, Recorder};
 
-/// Why an Event is published (its `reason`). Every one is a warning.
+/// Why an Event is published (its `reason`): warnings, but for credentials issued and rotated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventReason {
     /// Requested items were denied (step: Plan).
@@ -17,6 +17,12 @@ pub(crate) enum EventReason {
     ReconcileRequested,
     /// A binding Portcullis does not manage reaches a stage's ServiceAccount (the watchdog).
     ForeignGrant,
+    /// Credentials were issued into a stage's Secret (normal; step: Vault).
+    CredentialsIssued,
+    /// A stage's credentials were replaced by new ones (normal; step: Vault).
+    CredentialsRotated,
+    /// A Vault call failed; a failure that repeats is published once (warning; step: Vault).
+    VaultFailed,
 }
 
 impl EventReason {
@@ -28,6 +34,9 @@ impl EventReason {
             EventReason::DriftReverted => "DriftReverted",
             EventReason::ReconcileRequested => "ReconcileRequested",
             EventReason::ForeignGrant => "ForeignGrant",
+            EventReason::CredentialsIssued => "CredentialsIssued",
+            EventReason::CredentialsRotated => "CredentialsRotated",
+            EventReason::VaultFailed => "VaultFailed",
         }
     }
 
@@ -39,6 +48,9 @@ impl EventReason {
             | EventReason::ReconcileRequested => "Plan",
             EventReason::AdoptionRefused | EventReason::DriftReverted => "Apply",
             EventReason::ForeignGrant => "Watch",
+            EventReason::CredentialsIssued
+            | EventReason::CredentialsRotated
+            | EventReason::VaultFailed => "Vault",
         }
     }
 }

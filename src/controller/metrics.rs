@@ -89,6 +89,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub vault_operations: Family<VaultLabels, Counter>,
     pub credential_leases: Gauge,
+    /// Writes of a Vault state Secret refused because it changed since it was read.
+    pub vault_state_conflicts: Counter,
     pub workload_restarts: Counter,
     pub shard: Family<ShardLabels, Gauge>,
     /// Appends to the decision log that failed.
@@ -227,6 +229,12 @@ impl Default for Metrics {
             "Credential leases the operator holds (current and awaiting revocation)",
             credential_leases.clone(),
         );
+        let vault_state_conflicts = Counter::default();
+        registry.register(
+            "vault_state_conflicts",
+            "Writes of a pipeline's Vault state Secret refused because another writer (a newer leader) changed it since it was read; the state is read again",
+            vault_state_conflicts.clone(),
+        );
         let workload_restarts = Counter::default();
         registry.register(
             "workload_restarts",
@@ -266,6 +274,7 @@ impl Default for Metrics {
             series: Mutex::new(HashMap::new()),
             vault_operations,
             credential_leases,
+            vault_state_conflicts,
             workload_restarts,
             reconciles,
             reconcile_duration,
@@ -663,6 +672,7 @@ mod tests {
             restart_pending: false,
             token_accessor: None,
             orphaned: false,
+            rotate_requested: false,
         }
     }
 

@@ -438,7 +438,11 @@ pub(crate) fn error_policy(pipeline: Arc<AIPipeline>, error: &Error, ctx: Arc<Co
         })
         .inc();
     warn!(pipeline = %pipeline.name_any(), namespace = pipeline.namespace().unwrap_or_default(), %error, category = ?error.category(), "reconcile failed");
-    Action::requeue(error.retry_after(failures))
+    let retry = error.retry_after(failures);
+    Action::requeue(match ctx.vault.as_ref() {
+        Some(vault) => vault.retry_within_schedule(&pipeline.uid().unwrap_or_default(), retry),
+        None => retry,
+    })
 }
 
 fn owner_reference(pipeline: &AIPipeline) -> Result<OwnerReference> {

@@ -17,6 +17,8 @@ pub const PIPELINE_LABEL: &str = "portcullis.dev/pipeline";
 pub const STAGE_LABEL: &str = "portcullis.dev/stage";
 /// An AIPipeline annotation: a new value asks for a reconcile now (recorded once per value).
 pub const RECONCILE_ANNOTATION: &str = "portcullis.dev/reconcile";
+/// An AIPipeline annotation: a new value rotates the pipeline's credentials now (once per value).
+pub const ROTATE_NOW_ANNOTATION: &str = "portcullis.dev/rotate-now";
 
 fn short_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();

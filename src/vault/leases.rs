@@ -55,6 +55,9 @@ pub struct LeaseRecord {
     /// that token, so the lease ends with it; replace it now.
     #[serde(default)]
     pub orphaned: bool,
+    /// A rotation was asked for (the `portcullis.dev/rotate-now` annotation): replace it now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotate_requested: bool,
 }
 
 impl LeaseRecord {
@@ -158,6 +161,10 @@ pub fn due(
             steps.push(replace(
                 "the token that issued it is no longer the operator's, and ends unrenewed",
             ));
+        } else if lease.rotate_requested {
+            steps.push(replace(
+                "a rotation was asked for with the portcullis.dev/rotate-now annotation",
+            ));
         } else if lease.renew_at <= now {
             if lease.renewable && !lease.replace_next {
                 steps.push(Step::Renew {
@@ -258,6 +265,7 @@ mod tests {
             restart_pending: false,
             token_accessor: None,
             orphaned: false,
+            rotate_requested: false,
         }
     }
 
@@ -367,6 +375,25 @@ mod tests {
             vec![Step::Revoke {
                 lease_id: "OLD".into(),
                 why: "replaced by new credentials; its grace period is over"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_requested_rotation_replaces_a_lease_that_is_not_due_and_says_why() {
+        let mut l = lease("db", "L1");
+        let (steps, _) = due(t(10), &[request("db")], std::slice::from_ref(&l), |_, _| {
+            Delivery::Current
+        });
+        assert!(steps.is_empty(), "{steps:?}");
+        l.rotate_requested = true;
+        let (steps, _) = due(t(10), &[request("db")], &[l], |_, _| Delivery::Current);
+        assert_eq!(
+            steps,
+            vec![Step::Issue {
+                request: 0,
+                replaces: Some("L1".into()),
+                why: "a rotation was asked for with the portcullis.dev/rotate-now annotation"
             }]
         );
     }

@@ -332,12 +332,14 @@ fn pipeline_controller(
 
 /// What makes an AIPipeline event worth a reconcile: a new generation (a new spec, or
 /// deletion), or a new value of an annotation that asks for something
-/// ([`RECONCILE_ANNOTATION`]).
+/// ([`RECONCILE_ANNOTATION`], [`crate::plan::names::ROTATE_NOW_ANNOTATION`]).
 fn generation_or_request(pipeline: &AIPipeline) -> Option<u64> {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     let generation = predicates::generation(pipeline)?;
-    let request = crate::k8s::ResourceExt::annotations(pipeline).get(RECONCILE_ANNOTATION);
-    Some(BuildHasherDefault::<DefaultHasher>::default().hash_one((generation, request)))
+    let annotations = crate::k8s::ResourceExt::annotations(pipeline);
+    let request = annotations.get(RECONCILE_ANNOTATION);
+    let rotate = annotations.get(crate::plan::names::ROTATE_NOW_ANNOTATION);
+    Some(BuildHasherDefault::<DefaultHasher>::default().hash_one((generation, request, rotate)))
 }
 
 /// Logs what the controller reports besides reconciles (those are counted and logged by

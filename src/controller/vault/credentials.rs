@@ -1,6 +1,8 @@
 //! Credentials: leases issued, renewed, replaced and revoked on the schedule
 //! `vault::leases::due` works out, each recorded before it is made.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 use vaultrs::client::VaultClient;
@@ -8,19 +10,41 @@ use vaultrs::error::ClientError;
 
 use super::secrets::Held;
 use super::state::VaultState;
-use super::{VaultSide, Work, earliest, rfc3339, secrets};
+use super::{VaultProblem, VaultSide, Work, earliest, rfc3339, secrets};
 use crate::api::CredentialStatus;
 use crate::audit::Action as AuditAction;
-use crate::controller::Result;
+use crate::controller::events::{self, EventReason};
+use crate::controller::{Error, Result};
 use crate::k8s::OwnerReference;
 use crate::plan::CredentialRequest;
 use crate::vault::VaultError;
 use crate::vault::endpoints;
 use crate::vault::leases::{self, Delivery, LeaseRecord, Step};
 
-/// Issues, renews, replaces and revokes what is due now. Returns the earliest time something
-/// falls due next. `held` is what the credential Secrets hold; it is confirmed against the API
-/// server where it differs from the current lease, and kept up to date with what is written.
+/// Which steps a pass over the credentials takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// Only renewals: they keep delivered credentials alive, so they go before anything else.
+    Renewals,
+    /// Everything due: renewals, revocations, then issues.
+    All,
+}
+
+/// The credentials whose Vault calls failed in this reconcile.
+#[derive(Debug, Default)]
+pub(super) struct CredentialProblems {
+    /// Per credential (stage, name), why its call failed, as its status shows it.
+    by_credential: BTreeMap<(String, String), String>,
+    /// The first failure, for the pipeline's conditions.
+    pub first: Option<VaultProblem>,
+}
+
+/// Issues, renews, replaces and revokes what is due now: renewals first, and one credential's
+/// failed Vault call does not stop the others (it is returned in `problems`, keyed by the
+/// credential). Returns the earliest time something falls due next. `held` is what the
+/// credential Secrets hold; it is confirmed against the API server where it differs from the
+/// current lease, and kept up to date with what is written.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn converge(
     work: &Work<'_>,
     client: &VaultClient,
@@ -28,8 +52,13 @@ pub(super) async fn converge(
     owner: &OwnerReference,
     state: &mut VaultState,
     held: &mut Held,
+    pass: Pass,
+    problems: &mut CredentialProblems,
 ) -> Result<Option<DateTime<Utc>>> {
     verify(work, client, side, state).await?;
+    if pass == Pass::All {
+        rotate_if_asked(work, side, state).await?;
+    }
     for r in &side.vault.credentials {
         let current = state
             .leases
@@ -44,45 +73,119 @@ pub(super) async fn converge(
             );
         }
     }
-    let (steps, mut wake) = leases::due(
+    let (mut steps, mut wake) = leases::due(
         Utc::now(),
         &side.vault.credentials,
         &state.leases,
         |name, lease| secrets::delivery(held, name, lease),
     );
+    // Renewals keep what is delivered alive: they go first, then revocations, then issues.
+    steps.sort_by_key(|step| match step {
+        Step::Renew { .. } => 0,
+        Step::Revoke { .. } => 1,
+        Step::Issue { .. } => 2,
+    });
     for step in steps {
-        match step {
+        if pass == Pass::Renewals && !matches!(step, Step::Renew { .. }) {
+            continue;
+        }
+        let (credential, done) = match step {
             Step::Issue {
                 request,
                 replaces,
                 why,
             } => {
                 let r = &side.vault.credentials[request];
-                let (lease_id, renew_at) =
-                    issue(work, client, side, owner, state, r, replaces, why).await?;
-                held.insert(r.secret_name.clone(), Some(leases::lease_hash(&lease_id)));
-                wake = earliest(wake, renew_at);
+                // The Secret holds credentials of a lease the state does not know (the state
+                // Secret was lost): their consumers are restarted onto the new ones as well.
+                let replaces_unknown = replaces.is_none()
+                    && secrets::delivery(held, &r.secret_name, "") == Delivery::Stale;
+                let done = issue(
+                    work,
+                    client,
+                    side,
+                    owner,
+                    state,
+                    r,
+                    replaces,
+                    replaces_unknown,
+                    why,
+                )
+                .await
+                .map(|(lease_id, renew_at)| {
+                    held.insert(r.secret_name.clone(), Some(leases::lease_hash(&lease_id)));
+                    Some(renew_at)
+                });
+                ((r.stage.clone(), r.name.clone()), done)
             }
             Step::Renew { lease_id, request } => {
                 let r = &side.vault.credentials[request];
-                if let Some(renew_at) =
-                    renew(work, client, side, owner, state, r, &lease_id).await?
-                {
-                    wake = earliest(wake, renew_at);
-                }
+                let done = renew(work, client, side, owner, state, r, &lease_id).await;
+                ((r.stage.clone(), r.name.clone()), done)
             }
             Step::Revoke { lease_id, why } => {
-                let stage = state
+                let credential = state
                     .leases
                     .iter()
                     .find(|l| l.lease_id == lease_id)
-                    .map(|l| l.stage.clone())
+                    .map(|l| (l.stage.clone(), l.credential.clone()))
                     .unwrap_or_default();
-                revoke(work, client, state, &lease_id, why, side.subject(&stage)).await?;
+                let done = revoke(
+                    work,
+                    client,
+                    state,
+                    &lease_id,
+                    why,
+                    side.subject(&credential.0),
+                )
+                .await
+                .map(|()| None);
+                (credential, done)
             }
+        };
+        match done {
+            Ok(at) => {
+                if let Some(at) = at {
+                    wake = earliest(wake, at);
+                }
+            }
+            // This credential's call failed (recorded): the others go on.
+            Err(Error::Vault(problem)) => {
+                problems
+                    .by_credential
+                    .entry(credential)
+                    .or_insert_with(|| problem.to_string());
+                problems.first.get_or_insert(problem);
+            }
+            Err(other) => return Err(other),
         }
     }
     Ok(wake)
+}
+
+/// A new value of the `portcullis.dev/rotate-now` annotation marks every current lease of the
+/// pipeline's credentials for replacement, once: the value is kept in the state with the marks,
+/// so a restart or a failed issue neither forgets nor repeats the rotation.
+async fn rotate_if_asked(work: &Work<'_>, side: &VaultSide, state: &mut VaultState) -> Result<()> {
+    let Some(value) = work.rotate_now.as_ref() else {
+        return Ok(());
+    };
+    if state.rotated_for.as_ref() == Some(value) {
+        return Ok(());
+    }
+    for l in state.leases.iter_mut().filter(|l| {
+        l.is_current()
+            && side
+                .vault
+                .credentials
+                .iter()
+                .any(|r| r.stage == l.stage && r.name == l.credential)
+    }) {
+        l.rotate_requested = true;
+    }
+    state.rotated_for = Some(value.clone());
+    info!(pipeline = %work.name, namespace = %work.namespace, value = %value, "a rotation of the pipeline's credentials was asked for");
+    work.save(state).await
 }
 
 /// After the operator's token changed (a restart resuming it, or a new login), looks up every
@@ -209,6 +312,7 @@ async fn issue(
     state: &mut VaultState,
     r: &CredentialRequest,
     replaces: Option<String>,
+    replaces_unknown: bool,
     why: &str,
 ) -> Result<(String, DateTime<Utc>)> {
     let object = object(r);
@@ -260,9 +364,10 @@ async fn issue(
         granted_seconds: issued.lease_duration,
         replace_next: false,
         retire_at: None,
-        restart_pending: replaces.is_some() && !r.restart_targets.is_empty(),
+        restart_pending: (replaces.is_some() || replaces_unknown) && !r.restart_targets.is_empty(),
         token_accessor: Some(work.vault.session.accessor()).filter(|a| !a.is_empty()),
         orphaned: false,
+        rotate_requested: false,
     };
     if let Some(old) = &replaces
         && let Some(l) = state.leases.iter_mut().find(|l| &l.lease_id == old)
@@ -273,12 +378,33 @@ async fn issue(
     if let Err(e) = work.save(state).await {
         // Not kept: revoke it now rather than leave it untracked.
         warn!(error = %e, "could not keep a new lease; revoking it");
-        let _ = endpoints::lease_revoke(client, &issued.lease_id).await;
+        let _ = work
+            .slotted("revoke", endpoints::lease_revoke(client, &issued.lease_id))
+            .await;
         state.leases.retain(|l| l.lease_id != issued.lease_id);
         return Err(e);
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
+    let (reason, verb) = if replaces.is_some() || replaces_unknown {
+        (EventReason::CredentialsRotated, "rotated")
+    } else {
+        (EventReason::CredentialsIssued, "issued")
+    };
+    events::normal(
+        &work.ctx.recorder(),
+        &work.reference,
+        reason,
+        format!(
+            "{verb} credentials {}/{} from {} into Secret {} (lease {}): {why}",
+            r.stage,
+            r.name,
+            r.path,
+            r.secret_name,
+            leases::lease_hash(&issued.lease_id)
+        ),
+    )
+    .await;
     Ok((record.lease_id, record.renew_at))
 }
 
@@ -303,7 +429,10 @@ async fn renew(
     );
     e.subject = side.subject(&r.stage);
     work.record_keepalive(e).await?;
-    let renewed = match endpoints::lease_renew(client, lease_id, r.ttl).await {
+    let renewed = match work
+        .slotted("renew", endpoints::lease_renew(client, lease_id, r.ttl))
+        .await
+    {
         Ok(v) => {
             work.count("renew", "ok");
             work.succeeded("renew", &object);
@@ -406,10 +535,13 @@ pub(super) async fn revoke(
 
 /// The delivered credentials for the status (a current lease whose credentials its Secret
 /// holds), and how many of them have a lease that has not expired.
+/// A credential whose last Vault call failed is listed too, with the failure (`problem`), and,
+/// when it is not delivered, nothing else.
 pub(super) fn delivered(
     side: &VaultSide,
     state: &VaultState,
     held: &Held,
+    problems: &CredentialProblems,
 ) -> (Vec<(String, CredentialStatus)>, usize) {
     let now = Utc::now();
     let mut live = 0;
@@ -418,13 +550,30 @@ pub(super) fn delivered(
         .credentials
         .iter()
         .filter_map(|r| {
+            let problem = problems
+                .by_credential
+                .get(&(r.stage.clone(), r.name.clone()))
+                .cloned();
             let lease = state
                 .leases
                 .iter()
                 .find(|l| l.is_current() && l.stage == r.stage && l.credential == r.name)
                 .filter(|l| {
                     secrets::delivery(held, &r.secret_name, &l.lease_id) == Delivery::Current
-                })?;
+                });
+            let Some(lease) = lease else {
+                return problem.map(|problem| {
+                    (
+                        r.stage.clone(),
+                        CredentialStatus {
+                            name: r.name.clone(),
+                            secret_name: Some(r.secret_name.clone()),
+                            problem: Some(problem),
+                            ..CredentialStatus::default()
+                        },
+                    )
+                });
+            };
             live += usize::from(lease.expires_at > now);
             Some((
                 r.stage.clone(),
@@ -434,6 +583,7 @@ pub(super) fn delivered(
                     lease_expires_at: Some(rfc3339(lease.expires_at)),
                     rotated_at: Some(rfc3339(lease.issued_at)),
                     lease_hash: Some(leases::lease_hash(&lease.lease_id)),
+                    problem,
                 },
             ))
         })

@@ -48,6 +48,50 @@ use token::SecretTokenStore;
 /// The operator's Vault session, its token kept in a Secret.
 pub(crate) type VaultSession = Session<SecretTokenStore>;
 
+/// How many Vault calls the operator has in flight at once, across all pipelines. Each call is
+/// bounded by `--vault-request-timeout`, so a slow or silent Vault holds a slot for at most that
+/// long.
+pub(crate) const MAX_CONCURRENT_CALLS: usize = 16;
+/// Of [`MAX_CONCURRENT_CALLS`], the slots only renewals, revocations and lease lookups may take:
+/// however many slow policy writes, issues or sweeps are waiting, what keeps delivered
+/// credentials alive (or ends them) gets through.
+pub(crate) const KEEPALIVE_SLOTS: usize = 4;
+
+/// The bounded slots for Vault calls, with some kept for renewals and revocations.
+struct CallSlots {
+    any: tokio::sync::Semaphore,
+    keepalive: tokio::sync::Semaphore,
+}
+
+impl CallSlots {
+    fn new() -> CallSlots {
+        CallSlots {
+            any: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS - KEEPALIVE_SLOTS),
+            keepalive: tokio::sync::Semaphore::new(KEEPALIVE_SLOTS),
+        }
+    }
+
+    /// A slot for one call: renewals, revocations and lookups take a reserved one or a shared
+    /// one, whichever is free first; other calls wait for a shared one.
+    async fn acquire(&self, keepalive: bool) -> tokio::sync::SemaphorePermit<'_> {
+        let permit = if keepalive {
+            tokio::select! {
+                biased;
+                p = self.keepalive.acquire() => p,
+                p = self.any.acquire() => p,
+            }
+        } else {
+            self.any.acquire().await
+        };
+        permit.expect("the call slots are never closed")
+    }
+}
+
+/// Whether a Vault operation keeps delivered credentials alive or ends them: it goes first.
+fn keeps_alive(operation: &str) -> bool {
+    matches!(operation, "renew" | "revoke" | "lookup" | "sweep_revoke")
+}
+
 /// Settings and state shared by every pipeline's Vault work.
 pub(crate) struct VaultCtx {
     pub session: Arc<VaultSession>,
@@ -62,7 +106,8 @@ pub(crate) struct VaultCtx {
     /// The prefix of the Vault policy and role names (`--vault-name-prefix`).
     pub name_prefix: String,
     restarts: restarts::Restarts,
-    states: tokio::sync::Mutex<HashMap<String, VaultState>>,
+    slots: CallSlots,
+    states: tokio::sync::Mutex<HashMap<String, state::Kept>>,
     /// The pipelines of this operator, for the sweep to know every lease recorded.
     pipelines: std::sync::OnceLock<Store<AIPipeline>>,
     /// Whether leases no pipeline recorded are swept (not when sharded).
@@ -71,6 +116,9 @@ pub(crate) struct VaultCtx {
     swept: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Per pipeline uid, the session generation under which its leases were last looked up.
     verified: std::sync::Mutex<HashMap<String, u64>>,
+    /// Per pipeline uid whose last reconcile ended with a Vault problem, when its next renewal
+    /// (or revocation) is due: the retry's backoff never waits past it.
+    due: std::sync::Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl VaultCtx {
@@ -91,12 +139,32 @@ impl VaultCtx {
             secrets,
             name_prefix: crate::plan::names::DEFAULT_VAULT_NAME_PREFIX.to_string(),
             restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
+            slots: CallSlots::new(),
             states: tokio::sync::Mutex::default(),
             pipelines: std::sync::OnceLock::new(),
             sweep: true,
             swept: std::sync::Mutex::default(),
             verified: std::sync::Mutex::default(),
+            due: std::sync::Mutex::default(),
         }
+    }
+
+    /// The retry delay after a failed reconcile of pipeline `uid`: `backoff`, but no later than
+    /// its next renewal or revocation, so one failing credential (its retries backing off to
+    /// minutes) never lets the pipeline's other leases run out.
+    pub(crate) fn retry_within_schedule(
+        &self,
+        uid: &str,
+        backoff: std::time::Duration,
+    ) -> std::time::Duration {
+        let Some(due) = self.due.lock().expect("due lock").remove(uid) else {
+            return backoff;
+        };
+        let until = (due - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .max(std::time::Duration::from_millis(500));
+        backoff.min(until)
     }
 
     /// The operator's pipelines: the sweep starts once it has them.
@@ -116,6 +184,10 @@ impl VaultCtx {
         self.verified
             .lock()
             .expect("verified lock")
+            .retain(|uid, _| live.contains(uid));
+        self.due
+            .lock()
+            .expect("due lock")
             .retain(|uid, _| live.contains(uid));
     }
 }
@@ -281,6 +353,10 @@ struct Work<'a> {
     name: String,
     uid: String,
     generation: Option<i64>,
+    /// The `portcullis.dev/rotate-now` annotation's value.
+    rotate_now: Option<String>,
+    /// The pipeline, for its Events.
+    reference: crate::k8s::ObjectReference,
 }
 
 impl<'a> Work<'a> {
@@ -292,6 +368,11 @@ impl<'a> Work<'a> {
             name: pipeline.name_any(),
             uid: pipeline.uid().unwrap_or_default(),
             generation: pipeline.metadata.generation,
+            rotate_now: pipeline
+                .annotations()
+                .get(crate::plan::names::ROTATE_NOW_ANNOTATION)
+                .cloned(),
+            reference: crate::k8s::Resource::object_ref(pipeline, &()),
         }
     }
 
@@ -329,10 +410,12 @@ impl<'a> Work<'a> {
         object: &str,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T> {
+        let slot = self.vault.slots.acquire(keeps_alive(operation)).await;
         let started = std::time::Instant::now();
-        let answer = call.await;
+        let result = call.await;
+        drop(slot);
         self.ctx.metrics.observe_vault(operation, started.elapsed());
-        match answer {
+        match result {
             Ok(v) => {
                 self.count(operation, "ok");
                 self.succeeded(operation, object);
@@ -367,6 +450,14 @@ impl<'a> Work<'a> {
         else {
             return Error::Vault(VaultProblem::Call(e));
         };
+        // The Event follows the record: once per change of outcome.
+        super::events::warn(
+            &self.ctx.recorder(),
+            &self.reference,
+            super::events::EventReason::VaultFailed,
+            format!("{object}: {message}"),
+        )
+        .await;
         match self
             .record_keepalive(self.entry(AuditAction::VaultFailed, stage, object, message))
             .await
@@ -385,6 +476,13 @@ impl<'a> Work<'a> {
         ) {
             info!(pipeline = %self.name, namespace = %self.namespace, operation, object, failed_times = times, "a Vault call that was failing succeeded");
         }
+    }
+
+    /// Makes one Vault call in a bounded slot (see [`MAX_CONCURRENT_CALLS`]), without the
+    /// counting and recording of [`Work::call`].
+    async fn slotted<T>(&self, operation: &str, call: impl Future<Output = T>) -> T {
+        let _slot = self.vault.slots.acquire(keeps_alive(operation)).await;
+        call.await
     }
 
     fn count(&self, operation: &str, result: &str) {
@@ -419,12 +517,32 @@ pub(crate) async fn reconcile(
     };
     let work = Work::new(ctx, vault, pipeline);
     let mut state = work.load().await?;
+    let lost = finalizer::holds(pipeline)
+        && state.is_empty()
+        && !side.vault.credentials.is_empty()
+        && !work.has_state_secret().await;
+    if lost {
+        lost_state(&work, side).await?;
+    }
     if !finalizer::holds(pipeline) {
         finalizer::add(ctx, pipeline).await?;
     }
     let mut held = secrets::held(&work, side);
-    match converge(&work, side, owner, &mut state, &mut held).await {
-        Ok(wake) => outcome.wake = wake,
+    let mut problems = credentials::CredentialProblems::default();
+    match converge(&work, side, owner, &mut state, &mut held, &mut problems).await {
+        Ok((wake, None)) => outcome.wake = wake,
+        Ok((wake, Some(problem))) => {
+            // Retried with backoff, but the other credentials' schedule is kept.
+            if let Some(wake) = wake {
+                vault
+                    .due
+                    .lock()
+                    .expect("due lock")
+                    .insert(work.uid.clone(), wake);
+            }
+            outcome.problem = Some(problem);
+            outcome.wake = wake;
+        }
         Err(Error::Vault(problem)) => {
             if problem.reason() == Reason::VaultRefused {
                 // A refused call may mean the operator's token is gone; check it outside the
@@ -436,32 +554,109 @@ pub(crate) async fn reconcile(
         }
         Err(other) => return Err(other),
     }
-    (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held);
+    (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held, &problems);
     Ok(outcome)
 }
 
-/// The Vault steps in order; when to come back.
+/// The pipeline holds Vault state (its finalizer says so) but its state Secret is gone
+/// (deleted, or lost with a restore of the cluster): the leases it recorded are unknown, still
+/// live, and their credentials still in use. New credentials are issued (the Secrets holding
+/// unknown credentials get them, their consumers restarted), and the credentials paths are swept
+/// one grace period later, revoking the old leases. Recorded, never silent.
+async fn lost_state(work: &Work<'_>, side: &VaultSide) -> Result<()> {
+    let paths: std::collections::BTreeSet<&str> = side
+        .vault
+        .credentials
+        .iter()
+        .map(|r| r.path.as_str())
+        .collect();
+    let paths: Vec<&str> = paths.into_iter().collect();
+    warn!(pipeline = %work.name, namespace = %work.namespace, "the pipeline's Vault state Secret is gone; re-issuing its credentials, restarting their consumers and sweeping the old leases");
+    work.record_keepalive(work.entry(
+        AuditAction::VaultFailed,
+        None,
+        format!("Secret {}/portcullis-vault-{}", work.vault.state_namespace, work.uid),
+        format!(
+            "the pipeline's Vault state Secret is gone, and with it the record of its leases: issuing new credentials, restarting their consumers, and sweeping the unrecorded leases under {} after {}s",
+            paths.join(", "),
+            work.vault.grace.num_seconds()
+        ),
+    ))
+    .await?;
+    if work.vault.sweep {
+        sweep::sweep_after(work, side, work.vault.grace.to_std().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// The Vault steps in order: renewals first (they keep what is delivered alive), then policies
+/// and roles, then the other credential steps, the Secrets, the sweep and the restarts. A
+/// failed Vault call of one step, or of one credential (in `problems`), does not stop the
+/// others; the first such problem is returned with when to come back.
 async fn converge(
     work: &Work<'_>,
     side: &VaultSide,
     owner: &OwnerReference,
     state: &mut VaultState,
     held: &mut secrets::Held,
-) -> Result<Option<DateTime<Utc>>> {
+    problems: &mut credentials::CredentialProblems,
+) -> Result<(Option<DateTime<Utc>>, Option<VaultProblem>)> {
     let client = match work.vault.session.client().await {
         Ok(client) => client,
         Err(e) => return Err(work.failed("login", None, "Vault session".into(), e).await),
     };
-    policies::converge(work, &client, side, state).await?;
-    let wake = credentials::converge(work, &client, side, owner, state, held).await?;
+    credentials::converge(
+        work,
+        &client,
+        side,
+        owner,
+        state,
+        held,
+        credentials::Pass::Renewals,
+        problems,
+    )
+    .await?;
+    let mut problem = vault_problem(policies::converge(work, &client, side, state).await)?;
+    let wake = credentials::converge(
+        work,
+        &client,
+        side,
+        owner,
+        state,
+        held,
+        credentials::Pass::All,
+        problems,
+    )
+    .await?;
     secrets::prune(work, side).await?;
-    sweep::converge(work, &client, side).await?;
+    if problem.is_none() {
+        problem = vault_problem(sweep::converge(work, &client, side).await)?;
+    }
     let wake = restarts::converge(work, side, state, wake).await?;
-    Ok(earliest(
-        wake,
-        Utc::now()
-            + chrono::Duration::from_std(work.vault.resync).unwrap_or(chrono::Duration::minutes(5)),
+    // A sweep brought forward (after a lost state) is due before the resync.
+    let wake = match sweep::next_due(work, side) {
+        Some(due) => earliest(wake, due),
+        None => wake,
+    };
+    let problem = problem.or_else(|| problems.first.take());
+    Ok((
+        earliest(
+            wake,
+            Utc::now()
+                + chrono::Duration::from_std(work.vault.resync)
+                    .unwrap_or(chrono::Duration::minutes(5)),
+        ),
+        problem,
     ))
+}
+
+/// A step's Vault problem, taken out of its result; other errors stay errors.
+fn vault_problem(result: Result<()>) -> Result<Option<VaultProblem>> {
+    match result {
+        Ok(()) => Ok(None),
+        Err(Error::Vault(problem)) => Ok(Some(problem)),
+        Err(other) => Err(other),
+    }
 }
 
 /// The lease ids in the cached states.
@@ -471,7 +666,7 @@ async fn recorded_leases(vault: &VaultCtx) -> Vec<String> {
         .lock()
         .await
         .values()
-        .flat_map(|s| s.leases.iter().map(|l| l.lease_id.clone()))
+        .flat_map(|k| k.state.leases.iter().map(|l| l.lease_id.clone()))
         .collect()
 }
 

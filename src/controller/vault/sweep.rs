@@ -28,6 +28,40 @@ use crate::k8s::ResourceExt;
 use crate::vault::endpoints;
 use crate::vault::leases::lease_hash;
 
+/// Makes the sweep of every path `side` issues from fall due `delay` from now (and not
+/// before): after a lost state, the leases it recorded are unknown, and are swept once their
+/// consumers had time to move to the new credentials.
+pub(super) fn sweep_after(work: &Work<'_>, side: &VaultSide, delay: std::time::Duration) {
+    let vault = work.vault;
+    let at = std::time::Instant::now().checked_sub(vault.resync.saturating_sub(delay));
+    let mut swept = vault.swept.lock().expect("sweep lock");
+    for r in &side.vault.credentials {
+        match at {
+            Some(at) => swept.insert(r.path.clone(), at),
+            None => swept.remove(&r.path),
+        };
+    }
+}
+
+/// When the next sweep of a path `side` issues from falls due (`None`: none was swept yet).
+pub(super) fn next_due(work: &Work<'_>, side: &VaultSide) -> Option<DateTime<Utc>> {
+    let vault = work.vault;
+    if !vault.sweep {
+        return None;
+    }
+    let (instant, now) = (std::time::Instant::now(), Utc::now());
+    let swept = vault.swept.lock().expect("sweep lock");
+    side.vault
+        .credentials
+        .iter()
+        .filter_map(|r| swept.get(&r.path))
+        .map(|at| {
+            let wait = (*at + vault.resync).saturating_duration_since(instant);
+            now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero())
+        })
+        .min()
+}
+
 /// Sweeps the paths `side` issues from whose last sweep is older than the resync interval.
 pub(super) async fn converge(
     work: &Work<'_>,
@@ -65,7 +99,10 @@ pub(super) async fn converge(
 }
 
 async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> {
-    let listed = match endpoints::lease_list(client, path).await {
+    let listed = match work
+        .slotted("sweep_list", endpoints::lease_list(client, path))
+        .await
+    {
         Ok(listed) => {
             work.count("sweep_list", "ok");
             listed
@@ -95,7 +132,8 @@ async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> 
     let recorded = recorded(work).await?;
     unrecorded.retain(|id| !recorded.contains(id));
     for lease_id in unrecorded {
-        let Some(lookup) = endpoints::lease_lookup(client, &lease_id)
+        let Some(lookup) = work
+            .slotted("lookup", endpoints::lease_lookup(client, &lease_id))
             .await
             .ok()
             .flatten()

@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 #[allow(unused_imports)]
 pub(crate) use client::{ClientError, VaultClient, VaultResponse};
 #[allow(unused_imports)]
-pub(crate) use proxy::{FaultProxy, RecordedRequest};
+pub(crate) use proxy::{FaultProxy, PathFault, RecordedRequest};
 
 use super::postgres::{SUPERUSER, free_port, postgres, random_hex};
 use super::process::{Server, spawn_reaper};

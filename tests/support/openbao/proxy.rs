@@ -44,6 +44,17 @@ struct Faults {
     latency: Duration,
     /// Every request is answered as a sealed server would.
     sealed: bool,
+    /// Requests whose path starts with one of these prefixes get that fault, every time.
+    on_paths: Vec<(String, PathFault)>,
+}
+
+/// A fault for every request to some paths.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PathFault {
+    /// Answered with this status.
+    Fail(u16),
+    /// No answer, ever: the client's own timeout ends the call.
+    BlackHole,
 }
 
 struct Shared {
@@ -162,6 +173,18 @@ impl FaultProxy {
     }
 
     /// While `true`, requests get no answer (they wait); `false` closes their connections.
+    /// From now on, every request whose path (`/v1/...`) starts with `prefix` gets `fault`.
+    pub(crate) fn fault_path(&self, prefix: &str, fault: PathFault) {
+        lock(&self.shared.faults)
+            .on_paths
+            .push((prefix.to_string(), fault));
+    }
+
+    /// Ends every [`FaultProxy::fault_path`].
+    pub(crate) fn clear_path_faults(&self) {
+        lock(&self.shared.faults).on_paths.clear();
+    }
+
     pub(crate) fn black_hole(&self, on: bool) {
         self.shared.black_hole.send_replace(on);
     }
@@ -194,6 +217,7 @@ enum Verdict {
     Fail(u16),
     Reset,
     Sealed,
+    Silent,
 }
 
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answer, Infallible> {
@@ -225,8 +249,18 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answe
     };
     let (verdict, latency) = {
         let mut faults = lock(&shared.faults);
+        let on_path = faults
+            .on_paths
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map(|(_, fault)| *fault);
         let verdict = if faults.sealed {
             Verdict::Sealed
+        } else if let Some(fault) = on_path {
+            match fault {
+                PathFault::Fail(status) => Verdict::Fail(status),
+                PathFault::BlackHole => Verdict::Silent,
+            }
         } else if faults.reset_next > 0 {
             faults.reset_next -= 1;
             Verdict::Reset
@@ -252,6 +286,11 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answe
     }
     let answer = match verdict {
         Verdict::Reset => return Ok(closed()),
+        Verdict::Silent => {
+            // Long past any client's timeout; the client gives up first.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return Ok(closed());
+        }
         Verdict::Fail(status) => {
             json_answer(status, &serde_json::json!({"errors": ["injected failure"]}))
         }
