@@ -10,8 +10,8 @@ use tracing::warn;
 use super::Work;
 use crate::controller::{Error, Result};
 use crate::k8s::{
-    Api, ByteString, DeleteParams, MANAGED_BY, ObjectMeta, PostParams, Preconditions, ResourceExt,
-    Secret, is_not_found,
+    Api, ByteString, DeleteParams, MANAGED_BY, ObjectMeta, Patch, PatchParams, PostParams,
+    Preconditions, ResourceExt, Secret, is_not_found,
 };
 use crate::vault::leases::LeaseRecord;
 
@@ -182,8 +182,14 @@ impl Work<'_> {
             ..Secret::default()
         };
         let api = self.state_api();
+        // A merge patch that carries metadata.resourceVersion is refused with 409 when the
+        // Secret changed since: the same precondition as a PUT, with the patch verb the
+        // operator already has (it has no update on Secrets).
         let written = match resource_version {
-            Some(_) => api.replace(&name, &PostParams::default(), &secret).await,
+            Some(_) => {
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&secret))
+                    .await
+            }
             None => api.create(&PostParams::default(), &secret).await,
         };
         match written {
