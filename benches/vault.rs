@@ -29,7 +29,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
@@ -114,16 +114,7 @@ async fn main() {
 
     let (client, ns, _) = guarded_namespace("bench-vault").await;
     let ops = temp_namespace(&client, "bench-vault-ops", &[]).await;
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "portcullis"}})).unwrap();
-    Api::<ServiceAccount>::namespaced(client.clone(), &ops)
-        .create(&PostParams::default(), &sa)
-        .await
-        .expect("operator ServiceAccount");
-    let jwt = support::service_account_token(&client, &ops, "portcullis").await;
-    let jwt_dir = tempfile::tempdir().unwrap();
-    let jwt_path = jwt_dir.path().join("token");
-    std::fs::write(&jwt_path, jwt).unwrap();
+    let (_jwt_dir, jwt_path) = support::openbao::operator_identity(&client, &ops).await;
     let bao = OpenBao::start().await;
     bao.set_up_for_operator(
         &client,

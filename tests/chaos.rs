@@ -68,16 +68,7 @@ impl Chaos {
     async fn new() -> Chaos {
         let (client, ns, _) = guarded_namespace("chaos").await;
         let ops = temp_namespace(&client, "chaos-ops", &[]).await;
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "portcullis"}})).unwrap();
-        Api::<ServiceAccount>::namespaced(client.clone(), &ops)
-            .create(&PostParams::default(), &sa)
-            .await
-            .expect("operator ServiceAccount");
-        let jwt = support::service_account_token(&client, &ops, "portcullis").await;
-        let jwt_dir = tempfile::tempdir().unwrap();
-        let jwt_path = jwt_dir.path().join("token");
-        std::fs::write(&jwt_path, jwt).unwrap();
+        let (jwt_dir, jwt_path) = support::openbao::operator_identity(&client, &ops).await;
         let bao = OpenBao::start().await;
         // `<namespace>_<pipeline>_<name>`: what the example guardrails allow a pipeline.
         let roles: Vec<String> = (0..PIPELINES).map(|i| format!("{ns}_p{i}_db")).collect();

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis::api::AIPipeline;
@@ -112,16 +112,7 @@ impl Setup {
     async fn new(name: &str, options: &Options) -> Setup {
         let (client, ns, _) = guarded_namespace(name).await;
         let ops = temp_namespace(&client, &format!("{name}-ops"), &[]).await;
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "portcullis"}})).unwrap();
-        Api::<ServiceAccount>::namespaced(client.clone(), &ops)
-            .create(&PostParams::default(), &sa)
-            .await
-            .expect("operator ServiceAccount");
-        let jwt = support::service_account_token(&client, &ops, "portcullis").await;
-        let jwt_dir = tempfile::tempdir().unwrap();
-        let jwt_path = jwt_dir.path().join("token");
-        std::fs::write(&jwt_path, jwt).unwrap();
+        let (jwt_dir, jwt_path) = support::openbao::operator_identity(&client, &ops).await;
 
         let bao = if options.persistent {
             OpenBao::start_persistent().await

@@ -625,3 +625,23 @@ async fn reviewer_token(client: &kube::Client, ns: &str) -> String {
     }
     super::service_account_token_with(client, ns, REVIEWER, &[], 6 * 3600).await
 }
+
+/// The operator's own ServiceAccount, `portcullis` in `ops`, and a file holding a token of it:
+/// what `--vault-auth-token-path` points the operator at. The file's folder is removed when the
+/// returned directory is dropped.
+pub(crate) async fn operator_identity(
+    client: &kube::Client,
+    ops: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "portcullis"}}))
+        .expect("a ServiceAccount");
+    Api::<ServiceAccount>::namespaced(client.clone(), ops)
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("operator ServiceAccount");
+    let jwt = super::service_account_token(client, ops, "portcullis").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("token");
+    std::fs::write(&path, jwt).expect("token written");
+    (dir, path)
+}
