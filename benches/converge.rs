@@ -1,5 +1,6 @@
 //! Cold convergence of N pipelines × 3 stages (300 by default) against a real API server,
-//! compared with the floor: a plain concurrent server-side apply of the same planned objects.
+//! compared with the floor: a plain concurrent server-side apply of the same planned objects
+//! (owner references to their AIPipelines included, as the operator writes them).
 //!
 //! Prints the time to converge, the API writes it took (from the API server's
 //! `apiserver_request_total`), the apply → Ready latency of new pipelines while N are managed,
@@ -31,9 +32,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
+use kube::{Client, Resource};
 use portcullis::api::{AIPipeline, AccessGuardrail};
 use portcullis::plan::{self, Object};
 use serde_json::json;
@@ -159,33 +160,60 @@ fn guardrails(namespaces: &[&str]) -> Vec<AccessGuardrail> {
         .collect()
 }
 
+/// The pipelines that own the floor's objects, created before its clock starts and its writes
+/// are counted (the operator's are too).
+async fn owners(client: &Client, namespace: &str, count: usize) -> Vec<AIPipeline> {
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), namespace);
+    futures::stream::iter(pipelines(namespace, 0..count))
+        .map(|p| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &p)
+                    .await
+                    .expect("owner created")
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// The same objects as the operator's, owner references included, by concurrent server-side
+/// apply.
 async fn floor(
     client: &Client,
     namespace: &str,
     guardrails: &[AccessGuardrail],
-    count: usize,
+    owners: &[AIPipeline],
 ) -> (Duration, usize) {
     let labels = BTreeMap::from([(
         "kubernetes.io/metadata.name".to_string(),
         namespace.to_string(),
     )]);
-    let objects: Vec<Object> = pipelines(namespace, 0..count)
+    let objects: Vec<(Object, serde_json::Value)> = owners
         .iter()
         .flat_map(|p| {
+            let mut owner = p.controller_owner_ref(&()).expect("an owner reference");
+            owner.block_owner_deletion = Some(true);
             plan::validate_and_build(p, namespace, &labels, guardrails)
                 .expect("plans")
                 .objects
+                .into_iter()
+                .map(move |o| {
+                    let mut value = serde_json::to_value(&o).expect("object serializes");
+                    value["metadata"]["ownerReferences"] = json!([owner]);
+                    (o, value)
+                })
         })
         .collect();
     let count = objects.len();
     let start = Instant::now();
     futures::stream::iter(objects)
-        .map(|o| {
+        .map(|(o, value)| {
             let client = client.clone();
             let namespace = namespace.to_string();
             async move {
                 let params = PatchParams::apply("floor").force();
-                let value = serde_json::to_value(&o).expect("object serializes");
                 let name = o.name().to_string();
                 let result = match o {
                     Object::ServiceAccount(_) => {
@@ -226,6 +254,26 @@ async fn floor(
         .collect::<Vec<_>>()
         .await;
     (start.elapsed(), count)
+}
+
+/// The CPU time the control plane (this run's kube-apiserver and etcd, found by the run's
+/// directory in their command lines) has used so far.
+fn control_plane_cpu(cp: &support::ControlPlane) -> Duration {
+    let dir = cp.dir().to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            ((cmdline.contains("kube-apiserver") || cmdline.contains("etcd"))
+                && cmdline.contains(&dir))
+            .then(|| cpu_of(&pid))
+            .flatten()
+        })
+        .sum()
 }
 
 /// The CPU time (user + system) the process has used so far, from /proc.
@@ -278,8 +326,15 @@ async fn main() {
 
     // The floor.
     let floor_time = if with_floor {
+        let owners = owners(&client, &floor_ns, count).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let before = writes(cp).await;
-        let (floor_time, objects) = floor(&client, &floor_ns, &guardrails, count).await;
+        let cp_cpu = control_plane_cpu(cp);
+        let (floor_time, objects) = floor(&client, &floor_ns, &guardrails, &owners).await;
+        println!(
+            "control plane CPU while the floor applied: {:.2?}",
+            control_plane_cpu(cp) - cp_cpu
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let floor_writes = delta(&writes(cp).await, &before);
         println!(
@@ -312,6 +367,7 @@ async fn main() {
         setting("PORTCULLIS_BENCH_CONCURRENCY", 8).to_string(),
     ];
     let before = writes(cp).await;
+    let cp_cpu = control_plane_cpu(cp);
     let start = Instant::now();
     let mut operator = support::Operator::start_with("operator", &op_ns, None, dir, &concurrency);
     // Start-up (process, client, caches) measured apart: /readyz answers once caches are synced.
@@ -350,6 +406,12 @@ async fn main() {
     .await
     .expect("every pipeline Ready within an hour");
     let converge_time = start.elapsed();
+    let pid = std::fs::read_to_string(operator.dir.path().join("operator.pid")).unwrap_or_default();
+    println!(
+        "CPU while converging: control plane {:.2?}, operator {:.2?}",
+        control_plane_cpu(cp) - cp_cpu,
+        cpu_of(&pid).unwrap_or_default()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let converge_writes = delta(&writes(cp).await, &before);
     println!(
@@ -358,7 +420,6 @@ async fn main() {
         total(&converge_writes),
         total(&by_operator(&converge_writes))
     );
-    let pid = std::fs::read_to_string(operator.dir.path().join("operator.pid")).unwrap_or_default();
     let rss_converged = rss_of(&pid);
 
     // New pipelines, one at a time, while `count` are managed: apply -> Ready.
