@@ -524,6 +524,10 @@ impl StageState {
                 let mut entry = stage_entry(&info, Action::Anomaly, message.clone());
                 entry.object = Some(format!("{count} requests"));
                 entry.reason = Some(AnomalyKind::VolumeSpike.as_str().into());
+                // Two decimals: a float of that many digits reads back as the same number, so
+                // the record's hash (over the parsed record) verifies; a float such as
+                // 7.190000000000001 may not (serde_json's default parser is not exact).
+                let baseline = (baseline * 100.0).round() / 100.0;
                 entry.item = Some(
                     json!({"anomaly": "VolumeSpike", "count": count, "baseline": baseline, "windowSeconds": t.window.as_secs()}),
                 );

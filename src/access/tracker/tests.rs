@@ -517,3 +517,51 @@ fn a_stage_seen_for_the_first_time_gets_its_since_written_even_without_usage() {
     assert_eq!(update.since, t(3));
     assert!(update.usage.iter().all(|u| !u.used));
 }
+
+/// The decision log's hash covers the record as read back; every record must read back as
+/// written (a float that does not would make `audit verify` report it edited).
+#[test]
+fn every_record_reads_back_as_written_whatever_the_baseline() {
+    let thresholds = Thresholds {
+        baseline_windows: 1,
+        spike_min_requests: 1,
+        spike_factor: 1.01,
+        ..Thresholds::default()
+    };
+    let mut tracker = Tracker::new(thresholds);
+    let mut out = Vec::new();
+    // Window sizes that make the moving average every kind of fraction, and spikes among them.
+    let mut at = 0;
+    for w in 0..300i64 {
+        let n = (w * 7919 % 13) + 1 + if w % 17 == 0 { 40 } else { 0 };
+        for _ in 0..n {
+            tracker.observe(
+                stage(),
+                req("list", "pods", None, Verdict::Allow, at),
+                PodIps::Unknown,
+                &mut out,
+            );
+        }
+        at += 60;
+        tracker.flush(t(at), &mut out);
+    }
+    let mut spikes = 0;
+    for o in &out {
+        let entry = match o {
+            Output::Record(e) => e,
+            Output::Anomaly(a, e) => {
+                spikes += usize::from(a.kind == AnomalyKind::VolumeSpike);
+                e
+            }
+            Output::Usage(_) => continue,
+        };
+        let record = crate::audit::Record::new(entry, 1, t(0), &"0".repeat(64), b"key");
+        let written = serde_json::to_value(&record).unwrap();
+        let read: Value = serde_json::from_str(&written.to_string()).unwrap();
+        assert_eq!(
+            crate::audit::canonical_json(&read),
+            crate::audit::canonical_json(&written)
+        );
+    }
+    assert!(spikes > 10, "{spikes} spikes");
+}
