@@ -577,13 +577,9 @@ async fn the_api_server_admits_the_pods_under_the_restricted_profile() {
     }
 }
 
-/// Runtime access: the audit Service has the enabled ports, only Vault may reach the Vault
-/// socket, the Pod watch is granted only with runtime access, the flags reach the operator,
-/// values that cannot work are refused, and the anomaly alerts fire as
-/// deploy/prometheus/access-anomalies.test.yaml says.
-#[test]
-fn runtime_access_opens_its_ports_to_whom_it_should_and_alerts_on_anomalies() {
-    let enabled = json!({
+/// Both sources enabled, with the alerts.
+fn runtime_access_values() -> Value {
+    json!({
         "replicaCount": 1,
         "metrics": {"prometheusRule": {"enabled": true}},
         "runtimeAccess": {
@@ -594,8 +590,14 @@ fn runtime_access_opens_its_ports_to_whom_it_should_and_alerts_on_anomalies() {
             }},
             "thresholds": {"learningWindow": "12h", "spikeFactor": 2.5},
         },
-    });
-    let objects = render(&enabled);
+    })
+}
+
+/// Runtime access: the audit Service has the enabled ports, the flags reach the operator, and
+/// only Vault may reach the Vault socket.
+#[test]
+fn runtime_access_opens_its_ports_to_whom_it_should() {
+    let objects = render(&runtime_access_values());
     let service = named(&objects, "Service", "portcullis-audit");
     let ports: Vec<(&str, u64)> = service["spec"]["ports"]
         .as_array()
@@ -678,7 +680,13 @@ fn runtime_access_opens_its_ports_to_whom_it_should_and_alerts_on_anomalies() {
         json!([{"ports": [{"port": 9090, "protocol": "TCP"}], "from": [{"ipBlock": {"cidr": "10.40.0.0/24"}}]}]),
         "with networkPolicy.enabled, metricsFrom alone says who scrapes"
     );
+}
 
+/// Runtime access: the Pod watch is granted only with it, and values that cannot work are
+/// refused.
+#[test]
+fn runtime_access_watches_pods_only_when_on_and_refuses_what_cannot_work() {
+    let objects = render(&runtime_access_values());
     // The Pod watch: only with runtime access, cluster-wide or in watchNamespace only.
     let pods_rule = json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]});
     let grants_pods = |objects: &[Value], kind: &str| {
@@ -744,7 +752,12 @@ fn runtime_access_opens_its_ports_to_whom_it_should_and_alerts_on_anomalies() {
         let error = render_error(&values);
         assert!(error.contains(says), "{values}: {error}");
     }
+}
 
+/// Runtime access: the anomaly alerts fire as deploy/prometheus/access-anomalies.test.yaml says.
+#[test]
+fn runtime_access_alerts_on_anomalies_as_promtool_tests_say() {
+    let objects = render(&runtime_access_values());
     // The anomaly alerts: the same rules as deploy/prometheus/access-anomalies.yaml, run through
     // its promtool tests.
     let rule = named(&objects, "PrometheusRule", "portcullis-access-anomalies");

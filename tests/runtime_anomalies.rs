@@ -98,8 +98,72 @@ async fn event_with(client: &kube::Client, ns: &str, reason: &str, text: &str) -
     .await
 }
 
+/// The test's pipeline, stages and operator.
+struct Scene {
+    client: kube::Client,
+    ns: String,
+    args: Vec<String>,
+    pipeline: AIPipeline,
+    as_ingest: kube::Client,
+    as_train: kube::Client,
+    _certs: tempfile::TempDir,
+}
+
+fn used(stages: &[StageStatus], stage: &str, grant: &str) -> bool {
+    stages
+        .iter()
+        .find(|s| s.name == stage)
+        .and_then(|s| s.usage.iter().find(|u| u.grant == grant))
+        .is_some_and(|u| u.used)
+}
+
+fn anomaly_metric(ns: &str, kind: &str) -> String {
+    format!(
+        "portcullis_access_anomalies_total{{anomaly=\"{kind}\",namespace=\"{ns}\",pipeline=\"{PIPELINE}\",stage=\"ingest\"}}"
+    )
+}
+
 #[tokio::test]
 async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume_spike() {
+    let (scene, op) = set_up().await;
+    let since = learn(&scene, &op).await;
+    remove_a_stage(&scene).await;
+
+    // Past the learning window, the operator restarts.
+    wait_for("the end of the learning window", WAIT, || async {
+        (chrono::Utc::now() > since + chrono::Duration::seconds(LEARNING_SECONDS + 1)).then_some(())
+    })
+    .await;
+    let mut op = op;
+    op.stop();
+    let Operator { dir, .. } = op;
+    let restart_at = std::fs::read_to_string(dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .count();
+    let op = Operator::start_with("operator", &scene.ns, None, dir, &scene.args);
+
+    new_behaviour_after_the_restart(&scene, &op, restart_at).await;
+    volume_spike(&scene, &op, restart_at).await;
+    let Scene { client, ns, .. } = &scene;
+    // The usage written since did not bring the removed stage back; the log verifies.
+    let stages = wait_for("the flood's usage", WAIT, || async {
+        let stages = stage_statuses(client, ns).await;
+        let ingest = stages.iter().find(|s| s.name == "ingest")?;
+        ingest
+            .usage
+            .iter()
+            .any(|u| u.grant == "get configmaps/cm-a" && u.count > 300)
+            .then_some(stages)
+    })
+    .await;
+    assert!(stages.iter().all(|s| s.name != "train"), "{stages:?}");
+    let (ok, report) = op.verify();
+    assert!(ok, "{report}");
+}
+
+/// The operator with short windows, and the pipeline: ingest (two grants) and train (one).
+async fn set_up() -> (Scene, Operator) {
     let port = free_port();
     let token = "audit-webhook-token-for-the-anomaly-test-0123".to_string();
     let certs = tempfile::tempdir().expect("temp dir");
@@ -135,7 +199,7 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut op = Operator::start_with("operator", &ns, None, tempfile::tempdir().unwrap(), &args);
+    let op = Operator::start_with("operator", &ns, None, tempfile::tempdir().unwrap(), &args);
 
     let stage = |name: &str, permissions: Value| json!({"name": name, "role": "Ingestion", "automountServiceAccountToken": true, "permissions": permissions});
     let ingest = stage(
@@ -187,24 +251,40 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
         .client_with_token(&service_account_token(&client, &ns, &account("train")).await)
         .await;
 
-    // Learning: each stage uses one grant; both stages' usage shows, side by side.
-    Api::<ConfigMap>::namespaced(as_ingest.clone(), &ns)
+    (
+        Scene {
+            client,
+            ns,
+            args,
+            pipeline,
+            as_ingest,
+            as_train,
+            _certs: certs,
+        },
+        op,
+    )
+}
+
+/// Each stage uses one grant; both stages' usage shows, side by side. The learning window's
+/// start.
+async fn learn(scene: &Scene, op: &Operator) -> chrono::DateTime<chrono::FixedOffset> {
+    let Scene {
+        client,
+        ns,
+        as_ingest,
+        as_train,
+        ..
+    } = scene;
+    Api::<ConfigMap>::namespaced(as_ingest.clone(), ns)
         .get("cm-a")
         .await
         .expect("ingest may read cm-a");
-    Api::<ConfigMap>::namespaced(as_train.clone(), &ns)
+    Api::<ConfigMap>::namespaced(as_train.clone(), ns)
         .get("cm-t")
         .await
         .expect("train may read cm-t");
-    let used = |stages: &[StageStatus], stage: &str, grant: &str| {
-        stages
-            .iter()
-            .find(|s| s.name == stage)
-            .and_then(|s| s.usage.iter().find(|u| u.grant == grant))
-            .is_some_and(|u| u.used)
-    };
     let stages = wait_for("both stages' usage in the status", WAIT, || async {
-        let stages = stage_statuses(&client, &ns).await;
+        let stages = stage_statuses(client, ns).await;
         (used(&stages, "ingest", "get configmaps/cm-a")
             && used(&stages, "train", "get configmaps/cm-t"))
         .then_some(stages)
@@ -224,12 +304,22 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
     )
     .unwrap();
     assert!(
-        records_from(&op, 0, |r| is_anomaly(r, "NewBehaviour")).is_empty(),
+        records_from(op, 0, |r| is_anomaly(r, "NewBehaviour")).is_empty(),
         "nothing is new while learning"
     );
 
-    // A removed stage takes its usage entry with it.
-    let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &ns);
+    since
+}
+
+/// A removed stage takes its usage entry with it.
+async fn remove_a_stage(scene: &Scene) {
+    let Scene {
+        client,
+        ns,
+        pipeline,
+        ..
+    } = scene;
+    let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
     pipelines
         .patch(
             PIPELINE,
@@ -239,37 +329,31 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
         .await
         .unwrap();
     wait_for("the removed stage's status entry to go", WAIT, || async {
-        let stages = stage_statuses(&client, &ns).await;
+        let stages = stage_statuses(client, ns).await;
         (!stages.is_empty() && stages.iter().all(|s| s.name != "train")).then_some(())
     })
     .await;
     assert!(used(
-        &stage_statuses(&client, &ns).await,
+        &stage_statuses(client, ns).await,
         "ingest",
         "get configmaps/cm-a"
     ));
+}
 
-    // Past the learning window, the operator restarts.
-    wait_for("the end of the learning window", WAIT, || async {
-        (chrono::Utc::now() > since + chrono::Duration::seconds(LEARNING_SECONDS + 1)).then_some(())
-    })
-    .await;
-    op.stop();
-    let Operator { dir, .. } = op;
-    let restart_at = std::fs::read_to_string(dir.path().join("audit.log"))
-        .unwrap()
-        .lines()
-        .count();
-    let op = Operator::start_with("operator", &ns, None, dir, &args);
-
-    // The grant it used before is not new; the one it never used is.
+/// The grant ingest used before the restart is not new; the one it never used is.
+async fn new_behaviour_after_the_restart(scene: &Scene, op: &Operator, restart_at: usize) {
+    let Scene {
+        client,
+        ns,
+        as_ingest,
+        ..
+    } = scene;
     let a_again = wait_for(
         "ingest's cm-a read counted by the restarted operator",
         WAIT,
         || {
             let as_ingest = as_ingest.clone();
             let ns = ns.clone();
-            let op = &op;
             async move {
                 let _ = Api::<ConfigMap>::namespaced(as_ingest, &ns)
                     .get("cm-a")
@@ -287,7 +371,6 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
     let new = wait_for("the NewBehaviour anomaly record", WAIT, || {
         let as_ingest = as_ingest.clone();
         let ns = ns.clone();
-        let op = &op;
         async move {
             let _ = Api::<Job>::namespaced(as_ingest, &ns)
                 .list(&ListParams::default())
@@ -304,24 +387,27 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
     );
     assert_eq!(new["stage"], "ingest");
     assert_eq!(
-        records_from(&op, 0, |r| is_anomaly(r, "NewBehaviour")).len(),
+        records_from(op, 0, |r| is_anomaly(r, "NewBehaviour")).len(),
         1,
         "only the never used grant is new, once: the restart did not restart the learning"
     );
-    let event = event_with(&client, &ns, "NewBehaviour", "list jobs.batch").await;
+    let event = event_with(client, ns, "NewBehaviour", "list jobs.batch").await;
     assert_eq!(
         event.regarding.as_ref().unwrap().name.as_deref(),
         Some(PIPELINE)
     );
-    let metric = |kind: &str| {
-        format!(
-            "portcullis_access_anomalies_total{{anomaly=\"{kind}\",namespace=\"{ns}\",pipeline=\"{PIPELINE}\",stage=\"ingest\"}}"
-        )
-    };
-    assert_eq!(op.metric(&metric("NewBehaviour")).await, 1.0);
+    assert_eq!(op.metric(&anomaly_metric(ns, "NewBehaviour")).await, 1.0);
+}
 
-    // A flood: far above the stage's baseline.
-    let reads = Api::<ConfigMap>::namespaced(as_ingest.clone(), &ns);
+/// A flood: far above the stage's baseline.
+async fn volume_spike(scene: &Scene, op: &Operator, restart_at: usize) {
+    let Scene {
+        client,
+        ns,
+        as_ingest,
+        ..
+    } = scene;
+    let reads = Api::<ConfigMap>::namespaced(as_ingest.clone(), ns);
     let ok = futures::stream::iter(0..300)
         .map(|_| {
             let reads = reads.clone();
@@ -333,27 +419,12 @@ async fn a_stage_learns_survives_a_restart_then_shows_new_behaviour_and_a_volume
         .await;
     assert_eq!(ok, 300);
     let spike = wait_for("the VolumeSpike anomaly record", WAIT, || async {
-        records_from(&op, restart_at, |r| is_anomaly(r, "VolumeSpike")).pop()
+        records_from(op, restart_at, |r| is_anomaly(r, "VolumeSpike")).pop()
     })
     .await;
     assert_eq!(spike["stage"], "ingest");
     assert!(spike["item"]["count"].as_u64().unwrap() >= 40, "{spike}");
-    let event = event_with(&client, &ns, "VolumeSpike", "times its baseline").await;
+    let event = event_with(client, ns, "VolumeSpike", "times its baseline").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
-    assert!(op.metric(&metric("VolumeSpike")).await >= 1.0);
-
-    // The usage written since did not bring the removed stage back; the log verifies.
-    let stages = wait_for("the flood's usage", WAIT, || async {
-        let stages = stage_statuses(&client, &ns).await;
-        let ingest = stages.iter().find(|s| s.name == "ingest")?;
-        ingest
-            .usage
-            .iter()
-            .any(|u| u.grant == "get configmaps/cm-a" && u.count > 300)
-            .then_some(stages)
-    })
-    .await;
-    assert!(stages.iter().all(|s| s.name != "train"), "{stages:?}");
-    let (ok, report) = op.verify();
-    assert!(ok, "{report}");
+    assert!(op.metric(&anomaly_metric(ns, "VolumeSpike")).await >= 1.0);
 }

@@ -279,12 +279,11 @@ impl Tracker {
                     && now >= state.since + chrono(self.thresholds.learning_window)
                 {
                     let message = format!(
-                        "stage {} used {} for the first time, {} after Portcullis first saw the stage (learning window {}s); it is granted{}, but was not used before",
+                        "stage {} used {} for the first time, {} after Portcullis first saw the stage (learning window {}s); it is granted by `{text}`, but was not used before",
                         stage.stage,
                         obs,
                         humanize(now - state.since),
                         self.thresholds.learning_window.as_secs(),
-                        format!(" by `{text}`"),
                     );
                     out.push(anomaly(
                         &stage,
