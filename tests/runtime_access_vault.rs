@@ -32,7 +32,7 @@ fn records_where(op: &Operator, f: impl Fn(&Value) -> bool) -> Vec<Value> {
 #[tokio::test]
 async fn a_stage_reading_vault_is_recorded_through_the_socket_audit_device() {
     let _ = control_plane();
-    let (client, ns, _) = guarded_namespace("vault-access").await;
+    let (client, ns, guardrails) = guarded_namespace("vault-access").await;
     let ops = temp_namespace(&client, "vault-access-ops", &[]).await;
     let (_jwt_dir, jwt_path) = support::openbao::operator_identity(&client, &ops).await;
 
@@ -256,4 +256,78 @@ async fn a_stage_reading_vault_is_recorded_through_the_socket_audit_device() {
 
     let (ok, report) = op.verify();
     assert!(ok, "{report}");
+
+    let live = pipelines.get(PIPELINE).await.unwrap();
+    ingest_reads_the_file_device(&bao, &live, &guardrails, &allowed, &denied);
+}
+
+/// `portcullis audit ingest --vault` on OpenBao's own `file` device output: the same refusal
+/// and the same allowed read as the operator recorded from the socket.
+fn ingest_reads_the_file_device(
+    bao: &OpenBao,
+    pipeline: &AIPipeline,
+    guardrails: &[portcullis::api::AccessGuardrail],
+    allowed: &str,
+    denied: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    // JSON is YAML: the files are read as `kubectl apply -f` would.
+    std::fs::write(
+        path("pipeline.yaml"),
+        serde_json::to_string(pipeline).unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir(path("guardrails")).unwrap();
+    for (i, g) in guardrails.iter().enumerate() {
+        std::fs::write(
+            path(&format!("guardrails/{i}.yaml")),
+            serde_json::to_string(g).unwrap(),
+        )
+        .unwrap();
+    }
+    std::fs::write(path("key"), "a-key-for-the-ingest-of-openbao-0123456789").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "ingest", "-f"])
+        .arg(path("pipeline.yaml"))
+        .arg("--guardrails")
+        .arg(path("guardrails"))
+        .arg("--vault")
+        .arg(bao.file_audit_log())
+        .arg("--audit-log")
+        .arg(path("decisions.log"))
+        .arg("--audit-key")
+        .arg(path("key"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("anomaly AccessDenied: 1"), "{stdout}");
+    let records: Vec<Value> = std::fs::read_to_string(path("decisions.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |verdict: &str, path: &str| {
+        records.iter().any(|r| {
+            r["action"] == "access"
+                && r["verdict"] == verdict
+                && r["object"] == format!("vault read {path}")
+                && r["stage"] == "ingest"
+        })
+    };
+    assert!(
+        find("Deny", denied) && find("Allow", allowed),
+        "{records:?}"
+    );
+    assert!(
+        !std::fs::read_to_string(path("decisions.log"))
+            .unwrap()
+            .contains("hmac-sha256"),
+        "nothing HMAC'd is copied"
+    );
 }
