@@ -73,6 +73,7 @@ fn directory() -> Directory {
                 service_account: format!("pipe-{i}-ingest"),
                 grants,
                 seed: Vec::new(),
+                seed_since: None,
             }],
         );
     }

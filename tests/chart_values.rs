@@ -576,3 +576,223 @@ async fn the_api_server_admits_the_pods_under_the_restricted_profile() {
         }
     }
 }
+
+/// Both sources enabled, with the alerts.
+fn runtime_access_values() -> Value {
+    json!({
+        "replicaCount": 1,
+        "metrics": {"prometheusRule": {"enabled": true}},
+        "runtimeAccess": {
+            "auditWebhook": {"enabled": true, "tokenSecret": "audit-webhook-token", "tlsSecret": "audit-webhook-tls"},
+            "vaultAuditSocket": {"enabled": true, "from": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "vault"}},
+            }},
+            "thresholds": {"learningWindow": "12h", "spikeFactor": 2.5},
+        },
+    })
+}
+
+/// Runtime access: the audit Service has the enabled ports, the flags reach the operator, and
+/// only Vault may reach the Vault socket.
+#[test]
+fn runtime_access_opens_its_ports_to_whom_it_should() {
+    let objects = render(&runtime_access_values());
+    let service = named(&objects, "Service", "portcullis-audit");
+    let ports: Vec<(&str, u64)> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["port"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ports, vec![("audit-webhook", 8443), ("vault-audit", 9090)]);
+    let deployment = named(&objects, "Deployment", "portcullis");
+    let container = &pod_spec(deployment)["containers"][0];
+    let container_ports: BTreeSet<&str> = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        container_ports,
+        BTreeSet::from(["metrics", "audit-webhook", "vault-audit"])
+    );
+    let operator_args = args(deployment);
+    let flag = |name: &str| {
+        let at = operator_args
+            .iter()
+            .position(|a| *a == name)
+            .unwrap_or_else(|| panic!("{name} in {operator_args:?}"));
+        operator_args[at + 1]
+    };
+    assert_eq!(flag("--audit-webhook-addr"), "0.0.0.0:8443");
+    assert_eq!(flag("--vault-audit-addr"), "0.0.0.0:9090");
+    assert_eq!(flag("--audit-max-body-bytes"), "8388608");
+    assert_eq!(flag("--access-learning-window"), "12h");
+    assert_eq!(flag("--access-spike-factor"), "2.5");
+    let mounted: BTreeSet<&str> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for file in [
+        flag("--audit-webhook-token-file"),
+        flag("--audit-webhook-tls-cert-file"),
+        flag("--audit-webhook-tls-key-file"),
+    ] {
+        assert!(
+            mounted.iter().any(|m| file.starts_with(&format!("{m}/"))),
+            "{file} is mounted"
+        );
+    }
+
+    // Only Vault reaches the socket; the webhook (token over TLS) and, without
+    // networkPolicy.enabled, the metrics port stay open as they were.
+    let policy = named(&objects, "NetworkPolicy", "portcullis-audit");
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let rule_for = |port: u64| {
+        rules
+            .iter()
+            .find(|r| r["ports"][0]["port"] == port)
+            .unwrap_or_else(|| panic!("a rule for port {port}: {rules:?}"))
+    };
+    assert_eq!(
+        rule_for(9090)["from"],
+        json!([{
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "vault"}},
+        }]),
+        "one peer: Vault's Pods in Vault's namespace"
+    );
+    assert!(rule_for(8443).get("from").is_none());
+    assert!(rule_for(8080).get("from").is_none());
+    assert_eq!(rules.len(), 3);
+    let with_policy = render(&json!({
+        "replicaCount": 1,
+        "networkPolicy": {"enabled": true},
+        "runtimeAccess": {"vaultAuditSocket": {"enabled": true, "from": {"cidrs": ["10.40.0.0/24"]}}},
+    }));
+    let rules = named(&with_policy, "NetworkPolicy", "portcullis-audit")["spec"]["ingress"].clone();
+    assert_eq!(
+        rules,
+        json!([{"ports": [{"port": 9090, "protocol": "TCP"}], "from": [{"ipBlock": {"cidr": "10.40.0.0/24"}}]}]),
+        "with networkPolicy.enabled, metricsFrom alone says who scrapes"
+    );
+}
+
+/// Runtime access: the Pod watch is granted only with it, and values that cannot work are
+/// refused.
+#[test]
+fn runtime_access_watches_pods_only_when_on_and_refuses_what_cannot_work() {
+    let objects = render(&runtime_access_values());
+    // The Pod watch: only with runtime access, cluster-wide or in watchNamespace only.
+    let pods_rule = json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]});
+    let grants_pods = |objects: &[Value], kind: &str| {
+        find(objects, kind).iter().any(|r| {
+            r["rules"]
+                .as_array()
+                .is_some_and(|rules| rules.contains(&pods_rule))
+        })
+    };
+    assert!(grants_pods(&objects, "ClusterRole"));
+    let binding = named(
+        &objects,
+        "ClusterRoleBinding",
+        "portcullis-system-portcullis-stage-pods",
+    );
+    assert_eq!(binding["subjects"][0]["name"], "portcullis");
+    let scoped = render(&json!({
+        "replicaCount": 1,
+        "watchNamespace": "ml",
+        "runtimeAccess": {"vaultAuditSocket": {"enabled": true, "from": {"cidrs": ["10.40.0.0/24"]}}},
+    }));
+    assert!(grants_pods(&scoped, "Role") && !grants_pods(&scoped, "ClusterRole"));
+    assert_eq!(
+        named(&scoped, "Role", "portcullis-stage-pods")["metadata"]["namespace"],
+        "ml"
+    );
+    let off = render(&json!({"metrics": {"prometheusRule": {"enabled": true}}}));
+    assert!(!grants_pods(&off, "ClusterRole") && !grants_pods(&off, "Role"));
+    assert!(
+        find(&off, "Service")
+            .iter()
+            .all(|s| s["metadata"]["name"] != "portcullis-audit")
+    );
+    assert!(!args(named(&off, "Deployment", "portcullis")).contains(&"--vault-audit-addr"));
+    assert!(
+        find(&off, "PrometheusRule")
+            .iter()
+            .all(|r| r["metadata"]["name"] != "portcullis-access-anomalies"),
+        "no anomaly alerts without runtime access"
+    );
+    let unwatched = render(&json!({
+        "replicaCount": 1,
+        "runtimeAccess": {"watchStagePods": false, "vaultAuditSocket": {"enabled": true, "from": {"cidrs": ["10.40.0.0/24"]}}},
+    }));
+    assert!(!grants_pods(&unwatched, "ClusterRole"));
+    assert!(args(named(&unwatched, "Deployment", "portcullis")).contains(&"--no-watch-stage-pods"));
+
+    // Values that cannot work.
+    for (values, says) in [
+        (
+            json!({"runtimeAccess": {"vaultAuditSocket": {"enabled": true, "from": {"cidrs": ["10.40.0.0/24"]}}}}),
+            "runtimeAccess needs replicaCount: 1",
+        ),
+        (
+            json!({"replicaCount": 1, "runtimeAccess": {"vaultAuditSocket": {"enabled": true}}}),
+            "runtimeAccess.vaultAuditSocket.from",
+        ),
+        (
+            json!({"replicaCount": 1, "runtimeAccess": {"auditWebhook": {"enabled": true, "tlsSecret": "tls"}}}),
+            "runtimeAccess.auditWebhook.tokenSecret",
+        ),
+    ] {
+        let error = render_error(&values);
+        assert!(error.contains(says), "{values}: {error}");
+    }
+}
+
+/// Runtime access: the anomaly alerts fire as deploy/prometheus/access-anomalies.test.yaml says.
+#[test]
+fn runtime_access_alerts_on_anomalies_as_promtool_tests_say() {
+    let objects = render(&runtime_access_values());
+    // The anomaly alerts: the same rules as deploy/prometheus/access-anomalies.yaml, run through
+    // its promtool tests.
+    let rule = named(&objects, "PrometheusRule", "portcullis-access-anomalies");
+    let deployed: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/access-anomalies.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"]["groups"], deployed["spec"]["groups"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("access-anomalies.rules.yaml"),
+        serde_json::to_vec(&json!({"groups": rule["spec"]["groups"]})).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("deploy/prometheus/access-anomalies.test.yaml"),
+        dir.path().join("access-anomalies.test.yaml"),
+    )
+    .unwrap();
+    let promtool = promtool();
+    for args in [
+        ["check", "rules", "access-anomalies.rules.yaml"],
+        ["test", "rules", "access-anomalies.test.yaml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("promtool runs");
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -4,8 +4,10 @@
 //! ([`Directory::set_pipeline`]), a deleted pipeline's go ([`Directory::retain_pipelines`]). An
 //! audit event is dropped unless its user is a key here: one hash lookup under a read lock.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use chrono::{DateTime, Utc};
 
 use crate::api::{AIPipelineStatus, GrantUsage};
 use crate::plan::Plan;
@@ -91,6 +93,8 @@ pub struct StageInfo {
     pub grants: Vec<Grant>,
     /// Usage as the status last showed it, to continue counting from after a restart.
     pub seed: Vec<GrantUsage>,
+    /// `usageSince` as the status last showed it: the learning window's start.
+    pub seed_since: Option<DateTime<Utc>>,
 }
 
 impl StageInfo {
@@ -109,10 +113,13 @@ impl StageInfo {
                     .filter(|d| d.stage == summary.name && d.is_allowed())
                     .filter_map(|d| grant(&d.item))
                     .collect();
-                let seed = status
-                    .and_then(|s| s.stages.iter().find(|s| s.name == summary.name))
-                    .map(|s| s.usage.clone())
-                    .unwrap_or_default();
+                let persisted =
+                    status.and_then(|s| s.stages.iter().find(|s| s.name == summary.name));
+                let seed = persisted.map(|s| s.usage.clone()).unwrap_or_default();
+                let seed_since = persisted
+                    .and_then(|s| s.usage_since.as_deref())
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc));
                 StageInfo {
                     namespace: plan.namespace.clone(),
                     pipeline: plan.pipeline.clone(),
@@ -127,6 +134,7 @@ impl StageInfo {
                     service_account: summary.service_account.clone(),
                     grants,
                     seed,
+                    seed_since,
                 }
             })
             .collect()
@@ -183,6 +191,24 @@ fn grant(item: &Item) -> Option<Grant> {
 #[derive(Debug, Default)]
 pub struct Directory {
     by_user: RwLock<HashMap<String, Arc<StageInfo>>>,
+    changes: Mutex<Changes>,
+}
+
+/// What changed in the directory since [`Directory::take_changes`] was last called, for the
+/// runtime side to forget removed stages and rewrite the usage of their pipelines.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    /// Stages that are gone: removed from their pipeline, or their pipeline deleted.
+    pub removed: Vec<Arc<StageInfo>>,
+    /// Pipelines (uids) whose `status.stages[].usage` names a stage they no longer have, or lost
+    /// a stage: their usage is to be written again, without it.
+    pub rewrite: BTreeSet<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.rewrite.is_empty()
+    }
 }
 
 impl Directory {
@@ -200,7 +226,19 @@ impl Directory {
     pub fn set_pipeline(&self, uid: &str, stages: Vec<StageInfo>) {
         let mut by_user = self.by_user.write().expect("directory lock");
         let users: HashSet<&str> = stages.iter().map(|s| s.user.as_str()).collect();
-        by_user.retain(|user, s| s.pipeline_uid != uid || users.contains(user.as_str()));
+        let mut removed = Vec::new();
+        by_user.retain(|user, s| {
+            let keep = s.pipeline_uid != uid || users.contains(user.as_str());
+            if !keep {
+                removed.push(s.clone());
+            }
+            keep
+        });
+        if !removed.is_empty() {
+            let mut changes = self.changes.lock().expect("directory changes lock");
+            changes.rewrite.insert(uid.to_string());
+            changes.removed.extend(removed);
+        }
         for stage in stages {
             match by_user.get(&stage.user) {
                 // Another pipeline's stage of the same name (refused at adoption): the first
@@ -214,12 +252,67 @@ impl Directory {
         }
     }
 
+    /// Replaces the stages of the pipeline `uid` with those of `plan` (see
+    /// [`Directory::set_pipeline`]); `status`, the pipeline's as last read, seeds their usage and
+    /// says whether it lists usage of a stage the plan no longer has (removed while the operator
+    /// was down, say), which is then written again without it.
+    pub fn set_plan(&self, plan: &Plan, uid: &str, status: Option<&AIPipelineStatus>) {
+        self.set_pipeline(uid, StageInfo::from_plan(plan, uid, status));
+        let stale = status.is_some_and(|status| {
+            status.stages.iter().any(|s| {
+                (!s.usage.is_empty() || s.usage_since.is_some())
+                    && !plan.stages.iter().any(|p| p.name == s.name)
+            })
+        });
+        if stale {
+            self.changes
+                .lock()
+                .expect("directory changes lock")
+                .rewrite
+                .insert(uid.to_string());
+        }
+    }
+
     /// Forgets the stages of pipelines whose uid is not in `live`.
     pub fn retain_pipelines(&self, live: &HashSet<String>) {
+        let mut removed = Vec::new();
         self.by_user
             .write()
             .expect("directory lock")
-            .retain(|_, s| live.contains(&s.pipeline_uid));
+            .retain(|_, s| {
+                let keep = live.contains(&s.pipeline_uid);
+                if !keep {
+                    removed.push(s.clone());
+                }
+                keep
+            });
+        if !removed.is_empty() {
+            // The pipelines are gone: nothing to rewrite.
+            self.changes
+                .lock()
+                .expect("directory changes lock")
+                .removed
+                .extend(removed);
+        }
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut *self.changes.lock().expect("directory changes lock"))
+    }
+
+    /// The stages of the pipeline `uid`, by stage name.
+    pub fn stages_of(&self, uid: &str) -> Vec<Arc<StageInfo>> {
+        let mut stages: Vec<Arc<StageInfo>> = self
+            .by_user
+            .read()
+            .expect("directory lock")
+            .values()
+            .filter(|s| s.pipeline_uid == uid)
+            .cloned()
+            .collect();
+        stages.sort_by(|a, b| a.stage.cmp(&b.stage));
+        stages
     }
 
     /// Every stage, for usage reports.
@@ -246,5 +339,81 @@ impl Directory {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(stages: &[&str], usage_of: &[&str]) -> (crate::api::AIPipeline, Plan) {
+        let stages: Vec<serde_json::Value> = stages
+            .iter()
+            .map(|s| {
+                serde_json::json!({"name": s, "role": "Ingestion", "permissions": [
+                    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]})
+            })
+            .collect();
+        let status: Vec<serde_json::Value> = usage_of
+            .iter()
+            .map(|s| serde_json::json!({"name": s, "usage": [{"grant": "get configmaps", "used": true, "count": 1}], "usageSince": "2026-11-27T10:00:00Z"}))
+            .collect();
+        let p: crate::api::AIPipeline = serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AIPipeline",
+            "metadata": {"name": "fraud", "namespace": "ml", "uid": "uid-1"},
+            "spec": {"stages": stages},
+            "status": {"stages": status},
+        }))
+        .unwrap();
+        let validated = crate::api::validate::validate(&p).expect("a valid pipeline");
+        let plan = crate::plan::build(&validated, "ml", &Default::default(), &[]);
+        (p, plan)
+    }
+
+    #[test]
+    fn a_removed_stage_is_reported_once_and_its_pipeline_rewritten() {
+        let directory = Directory::default();
+        let (p, plan) = pipeline(&["ingest", "train"], &["ingest", "train"]);
+        directory.set_plan(&plan, "uid-1", p.status.as_ref());
+        assert!(directory.take_changes().is_empty(), "nothing removed");
+        let ingest = directory.stages_of("uid-1")[0].clone();
+        assert_eq!(ingest.seed.len(), 1);
+        assert!(ingest.seed_since.is_some());
+
+        let (p, plan) = pipeline(&["ingest"], &["ingest", "train"]);
+        directory.set_plan(&plan, "uid-1", p.status.as_ref());
+        let changes = directory.take_changes();
+        assert_eq!(changes.removed.len(), 1);
+        assert_eq!(changes.removed[0].stage, "train");
+        assert_eq!(changes.rewrite, BTreeSet::from(["uid-1".to_string()]));
+        assert_eq!(directory.stages_of("uid-1").len(), 1);
+        assert!(directory.take_changes().is_empty(), "taken");
+    }
+
+    #[test]
+    fn usage_of_a_stage_removed_while_the_operator_was_down_is_rewritten() {
+        let directory = Directory::default();
+        // The status still lists train's usage; the spec has no train.
+        let (p, plan) = pipeline(&["ingest"], &["ingest", "train"]);
+        directory.set_plan(&plan, "uid-1", p.status.as_ref());
+        let changes = directory.take_changes();
+        assert!(changes.removed.is_empty());
+        assert_eq!(changes.rewrite, BTreeSet::from(["uid-1".to_string()]));
+        // Once the status has no train, nothing more.
+        let (p, plan) = pipeline(&["ingest"], &["ingest"]);
+        directory.set_plan(&plan, "uid-1", p.status.as_ref());
+        assert!(directory.take_changes().is_empty());
+    }
+
+    #[test]
+    fn a_deleted_pipeline_is_reported_removed_without_a_rewrite() {
+        let directory = Directory::default();
+        let (p, plan) = pipeline(&["ingest"], &[]);
+        directory.set_plan(&plan, "uid-1", p.status.as_ref());
+        directory.retain_pipelines(&HashSet::new());
+        let changes = directory.take_changes();
+        assert_eq!(changes.removed.len(), 1);
+        assert!(changes.rewrite.is_empty());
+        assert!(directory.is_empty());
     }
 }

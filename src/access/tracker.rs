@@ -7,6 +7,10 @@
 //!   records like allowed ones, marked `overRate`.
 //! - **Anomalies** ([`AnomalyKind`]), at most one per stage, kind and subject per window.
 //! - **Usage**: per grant, how often and when last a request it covers was made.
+//! - **After a restart** a stage's state is rebuilt from its persisted usage
+//!   ([`StageInfo::seed`], [`StageInfo::seed_since`]): its learning window keeps its start,
+//!   the grants it used are not new, counts continue, and its volume baseline is the average of
+//!   its counted requests per window since then, so neither detector starts over.
 //!
 //! The tracker is given the time with each observation and at each [`Tracker::flush`]; it reads
 //! no clock, so `portcullis audit ingest` replays an exported log with the events' own times.
@@ -109,6 +113,8 @@ pub struct Anomaly {
 pub struct UsageUpdate {
     pub stage: Arc<StageInfo>,
     pub usage: Vec<GrantUsage>,
+    /// When the stage was first seen (`usageSince`).
+    pub since: DateTime<Utc>,
 }
 
 /// What the tracker produces.
@@ -162,7 +168,9 @@ struct StageState {
     since: DateTime<Utc>,
     deny_tokens: f64,
     deny_refilled: DateTime<Utc>,
-    seen: HashSet<(String, String, String)>,
+    /// The grants used so far (their text): the first use of another after the learning window
+    /// is `NewBehaviour`.
+    seen: HashSet<String>,
     window_count: u64,
     baseline: Option<f64>,
     windows: u32,
@@ -217,10 +225,11 @@ impl Tracker {
         let now = obs.time;
         self.window_start.get_or_insert(now);
         let per_minute = f64::from(self.thresholds.deny_records_per_minute);
+        let thresholds = &self.thresholds;
         let state = self
             .stages
             .entry(obs.user.clone())
-            .or_insert_with(|| StageState::new(stage.clone(), now, per_minute));
+            .or_insert_with(|| StageState::new(stage.clone(), now, thresholds));
         if !Arc::ptr_eq(&state.info, &stage) {
             state.info = stage.clone();
         }
@@ -262,21 +271,19 @@ impl Tracker {
                     used.1 = Some(used.1.map_or(now, |l| l.max(now)));
                     state.usage_dirty = true;
                 }
-                let key = (obs.verb.clone(), obs.api_group.clone(), obs.full_resource());
-                if state.seen.len() < MAX_SEEN
-                    && state.seen.insert(key)
+                // Only a granted permission is new behaviour: requests allowed by something
+                // else (discovery, a binding outside Portcullis) have no grant to learn.
+                if let Some(text) = &grant
+                    && state.seen.len() < MAX_SEEN
+                    && state.seen.insert(text.clone())
                     && now >= state.since + chrono(self.thresholds.learning_window)
                 {
                     let message = format!(
-                        "stage {} used {} for the first time, {} after Portcullis first saw the stage (learning window {}s); it is granted{}, but was not used before",
+                        "stage {} used {} for the first time, {} after Portcullis first saw the stage (learning window {}s); it is granted by `{text}`, but was not used before",
                         stage.stage,
                         obs,
                         humanize(now - state.since),
                         self.thresholds.learning_window.as_secs(),
-                        grant
-                            .as_deref()
-                            .map(|g| format!(" by `{g}`"))
-                            .unwrap_or_default(),
                     );
                     out.push(anomaly(
                         &stage,
@@ -367,6 +374,29 @@ impl Tracker {
         );
     }
 
+    /// Forgets the stage of `user` (removed from its pipeline, or the pipeline deleted): its
+    /// learning, baseline and usage. Requests already counted in this window are still
+    /// recorded at its end.
+    pub fn forget(&mut self, user: &str) {
+        self.stages.remove(user);
+    }
+
+    /// Whether the tracker has state for `user`.
+    pub fn knows(&self, user: &str) -> bool {
+        self.stages.contains_key(user)
+    }
+
+    /// The usage of `stage` to show in its status, and since when it is counted: the tracker's
+    /// when it has seen the stage, else what the status last showed (`None` when it showed
+    /// nothing).
+    pub fn usage(&self, stage: &StageInfo) -> Option<(Vec<GrantUsage>, Option<DateTime<Utc>>)> {
+        match self.stages.get(&stage.user) {
+            Some(state) => Some((usage_of(stage, &state.usage), Some(state.since))),
+            None if stage.seed.is_empty() && stage.seed_since.is_none() => None,
+            None => Some((usage_of(stage, &seeded_usage(stage)), stage.seed_since)),
+        }
+    }
+
     /// Whether the window has ended at `now`.
     pub fn due(&self, now: DateTime<Utc>) -> bool {
         self.window_end().is_some_and(|end| now >= end)
@@ -392,31 +422,56 @@ impl Tracker {
     }
 }
 
+/// The usage the status last showed for `info`: grant text -> (count, last used).
+fn seeded_usage(info: &StageInfo) -> HashMap<String, (u64, Option<DateTime<Utc>>)> {
+    info.seed
+        .iter()
+        .map(|u| {
+            let last = u
+                .last_used
+                .as_deref()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc));
+            (u.grant.clone(), (u.count, last))
+        })
+        .collect()
+}
+
 impl StageState {
-    fn new(info: Arc<StageInfo>, now: DateTime<Utc>, per_minute: f64) -> StageState {
-        let usage = info
-            .seed
+    /// A stage first seen (in this process) at `now`; from its persisted usage when it has some.
+    fn new(info: Arc<StageInfo>, now: DateTime<Utc>, t: &Thresholds) -> StageState {
+        let per_minute = f64::from(t.deny_records_per_minute);
+        let usage = seeded_usage(&info);
+        let seen = usage
             .iter()
-            .map(|u| {
-                let last = u
-                    .last_used
-                    .as_deref()
-                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                    .map(|t| t.with_timezone(&Utc));
-                (u.grant.clone(), (u.count, last))
-            })
+            .filter(|(_, (count, _))| *count > 0)
+            .map(|(grant, _)| grant.clone())
             .collect();
+        let since = info.seed_since.map_or(now, |s| s.min(now));
+        // The baseline from before: the counted requests per window since the stage was first
+        // seen (downtime included, which can only make it lower, so more sensitive).
+        let elapsed = (now - since).num_milliseconds().max(0).unsigned_abs()
+            / u64::try_from(t.window.as_millis().max(1)).unwrap_or(u64::MAX);
+        let (baseline, windows) = if elapsed == 0 {
+            (None, 0)
+        } else {
+            let counted: u64 = usage.values().map(|(count, _)| *count).sum();
+            #[allow(clippy::cast_precision_loss, reason = "counts, far below 2^52")]
+            let baseline = counted as f64 / elapsed as f64;
+            (Some(baseline), u32::try_from(elapsed).unwrap_or(u32::MAX))
+        };
         StageState {
-            info,
-            since: now,
+            since,
             deny_tokens: per_minute,
             deny_refilled: now,
-            seen: HashSet::new(),
+            seen,
             window_count: 0,
-            baseline: None,
-            windows: 0,
+            baseline,
+            windows,
             usage,
-            usage_dirty: false,
+            // A stage seen for the first time: its `usageSince` is written at the window's end.
+            usage_dirty: info.seed_since.is_none(),
+            info,
             alerted: HashSet::new(),
             overflow: 0,
         }
@@ -468,6 +523,10 @@ impl StageState {
                 let mut entry = stage_entry(&info, Action::Anomaly, message.clone());
                 entry.object = Some(format!("{count} requests"));
                 entry.reason = Some(AnomalyKind::VolumeSpike.as_str().into());
+                // Two decimals: a float of that many digits reads back as the same number, so
+                // the record's hash (over the parsed record) verifies; a float such as
+                // 7.190000000000001 may not (serde_json's default parser is not exact).
+                let baseline = (baseline * 100.0).round() / 100.0;
                 entry.item = Some(
                     json!({"anomaly": "VolumeSpike", "count": count, "baseline": baseline, "windowSeconds": t.window.as_secs()}),
                 );
@@ -496,6 +555,7 @@ impl StageState {
             out.push(Output::Usage(UsageUpdate {
                 stage: info.clone(),
                 usage: usage_of(&info, &self.usage),
+                since: self.since,
             }));
         }
         let _ = now;

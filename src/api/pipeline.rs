@@ -471,6 +471,11 @@ pub struct StageStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub usage: Vec<GrantUsage>,
+    /// When Portcullis first saw a request of the stage's identity (RFC 3339): `usage` counts
+    /// from here, and a grant first used more than `--access-learning-window` after it is a
+    /// NewBehaviour anomaly. Kept across operator restarts, like `usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_since: Option<String>,
 }
 
 /// How a stage used one of its grants.

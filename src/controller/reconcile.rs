@@ -61,9 +61,7 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
         Err(errors) => return invalid(&ctx, &target, &errors).await,
     };
     if let Some(directory) = &ctx.access {
-        let stages =
-            crate::access::StageInfo::from_plan(&plan, &target.uid, pipeline.status.as_ref());
-        directory.set_pipeline(&target.uid, stages);
+        directory.set_plan(&plan, &target.uid, pipeline.status.as_ref());
     }
     let owner = owner_reference(&pipeline)?;
     let applier = ctx.applier();

@@ -258,6 +258,7 @@ fn stage_statuses(plan: &Plan, outcome: &Outcome) -> Vec<StageStatus> {
                     .collect(),
                 // Written by the runtime side under its own field manager (`controller::access`).
                 usage: Vec::new(),
+                usage_since: None,
             }
         })
         .collect()

@@ -27,6 +27,7 @@ fn stage() -> Arc<StageInfo> {
             grant("get", "secrets", &["db"]),
         ],
         seed: Vec::new(),
+        seed_since: None,
     })
 }
 
@@ -357,4 +358,210 @@ fn a_hostile_user_agent_does_not_make_records_large() {
         let size = entry.message.len() + entry.item.as_ref().map_or(0, |i| i.to_string().len());
         assert!(size < 4096, "{size} bytes");
     }
+}
+
+/// The stage as the directory has it after a restart: its status showed `seed` since `since`.
+fn restarted(seed: &[(&str, u64)], since: i64) -> Arc<StageInfo> {
+    let mut info = (*stage()).clone();
+    info.seed = seed
+        .iter()
+        .map(|(grant, count)| GrantUsage {
+            grant: (*grant).into(),
+            used: *count > 0,
+            count: *count,
+            last_used: (*count > 0).then(|| format_time(t(since + 10))),
+        })
+        .collect();
+    info.seed_since = Some(t(since));
+    Arc::new(info)
+}
+
+#[test]
+fn after_a_restart_the_learning_window_keeps_its_start_and_used_grants_are_not_new() {
+    let thresholds = Thresholds {
+        learning_window: Duration::from_secs(3600),
+        ..Thresholds::default()
+    };
+    // Before the restart: `get configmaps/cfg` used, first seen at 0.
+    let info = restarted(&[("get configmaps/cfg", 5), ("list pods", 0)], 0);
+    let mut tracker = Tracker::new(thresholds.clone());
+    let mut out = Vec::new();
+    tracker.observe(
+        info.clone(),
+        req("get", "configmaps", Some("cfg"), Verdict::Allow, 7200),
+        PodIps::Unknown,
+        &mut out,
+    );
+    assert!(
+        anomalies(&out).is_empty(),
+        "used before the restart: not new"
+    );
+    tracker.observe(
+        info.clone(),
+        req("list", "pods", None, Verdict::Allow, 7201),
+        PodIps::Unknown,
+        &mut out,
+    );
+    let found = anomalies(&out);
+    assert_eq!(found.len(), 1, "the learning window did not start over");
+    assert_eq!(found[0].0, AnomalyKind::NewBehaviour);
+    assert!(found[0].1.contains("list pods"), "{}", found[0].1);
+
+    // Counts continue, and `usageSince` stays.
+    out.clear();
+    tracker.flush(t(7260), &mut out);
+    let update = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Usage(u) => Some(u.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(update.usage[0].count, 6);
+    assert_eq!(update.since, t(0));
+
+    // Without the persisted state, the same requests would have been learnt afresh.
+    let mut fresh = Tracker::new(thresholds);
+    let mut out = Vec::new();
+    fresh.observe(
+        stage(),
+        req("list", "pods", None, Verdict::Allow, 7201),
+        PodIps::Unknown,
+        &mut out,
+    );
+    assert!(anomalies(&out).is_empty());
+}
+
+#[test]
+fn after_a_restart_the_volume_baseline_is_the_average_so_far() {
+    let thresholds = Thresholds {
+        baseline_windows: 5,
+        spike_min_requests: 50,
+        spike_factor: 10.0,
+        ..Thresholds::default()
+    };
+    // 150 requests in the first window after the restart.
+    let burst = |info: Arc<StageInfo>| {
+        let mut tracker = Tracker::new(thresholds.clone());
+        let mut out = Vec::new();
+        for i in 0..150 {
+            tracker.observe(
+                info.clone(),
+                req("list", "pods", None, Verdict::Allow, i % 60),
+                PodIps::Unknown,
+                &mut out,
+            );
+        }
+        tracker.flush(t(60), &mut out);
+        anomalies(&out)
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .collect::<Vec<_>>()
+    };
+    // 600 requests counted over the 60 windows since the stage was first seen: 10 a window,
+    // and 150 is 15 times that: a spike, in the very first window.
+    assert_eq!(
+        burst(restarted(&[("list pods", 600)], -3600)),
+        vec![AnomalyKind::VolumeSpike]
+    );
+    // 20 a window: 150 is 7.5 times that.
+    assert!(burst(restarted(&[("list pods", 1200)], -3600)).is_empty());
+    // Without the persisted state the baseline is learnt afresh: nothing for 5 windows.
+    assert!(burst(stage()).is_empty());
+}
+
+#[test]
+fn a_forgotten_stage_starts_over() {
+    let mut tracker = Tracker::new(Thresholds::default());
+    let mut out = Vec::new();
+    tracker.observe(
+        stage(),
+        req("list", "pods", None, Verdict::Allow, 1),
+        PodIps::Unknown,
+        &mut out,
+    );
+    assert!(tracker.knows(&stage().user));
+    assert_eq!(tracker.usage(&stage()).unwrap().0[1].count, 1);
+    tracker.forget(&stage().user);
+    assert!(!tracker.knows(&stage().user));
+    assert!(
+        tracker.usage(&stage()).is_none(),
+        "nothing of its usage is kept"
+    );
+    // The request counted before is still recorded at the window's end.
+    out.clear();
+    tracker.flush(t(60), &mut out);
+    assert_eq!(records(&out).len(), 1);
+    assert!(!out.iter().any(|o| matches!(o, Output::Usage(_))));
+}
+
+#[test]
+fn a_stage_seen_for_the_first_time_gets_its_since_written_even_without_usage() {
+    let mut tracker = Tracker::new(Thresholds::default());
+    let mut out = Vec::new();
+    tracker.observe(
+        stage(),
+        req("list", "secrets", None, Verdict::Deny, 3),
+        PodIps::Unknown,
+        &mut out,
+    );
+    out.clear();
+    tracker.flush(t(60), &mut out);
+    let update = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Usage(u) => Some(u.clone()),
+            _ => None,
+        })
+        .expect("a usage update with usageSince");
+    assert_eq!(update.since, t(3));
+    assert!(update.usage.iter().all(|u| !u.used));
+}
+
+/// The decision log's hash covers the record as read back; every record must read back as
+/// written (a float that does not would make `audit verify` report it edited).
+#[test]
+fn every_record_reads_back_as_written_whatever_the_baseline() {
+    let thresholds = Thresholds {
+        baseline_windows: 1,
+        spike_min_requests: 1,
+        spike_factor: 1.01,
+        ..Thresholds::default()
+    };
+    let mut tracker = Tracker::new(thresholds);
+    let mut out = Vec::new();
+    // Window sizes that make the moving average every kind of fraction, and spikes among them.
+    let mut at = 0;
+    for w in 0..300i64 {
+        let n = (w * 7919 % 13) + 1 + if w % 17 == 0 { 40 } else { 0 };
+        for _ in 0..n {
+            tracker.observe(
+                stage(),
+                req("list", "pods", None, Verdict::Allow, at),
+                PodIps::Unknown,
+                &mut out,
+            );
+        }
+        at += 60;
+        tracker.flush(t(at), &mut out);
+    }
+    let mut spikes = 0;
+    for o in &out {
+        let entry = match o {
+            Output::Record(e) => e,
+            Output::Anomaly(a, e) => {
+                spikes += usize::from(a.kind == AnomalyKind::VolumeSpike);
+                e
+            }
+            Output::Usage(_) => continue,
+        };
+        let record = crate::audit::Record::new(entry, 1, t(0), &"0".repeat(64), b"key");
+        let written = serde_json::to_value(&record).unwrap();
+        let read: Value = serde_json::from_str(&written.to_string()).unwrap();
+        assert_eq!(
+            crate::audit::canonical_json(&read),
+            crate::audit::canonical_json(&written)
+        );
+    }
+    assert!(spikes > 10, "{spikes} spikes");
 }

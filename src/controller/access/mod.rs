@@ -16,6 +16,7 @@ pub(crate) mod intake;
 pub(crate) mod metrics;
 pub(crate) mod pods;
 pub(crate) mod server;
+pub(crate) mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,19 +31,12 @@ pub(crate) use metrics::AccessMetrics;
 
 use super::journal::Journal;
 use super::metrics::Metrics;
-use crate::access::{
-    Anomaly, Directory, Output, PodIps, StageInfo, Thresholds, Tracker, UsageUpdate,
-};
-use crate::api::AIPipeline;
+use crate::access::{Anomaly, Directory, Output, PodIps, StageInfo, Thresholds, Tracker};
 use crate::audit::{Action, Entry};
-use crate::k8s::{
-    Api, Client, Event, EventType, ObjectReference, Patch, PatchParams, Recorder, Reporter,
-};
+use crate::k8s::{Client, Event, EventType, ObjectReference, Recorder, Reporter};
 use intake::{Intake, Work};
 use pods::PodAddresses;
-
-/// The field manager of the usage the runtime side writes to `status.stages[].usage`.
-pub(crate) const USAGE_FIELD_MANAGER: &str = "portcullis-access";
+use usage::UsageWriter;
 
 /// Settings of the runtime side of `portcullis run`.
 #[derive(Debug, Clone)]
@@ -151,7 +145,7 @@ pub(crate) async fn start(
         .watch_pods
         .then(|| PodAddresses::start(client, watch_namespace));
     let sink = Sink {
-        client: client.clone(),
+        usage: UsageWriter::start(client.clone()),
         journal,
         metrics,
         recorder: Recorder::new(client.clone(), reporter),
@@ -203,6 +197,11 @@ async fn process(
             }
             _ = tick.tick() => {
                 let now = chrono::Utc::now();
+                let changes = intake.directory.take_changes();
+                for stage in &changes.removed {
+                    tracker.forget(&stage.user);
+                }
+                sink.rewrite(&tracker, &intake.directory, changes.rewrite.iter());
                 if tracker.due(now) {
                     tracker.flush(now, &mut out);
                     out.extend(intake.take_not_examined().into_iter().map(|(stage, n)| {
@@ -211,7 +210,7 @@ async fn process(
                 }
             }
         }
-        sink.emit(out).await;
+        sink.emit(out, &tracker, &intake.directory).await;
     }
 }
 
@@ -255,18 +254,19 @@ pub(crate) fn not_examined(stage: &StageInfo, count: u64, window: Duration) -> E
 
 /// Where the tracker's outputs go.
 struct Sink {
-    client: Client,
+    usage: UsageWriter,
     journal: Journal,
     metrics: Arc<Metrics>,
     recorder: Recorder,
 }
 
 impl Sink {
-    async fn emit(&self, out: Vec<Output>) {
+    async fn emit(&self, out: Vec<Output>, tracker: &Tracker, directory: &Directory) {
         if out.is_empty() {
             return;
         }
         let mut entries = Vec::new();
+        let mut changed = std::collections::BTreeSet::new();
         for output in out {
             match output {
                 Output::Record(entry) => entries.push(entry),
@@ -275,12 +275,48 @@ impl Sink {
                     self.anomaly(anomaly);
                 }
                 Output::Usage(update) => {
-                    tokio::spawn(write_usage(self.client.clone(), update));
+                    changed.insert(update.stage.pipeline_uid.clone());
                 }
             }
         }
-        if let Err(error) = self.journal.record_keepalive(entries).await {
+        self.rewrite(tracker, directory, changed.iter());
+        if !entries.is_empty()
+            && let Err(error) = self.journal.record_keepalive(entries).await
+        {
             warn!(%error, "runtime access records could not be written");
+        }
+    }
+
+    /// Queues the usage of every stage of each pipeline in `uids` for writing: one pipeline's
+    /// stages are written together, so a stage the pipeline no longer has drops out.
+    fn rewrite<'a>(
+        &self,
+        tracker: &Tracker,
+        directory: &Directory,
+        uids: impl Iterator<Item = &'a String>,
+    ) {
+        for uid in uids {
+            let stages = directory.stages_of(uid);
+            let Some(first) = stages.first() else {
+                continue;
+            };
+            let usage = stages
+                .iter()
+                .filter_map(|s| {
+                    let (usage, since) = tracker.usage(s)?;
+                    Some(usage::StageUsage {
+                        stage: s.stage.clone(),
+                        usage,
+                        since,
+                    })
+                })
+                .collect();
+            self.usage.queue(usage::PipelineUsage {
+                namespace: first.namespace.clone(),
+                pipeline: first.pipeline.clone(),
+                uid: uid.clone(),
+                stages: usage,
+            });
         }
     }
 
@@ -327,27 +363,5 @@ fn pipeline_reference(stage: &StageInfo) -> ObjectReference {
         namespace: Some(stage.namespace.clone()),
         uid: Some(stage.pipeline_uid.clone()),
         ..ObjectReference::default()
-    }
-}
-
-/// Writes one stage's usage with server-side apply under [`USAGE_FIELD_MANAGER`]: the
-/// reconciler's status writes (another manager) leave it alone.
-async fn write_usage(client: Client, update: UsageUpdate) {
-    let stage = &update.stage;
-    let api: Api<AIPipeline> = Api::namespaced(client, &stage.namespace);
-    let patch = json!({
-        "apiVersion": "portcullis.dev/v1alpha1",
-        "kind": "AIPipeline",
-        "status": {"stages": [{"name": stage.stage, "usage": update.usage}]},
-    });
-    if let Err(error) = api
-        .patch_status(
-            &stage.pipeline,
-            &PatchParams::apply(USAGE_FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
-        warn!(%error, pipeline = %stage.pipeline, namespace = %stage.namespace, stage = %stage.stage, "writing the stage's usage failed; it is written again at its next change");
     }
 }

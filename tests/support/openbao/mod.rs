@@ -645,3 +645,155 @@ pub(crate) async fn operator_identity(
     std::fs::write(&path, jwt).expect("token written");
     (dir, path)
 }
+
+/// OpenBao with audit devices, for runtime access records.
+impl OpenBao {
+    /// `bao server -dev` (as [`OpenBao::start`]) with two audit devices declared in a `-config`
+    /// file next to `-dev` (OpenBao 2.x refuses to enable them through the API): a `socket`
+    /// device named `portcullis` that sends every entry, one JSON line each, over TCP to
+    /// `audit` (the operator's `--vault-audit-addr`), and a `file` device
+    /// ([`OpenBao::file_audit_log`]).
+    ///
+    /// What OpenBao does, measured: it refuses to start unless something accepts the socket
+    /// device's test entry (`sys/audit/test`), so while it starts a stand-in listens at `audit`
+    /// and keeps that line ([`OpenBao::audit_test_line`]); the stand-in is closed before this
+    /// returns, and the operator may listen there from then on. With no device able to write,
+    /// OpenBao answers every request with a 500; the `file` device keeps it serving while
+    /// nothing listens at `audit`. The socket device connects again at its next entry after
+    /// the connection is lost (the entry in flight is lost with it).
+    pub(crate) async fn start_with_audit_socket(audit: SocketAddr) -> OpenBao {
+        let begin = Instant::now();
+        let (bao, _) = bao_binary();
+        let tempdir = tempfile::Builder::new()
+            .prefix("portcullis-openbao-")
+            .tempdir()
+            .expect("a temp dir for OpenBao");
+        let dir = tempdir.path().to_path_buf();
+        spawn_reaper(&dir).expect("the OpenBao folder's reaper");
+        let config = dir.join("audit.hcl");
+        std::fs::write(&config, audit_config(&dir, audit)).expect("write audit.hcl");
+        let stand_in = StandIn::listen(audit);
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let port = free_port().expect("a free port");
+            let direct = SocketAddr::from(([127, 0, 0, 1], port));
+            let root_token = format!("root-{}", random_hex(12).expect("random"));
+            let args = vec![
+                "server".into(),
+                "-dev".into(),
+                format!("-dev-root-token-id={root_token}"),
+                format!("-dev-listen-address={direct}"),
+                "-dev-no-store-token".into(),
+                format!("-config={}", config.display()),
+            ];
+            let mut server = spawn_bao(&dir, bao, &args);
+            match wait_health(&mut server, direct).await {
+                Ok(_) => {
+                    let test_line = stand_in.close();
+                    std::fs::write(dir.join("audit-test-line.json"), &test_line)
+                        .expect("keep the test line");
+                    let proxy = FaultProxy::start(direct);
+                    let startup = begin.elapsed();
+                    eprintln!(
+                        "openbao: dev server with audit devices (socket {audit}) at {direct} (proxy {}) up in {:.1}s; log in {}",
+                        proxy.address(),
+                        startup.as_secs_f64(),
+                        server.log.display()
+                    );
+                    return OpenBao {
+                        server,
+                        direct,
+                        root_token,
+                        proxy,
+                        storage: Storage::Dev,
+                        dir,
+                        startup,
+                        _tempdir: tempdir,
+                    };
+                }
+                Err(log) => {
+                    let retry = log.contains("address already in use");
+                    failures.push(format!("port {port}:\n{log}"));
+                    server.stop();
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("openbao did not start:\n{}", failures.join("\n"));
+    }
+
+    /// The socket device's first entry, sent while the server started (to the stand-in of
+    /// [`OpenBao::start_with_audit_socket`]); empty for other servers.
+    pub(crate) fn audit_test_line(&self) -> String {
+        std::fs::read_to_string(self.dir.join("audit-test-line.json")).unwrap_or_default()
+    }
+
+    /// The `file` audit device's output (JSON lines) of [`OpenBao::start_with_audit_socket`].
+    pub(crate) fn file_audit_log(&self) -> PathBuf {
+        self.dir.join("file-audit.log")
+    }
+}
+
+/// The audit devices of [`OpenBao::start_with_audit_socket`].
+fn audit_config(dir: &Path, audit: SocketAddr) -> String {
+    format!(
+        r#"audit "file" "local" {{
+  options {{
+    file_path = "{file}"
+  }}
+}}
+audit "socket" "portcullis" {{
+  options {{
+    address     = "{audit}"
+    socket_type = "tcp"
+  }}
+}}
+"#,
+        file = dir.join("file-audit.log").display()
+    )
+}
+
+/// A listener that takes OpenBao's start-up test entry in the operator's place.
+struct StandIn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<String>,
+}
+
+impl StandIn {
+    fn listen(address: SocketAddr) -> StandIn {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(address)
+            .unwrap_or_else(|e| panic!("the audit stand-in cannot listen on {address}: {e}"));
+        listener.set_nonblocking(true).expect("non-blocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut received = Vec::new();
+            let mut connections = Vec::new();
+            while !stopped.load(Ordering::Acquire) {
+                if let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true).expect("non-blocking");
+                    connections.push(stream);
+                }
+                for c in &mut connections {
+                    let mut buf = [0u8; 65536];
+                    if let Ok(n) = c.read(&mut buf) {
+                        received.extend_from_slice(&buf[..n]);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            String::from_utf8_lossy(&received).into_owned()
+        });
+        StandIn { stop, thread }
+    }
+
+    /// Closes the listener and its connections: what was received.
+    fn close(self) -> String {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().expect("the audit stand-in")
+    }
+}
