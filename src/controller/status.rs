@@ -161,7 +161,7 @@ fn condition(
 
 /// The part of a status the reconcile writes: without what other writers keep beside it under
 /// their own field managers (the watchdog's `ExclusiveAccess`, the runtime side's
-/// `stages[].usage`). A status read back from the API server is compared with a new one through
+/// `stages[].usage` and `usageSince`). A status read back from the API server is compared with a new one through
 /// this, so that their parts never make the reconcile write again (after a restart, say).
 pub fn reconciled_part(status: &AIPipelineStatus) -> AIPipelineStatus {
     let mut status = status.clone();
@@ -170,6 +170,7 @@ pub fn reconciled_part(status: &AIPipelineStatus) -> AIPipelineStatus {
         .retain(|c| c.type_ != types::EXCLUSIVE_ACCESS);
     for stage in &mut status.stages {
         stage.usage.clear();
+        stage.usage_since = None;
     }
     status
 }
@@ -608,6 +609,7 @@ mod tests {
             count: 4,
             last_used: None,
         });
+        read_back.stages[0].usage_since = Some("2026-11-27T10:00:00Z".into());
         assert_ne!(read_back, ours);
         assert_eq!(reconciled_part(&read_back), ours);
         // A change of our own is still a change.
