@@ -19,6 +19,7 @@ mod admission;
 mod apply;
 mod error;
 mod events;
+mod guardrails;
 mod http;
 mod index;
 mod journal;
