@@ -260,9 +260,8 @@ impl Default for Metrics {
         } = Later::register(&mut registry);
         let admission = AdmissionMetrics::register(&mut registry);
         let access = super::access::AccessMetrics::register(&mut registry);
-        let guardrails = super::guardrails::GuardrailMetrics::register(&mut registry);
         Metrics {
-            guardrails,
+            guardrails: super::guardrails::GuardrailMetrics::register(&mut registry),
             access,
             registry,
             admission,

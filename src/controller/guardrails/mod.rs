@@ -116,6 +116,9 @@ struct State {
     isolated: Option<BTreeMap<String, (String, Option<Instant>)>>,
     /// The namespaces that should have it, with the guardrails asking.
     isolate: BTreeMap<String, Vec<String>>,
+    /// Namespaces where an object of the name is someone else's, and when that was found: not
+    /// looked at again for a minute (a lasting refusal must not slow the other namespaces).
+    refused: HashMap<String, Instant>,
 }
 
 /// Keeps the guardrails' statuses and the namespace isolation until the process ends.
@@ -442,7 +445,11 @@ async fn keep_isolation(ctx: &Context, settings: &Settings, state: &mut State) -
         }
     };
     let mut ok = true;
+    state.refused.retain(|_, at| at.elapsed() < MAX_PAUSE);
     for (namespace, guardrails) in &state.isolate {
+        if state.refused.contains_key(namespace) {
+            continue;
+        }
         let current = ctx
             .children
             .get(ManagedKind::NetworkPolicy, namespace, isolation::NAME)
@@ -461,7 +468,7 @@ async fn keep_isolation(ctx: &Context, settings: &Settings, state: &mut State) -
             }
             Ok(isolation::Applied::Refused) => {
                 isolated.remove(namespace);
-                ok = false;
+                state.refused.insert(namespace.clone(), Instant::now());
             }
             Err(error) => {
                 ok = false;

@@ -108,11 +108,7 @@ fn a_refused_role_is_the_refusing_guardrails_denial() {
 #[test]
 fn counts_are_per_guardrail() {
     let g = configmaps_only();
-    let other = guardrail(
-        "elsewhere",
-        json!({"namespaceSelector": {"matchLabels": {"team": "x"}}}),
-    );
-    let a = facts(&pipeline("a", &["configmaps"]), &[g.clone()]);
+    let a = facts(&pipeline("a", &["configmaps"]), std::slice::from_ref(&g));
     let b = facts(&pipeline("b", &["services"]), &[g]);
     let t = tally(&selected(&[("ml-training", 1), ("elsewhere", 0)]), [&a, &b]);
     let ml = &t["ml-training"];
