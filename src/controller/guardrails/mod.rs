@@ -172,10 +172,19 @@ async fn round(
             owns: settings.owns.clone(),
             planned: std::mem::take(&mut state.planned),
         };
+        let started = Instant::now();
         let Ok(output) = tokio::task::spawn_blocking(move || compute(input)).await else {
             warn!("working out the guardrails' statuses failed; retrying");
             return false;
         };
+        if output.replanned > 0 {
+            info!(
+                pipelines = output.planned.len(),
+                replanned = output.replanned,
+                elapsed_ms = started.elapsed().as_millis(),
+                "guardrail statuses worked out"
+            );
+        }
         state.planned = output.planned;
         state.isolate = output.isolate;
         if settings.statuses {
@@ -233,6 +242,8 @@ struct Input {
 
 struct Output {
     planned: HashMap<String, (u64, Arc<PipelineFacts>)>,
+    /// How many pipelines were planned again (the others' results were kept).
+    replanned: usize,
     tallies: BTreeMap<String, summary::Tally>,
     isolate: BTreeMap<String, Vec<String>>,
 }
@@ -283,6 +294,7 @@ fn compute(input: Input) -> Output {
     let mut planned = HashMap::with_capacity(input.pipelines.len());
     let mut old = input.planned;
     let mut isolate = BTreeMap::new();
+    let mut replanned = 0;
     for (namespace, members) in &by_namespace {
         let labels = crate::k8s::namespace_labels(&input.namespaces, namespace);
         let applicable: Vec<&AccessGuardrail> = selectors
@@ -323,6 +335,7 @@ fn compute(input: Input) -> Output {
             let facts = match old.remove(&uid) {
                 Some((k, facts)) if k == key => facts,
                 _ => {
+                    replanned += 1;
                     let guardrails = owned
                         .get_or_insert_with(|| applicable.iter().map(|g| (*g).clone()).collect());
                     Arc::new(facts_of(p, namespace, &labels, guardrails))
@@ -334,6 +347,7 @@ fn compute(input: Input) -> Output {
     let tallies = summary::tally(&selected, planned.values().map(|(_, f)| &**f));
     Output {
         planned,
+        replanned,
         tallies,
         isolate,
     }
