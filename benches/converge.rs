@@ -343,12 +343,14 @@ async fn main() {
     .await;
     // Watched, not polled: listing every pipeline every 100 ms would load the API server that
     // the operator is racing against, which the floor does not have to bear.
+    // Converged: Ready, or everything but the credentials in place (Ready means delivered, and
+    // the benchmark runs without Vault: `VaultNotConfigured`).
     let ready = |p: &AIPipeline| {
         p.status.as_ref().is_some_and(|s| {
             s.observed_generation == p.metadata.generation
-                && s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
+                && s.conditions.iter().any(|c| {
+                    c.type_ == "Ready" && (c.status == "True" || c.reason == "VaultNotConfigured")
+                })
         })
     };
     let mut done = std::collections::HashSet::new();
