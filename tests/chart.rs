@@ -661,9 +661,15 @@ fn rules_of(needs: Needs) -> Rules {
         .collect()
 }
 
-/// The cluster-wide reads every install has: guardrails and namespaces.
+/// The cluster-wide rules every install has: guardrails and namespaces read, and the
+/// guardrails' status written.
 fn cluster_read_set() -> Rules {
     let mut set = rule_set("portcullis.dev", &["accessguardrails"], READ);
+    set.extend(rule_set(
+        "portcullis.dev",
+        &["accessguardrails/status"],
+        &["patch"],
+    ));
     set.extend(rule_set("", &["namespaces"], READ));
     set
 }
@@ -1727,6 +1733,7 @@ fn never<'a>(ns: &'a str, other: &'a str) -> Vec<Access<'a>> {
         access("create", "portcullis.dev", "accessguardrails"),
         access("patch", "portcullis.dev", "accessguardrails"),
         access("delete", "portcullis.dev", "accessguardrails"),
+        access("update", "portcullis.dev", "accessguardrails/status"),
         access(
             "create",
             "apiextensions.k8s.io",
@@ -2148,6 +2155,7 @@ fn cluster_and_lease_needs<'a>(release_ns: &'a str, watched: Option<&'a str>) ->
             None => namespaces,
         });
     }
+    needs.push(access("patch", "portcullis.dev", "accessguardrails/status"));
     needs.push(access("create", "coordination.k8s.io", "leases").r#in(release_ns));
     for verb in ["get", "patch"] {
         needs.push(

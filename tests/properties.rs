@@ -678,6 +678,7 @@ fn guardrail_from(
             credential_endpoints: Vec::new(),
             pod_creating_resources: Vec::new(),
             enforcement: Default::default(),
+            isolate_unselected_pods: false,
         },
     )
 }

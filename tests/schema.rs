@@ -313,6 +313,7 @@ fn base_guardrail() -> AccessGuardrail {
             namespace_selector: Default::default(),
             dns_egress: true,
             enforcement: Default::default(),
+            isolate_unselected_pods: false,
             roles: RoleCeilings {
                 training: Some(Ceiling {
                     kubernetes: vec![KubernetesCeiling {

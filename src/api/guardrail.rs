@@ -4,7 +4,7 @@
     reason = "re-exported by api; the lint misreads the items kube's KubeSchema derive expands"
 )]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +22,12 @@ use super::{StageRole, VaultCapability, patterns};
     shortname = "agr",
     category = "portcullis",
     derive = "PartialEq",
+    status = "AccessGuardrailStatus",
     doc = "A ceiling on what the AI pipeline stages in the selected namespaces may be granted, per stage role.",
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status","description":"Whether the guardrail is valid (an invalid one allows nothing where it applies)"}"#,
+    printcolumn = r#"{"name":"Namespaces","type":"integer","jsonPath":".status.namespaces","description":"How many namespaces the selector selects now"}"#,
+    printcolumn = r#"{"name":"Pipelines","type":"integer","jsonPath":".status.pipelines","description":"How many pipelines it bounds now"}"#,
+    printcolumn = r#"{"name":"Denied","type":"integer","jsonPath":".status.denied","description":"How many requested items it denies now"}"#,
     printcolumn = r#"{"name":"DNS","type":"boolean","jsonPath":".spec.dnsEgress","description":"Whether stages may resolve names through kube-dns"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -75,6 +80,74 @@ pub struct AccessGuardrailSpec {
     /// the denials. Either way nothing denied is ever granted.
     #[serde(default)]
     pub enforcement: Enforcement,
+
+    /// Isolate the pods no stage selects: in every selected namespace that has AIPipelines, the
+    /// operator keeps a NetworkPolicy `portcullis-default-deny` that selects every pod and
+    /// allows no traffic in or out. NetworkPolicies add up, so stage pods keep the flows their
+    /// stage was granted; every other pod (a forgotten label, a sidecar deployment) is cut off,
+    /// DNS included. Off by default. Turning it off, or the namespace's last pipeline going,
+    /// removes the NetworkPolicy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolate_unselected_pods: bool,
+}
+
+/// What the operator found of a guardrail. Written by the operator only (the one that watches
+/// every namespace, with one shard), and only when something changed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessGuardrailStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Valid` (False, reason `InvalidSpec`, when the guardrail is refused: it then allows
+    /// nothing where it applies; the message names the field and the fix) and
+    /// `SelectsNoNamespace` (True, reason `NoNamespaceMatches`, when the namespace selector
+    /// selects no namespace at all: usually a typo in a label).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// How many namespaces the selector selects now.
+    #[serde(default)]
+    pub namespaces: u32,
+
+    /// How many AIPipelines have a stage this guardrail bounds now (a ceiling for the stage's
+    /// role, or a refusal of it).
+    #[serde(default)]
+    pub pipelines: u32,
+
+    /// How many stages this guardrail bounds now.
+    #[serde(default)]
+    pub stages: u32,
+
+    /// How many requested items this guardrail denies now, over every pipeline.
+    #[serde(default)]
+    pub denied: u32,
+
+    /// The newest denials this guardrail causes now (at most 10, newest first): a denial leaves
+    /// the list when the pipeline stops asking for the item or the guardrail allows it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub last_denials: Vec<GuardrailDenial>,
+}
+
+/// One item a guardrail denies.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GuardrailDenial {
+    /// The pipeline's namespace.
+    pub namespace: String,
+    /// The pipeline.
+    pub pipeline: String,
+    /// The stage that asked.
+    pub stage: String,
+    /// The item, as `portcullis plan` prints it (`get secrets/db`, `egress 0.0.0.0/0 TCP/443`).
+    pub item: String,
+    /// The decision's reason code (`OutsideGuardrail`, `RoleNotAllowed`, `InvalidGuardrail`).
+    pub reason: String,
+    /// When the operator first saw the denial.
+    pub first_seen: Time,
 }
 
 /// What happens to a pipeline that asks for more than a guardrail allows.

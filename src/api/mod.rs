@@ -9,8 +9,9 @@ mod pipeline;
 pub mod validate;
 
 pub use guardrail::{
-    AccessGuardrail, AccessGuardrailSpec, Ceiling, Enforcement, KubernetesCeiling, NetworkCeiling,
-    RoleCeilings, VaultCeiling, VaultPathCeiling,
+    AccessGuardrail, AccessGuardrailSpec, AccessGuardrailStatus, Ceiling, Enforcement,
+    GuardrailDenial, KubernetesCeiling, NetworkCeiling, RoleCeilings, VaultCeiling,
+    VaultPathCeiling,
 };
 pub use pipeline::{
     AIPipeline, AIPipelineSpec, AIPipelineStatus, CredentialStatus, DeniedItem, EgressRule,

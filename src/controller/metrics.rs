@@ -111,6 +111,8 @@ pub struct Metrics {
     /// series go with it.
     series: Mutex<HashMap<String, PipelineSeries>>,
     pub admission: AdmissionMetrics,
+    /// AccessGuardrail statuses and namespace isolation (`controller::guardrails`).
+    pub(crate) guardrails: super::guardrails::GuardrailMetrics,
 }
 
 /// Enforcement at admission.
@@ -259,6 +261,7 @@ impl Default for Metrics {
         let admission = AdmissionMetrics::register(&mut registry);
         let access = super::access::AccessMetrics::register(&mut registry);
         Metrics {
+            guardrails: super::guardrails::GuardrailMetrics::register(&mut registry),
             access,
             registry,
             admission,

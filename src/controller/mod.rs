@@ -20,6 +20,7 @@ mod apply;
 mod claims;
 mod error;
 mod events;
+mod guardrails;
 mod http;
 mod index;
 mod journal;

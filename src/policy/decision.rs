@@ -307,8 +307,9 @@ pub struct Decision {
     /// What happened and, for a denial, what to do about it.
     pub message: String,
     /// The AccessGuardrail that decided: for an item within the guardrails, the first (by
-    /// name) of those that bound the stage; for one outside them, the first that refused it.
-    /// None when the built-in floor or defaults decided.
+    /// name) of those that bound the stage; for one outside them, the first that refused it;
+    /// for `InvalidGuardrail` and `RoleNotAllowed`, the invalid guardrail or the one whose
+    /// `allowedRoles` leaves the role out. None when the built-in floor or defaults decided.
     pub guardrail: Option<String>,
 }
 

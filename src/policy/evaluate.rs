@@ -164,6 +164,9 @@ impl Evaluator<'_, '_> {
         let guardrail = match reason {
             Reason::WithinGuardrail => self.scope.ceilings.first().map(|b| b.name.to_string()),
             Reason::OutsideGuardrail if !self.scope.defaults => refused_by.map(str::to_string),
+            Reason::InvalidGuardrail | Reason::RoleNotAllowed => {
+                self.scope.refused_by.map(str::to_string)
+            }
             _ => None,
         };
         self.decisions.push(Decision {

@@ -32,6 +32,9 @@ pub(crate) struct Scope<'a> {
     /// ceilings say: the stage's role is not allowed in the namespace, or a guardrail that
     /// selects the namespace is invalid (which fails closed, not open).
     pub(super) refusal: Option<(Reason, String)>,
+    /// The guardrail behind `refusal` (the invalid one, or the one whose `allowedRoles` leaves
+    /// the role out): the deciding guardrail of every decision it turns into a denial.
+    pub(super) refused_by: Option<&'a str>,
     /// Credential endpoints the applicable guardrails add to the built-in list.
     pub credential_endpoints: Vec<IpNet>,
     /// Pod-creating custom resources the applicable guardrails name (`<plural>.<group>`).
@@ -105,7 +108,10 @@ impl<'a> Scope<'a> {
     /// The scope of a stage of `role`, from the guardrails that select its namespace, as
     /// [`applicable_guardrails`] returns them.
     pub(crate) fn from_applicable(role: StageRole, selecting: &[&'a AccessGuardrail]) -> Scope<'a> {
-        let refusal = refusal(role, selecting);
+        let (refusal, refused_by) = match refusal(role, selecting) {
+            Some((reason, message, by)) => (Some((reason, message)), Some(by)),
+            None => (None, None),
+        };
         let mut credential_endpoints: Vec<IpNet> = selecting
             .iter()
             .flat_map(|g| &g.spec.credential_endpoints)
@@ -135,6 +141,7 @@ impl<'a> Scope<'a> {
                     role.as_str()
                 ),
                 refusal,
+                refused_by,
                 credential_endpoints,
                 pod_creating,
                 workload_creation: false,
@@ -157,6 +164,7 @@ impl<'a> Scope<'a> {
             ceilings,
             defaults: false,
             refusal,
+            refused_by,
             credential_endpoints,
             pod_creating,
         }
@@ -209,7 +217,10 @@ impl<'a> Scope<'a> {
 /// Why every item of a stage of `role` is denied, if it is: an invalid guardrail among those
 /// that select the namespace (fail closed), or a role no selecting guardrail with
 /// `allowedRoles` lists.
-fn refusal(role: StageRole, selecting: &[&AccessGuardrail]) -> Option<(Reason, String)> {
+fn refusal<'a>(
+    role: StageRole,
+    selecting: &[&'a AccessGuardrail],
+) -> Option<(Reason, String, &'a str)> {
     for g in selecting {
         let problems = validate_guardrail(g);
         if let Some(first) = problems.first() {
@@ -219,6 +230,7 @@ fn refusal(role: StageRole, selecting: &[&AccessGuardrail]) -> Option<(Reason, S
                     "AccessGuardrail {} selects this namespace but is invalid ({first}); until it is fixed it allows nothing here",
                     guardrail_name(g)
                 ),
+                guardrail_name(g),
             ));
         }
     }
@@ -239,6 +251,7 @@ fn refusal(role: StageRole, selecting: &[&AccessGuardrail]) -> Option<(Reason, S
             allowed.join(", "),
             role.as_str()
         ),
+        guardrail_name(refusing),
     ))
 }
 

@@ -73,7 +73,7 @@ impl Caches {
             ),
         )
         .default_backoff()
-        .touched_objects()
+        .filter_map(spec_changes())
         .boxed();
         let (namespaces, namespace_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
         let namespace_events = reflector::reflector(
@@ -239,6 +239,32 @@ impl WatchScope {
     }
 }
 
+/// A filter of guardrail watch events that lets through what can change a plan: a new guardrail,
+/// a new generation (its spec), a deletion. The operator's own writes of a guardrail's status
+/// (and anyone's label or annotation edits) leave the generation alone, so they reconcile
+/// nothing: without this, each status write re-reconciled every pipeline the guardrail bounds.
+fn spec_changes()
+-> impl FnMut(Event<AccessGuardrail>) -> Ready<Option<Result<AccessGuardrail, watcher::Error>>>
++ Send
++ 'static {
+    let mut seen: std::collections::HashMap<String, (Option<String>, Option<i64>)> =
+        std::collections::HashMap::new();
+    move |event| {
+        futures::future::ready(match event {
+            Ok(watcher::Event::Apply(g) | watcher::Event::InitApply(g)) => {
+                let version = (g.metadata.uid.clone(), g.metadata.generation);
+                (seen.insert(g.name_any(), version.clone()) != Some(version)).then_some(Ok(g))
+            }
+            Ok(watcher::Event::Delete(g)) => {
+                seen.remove(&g.name_any());
+                Some(Ok(g))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
+}
+
 /// The stream of one managed kind's changes that should trigger a reconcile, which also feeds
 /// `index` (the kind's part of the [`ManagedIndex`]). The echo of the operator's own writes (an
 /// update whose resourceVersion is the one the write returned) triggers none: there is nothing
@@ -301,6 +327,51 @@ mod tests {
             },
             _phantom: Default::default(),
         }
+    }
+
+    /// A guardrail's status writes reconcile nothing; a new spec, a new guardrail of the same
+    /// name and a deletion do.
+    #[tokio::test]
+    async fn only_a_guardrails_spec_changes_reach_the_controller() {
+        use crate::api::{AccessGuardrail, AccessGuardrailStatus};
+        let guardrail = |uid: &str, generation: i64, pipelines: u32| {
+            let mut g: AccessGuardrail =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": "g"}, "spec": {}}))
+                    .expect("guardrail");
+            g.metadata.uid = Some(uid.into());
+            g.metadata.generation = Some(generation);
+            g.status = Some(AccessGuardrailStatus {
+                pipelines,
+                ..AccessGuardrailStatus::default()
+            });
+            g
+        };
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(guardrail("a", 1, 0))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(guardrail("a", 1, 5))),
+            Ok(watcher::Event::Apply(guardrail("a", 2, 5))),
+            Ok(watcher::Event::Apply(guardrail("a", 2, 6))),
+            Ok(watcher::Event::Delete(guardrail("a", 2, 6))),
+            Ok(watcher::Event::Apply(guardrail("b", 1, 0))),
+        ];
+        let passed: Vec<(String, i64)> = futures::stream::iter(events)
+            .filter_map(spec_changes())
+            .map(|g| {
+                let g = g.expect("no error");
+                (
+                    g.metadata.uid.unwrap_or_default(),
+                    g.metadata.generation.unwrap_or_default(),
+                )
+            })
+            .collect()
+            .await;
+        let expected: Vec<(String, i64)> = [("a", 1), ("a", 2), ("a", 2), ("b", 1)]
+            .iter()
+            .map(|(u, g)| (u.to_string(), *g))
+            .collect();
+        assert_eq!(passed, expected);
     }
 
     /// The events of namespaces another shard owns never reach the reflector.

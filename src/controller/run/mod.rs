@@ -84,6 +84,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         pipelines.clone(),
     ));
     start_admission(&config, &scope, &ctx, &pipelines).await?;
+    start_guardrails(&config, &scope, &ctx, &pipelines);
 
     let mut leadership = leadership;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
@@ -197,6 +198,28 @@ async fn start_admission(
         ));
     }
     Ok(())
+}
+
+/// The AccessGuardrails' statuses (only when this operator sees every pipeline) and the
+/// namespace isolation they ask for.
+fn start_guardrails(
+    config: &RunConfig,
+    scope: &WatchScope,
+    ctx: &Arc<Context>,
+    pipelines: &Store<AIPipeline>,
+) {
+    let owner = scope.clone();
+    let settings = super::guardrails::Settings {
+        statuses: scope.namespace.is_none() && !scope.shard.is_sharded(),
+        operator_namespace: config.lease_namespace.clone(),
+        watch_namespace: scope.namespace.clone(),
+        owns: Arc::new(move |ns: &str| owner.owns(ns)),
+    };
+    tokio::spawn(super::guardrails::keep(
+        ctx.clone(),
+        pipelines.clone(),
+        settings,
+    ));
 }
 
 /// Serves /healthz, /readyz and /metrics, from the start (a standby answers too).
