@@ -15,7 +15,7 @@
 //! `PORTCULLIS_BENCH_STEADY` (seconds of steady state, default 60) and
 //! `PORTCULLIS_BENCH_CONCURRENCY` (the operator's `--concurrency`, default 8 as the operator's own)
 //! and `PORTCULLIS_BENCH_ALL_NAMESPACES` (`1`: the operator watches every namespace, so it also
-//! keeps the AccessGuardrails' statuses).
+//! keeps the AccessGuardrails' statuses, and reconciles the floor's pipelines as well).
 //!
 //! Writes are counted cluster-wide, so both windows include what kube-controller-manager does
 //! in reaction (on 1.20 a token Secret per new ServiceAccount; not since 1.24); both windows create the same
@@ -386,14 +386,12 @@ async fn main() {
     .await;
     // Watched, not polled: listing every pipeline every 100 ms would load the API server that
     // the operator is racing against, which the floor does not have to bear.
-    // Converged: Ready, or everything but the credentials in place (Ready means delivered, and
-    // the benchmark runs without Vault: `VaultNotConfigured`).
     let ready = |p: &AIPipeline| {
         p.status.as_ref().is_some_and(|s| {
             s.observed_generation == p.metadata.generation
-                && s.conditions.iter().any(|c| {
-                    c.type_ == "Ready" && (c.status == "True" || c.reason == "VaultNotConfigured")
-                })
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
         })
     };
     let mut done = std::collections::HashSet::new();
