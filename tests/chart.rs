@@ -628,6 +628,7 @@ const NAMESPACED: Needs = &[
         &["escalate", "bind"],
     ),
     ("networking.k8s.io", &["networkpolicies"], WRITE),
+    ("", &["pods"], &["list", "watch"]),
     ("events.k8s.io", &["events"], &["create", "patch"]),
 ];
 

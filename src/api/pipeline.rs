@@ -441,6 +441,28 @@ pub struct AIPipelineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub stages: Vec<StageStatus>,
+
+    /// Pods of this pipeline that no stage covers: pods in the pipeline's namespace labelled
+    /// `portcullis.dev/pipeline: <this pipeline>` whose labels match no stage's NetworkPolicy
+    /// podSelector (the stage's `podSelector` plus `portcullis.dev/pipeline` and
+    /// `portcullis.dev/stage`). Such a pod runs outside every stage's network policy: usually a
+    /// forgotten `portcullis.dev/stage` or podSelector label. Absent when there is none.
+    /// Written by the operator's coverage check (field manager `portcullis-coverage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncovered_pods: Option<UncoveredPods>,
+}
+
+/// The pods of a pipeline that match no stage's pod selector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UncoveredPods {
+    /// How many there are.
+    pub count: u32,
+    /// The names of the first ten, in alphabetical order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub names: Vec<String>,
 }
 
 /// What one stage was given.

@@ -17,6 +17,7 @@
 pub(crate) mod access;
 mod admission;
 mod apply;
+mod coverage;
 mod error;
 mod events;
 mod http;

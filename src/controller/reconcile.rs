@@ -141,7 +141,13 @@ impl Target {
             }
             (Some(w), None) => Some(w),
             (_, cached) => cached.cloned(),
-        };
+        }
+        // Another field manager's (the coverage check): the reconcile neither writes nor
+        // compares it, so it never makes the reconcile write the status again.
+        .map(|status| AIPipelineStatus {
+            uncovered_pods: None,
+            ..status
+        });
         Ok(Target {
             namespace: pipeline.namespace().ok_or(Error::NotNamespaced)?,
             name: pipeline.name_any(),

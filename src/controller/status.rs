@@ -208,6 +208,8 @@ pub fn for_plan(
         denied,
         stages,
         recorded_decisions: None,
+        // Written by the coverage check under its own field manager, never by the reconcile.
+        uncovered_pods: None,
     }
 }
 
@@ -521,6 +523,7 @@ pub fn invalid(
         denied: old.map(|s| s.denied).unwrap_or_default(),
         stages: old.map(|s| s.stages.clone()).unwrap_or_default(),
         recorded_decisions: old.and_then(|s| s.recorded_decisions.clone()),
+        uncovered_pods: None,
     }
 }
 
