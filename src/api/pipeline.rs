@@ -29,6 +29,7 @@ use super::patterns;
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether every stage's objects are in place"}"#,
     printcolumn = r#"{"name":"Stages","type":"string","jsonPath":".spec.stages[*].name","description":"The pipeline's stages"}"#,
     printcolumn = r#"{"name":"Denied","type":"integer","jsonPath":".status.denied","description":"How many requested items the guardrails denied"}"#,
+    printcolumn = r#"{"name":"Uncovered","type":"integer","jsonPath":".status.uncoveredPods.count","description":"Pods of the pipeline that no stage's pod selector matches"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
