@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{
-    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -2209,6 +2209,84 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
         }
     })
     .await;
+}
+
+/// `admission.webhook.enabled`: the ServiceAccount may write the configuration `portcullis` and
+/// the webhook's Secret, and nothing of their kinds beyond; the operator, run as deployed (the
+/// chart's arguments, its RBAC), creates both while it makes the example Ready.
+#[tokio::test]
+async fn chart_with_the_webhook_grants_its_secret_and_configuration_and_is_enough() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-webhook", &[]).await;
+    let pipeline_ns = support::temp_namespace(&client, "chart-webhook-ml", &[]).await;
+    let (release, sa) = ("pw", "pw-portcullis");
+    // A port free on this machine: the operator listens on it as in its Pod.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let manifest = install(
+        release,
+        &ns,
+        json!({"admission": {"webhook": {"enabled": true, "port": port}}}),
+    )
+    .await;
+    let registration = "admissionregistration.k8s.io";
+    let secret = "pw-portcullis-webhook-tls";
+    let allowed = vec![
+        access("create", registration, "validatingwebhookconfigurations"),
+        access("get", registration, "validatingwebhookconfigurations").named("portcullis"),
+        access("patch", registration, "validatingwebhookconfigurations").named("portcullis"),
+        access("create", "", "secrets").r#in(&ns),
+        access("get", "", "secrets").r#in(&ns).named(secret),
+        access("patch", "", "secrets").r#in(&ns).named(secret),
+    ];
+    expect_access(&client, &ns, sa, &allowed, true).await;
+    let denied = vec![
+        access("patch", registration, "validatingwebhookconfigurations").named("kyverno"),
+        access("delete", registration, "validatingwebhookconfigurations").named("portcullis"),
+        access("list", registration, "validatingwebhookconfigurations"),
+        access("patch", registration, "mutatingwebhookconfigurations").named("portcullis"),
+        access("get", "", "secrets")
+            .r#in(&ns)
+            .named("pw-portcullis-audit-key"),
+        access("list", "", "secrets").r#in(&ns),
+        access("create", "", "secrets").r#in(&pipeline_ns),
+    ];
+    expect_access(&client, &ns, sa, &denied, false).await;
+
+    {
+        let _one_operator = operator_lock().lock().await;
+        let mut op =
+            operator_makes_the_example_ready(&client, &manifest, &ns, sa, &pipeline_ns).await;
+        let configurations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let configuration = wait_logged(&op, "the webhook's registration", WAIT, || {
+            let configurations = configurations.clone();
+            async move { configurations.get_opt("portcullis").await.ok()? }
+        })
+        .await;
+        let service = &configuration.webhooks.expect("webhooks")[0]
+            .client_config
+            .service
+            .clone()
+            .expect("registered through the chart's Service");
+        assert_eq!(
+            (service.name.as_str(), service.namespace.as_str()),
+            ("pw-portcullis-webhook", ns.as_str())
+        );
+        let tls = secrets.get(secret).await.expect("the webhook's Secret");
+        assert!(tls.data.is_some_and(|d| d.contains_key("tls.crt")));
+        assert_no_forbidden(&op);
+        op.stop();
+        // The configuration outlives the operator (by design): removed, as after an uninstall.
+        configurations
+            .delete("portcullis", &Default::default())
+            .await
+            .expect("the configuration deleted");
+    }
+    helm("uninstall", release, &ns, None).await;
 }
 
 /// A sharded release installs (two Deployments the API server accepts), and its ServiceAccount
