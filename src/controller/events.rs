@@ -1,5 +1,7 @@
 //! Events on the AIPipeline.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::k8s::{Event, EventType, ObjectReference, Recorder};
 
 /// Why an Event is published (its `reason`): warnings, but for credentials issued and rotated.
@@ -76,6 +78,17 @@ pub(crate) async fn normal(
     publish(recorder, reference, reason, note, EventType::Normal).await;
 }
 
+/// Events published at once at most; the others wait their turn in the background.
+const PUBLISHING_AT_ONCE: usize = 8;
+/// Events waiting to be published at most; beyond it (a storm at a cold start with many
+/// denials, an API server refusing them) new ones are dropped, and the log says so. Events are
+/// advisory: the decision log and the status hold the same.
+const MAX_PENDING: usize = 1_000;
+
+static PUBLISHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PUBLISHING_AT_ONCE);
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Hands the Event to the background: a reconcile never waits for an Event's round trip.
 async fn publish(
     recorder: &Recorder,
     reference: &ObjectReference,
@@ -95,7 +108,21 @@ async fn publish(
         action: reason.action().into(),
         secondary: None,
     };
-    if let Err(error) = recorder.publish(&event, reference).await {
-        tracing::warn!(%error, reason = reason.as_str(), "publishing an event failed");
+    if PENDING.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+        PENDING.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!(
+            reason = reason.as_str(),
+            "an event was dropped: {MAX_PENDING} are already waiting to be published"
+        );
+        return;
     }
+    let (recorder, reference) = (recorder.clone(), reference.clone());
+    tokio::spawn(async move {
+        let permit = PUBLISHING.acquire().await;
+        if let Err(error) = recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, reason = reason.as_str(), "publishing an event failed");
+        }
+        drop(permit);
+        PENDING.fetch_sub(1, Ordering::Relaxed);
+    });
 }

@@ -17,6 +17,7 @@
 pub(crate) mod access;
 mod admission;
 mod apply;
+mod claims;
 mod coverage;
 mod error;
 mod events;
@@ -119,6 +120,8 @@ pub struct Context {
     pub client: Client,
     /// The AIPipelines the operator watches: who claimed a credential path or Secret first.
     pub pipelines: Store<AIPipeline>,
+    /// Which watched pipelines name each credential path and Secret (kept by the pipeline watch).
+    claims: Arc<claims::ClaimIndex>,
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Every managed object of the watched namespaces, compactly.

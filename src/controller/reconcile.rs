@@ -141,13 +141,7 @@ impl Target {
             }
             (Some(w), None) => Some(w),
             (_, cached) => cached.cloned(),
-        }
-        // Another field manager's (the coverage check): the reconcile neither writes nor
-        // compares it, so it never makes the reconcile write the status again.
-        .map(|status| AIPipelineStatus {
-            uncovered_pods: None,
-            ..status
-        });
+        };
         Ok(Target {
             namespace: pipeline.namespace().ok_or(Error::NotNamespaced)?,
             name: pipeline.name_any(),
@@ -211,42 +205,31 @@ fn plan(
 }
 
 /// Who claimed this pipeline's credential paths and Secret names first, among the pipelines
-/// the operator watches: only pipelines that share one of them are considered, so the scan
-/// allocates nothing for the others.
+/// the operator watches: the claim index names those that share one of them, so the others are
+/// never looked at.
 fn credential_claims(
     ctx: &Context,
     pipeline: &AIPipeline,
     namespace: &str,
 ) -> crate::policy::CredentialClaims {
-    let credentials = |p: &AIPipeline| {
-        p.spec
-            .stages
-            .iter()
-            .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
-            .map(|c| (c.path.clone(), c.secret_name.clone()))
-            .collect::<Vec<_>>()
-    };
-    let ours = credentials(pipeline);
-    if ours.is_empty() {
+    let has_credentials = pipeline
+        .spec
+        .stages
+        .iter()
+        .any(|s| s.vault.iter().any(|v| !v.credentials.is_empty()));
+    if !has_credentials {
         return crate::policy::CredentialClaims::default();
     }
-    let all = ctx.pipelines.state();
-    let sharing: Vec<&AIPipeline> = all
+    let this = crate::k8s::ObjectRef::from_obj(pipeline);
+    let others: Vec<Arc<AIPipeline>> = ctx
+        .claims
+        .sharing(pipeline)
         .iter()
-        .map(|p| &**p)
-        .filter(|p| {
-            let same_namespace = p.metadata.namespace.as_deref() == Some(namespace);
-            p.spec
-                .stages
-                .iter()
-                .flat_map(|s| s.vault.iter().flat_map(|v| &v.credentials))
-                .any(|c| {
-                    ours.iter().any(|(path, secret)| {
-                        *path == c.path || (same_namespace && *secret == c.secret_name)
-                    })
-                })
-        })
+        .filter(|r| **r != this)
+        .filter_map(|r| ctx.pipelines.get(r))
         .collect();
+    // The pipeline as this reconcile has it, whether or not the index has seen it yet.
+    let sharing = others.iter().map(|p| &**p).chain(std::iter::once(pipeline));
     crate::policy::CredentialClaims::from_pipelines(sharing, namespace)
 }
 
@@ -471,7 +454,7 @@ async fn write_status(
     new: AIPipelineStatus,
 ) -> Result<()> {
     ctx.metrics.observe_pipeline(uid, namespace, name, &new);
-    if old == Some(&new) {
+    if old.map(status::reconciled_part).as_ref() == Some(&new) {
         return Ok(());
     }
     let api: Api<AIPipeline> = Api::namespaced(ctx.client.clone(), namespace);

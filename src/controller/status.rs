@@ -159,6 +159,22 @@ fn condition(
     }
 }
 
+/// The part of a status the reconcile writes: without what other writers keep beside it under
+/// their own field managers (the watchdog's `ExclusiveAccess`, the runtime side's
+/// `stages[].usage`, the coverage check's `uncoveredPods`). A status read back from the API server is compared with a new one through
+/// this, so that their parts never make the reconcile write again (after a restart, say).
+pub fn reconciled_part(status: &AIPipelineStatus) -> AIPipelineStatus {
+    let mut status = status.clone();
+    status
+        .conditions
+        .retain(|c| c.type_ != types::EXCLUSIVE_ACCESS);
+    for stage in &mut status.stages {
+        stage.usage.clear();
+    }
+    status.uncovered_pods = None;
+    status
+}
+
 /// Keeps `lastTransitionTime` of conditions whose status did not change; stamps `now` on the
 /// others.
 pub fn carry_transitions(new: &mut [Condition], old: &[Condition], now: Time) {
@@ -564,6 +580,48 @@ mod tests {
         )];
         carry_transitions(&mut flipped, &old, t(300));
         assert_eq!(flipped[0].last_transition_time, t(300));
+    }
+
+    #[test]
+    fn what_other_writers_keep_beside_the_status_does_not_make_it_differ() {
+        let ours = AIPipelineStatus {
+            observed_generation: Some(3),
+            conditions: vec![condition(
+                types::READY,
+                true,
+                Reason::Reconciled,
+                "ok".into(),
+                Some(3),
+            )],
+            stages: vec![crate::api::StageStatus {
+                name: "train".into(),
+                granted: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // As read back: the watchdog's condition, the runtime side's usage and the coverage
+        // check's uncovered pods beside ours.
+        let mut read_back = ours.clone();
+        read_back.uncovered_pods = Some(crate::api::UncoveredPods {
+            count: 1,
+            names: vec!["forgot-its-label".into()],
+        });
+        read_back
+            .conditions
+            .push(exclusive_access(&["rb/view".into()], Some(3), &[], t(1)));
+        read_back.stages[0].usage.push(crate::api::GrantUsage {
+            grant: "get configmaps/x".into(),
+            used: true,
+            count: 4,
+            last_used: None,
+        });
+        assert_ne!(read_back, ours);
+        assert_eq!(reconciled_part(&read_back), ours);
+        // A change of our own is still a change.
+        let mut changed = read_back.clone();
+        changed.stages[0].granted = 1;
+        assert_ne!(reconciled_part(&changed), ours);
     }
 }
 

@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube_lease_manager::LeaseManagerError;
 use tracing::{error, info, warn};
 
 use super::apply::AppliedState;
+use super::claims::{ClaimIndex, ClaimWriter};
 use super::metrics::Metrics;
 use super::vault::token::{SecretTokenStore, TOKEN_SECRET};
 use super::vault::{VaultCtx, VaultSession};
@@ -54,12 +55,12 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         shard: config.shard,
     };
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
-    let (pipelines, controller) = pipeline_controller(&client, &scope, config.concurrency);
+    let (pipelines, claims, controller) = pipeline_controller(&client, &scope, config.concurrency);
     let ctx = context(
         &client,
         &config,
         &caches,
-        pipelines.clone(),
+        (pipelines.clone(), claims),
         applied,
         (&metrics, &health),
         audit,
@@ -229,7 +230,7 @@ fn context(
     client: &Client,
     config: &RunConfig,
     caches: &Caches,
-    pipelines: Store<AIPipeline>,
+    (pipelines, claims): (Store<AIPipeline>, Arc<ClaimIndex>),
     applied: Arc<AppliedState>,
     (metrics, health): (&Arc<Metrics>, &Arc<http::Health>),
     audit: AuditLog,
@@ -249,6 +250,7 @@ fn context(
     let ctx = Arc::new(Context {
         client: client.clone(),
         pipelines,
+        claims,
         guardrails: caches.guardrails.clone(),
         namespaces: caches.namespaces.clone(),
         children: caches.children.clone(),
@@ -307,15 +309,18 @@ fn open_decision_log(config: &RunConfig, keys: &Keys) -> Result<AuditLog, RunErr
     Ok(audit)
 }
 
-/// The AIPipeline cache and the controller over it. AIPipelines trigger a reconcile when their
-/// generation changes (a new spec, or deletion): not for the echo of the operator's own status
-/// writes, nor for label or annotation edits.
+/// The AIPipeline cache, the index of who names which credential (kept from the same watch),
+/// and the controller over them. AIPipelines trigger a reconcile when their generation changes
+/// (a new spec, or deletion): not for the echo of the operator's own status writes, nor for
+/// label or annotation edits.
 fn pipeline_controller(
     client: &Client,
     scope: &WatchScope,
     concurrency: u16,
-) -> (Store<AIPipeline>, Controller<AIPipeline>) {
+) -> (Store<AIPipeline>, Arc<ClaimIndex>, Controller<AIPipeline>) {
     let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
+    let claims = Arc::new(ClaimIndex::default());
+    let mut claim_writer = ClaimWriter::new(claims.clone());
     let pipeline_events = reflector::reflector(
         pipeline_writer,
         watcher(scope.api::<AIPipeline>(client), watcher::Config::default())
@@ -327,7 +332,8 @@ fn pipeline_controller(
                 if let Some(annotations) = p.metadata.annotations.as_mut() {
                     annotations.remove(LAST_APPLIED);
                 }
-            }),
+            })
+            .inspect_ok(move |event| claim_writer.apply(event)),
     )
     .default_backoff()
     .applied_objects()
@@ -337,7 +343,7 @@ fn pipeline_controller(
         // (see `caches`), so a debounce would only delay every first reconcile of a new
         // pipeline (it was 250 ms, most of a new pipeline's time to Ready).
         .with_config(ControllerConfig::default().concurrency(concurrency));
-    (pipelines, controller)
+    (pipelines, claims, controller)
 }
 
 /// What makes an AIPipeline event worth a reconcile: a new generation (a new spec, or
