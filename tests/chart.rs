@@ -20,6 +20,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
@@ -424,6 +427,25 @@ fn check_common(objects: &[Value], values: &Value) {
     ]
     .map(String::from)
     .to_vec();
+    if values["admission"]["policies"]["enabled"] != json!(false) {
+        expected_args.push("--admission-policies".into());
+    }
+    let webhook = values["admission"]["webhook"]["enabled"] == json!(true);
+    if webhook {
+        let port = values["admission"]["webhook"]["port"]
+            .as_u64()
+            .unwrap_or(9443);
+        expected_args.extend([
+            "--webhook-addr".to_string(),
+            format!("0.0.0.0:{port}"),
+            "--webhook-service".into(),
+            format!("{}-webhook", fullname(objects)),
+            "--webhook-secret".into(),
+            format!("{}-webhook-tls", fullname(objects)),
+            "--webhook-cert-validity".into(),
+            "2160h".into(),
+        ]);
+    }
     if let Some(ns) = values["watchNamespace"].as_str() {
         expected_args.extend(["--watch-namespace".to_string(), ns.to_string()]);
     }
@@ -431,8 +453,12 @@ fn check_common(objects: &[Value], values: &Value) {
     assert_eq!(args_of(objects), expected_args);
     check_vault_volumes(objects, values);
     if !vault_on(values) {
-        // Without Vault: no Secret, no workload, and no write on an AIPipeline but its status.
+        // Without Vault: no Secret (but the webhook's own, in its Role), no workload, and no
+        // write on an AIPipeline but its status.
         for (at, rule) in rules(objects) {
+            if webhook && at.ends_with(&format!("/{}-webhook", fullname(objects))) {
+                continue;
+            }
             let resources = strings(&rule["resources"]);
             let secrets = resources.iter().any(|r| r == "secrets");
             let workloads = strings(&rule["apiGroups"]).iter().any(|g| g == "apps");
@@ -456,7 +482,11 @@ fn check_common(objects: &[Value], values: &Value) {
     } else {
         assert!(pdbs.is_empty(), "no PodDisruptionBudget with one replica");
     }
-    one(objects, "Service");
+    assert_eq!(
+        find(objects, "Service").len(),
+        1 + usize::from(webhook),
+        "the metrics Service, and the webhook's when it is on"
+    );
     let monitors = find(objects, "ServiceMonitor");
     let network_policies = find(objects, "NetworkPolicy");
     assert_eq!(
@@ -467,6 +497,11 @@ fn check_common(objects: &[Value], values: &Value) {
         network_policies.len(),
         usize::from(values["networkPolicy"]["enabled"] == json!(true))
     );
+}
+
+/// The release's object name prefix, from its Deployment's name.
+fn fullname(objects: &[Value]) -> String {
+    name_of(one(objects, "Deployment")).to_string()
 }
 
 /// Whether `values` turn the Vault integration on.
@@ -628,8 +663,20 @@ const NAMESPACED: Needs = &[
         &["escalate", "bind"],
     ),
     ("networking.k8s.io", &["networkpolicies"], WRITE),
+    ("", &["pods"], &["list", "watch"]),
     ("events.k8s.io", &["events"], &["create", "patch"]),
 ];
+
+/// The per-namespace ValidatingAdmissionPolicies (`admission.policies.enabled`, on by default):
+/// cluster-scoped, so in the ClusterRole even with `watchNamespace`.
+const ADMISSION_POLICIES: Needs = &[(
+    "admissionregistration.k8s.io",
+    &[
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicybindings",
+    ],
+    &["get", "list", "create", "patch", "delete"],
+)];
 
 /// What Vault (vault.address) adds to [`NAMESPACED`].
 const VAULT: Needs = &[
@@ -661,8 +708,8 @@ fn rules_of(needs: Needs) -> Rules {
         .collect()
 }
 
-/// The cluster-wide rules every install has: guardrails and namespaces read, and the
-/// guardrails' status written.
+/// The cluster-wide rules every install with the default `admission` values has: the reads of
+/// guardrails and namespaces, the guardrails' status written, and the admission policies.
 fn cluster_read_set() -> Rules {
     let mut set = rule_set("portcullis.dev", &["accessguardrails"], READ);
     set.extend(rule_set(
@@ -671,6 +718,7 @@ fn cluster_read_set() -> Rules {
         &["patch"],
     ));
     set.extend(rule_set("", &["namespaces"], READ));
+    set.extend(rules_of(ADMISSION_POLICIES));
     set
 }
 
@@ -1103,6 +1151,13 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
             "vault-self",
             json!({"watchNamespace": ns.clone(), "vault": {"address": "https://vault:8200"}}),
         ),
+        (
+            "admission",
+            json!({
+                "admission": {"policies": {"enabled": false}, "webhook": {"enabled": true, "port": 9444}},
+                "networkPolicy": {"enabled": true},
+            }),
+        ),
     ];
 
     let rendered: Vec<(String, Value, Vec<Value>)> = {
@@ -1223,6 +1278,8 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
             .iter()
             .any(|b| b["metadata"]["namespace"] == json!(watched))
     );
+
+    check_admission_release(by_release["admission"], &ns);
 
     // Persistence: a PVC, the Recreate strategy.
     let persist = by_release["persist"];
@@ -1372,6 +1429,67 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
         ]
     );
     assert_eq!(flatten(&roles["vault-self-portcullis"]), vault_namespaced);
+}
+
+/// Admission policies off and the webhook on: no policy rules; the webhook's configuration
+/// (by name but for create), its Secret (by name but for create), Service and port.
+fn check_admission_release(objects: &[Value], ns: &str) {
+    let mut expected = rules_of(NAMESPACED);
+    expected.extend(rule_set("portcullis.dev", &["accessguardrails"], READ));
+    expected.extend(rule_set("", &["namespaces"], READ));
+    expected.extend(rule_set(
+        "admissionregistration.k8s.io",
+        &["validatingwebhookconfigurations"],
+        &["create", "get", "patch"],
+    ));
+    let cluster_role = one(objects, "ClusterRole");
+    assert_eq!(flatten(cluster_role), expected, "no policy rules when off");
+    let named: Vec<&Value> = cluster_role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| strings(&r["resources"]) == ["validatingwebhookconfigurations"])
+        .collect();
+    assert_eq!(
+        named
+            .iter()
+            .map(|r| r["resourceNames"].clone())
+            .collect::<Vec<_>>(),
+        [Value::Null, json!(["portcullis"])],
+        "get and patch only on the configuration portcullis"
+    );
+    let role = find(objects, "Role")
+        .into_iter()
+        .find(|r| name_of(r) == "admission-portcullis-webhook")
+        .expect("the webhook's Role");
+    assert_eq!(role["metadata"]["namespace"], json!(ns));
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["admission-portcullis-webhook-tls"], "verbs": ["get", "patch"]},
+        ])
+    );
+    let service = find(objects, "Service")
+        .into_iter()
+        .find(|s| name_of(s) == "admission-portcullis-webhook")
+        .expect("the webhook's Service");
+    assert_eq!(
+        service["spec"]["ports"],
+        json!([{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}])
+    );
+    assert!(
+        operator_container(objects)["ports"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "webhook", "containerPort": 9444, "protocol": "TCP"}))
+    );
+    let policy = one(objects, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["ingress"][0],
+        json!({"ports": [{"port": 9444, "protocol": "TCP"}]}),
+        "the API server reaches the webhook port"
+    );
 }
 
 /// The operator, started as in its Pod: the Deployment's own arguments, with the Pod's namespace
@@ -1585,6 +1703,38 @@ async fn operator_makes_the_example_ready(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     support::wait_converged(client, pipeline_ns, &name, &op).await;
+
+    // admission.policies (on by default): the namespace's ValidatingAdmissionPolicy and binding,
+    // written under the chart's RBAC.
+    let policy = format!("portcullis-workloads-{pipeline_ns}");
+    wait_logged(
+        &op,
+        "the namespace's ValidatingAdmissionPolicy",
+        WAIT,
+        || {
+            let (client, policy) = (client.clone(), policy.clone());
+            async move {
+                let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+                let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client);
+                (policies
+                    .get_opt(&policy)
+                    .await
+                    .ok()??
+                    .metadata
+                    .name
+                    .is_some()
+                    && bindings
+                        .get_opt(&policy)
+                        .await
+                        .ok()??
+                        .metadata
+                        .name
+                        .is_some())
+                .then_some(())
+            }
+        },
+    )
+    .await;
 
     assert_no_forbidden(&op);
     let (ok, out) = op.verify();
@@ -2067,6 +2217,84 @@ async fn chart_with_watch_namespace_grants_one_namespace_and_is_enough() {
     .await;
 }
 
+/// `admission.webhook.enabled`: the ServiceAccount may write the configuration `portcullis` and
+/// the webhook's Secret, and nothing of their kinds beyond; the operator, run as deployed (the
+/// chart's arguments, its RBAC), creates both while it makes the example Ready.
+#[tokio::test]
+async fn chart_with_the_webhook_grants_its_secret_and_configuration_and_is_enough() {
+    let cp = support::control_plane();
+    let client = cp.client().await;
+    let ns = support::temp_namespace(&client, "chart-webhook", &[]).await;
+    let pipeline_ns = support::temp_namespace(&client, "chart-webhook-ml", &[]).await;
+    let (release, sa) = ("pw", "pw-portcullis");
+    // A port free on this machine: the operator listens on it as in its Pod.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let manifest = install(
+        release,
+        &ns,
+        json!({"admission": {"webhook": {"enabled": true, "port": port}}}),
+    )
+    .await;
+    let registration = "admissionregistration.k8s.io";
+    let secret = "pw-portcullis-webhook-tls";
+    let allowed = vec![
+        access("create", registration, "validatingwebhookconfigurations"),
+        access("get", registration, "validatingwebhookconfigurations").named("portcullis"),
+        access("patch", registration, "validatingwebhookconfigurations").named("portcullis"),
+        access("create", "", "secrets").r#in(&ns),
+        access("get", "", "secrets").r#in(&ns).named(secret),
+        access("patch", "", "secrets").r#in(&ns).named(secret),
+    ];
+    expect_access(&client, &ns, sa, &allowed, true).await;
+    let denied = vec![
+        access("patch", registration, "validatingwebhookconfigurations").named("kyverno"),
+        access("delete", registration, "validatingwebhookconfigurations").named("portcullis"),
+        access("list", registration, "validatingwebhookconfigurations"),
+        access("patch", registration, "mutatingwebhookconfigurations").named("portcullis"),
+        access("get", "", "secrets")
+            .r#in(&ns)
+            .named("pw-portcullis-audit-key"),
+        access("list", "", "secrets").r#in(&ns),
+        access("create", "", "secrets").r#in(&pipeline_ns),
+    ];
+    expect_access(&client, &ns, sa, &denied, false).await;
+
+    {
+        let _one_operator = operator_lock().lock().await;
+        let mut op =
+            operator_makes_the_example_ready(&client, &manifest, &ns, sa, &pipeline_ns).await;
+        let configurations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let configuration = wait_logged(&op, "the webhook's registration", WAIT, || {
+            let configurations = configurations.clone();
+            async move { configurations.get_opt("portcullis").await.ok()? }
+        })
+        .await;
+        let service = &configuration.webhooks.expect("webhooks")[0]
+            .client_config
+            .service
+            .clone()
+            .expect("registered through the chart's Service");
+        assert_eq!(
+            (service.name.as_str(), service.namespace.as_str()),
+            ("pw-portcullis-webhook", ns.as_str())
+        );
+        let tls = secrets.get(secret).await.expect("the webhook's Secret");
+        assert!(tls.data.is_some_and(|d| d.contains_key("tls.crt")));
+        assert_no_forbidden(&op);
+        op.stop();
+        // The configuration outlives the operator (by design): removed, as after an uninstall.
+        configurations
+            .delete("portcullis", &Default::default())
+            .await
+            .expect("the configuration deleted");
+    }
+    helm("uninstall", release, &ns, None).await;
+}
+
 /// A sharded release installs (two Deployments the API server accepts), and its ServiceAccount
 /// may get and patch each shard's Lease and no other.
 #[tokio::test]
@@ -2156,6 +2384,8 @@ fn cluster_and_lease_needs<'a>(release_ns: &'a str, watched: Option<&'a str>) ->
         });
     }
     needs.push(access("patch", "portcullis.dev", "accessguardrails/status"));
+    // admission.policies (on by default): cluster-scoped.
+    needs.extend(checks_of(ADMISSION_POLICIES, None));
     needs.push(access("create", "coordination.k8s.io", "leases").r#in(release_ns));
     for verb in ["get", "patch"] {
         needs.push(

@@ -2,9 +2,9 @@
 //! would run. `make test-image` builds the archive and runs this test (`--features image`).
 //!
 //! The archive is unpacked as a registry or `ctr import` would read it: index, manifest, config,
-//! each blob checked against its digest; skopeo copies it to a docker-archive. Then the layers
-//! are unpacked into a root filesystem and the binary is run from it, under chroot as user 65532
-//! when the test runs as root.
+//! each blob checked against its digest; skopeo copies it to a docker-archive and to a plain
+//! directory (`dir:`). Then the layers are unpacked into a root filesystem and the binary is run
+//! from it, under chroot as user 65532 when the test runs as root.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -143,6 +143,37 @@ fn skopeo_copies_it(archive: &Path, dir: &Path, config: &Value) {
     assert_eq!(copied["rootfs"]["diff_ids"], config["rootfs"]["diff_ids"]);
 }
 
+/// `skopeo copy oci-archive:<archive> dir:<tmp>` accepts the archive, as it does on its way
+/// to a registry: the directory's manifest names a config blob (checked against its digest)
+/// whose user is 65532 and whose entry point is the operator. (`kind load image-archive` and
+/// `ctr import` are not available here; they read the same OCI layout.)
+fn skopeo_copies_it_to_a_directory(archive: &Path, dir: &Path) {
+    let target = dir.join("skopeo-dir");
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg("--quiet")
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("dir:{}", target.display())));
+    let manifest = json(&std::fs::read(target.join("manifest.json")).expect("dir:manifest.json"));
+    let digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("the manifest names its config");
+    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+    // skopeo's dir: transport keeps each blob under its hex digest.
+    let bytes = std::fs::read(target.join(hex)).expect("the config blob in the directory");
+    assert_eq!(hex::encode(Sha256::digest(&bytes)), hex);
+    let config = json(&bytes);
+    assert_eq!(config["config"]["User"], NONROOT);
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/portcullis"])
+    );
+    assert!(
+        manifest["layers"].as_array().is_some_and(|l| !l.is_empty()),
+        "the copy has the image's layers: {manifest}"
+    );
+}
+
 #[test]
 fn the_image_is_one_static_binary_run_as_nonroot_with_ca_certificates_and_no_shell() {
     let archive = archive();
@@ -242,6 +273,7 @@ fn the_image_is_one_static_binary_run_as_nonroot_with_ca_certificates_and_no_she
     );
 
     skopeo_copies_it(&archive, dir.path(), &config);
+    skopeo_copies_it_to_a_directory(&archive, dir.path());
 
     // Run it from the image's root filesystem: under chroot nothing of the host is reachable,
     // so this also proves the binary needs nothing the image lacks.

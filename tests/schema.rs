@@ -112,7 +112,7 @@ fn aipipeline_crd_has_names_columns_and_status() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Ready", "Stages", "Denied", "Age"]);
+    assert_eq!(columns, ["Ready", "Stages", "Denied", "Uncovered", "Age"]);
     for c in v["additionalPrinterColumns"].as_array().unwrap() {
         assert!(
             c["jsonPath"].as_str().is_some_and(|p| p.starts_with('.')),

@@ -16,8 +16,8 @@ pub use guardrail::{
 pub use pipeline::{
     AIPipeline, AIPipelineSpec, AIPipelineStatus, CredentialStatus, DeniedItem, EgressRule,
     GrantUsage, IngressRule, NetworkPort, PermissionRule, Protocol, RestartTarget, Stage,
-    StageNetwork, StageRole, StageStatus, StageVault, VaultCapability, VaultCredential,
-    VaultPathRule, WorkloadKind,
+    StageNetwork, StageRole, StageStatus, StageVault, UncoveredPods, VaultCapability,
+    VaultCredential, VaultPathRule, WorkloadKind,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{

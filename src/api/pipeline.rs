@@ -29,6 +29,7 @@ use super::patterns;
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether every stage's objects are in place"}"#,
     printcolumn = r#"{"name":"Stages","type":"string","jsonPath":".spec.stages[*].name","description":"The pipeline's stages"}"#,
     printcolumn = r#"{"name":"Denied","type":"integer","jsonPath":".status.denied","description":"How many requested items the guardrails denied"}"#,
+    printcolumn = r#"{"name":"Uncovered","type":"integer","jsonPath":".status.uncoveredPods.count","description":"Pods of the pipeline that no stage's pod selector matches"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -441,6 +442,28 @@ pub struct AIPipelineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub stages: Vec<StageStatus>,
+
+    /// Pods of this pipeline that no stage covers: pods in the pipeline's namespace labelled
+    /// `portcullis.dev/pipeline: <this pipeline>` whose labels match no stage's NetworkPolicy
+    /// podSelector (the stage's `podSelector` plus `portcullis.dev/pipeline` and
+    /// `portcullis.dev/stage`). Such a pod runs outside every stage's network policy: usually a
+    /// forgotten `portcullis.dev/stage` or podSelector label. Absent when there is none.
+    /// Written by the operator's coverage check (field manager `portcullis-coverage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncovered_pods: Option<UncoveredPods>,
+}
+
+/// The pods of a pipeline that match no stage's pod selector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UncoveredPods {
+    /// How many there are.
+    pub count: u32,
+    /// The names of the first ten, in alphabetical order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub names: Vec<String>,
 }
 
 /// What one stage was given.

@@ -57,6 +57,7 @@
 //! append ([`AuditError::Broken`]), since appending to a broken chain would make its new records
 //! look as untrustworthy as the broken ones.
 
+mod ecs;
 mod verify;
 mod writer;
 
@@ -75,6 +76,7 @@ use sha2::Sha256;
 
 use crate::policy::{Decision, Item};
 
+pub use ecs::{ECS_VERSION, to_ecs};
 pub use verify::{
     BadRecord, Problem, Start, VerifyFailure, VerifySummary, segments, verify, verify_bytes,
     verify_files, verify_reader,

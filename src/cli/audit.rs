@@ -37,10 +37,30 @@ pub enum AuditCommand {
         #[arg(long, value_name = "HASH")]
         prev: Option<String>,
     },
+    /// Print a decision log's records in a common event schema, one JSON document a line, for
+    /// a SIEM: `ecs` (Elastic Common Schema 8.11; see docs/decision-log.md for the fields and
+    /// for the OCSF classes). Export does not check the chain: run `audit verify` on the same
+    /// files first. Exit status 2 when a file or a line cannot be read as a record.
+    Export {
+        /// The decision log (its active file: the sealed segments beside it come first), its
+        /// segments in order, or `-` for standard input.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The schema to print.
+        #[arg(long, value_enum, default_value = "ecs")]
+        format: ExportFormat,
+    },
     /// Append runtime access records to a decision log from exported audit events: a managed
     /// cluster's Kubernetes audit log, or a Vault `file` audit device's output. The records,
     /// anomalies and usage are those `portcullis run --audit-webhook-addr` makes.
     Ingest(Box<super::ingest::IngestArgs>),
+}
+
+/// A schema `audit export` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Elastic Common Schema.
+    Ecs,
 }
 
 /// Runs `portcullis audit` and returns the exit code; prints to stdout and stderr.
@@ -63,8 +83,74 @@ pub fn run_to(args: &AuditArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 
             out,
             err,
         ),
+        AuditCommand::Export { files, format } => {
+            run_export(files, *format, &mut std::io::stdin().lock(), out, err)
+        }
         AuditCommand::Ingest(ingest) => super::ingest::run(ingest, out, err),
     }
+}
+
+/// `audit export`, reading `-` from `stdin`.
+pub fn run_export(
+    files: &[PathBuf],
+    format: ExportFormat,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    let files = match files {
+        [one] if one != Path::new("-") => match audit::segments(one) {
+            Ok(found) if !found.is_empty() => found,
+            _ => files.to_vec(),
+        },
+        _ => files.to_vec(),
+    };
+    for file in &files {
+        let result = if file == Path::new("-") {
+            export_lines(stdin, "(standard input)", format, out)
+        } else {
+            match std::fs::File::open(file) {
+                Ok(f) => export_lines(
+                    &mut std::io::BufReader::new(f),
+                    &file.display().to_string(),
+                    format,
+                    out,
+                ),
+                Err(e) => Err(format!("cannot read {}: {e}", file.display())),
+            }
+        };
+        if let Err(message) = result {
+            let _ = writeln!(err, "error: {message}");
+            return EXIT_INVALID;
+        }
+    }
+    EXIT_ALLOWED
+}
+
+/// Prints the record of each line of `input` (`name` in messages) in `format`.
+fn export_lines(
+    input: &mut dyn BufRead,
+    name: &str,
+    format: ExportFormat,
+    out: &mut dyn Write,
+) -> Result<(), String> {
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| format!("cannot read {name}: {e}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: audit::Record = serde_json::from_str(&line).map_err(|e| {
+            format!(
+                "{name}:{}: not a decision-log record ({e}); give the files `portcullis run --audit-log` writes",
+                n + 1
+            )
+        })?;
+        let document = match format {
+            ExportFormat::Ecs => audit::to_ecs(&record),
+        };
+        writeln!(out, "{document}").map_err(|e| format!("cannot write: {e}"))?;
+    }
+    Ok(())
 }
 
 /// `audit verify`, reading `-` from `stdin`.

@@ -18,6 +18,7 @@ pub(crate) mod access;
 mod admission;
 mod apply;
 mod claims;
+mod coverage;
 mod error;
 mod events;
 mod guardrails;

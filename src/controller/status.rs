@@ -161,7 +161,8 @@ fn condition(
 
 /// The part of a status the reconcile writes: without what other writers keep beside it under
 /// their own field managers (the watchdog's `ExclusiveAccess`, the runtime side's
-/// `stages[].usage` and `usageSince`). A status read back from the API server is compared with a new one through
+/// `stages[].usage` and `usageSince`, the coverage check's `uncoveredPods`). A status read
+/// back from the API server is compared with a new one through
 /// this, so that their parts never make the reconcile write again (after a restart, say).
 pub fn reconciled_part(status: &AIPipelineStatus) -> AIPipelineStatus {
     let mut status = status.clone();
@@ -172,6 +173,7 @@ pub fn reconciled_part(status: &AIPipelineStatus) -> AIPipelineStatus {
         stage.usage.clear();
         stage.usage_since = None;
     }
+    status.uncovered_pods = None;
     status
 }
 
@@ -224,6 +226,8 @@ pub fn for_plan(
         denied,
         stages,
         recorded_decisions: None,
+        // Written by the coverage check under its own field manager, never by the reconcile.
+        uncovered_pods: None,
     }
 }
 
@@ -538,6 +542,7 @@ pub fn invalid(
         denied: old.map(|s| s.denied).unwrap_or_default(),
         stages: old.map(|s| s.stages.clone()).unwrap_or_default(),
         recorded_decisions: old.and_then(|s| s.recorded_decisions.clone()),
+        uncovered_pods: None,
     }
 }
 
@@ -598,8 +603,13 @@ mod tests {
             }],
             ..Default::default()
         };
-        // As read back: the watchdog's condition and the runtime side's usage beside ours.
+        // As read back: the watchdog's condition, the runtime side's usage and the coverage
+        // check's uncovered pods beside ours.
         let mut read_back = ours.clone();
+        read_back.uncovered_pods = Some(crate::api::UncoveredPods {
+            count: 1,
+            names: vec!["forgot-its-label".into()],
+        });
         read_back
             .conditions
             .push(exclusive_access(&["rb/view".into()], Some(3), &[], t(1)));

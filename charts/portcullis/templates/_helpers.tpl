@@ -122,4 +122,15 @@ Fails on combinations of values that would render a chart that cannot work.
 {{- if and .Values.vault.caCert.secret .Values.vault.caCert.configMap }}
 {{- fail "vault.caCert: set secret or configMap, not both" }}
 {{- end }}
+{{- if and .Values.admission.webhook.enabled (gt (int .Values.sharding.count) 1) }}
+{{- fail "admission.webhook.enabled and sharding.count > 1 exclude each other: one ValidatingWebhookConfiguration cannot reach every shard (the operator refuses --webhook-addr with --shard-count above 1)" }}
+{{- end }}
+{{- end }}
+
+{{/* The webhook's Service and the Secret holding its CA and certificate. */}}
+{{- define "portcullis.webhookService" -}}
+{{ include "portcullis.fullname" . }}-webhook
+{{- end }}
+{{- define "portcullis.webhookSecret" -}}
+{{ include "portcullis.fullname" . }}-webhook-tls
 {{- end }}

@@ -168,13 +168,23 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
 }
 
 /// The tasks that enforce at admission, as configured: the per-namespace
-/// ValidatingAdmissionPolicies, the AIPipeline webhook, and the foreign-grant watchdog.
+/// ValidatingAdmissionPolicies, the AIPipeline webhook, and the foreign-grant watchdog; and,
+/// always, the coverage check (pods of a pipeline that no stage selects).
 async fn start_admission(
     config: &RunConfig,
     scope: &WatchScope,
     ctx: &Arc<Context>,
     pipelines: &Store<AIPipeline>,
 ) -> Result<(), RunError> {
+    {
+        let scope = scope.clone();
+        tokio::spawn(super::coverage::watch(
+            ctx.clone(),
+            pipelines.clone(),
+            scope.namespace.clone(),
+            move |ns: &str| scope.owns(ns),
+        ));
+    }
     if let Some(webhook) = &config.webhook {
         let scope = scope.clone();
         super::webhook::start(ctx.clone(), webhook.clone(), move |ns: &str| scope.owns(ns))
