@@ -1436,6 +1436,11 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
 fn check_admission_release(objects: &[Value], ns: &str) {
     let mut expected = rules_of(NAMESPACED);
     expected.extend(rule_set("portcullis.dev", &["accessguardrails"], READ));
+    expected.extend(rule_set(
+        "portcullis.dev",
+        &["accessguardrails/status"],
+        &["patch"],
+    ));
     expected.extend(rule_set("", &["namespaces"], READ));
     expected.extend(rule_set(
         "admissionregistration.k8s.io",
