@@ -1,0 +1,301 @@
+//! Issue 11, class 9 (foreign Secrets by name) and the restart targets of class 11, through the
+//! real operator and the real RBAC authorizer: generated Secrets that exist under the names a
+//! pipeline asks for (another pipeline's, nobody's, a Helm release's, one labelled as this
+//! pipeline's without being it) are refused with `ForeignSecret`, and a SubjectAccessReview for
+//! the stage's ServiceAccount says no; a Secret that does not exist yet is granted. A restart
+//! target that runs as another pipeline's ServiceAccount is refused with `ForeignWorkload` and
+//! left untouched; one that runs as the stage is the pipeline's.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use portcullis::api::{AIPipeline, AccessGuardrail};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use serde_json::json;
+use support::{
+    Operator, WAIT, can_i, control_plane, create_guardrails, create_pipeline, restart_target,
+    temp_namespace, wait_for,
+};
+
+/// Who a Secret under a name the pipeline asks for belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// No such Secret: Portcullis would create it as the pipeline's.
+    Nobody,
+    /// Another AIPipeline of the namespace (an owner reference to it).
+    OtherPipeline,
+    /// Created by hand, no owner.
+    Unowned,
+    /// A Helm release Secret (`sh.helm.release.v1.<release>.v<n>`, `owner: helm`).
+    Helm,
+    /// Portcullis's labels for this very pipeline, but no owner reference: labels prove nothing.
+    ForgedLabels,
+}
+
+fn holder() -> impl Strategy<Value = Holder> {
+    prop_oneof![
+        Just(Holder::Nobody),
+        Just(Holder::OtherPipeline),
+        Just(Holder::Unowned),
+        Just(Holder::Helm),
+        Just(Holder::ForgedLabels),
+    ]
+}
+
+/// Up to four Secret names, each held by someone; Helm's get a release Secret's name.
+fn secrets() -> impl Strategy<Value = Vec<(String, Holder)>> {
+    prop::collection::vec((holder(), "[a-z]{1,6}", 1u8..4), 1..=4).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, (h, stem, version))| {
+                let name = match h {
+                    Holder::Helm => format!("sh.helm.release.v1.{stem}.v{version}"),
+                    _ => format!("{stem}-{i}"),
+                };
+                (name, h)
+            })
+            .collect()
+    })
+}
+
+/// A guardrail for `ns` only that allows everything the test pipelines ask for.
+fn guardrail(ns: &str) -> AccessGuardrail {
+    serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AccessGuardrail",
+        "metadata": {"name": format!("{ns}-training")},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "roles": {"training": {
+                "kubernetes": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}],
+                "vault": {"paths": [{"pattern": "database/creds/{namespace}_{pipeline}_*", "capabilities": ["read"]}]},
+            }},
+        },
+    }))
+    .expect("the guardrail")
+}
+
+/// Pipeline `name` with one Training stage `train` that receives a credential in each of
+/// `secrets` and reads them, restarting `restart` (Deployments) on rotation.
+fn pipeline(ns: &str, name: &str, secrets: &[String], restart: &[&str]) -> AIPipeline {
+    let credentials: Vec<_> = secrets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "name": format!("c{i}"), "path": format!("database/creds/{ns}_{name}_{i}"),
+                "ttl": "10m", "secretName": s,
+                "restartTargets": restart.iter().map(|d| json!({"kind": "Deployment", "name": d})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut stage = json!({"name": "train", "role": "Training"});
+    if !secrets.is_empty() {
+        stage["permissions"] = json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": secrets, "verbs": ["get"]}]);
+        stage["vault"] = json!({"credentials": credentials});
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1",
+        "kind": "AIPipeline",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"stages": [stage]},
+    }))
+    .expect("a pipeline")
+}
+
+async fn create_secret(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    holder: Holder,
+    other: &AIPipeline,
+) {
+    let mut metadata = json!({"name": name});
+    let mut secret_type = "Opaque";
+    match holder {
+        Holder::Nobody => return,
+        Holder::OtherPipeline => {
+            metadata["ownerReferences"] = json!([{
+                "apiVersion": "portcullis.dev/v1alpha1", "kind": "AIPipeline",
+                "name": other.metadata.name, "uid": other.metadata.uid, "controller": true,
+            }]);
+            metadata["labels"] = json!({"app.kubernetes.io/managed-by": "portcullis", "portcullis.dev/pipeline": "other"});
+        }
+        Holder::Unowned => {}
+        Holder::Helm => {
+            metadata["labels"] = json!({"owner": "helm", "name": "release", "status": "deployed"});
+            secret_type = "helm.sh/release.v1";
+        }
+        Holder::ForgedLabels => {
+            metadata["labels"] = json!({"app.kubernetes.io/managed-by": "portcullis", "portcullis.dev/pipeline": "victim"});
+        }
+    }
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": metadata, "type": secret_type, "stringData": {"password": "not-yours"},
+    }))
+    .expect("a Secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap_or_else(|e| panic!("create Secret {ns}/{name}: {e}"));
+}
+
+/// The reasons of the denied items of `pipeline`'s status, by item, once the operator has
+/// written a status for its generation.
+async fn denied_items(client: &kube::Client, ns: &str, pipeline: &str) -> BTreeMap<String, String> {
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), ns);
+    wait_for("the pipeline's status", WAIT, || async {
+        let p = api.get(pipeline).await.ok()?;
+        let status = p.status?;
+        (status.observed_generation == p.metadata.generation && !status.stages.is_empty()).then(
+            || {
+                status
+                    .stages
+                    .iter()
+                    .flat_map(|s| s.denied_items.iter())
+                    .map(|d| (d.item.clone(), d.reason.clone()))
+                    .collect()
+            },
+        )
+    })
+    .await
+}
+
+async fn check(secrets: Vec<(String, Holder)>) -> Result<(), TestCaseError> {
+    let client = control_plane().client().await;
+    let ns = temp_namespace(&client, "foreign-secrets", &[]).await;
+    create_guardrails(&client, &[guardrail(&ns)]).await;
+    let other = create_pipeline(&client, &pipeline(&ns, "other", &[], &[])).await;
+    for (name, holder) in &secrets {
+        create_secret(&client, &ns, name, *holder, &other).await;
+    }
+    let _op = Operator::start("operator", &ns, None);
+    let names: Vec<String> = secrets.iter().map(|(n, _)| n.clone()).collect();
+    create_pipeline(&client, &pipeline(&ns, "victim", &names, &[])).await;
+    let denied = denied_items(&client, &ns, "victim").await;
+    for (name, holder) in &secrets {
+        let item = format!("get secrets/{name}");
+        let may_read = can_i(
+            &client,
+            &ns,
+            "victim-train",
+            "get",
+            "",
+            "secrets",
+            None,
+            Some(name),
+            Some(&ns),
+        )
+        .await;
+        if *holder == Holder::Nobody {
+            prop_assert!(
+                !denied.contains_key(&item),
+                "{item} (no such Secret) was denied: {denied:?}"
+            );
+            // The Role is applied after the status is written, so this may take a moment.
+            wait_for("the stage may read its own Secret", WAIT, || async {
+                can_i(
+                    &client,
+                    &ns,
+                    "victim-train",
+                    "get",
+                    "",
+                    "secrets",
+                    None,
+                    Some(name),
+                    Some(&ns),
+                )
+                .await
+                .then_some(())
+            })
+            .await;
+        } else {
+            prop_assert_eq!(
+                denied.get(&item).map(String::as_str),
+                Some("ForeignSecret"),
+                "{} held by {:?}: {:?}",
+                item,
+                holder,
+                denied
+            );
+            prop_assert!(
+                !may_read,
+                "the stage may read Secret {name}, held by {holder:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_stage_never_gets_a_secret_that_exists_and_is_not_its_pipelines() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut runner = TestRunner::new(Config {
+        cases: 8,
+        failure_persistence: None,
+        // Each case starts an operator; shrinking re-runs it.
+        max_shrink_iters: 4,
+        ..Config::default()
+    });
+    let result = runner.run(&secrets(), |s| runtime.block_on(check(s)));
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// A credential of pipeline `victim` names two restart targets: its own Deployment (running as
+/// its stage) and one of pipeline `other` (running as `other`'s stage). The other is refused
+/// (`ForeignWorkload`, in the status) and never touched; the own one is not refused.
+#[tokio::test]
+async fn a_restart_target_of_another_pipeline_is_denied_and_left_alone() {
+    let client = control_plane().client().await;
+    let ns = temp_namespace(&client, "foreign-restarts", &[]).await;
+    create_guardrails(&client, &[guardrail(&ns)]).await;
+    create_pipeline(&client, &pipeline(&ns, "other", &[], &[])).await;
+    restart_target(&client, &ns, "other-serving", "other-train").await;
+    restart_target(&client, &ns, "victim-worker", "victim-train").await;
+    let _op = Operator::start("operator", &ns, None);
+    create_pipeline(
+        &client,
+        &pipeline(
+            &ns,
+            "victim",
+            &["victim-db".to_string()],
+            &["victim-worker", "other-serving"],
+        ),
+    )
+    .await;
+    let denied = denied_items(&client, &ns, "victim").await;
+    assert_eq!(
+        denied
+            .get("restart Deployment other-serving for credential c0")
+            .map(String::as_str),
+        Some("ForeignWorkload"),
+        "{denied:?}"
+    );
+    assert!(
+        !denied.contains_key("restart Deployment victim-worker for credential c0"),
+        "{denied:?}"
+    );
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("other-serving")
+        .await
+        .expect("the other pipeline's Deployment");
+    let annotations = deployment
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert!(
+        !annotations.contains_key("portcullis.dev/restarted-at"),
+        "the other pipeline's Deployment was restarted: {annotations:?}"
+    );
+}
