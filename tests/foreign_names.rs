@@ -299,3 +299,120 @@ async fn a_restart_target_of_another_pipeline_is_denied_and_left_alone() {
         "the other pipeline's Deployment was restarted: {annotations:?}"
     );
 }
+
+/// `kubectl portcullis can-i <pipeline> -n <ns> [more...]`: exit code and stdout + stderr.
+fn plugin_can_i(pipeline: &str, ns: &str, more: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("dir");
+    let link = dir.path().join("kubectl-portcullis");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_portcullis"), &link).expect("symlink");
+    let kubeconfig = control_plane().kubeconfig().display().to_string();
+    let mut args = vec!["can-i", pipeline, "-n", ns, "--kubeconfig", &kubeconfig];
+    args.extend(more);
+    let out = std::process::Command::new(&link)
+        .args(&args)
+        .output()
+        .expect("the plugin runs");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `can-i` shows planned against effective access per stage: once the operator applied the
+/// plan they agree; `view` bound to the stage's ServiceAccount by hand is effective but not
+/// planned, with the binding named, in the table and in `-o json`, and can-i exits 1.
+#[tokio::test]
+async fn can_i_shows_a_grant_made_outside_portcullis_as_effective_but_not_planned() {
+    let client = control_plane().client().await;
+    let ns = temp_namespace(&client, "can-i-effective", &[]).await;
+    create_guardrails(&client, &[guardrail(&ns)]).await;
+    let _op = Operator::start("operator", &ns, None);
+    create_pipeline(
+        &client,
+        &pipeline(&ns, "victim", &["victim-db".to_string()], &[]),
+    )
+    .await;
+    let (code, out) = wait_for("the plan applied", WAIT, || async {
+        let (code, out) = plugin_can_i("victim", &ns, &[]);
+        (code == 0).then_some((code, out))
+    })
+    .await;
+    assert!(out.contains("effective but not planned: nothing"), "{out}");
+    assert_eq!(code, 0);
+
+    // `view` as a real cluster has it: the test control plane runs no clusterrole-aggregation
+    // controller, so its own `view` has no rules. The same read-only rules, under a name of
+    // this test's, bound by hand; and `view` itself, to see the binding named.
+    let reader: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": format!("{ns}-view")},
+        "rules": [{"apiGroups": [""], "resources": ["pods", "configmaps", "services"], "verbs": ["get", "list", "watch"]}],
+    }))
+    .expect("a ClusterRole");
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &reader)
+        .await
+        .expect("create the ClusterRole");
+    for (name, role) in [
+        ("hand-made-view", "view".to_string()),
+        ("hand-made-reader", format!("{ns}-view")),
+    ] {
+        let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "victim-train", "namespace": ns}],
+        }))
+        .expect("a RoleBinding");
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("bind by hand");
+    }
+
+    let (code, out) = plugin_can_i("victim", &ns, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FOREIGN get,list,watch") && out.contains("configmaps"),
+        "{out}"
+    );
+    for binding in [
+        format!("reached by RoleBinding {ns}/hand-made-view -> ClusterRole view"),
+        format!("reached by RoleBinding {ns}/hand-made-reader -> ClusterRole {ns}-view"),
+    ] {
+        assert!(out.contains(&binding), "{out}");
+    }
+    // The planned grant is still effective; only the extra is reported.
+    assert!(
+        out.contains(&format!("yes   get secrets victim-db in {ns}")),
+        "{out}"
+    );
+
+    let (code, out) = plugin_can_i("victim", &ns, &["-o", "json"]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["agrees"], false);
+    let stage = &report["stages"][0];
+    assert_eq!(stage["stage"], "train");
+    assert_eq!(stage["plannedNotEffective"], json!([]));
+    let foreign = stage["effectiveNotPlanned"].as_array().expect("a list");
+    assert!(
+        foreign.iter().any(|r| r["resources"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|x| x == "pods"))
+            && r["verbs"]
+                .as_array()
+                .is_some_and(|vs| vs.iter().any(|v| v == "list"))),
+        "{foreign:?}"
+    );
+    assert_eq!(stage["foreignBindings"].as_array().map(Vec::len), Some(2));
+    // The reader has nothing on Secrets: nothing reported is about the stage's own Secret.
+    assert!(
+        foreign.iter().all(|r| r["resources"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().all(|x| x != "secrets"))),
+        "{foreign:?}"
+    );
+}
