@@ -548,7 +548,13 @@ async fn check_pipeline(args: &CanIArgs) -> Result<Report, String> {
     let uid = pipeline.uid().unwrap_or_default();
     let facts = crate::controller::ownership::cluster_facts(&client, &pipeline, ns, &uid)
         .await
-        .ok();
+        .ok()
+        // A name the caller may not look up would be refused here but not by the operator.
+        .filter(|f| {
+            use crate::policy::cluster::{named_secrets, named_workloads};
+            f.secrets.len() == named_secrets(&pipeline).len()
+                && f.workloads.len() == named_workloads(&pipeline).len()
+        });
     let options = plan::PlanOptions {
         cluster: facts.as_ref(),
         ..plan::PlanOptions::default()
