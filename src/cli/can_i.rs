@@ -550,11 +550,7 @@ async fn check_pipeline(args: &CanIArgs) -> Result<Report, String> {
         .await
         .ok()
         // A name the caller may not look up would be refused here but not by the operator.
-        .filter(|f| {
-            use crate::policy::cluster::{named_secrets, named_workloads};
-            f.secrets.len() == named_secrets(&pipeline).len()
-                && f.workloads.len() == named_workloads(&pipeline).len()
-        });
+        .filter(crate::policy::ClusterFacts::complete);
     let options = plan::PlanOptions {
         cluster: facts.as_ref(),
         ..plan::PlanOptions::default()

@@ -3,8 +3,9 @@
 //! Secret name and per restart target the spec names.
 //!
 //! A lookup the operator is not allowed to make (without Vault the chart grants it nothing on
-//! Secrets) leaves the name out, and the plan refuses it: nothing is granted on a Secret whose
-//! owner is unknown. Any other failure fails the reconcile, which is retried: a passing API
+//! Secrets or workloads) marks the name unknown, and the plan refuses it: nothing is granted on
+//! a Secret whose owner is unknown (without Vault no credential Secret is ever delivered, so no
+//! such Secret can be the pipeline's). Any other failure fails the reconcile, which is retried: a passing API
 //! error never turns into a denial (and a pruned Role).
 
 use crate::api::{AIPipeline, WorkloadKind};
@@ -66,7 +67,9 @@ pub(crate) async fn cluster_facts(
                     .collect();
                 SecretFact::Foreign(cluster::describe_secret_owner(&owners, meta.labels(), None))
             }
-            Err(e) if is_forbidden(&e) => continue,
+            Err(e) if is_forbidden(&e) => SecretFact::Unknown(format!(
+                "the operator may not read Secrets in {namespace}; without Vault it delivers no credentials"
+            )),
             Err(e) => return Err(e),
         };
         facts.secrets.insert(name, fact);
@@ -75,7 +78,10 @@ pub(crate) async fn cluster_facts(
         let fact = match workload_api(client, namespace, kind).get_opt(&name).await {
             Ok(None) => WorkloadFact::Absent,
             Ok(Some(workload)) => WorkloadFact::RunsAs(template_service_account(&workload)),
-            Err(e) if is_forbidden(&e) || is_not_found(&e) => continue,
+            Err(e) if is_forbidden(&e) => WorkloadFact::Unknown(format!(
+                "the operator may not read {kind:?}s in {namespace}; without Vault it restarts nothing"
+            )),
+            Err(e) if is_not_found(&e) => WorkloadFact::Absent,
             Err(e) => return Err(e),
         };
         facts.workloads.insert((kind, name), fact);

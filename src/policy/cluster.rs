@@ -25,6 +25,8 @@ pub enum SecretFact {
     /// It exists and is not this pipeline's; the text says whose it is, for the message
     /// ([`describe_secret_owner`]).
     Foreign(String),
+    /// It could not be looked up (the text says why): refused, as its owner is unknown.
+    Unknown(String),
 }
 
 /// A workload, as the cluster has it under a name a credential's `restartTargets` uses.
@@ -35,6 +37,23 @@ pub enum WorkloadFact {
     Absent,
     /// It exists; its pod template runs as this ServiceAccount (`default` when it names none).
     RunsAs(String),
+    /// It could not be looked up (the text says why): refused.
+    Unknown(String),
+}
+
+impl ClusterFacts {
+    /// Whether every name was looked up (none is [`SecretFact::Unknown`] or
+    /// [`WorkloadFact::Unknown`]).
+    pub fn complete(&self) -> bool {
+        !self
+            .secrets
+            .values()
+            .any(|f| matches!(f, SecretFact::Unknown(_)))
+            && !self
+                .workloads
+                .values()
+                .any(|f| matches!(f, WorkloadFact::Unknown(_)))
+    }
 }
 
 /// The Secrets and workloads a pipeline names, looked up in its namespace.

@@ -600,10 +600,16 @@ impl Evaluator<'_, '_> {
                     "Secret {name:?} exists and is not this pipeline's ({owner}); a stage only gets Secrets Portcullis delivers to its pipeline. Choose a secretName no other object uses"
                 ),
             )),
+            Some(SecretFact::Unknown(why)) => Err((
+                Reason::ForeignSecret,
+                format!(
+                    "Secret {name:?} could not be looked up ({why}), so Portcullis cannot tell whose it is; it is refused until it can"
+                ),
+            )),
             None => Err((
                 Reason::ForeignSecret,
                 format!(
-                    "Secret {name:?} could not be looked up, so Portcullis cannot tell whose it is; it is refused until it can"
+                    "Secret {name:?} was not looked up, so Portcullis cannot tell whose it is; it is refused until it can"
                 ),
             )),
         }
@@ -619,11 +625,19 @@ impl Evaluator<'_, '_> {
         let service_account = match cluster.workloads.get(&(kind, name.to_string())) {
             Some(WorkloadFact::Absent) => return Ok(()),
             Some(WorkloadFact::RunsAs(sa)) => sa,
+            Some(WorkloadFact::Unknown(why)) => {
+                return Err((
+                    Reason::ForeignWorkload,
+                    format!(
+                        "{kind:?} {name} could not be looked up ({why}), so Portcullis cannot tell whose it is; it is not restarted until it can"
+                    ),
+                ));
+            }
             None => {
                 return Err((
                     Reason::ForeignWorkload,
                     format!(
-                        "{kind:?} {name} could not be looked up, so Portcullis cannot tell whose it is; it is not restarted until it can"
+                        "{kind:?} {name} was not looked up, so Portcullis cannot tell whose it is; it is not restarted until it can"
                     ),
                 ));
             }

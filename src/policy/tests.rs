@@ -701,16 +701,25 @@ fn a_secret_that_exists_and_is_not_the_pipelines_is_refused_with_its_owner_named
         assert!(d.is_allowed(), "{}", d.message);
         assert_eq!(plan.unverified(d), None);
     }
-    // A name the controller could not look up is refused, not granted.
-    let mut unknown = facts(SecretFact::Owned, "fraud-train");
-    unknown.secrets.clear();
-    let plan = plan_with(&p, Some(&unknown));
-    assert!(
-        plan.decisions
+    // A name the controller could not look up, or did not, is refused, not granted.
+    let forbidden = SecretFact::Unknown("the operator may not read Secrets in ml".into());
+    let mut missing = facts(SecretFact::Owned, "fraud-train");
+    missing.secrets.clear();
+    for unknown in [facts(forbidden, "fraud-train"), missing] {
+        let plan = plan_with(&p, Some(&unknown));
+        let secret_items: Vec<_> = plan
+            .decisions
             .iter()
             .filter(|d| matches!(d.item, Item::Kubernetes { .. } | Item::Credential { .. }))
-            .all(|d| d.reason == Reason::ForeignSecret),
-    );
+            .collect();
+        assert_eq!(secret_items.len(), 2);
+        assert!(
+            secret_items
+                .iter()
+                .all(|d| d.reason == Reason::ForeignSecret),
+            "{secret_items:?}"
+        );
+    }
 }
 
 #[test]
