@@ -416,3 +416,163 @@ async fn can_i_shows_a_grant_made_outside_portcullis_as_effective_but_not_planne
         "{foreign:?}"
     );
 }
+
+mod pure {
+    //! The same invariants without a cluster, over many more cases: whatever the cluster holds
+    //! under the names a pipeline uses, the plan's Role never names a Secret that is not the
+    //! pipeline's (or whose owner is unknown), no credential is delivered into one, and only
+    //! workloads that run as one of the pipeline's stages are restart targets.
+
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::rbac::v1::Role;
+    use portcullis::api::WorkloadKind;
+    use portcullis::plan::{self, Object, PlanOptions};
+    use portcullis::policy::{ClusterFacts, SecretFact, WorkloadFact};
+    use proptest::prelude::*;
+
+    const SECRETS: &[&str] = &["db", "s3", "sh.helm.release.v1.vault.v1", "other-db"];
+    const WORKLOADS: &[&str] = &["ingest", "serving", "trainer"];
+    const ACCOUNTS: &[&str] = &["fraud-train", "fraud-serve", "other-train", "default"];
+
+    fn secret_fact() -> impl Strategy<Value = Option<SecretFact>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(SecretFact::Absent)),
+            Just(Some(SecretFact::Owned)),
+            Just(Some(SecretFact::Foreign(
+                "owned by AIPipeline other".into()
+            ))),
+            Just(Some(SecretFact::Unknown("forbidden".into()))),
+        ]
+    }
+
+    fn workload_fact() -> impl Strategy<Value = Option<WorkloadFact>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(WorkloadFact::Absent)),
+            prop::sample::select(ACCOUNTS).prop_map(|a| Some(WorkloadFact::RunsAs(a.into()))),
+            Just(Some(WorkloadFact::Unknown("forbidden".into()))),
+        ]
+    }
+
+    /// Per stage (train, serve): the Secret of its credential, the Secrets it reads, its
+    /// credential's restart targets.
+    type Ask = Vec<(usize, Vec<usize>, Vec<usize>)>;
+
+    fn ask() -> impl Strategy<Value = Ask> {
+        prop::collection::vec(
+            (
+                0..SECRETS.len(),
+                prop::collection::vec(0..SECRETS.len(), 0..=3),
+                prop::collection::vec(0..WORKLOADS.len(), 0..=3),
+            ),
+            2,
+        )
+    }
+
+    fn pipeline(ask: &Ask) -> Option<portcullis::api::AIPipeline> {
+        // Validation wants one Secret per credential across the pipeline.
+        if ask[0].0 == ask[1].0 {
+            return None;
+        }
+        let stages: Vec<_> = ["train", "serve"]
+            .iter()
+            .zip(ask)
+            .map(|(name, (credential, reads, restarts))| {
+                let mut reads: Vec<&str> = reads.iter().map(|i| SECRETS[*i]).collect();
+                reads.sort_unstable();
+                reads.dedup();
+                let mut restarts: Vec<&str> = restarts.iter().map(|i| WORKLOADS[*i]).collect();
+                restarts.sort_unstable();
+                restarts.dedup();
+                let mut stage = serde_json::json!({
+                    "name": name, "role": "Training",
+                    "vault": {"credentials": [{
+                        "name": "db", "path": format!("database/creds/ml_fraud_{name}"), "ttl": "10m",
+                        "secretName": SECRETS[*credential],
+                        "restartTargets": restarts.iter().map(|w| serde_json::json!({"kind": "Deployment", "name": w})).collect::<Vec<_>>(),
+                    }]},
+                });
+                if !reads.is_empty() {
+                    stage["permissions"] = serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": reads, "verbs": ["get"]}]);
+                }
+                stage
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AIPipeline",
+            "metadata": {"name": "fraud", "namespace": "ml"},
+            "spec": {"stages": stages},
+        }))
+        .ok()
+    }
+
+    fn guardrail() -> portcullis::api::AccessGuardrail {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "AccessGuardrail",
+            "metadata": {"name": "ml"},
+            "spec": {"roles": {"training": {
+                "kubernetes": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}],
+                "vault": {"paths": [{"pattern": "database/creds/{namespace}_{pipeline}_*", "capabilities": ["read"]}]},
+            }}},
+        }))
+        .expect("a guardrail")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn nothing_foreign_reaches_a_role_a_credential_or_a_restart(
+            ask in ask(),
+            secrets in prop::collection::vec(secret_fact(), SECRETS.len()),
+            workloads in prop::collection::vec(workload_fact(), WORKLOADS.len()),
+        ) {
+            let Some(p) = pipeline(&ask) else { return Ok(()) };
+            let mut facts = ClusterFacts::default();
+            for (name, fact) in SECRETS.iter().zip(&secrets) {
+                if let Some(f) = fact {
+                    facts.secrets.insert((*name).to_string(), f.clone());
+                }
+            }
+            for (name, fact) in WORKLOADS.iter().zip(&workloads) {
+                if let Some(f) = fact {
+                    facts.workloads.insert((WorkloadKind::Deployment, (*name).to_string()), f.clone());
+                }
+            }
+            let plan = plan::validate_and_build_with(
+                &p, "ml", &BTreeMap::new(), &[guardrail()],
+                PlanOptions { cluster: Some(&facts), ..PlanOptions::default() },
+            ).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            let pipelines = |name: &str| {
+                matches!(facts.secrets.get(name), Some(SecretFact::Absent | SecretFact::Owned))
+            };
+            for object in &plan.objects {
+                if let Object::Role(Role { rules, .. }) = object {
+                    for rule in rules.iter().flatten() {
+                        if rule.resources.iter().flatten().any(|r| r == "secrets") {
+                            for name in rule.resource_names.iter().flatten() {
+                                prop_assert!(pipelines(name), "Role {} names Secret {name}: {:?}", object.name(), facts.secrets.get(name));
+                            }
+                        }
+                    }
+                }
+            }
+            for c in &plan.vault.credentials {
+                prop_assert!(pipelines(&c.secret_name), "credential {} delivered into {}", c.name, c.secret_name);
+                for t in &c.restart_targets {
+                    let fact = facts.workloads.get(&(t.kind, t.name.clone()));
+                    let own = match fact {
+                        Some(WorkloadFact::Absent) => true,
+                        Some(WorkloadFact::RunsAs(sa)) => sa == "fraud-train" || sa == "fraud-serve",
+                        _ => false,
+                    };
+                    prop_assert!(own, "{} restarts {} ({fact:?})", c.stage, t.name);
+                }
+            }
+            // And nothing is unverified: the cluster was asked.
+            prop_assert!(plan.decisions.iter().all(|d| plan.unverified(d).is_none()));
+        }
+    }
+}
