@@ -551,8 +551,18 @@ async fn check_pipeline(args: &CanIArgs) -> Result<Report, String> {
         .ok()
         // A name the caller may not look up would be refused here but not by the operator.
         .filter(crate::policy::ClusterFacts::complete);
+    // Who claimed which credential path and Secret first, cluster-wide, as the operator
+    // decides it (when the pipelines can be listed).
+    let all = Api::<AIPipeline>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .ok();
+    let claims = all
+        .as_ref()
+        .map(|list| crate::policy::CredentialClaims::from_pipelines(&list.items, ns));
     let options = plan::PlanOptions {
         cluster: facts.as_ref(),
+        claims: claims.as_ref(),
         ..plan::PlanOptions::default()
     };
     let plan = plan::validate_and_build_with(&pipeline, ns, &labels, &guardrails, options)
