@@ -326,7 +326,7 @@ async fn vault_scene(client: &Client, work: &Path) {
         },
     )
     .await;
-    support::restart_target(client, ns, "fraud-ingest").await;
+    support::restart_target(client, ns, "fraud-ingest", "fraud-detector-ingest").await;
     let pipeline: AIPipeline = serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1",
         "kind": "AIPipeline",

@@ -87,7 +87,13 @@ impl Chaos {
         )
         .await;
         for i in 0..PIPELINES {
-            support::restart_target(&client, &ns, &format!("p{i}-consumer")).await;
+            support::restart_target(
+                &client,
+                &ns,
+                &format!("p{i}-consumer"),
+                &format!("p{i}-ingest"),
+            )
+            .await;
         }
         let mut chaos = Chaos {
             client,

@@ -2630,7 +2630,7 @@ async fn chart_with_vault_and_watch_namespace_is_least_privilege_and_enough() {
     wait_for_lease(&client, &ns, &op).await;
 
     support::create_guardrails(&client, &support::guardrails_for(&watched)).await;
-    support::restart_target(&client, &watched, "fraud-ingest").await;
+    support::restart_target(&client, &watched, "fraud-ingest", "fraud-ingest").await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched);
     let pipelines: Api<AIPipeline> = Api::namespaced(client.clone(), &watched);
     let pipeline = pipelines

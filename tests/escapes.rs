@@ -555,4 +555,14 @@ async fn the_operator_gives_a_credential_secret_only_to_the_pipeline_that_claime
         reader("first-train").await,
         "the first pipeline keeps its Secret"
     );
+    // can-i plans with the same claims: the second pipeline's plan holds no grant on the
+    // Secret, so the cluster agrees with it.
+    let kubeconfig = control_plane().kubeconfig().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["can-i", "second", "-n", &ns, "--kubeconfig", &kubeconfig])
+        .output()
+        .expect("can-i runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(!text.contains("shared-db in"), "{text}");
 }

@@ -1262,6 +1262,19 @@ fn check_decisions_match_objects(pipeline: &AIPipeline, plan: &Plan) -> Result<(
                         "denied credential {cred} of stage {name} is issued"
                     );
                 }
+                Item::RestartTarget {
+                    credential,
+                    kind,
+                    name: target,
+                } => {
+                    prop_assert!(
+                        !creds.iter().any(|c| c.name == *credential
+                            && c.restart_targets
+                                .iter()
+                                .any(|t| t.kind == *kind && t.name == *target)),
+                        "denied restart of {target} of stage {name} is planned"
+                    );
+                }
                 Item::Dns => {
                     prop_assert!(false, "DNS is never denied, only left out");
                 }
@@ -1356,6 +1369,20 @@ fn check_decisions_match_objects(pipeline: &AIPipeline, plan: &Plan) -> Result<(
                             .any(|r| r.stage == name && r.token_ttl == *seconds)
                 }
                 Item::Credential { name: cred, .. } => creds.iter().any(|c| c.name == *cred),
+                // A restart target of a denied credential restarts nothing.
+                Item::RestartTarget {
+                    credential,
+                    kind,
+                    name: target,
+                } => {
+                    !creds.iter().any(|c| c.name == *credential)
+                        || creds.iter().any(|c| {
+                            c.name == *credential
+                                && c.restart_targets
+                                    .iter()
+                                    .any(|t| t.kind == *kind && t.name == *target)
+                        })
+                }
             };
             prop_assert!(
                 present,

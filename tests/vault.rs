@@ -228,7 +228,13 @@ impl Setup {
     }
 
     async fn create(&self, credential_ttl: &str) {
-        support::restart_target(&self.client, &self.ns, "fraud-ingest").await;
+        support::restart_target(
+            &self.client,
+            &self.ns,
+            "fraud-ingest",
+            &format!("{PIPELINE}-ingest"),
+        )
+        .await;
         Api::<AIPipeline>::namespaced(self.client.clone(), &self.ns)
             .create(&PostParams::default(), &self.pipeline(credential_ttl))
             .await

@@ -321,6 +321,15 @@ pub fn item_value(field: &str, item: &Item) -> Value {
             "ttlSeconds": ttl_seconds,
             "secretName": secret_name,
         }),
+        Item::RestartTarget {
+            credential,
+            kind,
+            name,
+        } => json!({
+            "credential": credential,
+            "workloadKind": serde_json::to_value(kind).ok(),
+            "name": name,
+        }),
     };
     if let Value::Object(fields) = &mut value {
         fields.insert("kind".into(), json!(item.kind()));

@@ -353,6 +353,8 @@ fn plan_each(
     let options = plan::PlanOptions {
         vault_name_prefix: &args.vault_name_prefix,
         claims: Some(&claims),
+        // Offline: which Secrets and workloads exist is known only in the cluster.
+        cluster: None,
     };
     // Namespace labels, by namespace: many pipelines share a namespace.
     let mut labels_of: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();

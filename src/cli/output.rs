@@ -67,6 +67,9 @@ struct DecisionView<'a> {
     stage: &'a str,
     #[serde(serialize_with = "as_text")]
     subject: Subject<'a>,
+    /// Set on a grant `plan` could not check offline (a named Secret, a restart target).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unverified: Option<&'static str>,
     verdict: Verdict,
 }
 
@@ -82,6 +85,7 @@ impl<'a> DecisionView<'a> {
             reason: d.reason,
             stage: &d.stage,
             subject: Subject::of(plan, &d.stage),
+            unverified: plan.unverified(d),
             verdict: d.verdict,
         }
     }
@@ -390,7 +394,10 @@ impl<W: Write> TableWriter<W> {
                 writeln!(out, "AccessGuardrail {}", stage.guardrails.join(", "))?;
             }
             for d in plan.decisions.iter().filter(|d| d.stage == stage.name) {
-                if d.is_allowed() {
+                if let Some(why) = plan.unverified(d) {
+                    writeln!(out, "    GRANT {}  [unverified]", d.item)?;
+                    writeln!(out, "          {why}")?;
+                } else if d.is_allowed() {
                     writeln!(out, "    GRANT {}", d.item)?;
                 } else {
                     writeln!(out, "    DENY  {}  [{}]", d.item, d.reason)?;

@@ -26,6 +26,7 @@ mod http;
 mod index;
 mod journal;
 mod metrics;
+pub(crate) mod ownership;
 mod reconcile;
 mod record;
 mod reports;

@@ -56,7 +56,13 @@ pub(crate) async fn reconcile(pipeline: Arc<AIPipeline>, ctx: Arc<Context>) -> R
             .remove(&target.uid);
         target = Target::of(&ctx, &pipeline)?;
     }
-    let plan = match plan(&ctx, &pipeline, &target) {
+    // The Secrets and restart targets the spec names, as the cluster has them (issue 11,
+    // classes 9 and 11): the plan refuses those that are not the pipeline's.
+    let facts =
+        super::ownership::cluster_facts(&ctx.client, &pipeline, &target.namespace, &target.uid)
+            .await
+            .map_err(Error::Kube)?;
+    let plan = match plan(&ctx, &pipeline, &target, &facts) {
         Ok(plan) => plan,
         Err(errors) => return invalid(&ctx, &target, &errors).await,
     };
@@ -180,6 +186,7 @@ fn plan(
     ctx: &Context,
     pipeline: &AIPipeline,
     target: &Target,
+    facts: &crate::policy::ClusterFacts,
 ) -> std::result::Result<Plan, Vec<String>> {
     let labels = ctx.namespace_labels(&target.namespace);
     let guardrails: Vec<_> = ctx
@@ -197,6 +204,7 @@ fn plan(
                 v.name_prefix.as_str()
             }),
         claims: Some(&claims),
+        cluster: Some(facts),
     };
     plan::validate_and_build_with(pipeline, &target.namespace, &labels, &guardrails, options)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())

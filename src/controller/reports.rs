@@ -197,6 +197,7 @@ mod tests {
                     "not allowed by AccessGuardrail ml-training; ask",
                 ),
             ],
+            cluster_checked: true,
         };
         let owner = OwnerReference {
             api_version: "portcullis.dev/v1alpha1".into(),

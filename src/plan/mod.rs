@@ -83,11 +83,45 @@ pub struct Plan {
     pub objects: Vec<Object>,
     pub vault: VaultPlan,
     pub decisions: Vec<Decision>,
+    /// Whether the Secrets and workloads the pipeline names were looked up in the cluster
+    /// ([`PlanOptions::cluster`]); when not (`plan` offline), grants on them are unverified.
+    pub cluster_checked: bool,
 }
 
 impl Plan {
     pub fn denied(&self) -> usize {
         self.decisions.iter().filter(|d| !d.is_allowed()).count()
+    }
+
+    /// Why an allowed decision could not be verified: in a plan made without the cluster, a
+    /// grant on a named Secret (who owns it is known only in the cluster) or a restart target
+    /// (whose workload it is, likewise). None for everything else.
+    pub fn unverified(&self, d: &Decision) -> Option<&'static str> {
+        if self.cluster_checked || !d.is_allowed() {
+            return None;
+        }
+        match &d.item {
+            Item::Kubernetes {
+                api_group,
+                resource,
+                resource_names,
+                ..
+            } if api_group.is_empty()
+                && floor::resource_base(resource) == "secrets"
+                && !resource_names.is_empty() =>
+            {
+                Some(
+                    "unverified offline: the operator refuses it if the Secret exists and is not this pipeline's",
+                )
+            }
+            Item::Credential { .. } => Some(
+                "unverified offline: the operator refuses it if its Secret exists and is not this pipeline's",
+            ),
+            Item::RestartTarget { .. } => Some(
+                "unverified offline: the operator restarts it only if it runs as one of this pipeline's stages",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -99,6 +133,10 @@ pub struct PlanOptions<'a> {
     /// Who owns which credential path cluster-wide; None when not known (then a credential path
     /// is only compared with the pipeline's own stages).
     pub claims: Option<&'a policy::CredentialClaims>,
+    /// The Secrets and workloads the pipeline names, as the cluster has them
+    /// ([`policy::cluster::named_secrets`], [`policy::cluster::named_workloads`]); None when
+    /// not known (`plan` offline): then grants on them are allowed and marked unverified.
+    pub cluster: Option<&'a policy::ClusterFacts>,
 }
 
 impl Default for PlanOptions<'_> {
@@ -106,6 +144,7 @@ impl Default for PlanOptions<'_> {
         PlanOptions {
             vault_name_prefix: names::DEFAULT_VAULT_NAME_PREFIX,
             claims: None,
+            cluster: None,
         }
     }
 }
@@ -200,6 +239,7 @@ pub fn build_with(
             credentials: Vec::with_capacity(credentials),
         },
         decisions: Vec::with_capacity(stages.iter().map(policy::decision_count).sum()),
+        cluster_checked: options.cluster.is_some(),
     };
     let pipeline_label = names::label_value(name);
     for (index, stage) in validated.stages().enumerate() {
@@ -210,6 +250,7 @@ pub fn build_with(
             pipeline: name,
             index,
             claims: options.claims,
+            cluster: options.cluster,
         };
         let start = plan.decisions.len();
         policy::evaluate_stage_into(ctx, validated, scope, &mut plan.decisions);
@@ -247,9 +288,17 @@ pub fn build_with(
                     path: cred.path.clone(),
                     ttl,
                     secret_name: cred.secret_name.clone(),
+                    // Only the targets decided as the pipeline's own.
                     restart_targets: cred
                         .restart_targets
                         .iter()
+                        .filter(|t| {
+                            decisions.iter().any(|d| {
+                                d.is_allowed()
+                                    && matches!(&d.item, Item::RestartTarget { credential, kind, name }
+                                        if *credential == cred.name && *kind == t.kind && *name == t.name)
+                            })
+                        })
                         .map(|t| RestartRef {
                             kind: t.kind,
                             name: t.name.clone(),

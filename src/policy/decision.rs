@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::api::validate::format_duration;
-use crate::api::{EgressRule, IngressRule, NetworkPort, VaultCapability};
+use crate::api::{EgressRule, IngressRule, NetworkPort, VaultCapability, WorkloadKind};
 
 /// Allow or deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,11 +79,16 @@ pub enum Reason {
     RoleNotAllowed,
     /// An AccessGuardrail that selects the namespace is invalid: it allows nothing until fixed.
     InvalidGuardrail,
+    /// A Secret that exists and is not this pipeline's (no owner reference to it): another
+    /// pipeline's credentials, a Helm release, anything created outside Portcullis.
+    ForeignSecret,
+    /// A restart target whose pod template does not run as one of the pipeline's stages.
+    ForeignWorkload,
 }
 
 impl Reason {
     /// Every reason a denial can carry, in declaration order: the floor and the guardrails.
-    pub const DENIALS: [Reason; 19] = [
+    pub const DENIALS: [Reason; 21] = [
         Reason::WildcardForbidden,
         Reason::EscalationVerb,
         Reason::ForbiddenSubresource,
@@ -103,6 +108,8 @@ impl Reason {
         Reason::CrossTenantCredential,
         Reason::RoleNotAllowed,
         Reason::InvalidGuardrail,
+        Reason::ForeignSecret,
+        Reason::ForeignWorkload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +136,8 @@ impl Reason {
             Reason::CrossTenantCredential => "CrossTenantCredential",
             Reason::RoleNotAllowed => "RoleNotAllowed",
             Reason::InvalidGuardrail => "InvalidGuardrail",
+            Reason::ForeignSecret => "ForeignSecret",
+            Reason::ForeignWorkload => "ForeignWorkload",
         }
     }
 }
@@ -168,6 +177,12 @@ pub enum Item {
         path: String,
         ttl_seconds: u64,
         secret_name: String,
+    },
+    /// One workload a credential's rotation restarts.
+    RestartTarget {
+        credential: String,
+        kind: WorkloadKind,
+        name: String,
     },
 }
 
@@ -278,6 +293,11 @@ impl fmt::Display for Item {
                     format_duration(*ttl_seconds)
                 )
             }
+            Item::RestartTarget {
+                credential,
+                kind,
+                name,
+            } => write!(f, "restart {kind:?} {name} for credential {credential}"),
         }
     }
 }
@@ -290,6 +310,7 @@ impl Item {
             Item::Dns | Item::Egress(_) | Item::Ingress(_) => "network",
             Item::VaultPath { .. } | Item::VaultTokenTtl { .. } => "vault",
             Item::Credential { .. } => "credential",
+            Item::RestartTarget { .. } => "restart",
         }
     }
 }

@@ -9,12 +9,13 @@ use ipnet::IpNet;
 use crate::api::validate::{ValidStage, Validated, format_duration};
 use crate::api::{
     AIPipeline, AIPipelineSpec, Ceiling, EgressRule, IngressRule, Stage, VaultCapability,
+    WorkloadKind,
 };
 
 use super::scope::{Bound, placeholders};
 use super::{
-    Claimant, Decision, Item, Reason, Scope, StageContext, Verdict, WithCidr, defaults, floor,
-    vault_path,
+    Claimant, Decision, Item, Reason, Scope, SecretFact, StageContext, Verdict, WithCidr,
+    WorkloadFact, cluster, defaults, floor, vault_path,
 };
 
 /// Decides every item that stage `ctx.index` of `pipeline` requests, in spec order.
@@ -118,7 +119,10 @@ pub(crate) fn decision_count(stage: &Stage) -> usize {
             .map(|p| p.capabilities.len())
             .sum::<usize>()
             + 1
-            + v.credentials.len()
+            + v.credentials
+                .iter()
+                .map(|c| 1 + c.restart_targets.len())
+                .sum::<usize>()
     });
     permissions + 1 + network + vault
 }
@@ -302,6 +306,7 @@ impl Evaluator<'_, '_> {
                 ));
             }
             let name = &names[0];
+            self.cluster_secret(name)?;
             match self.secret_owner(name) {
                 Some(_) if self.delivered.contains(name) => {}
                 Some(owner) if owner == self.stage.name => {
@@ -569,9 +574,96 @@ impl Evaluator<'_, '_> {
                 ttl_seconds,
                 secret_name: cred.secret_name.clone(),
             };
-            self.push(field, item, outcome);
+            self.push(field.clone(), item, outcome);
+            for (k, target) in cred.restart_targets.iter().enumerate() {
+                let outcome = self.decide_restart_target(target.kind, &target.name);
+                let item = Item::RestartTarget {
+                    credential: cred.name.clone(),
+                    kind: target.kind,
+                    name: target.name.clone(),
+                };
+                self.push(format!("{field}.restartTargets[{k}]"), item, outcome);
+            }
         }
         self.decisions.split_off(before)
+    }
+
+    /// A Secret the stage would read or receive credentials in: refused when it exists and is
+    /// not this pipeline's. Offline (no cluster facts) it passes, and the plan marks the grant
+    /// unverified; in the cluster a name that was not looked up is refused.
+    fn cluster_secret(&self, name: &str) -> Outcome {
+        let Some(cluster) = self.ctx.cluster else {
+            return Ok(());
+        };
+        match cluster.secrets.get(name) {
+            Some(SecretFact::Absent | SecretFact::Owned) => Ok(()),
+            Some(SecretFact::Foreign(owner)) => Err((
+                Reason::ForeignSecret,
+                format!(
+                    "Secret {name:?} exists and is not this pipeline's ({owner}); a stage only gets Secrets Portcullis delivers to its pipeline. Choose a secretName no other object uses"
+                ),
+            )),
+            Some(SecretFact::Unknown(why)) => Err((
+                Reason::ForeignSecret,
+                format!(
+                    "Secret {name:?} could not be looked up ({why}), so Portcullis cannot tell whose it is; it is refused until it can"
+                ),
+            )),
+            None => Err((
+                Reason::ForeignSecret,
+                format!(
+                    "Secret {name:?} was not looked up, so Portcullis cannot tell whose it is; it is refused until it can"
+                ),
+            )),
+        }
+    }
+
+    /// A workload a credential's rotation restarts: only the pipeline's own, that is one whose
+    /// pod template runs as one of the pipeline's stage ServiceAccounts. Offline it passes
+    /// (marked unverified); the controller checks it again before each restart.
+    fn decide_restart_target(&self, kind: WorkloadKind, name: &str) -> Outcome {
+        let Some(cluster) = self.ctx.cluster else {
+            return Ok(());
+        };
+        let service_account = match cluster.workloads.get(&(kind, name.to_string())) {
+            Some(WorkloadFact::Absent) => return Ok(()),
+            Some(WorkloadFact::RunsAs(sa)) => sa,
+            Some(WorkloadFact::Unknown(why)) => {
+                return Err((
+                    Reason::ForeignWorkload,
+                    format!(
+                        "{kind:?} {name} could not be looked up ({why}), so Portcullis cannot tell whose it is; it is not restarted until it can"
+                    ),
+                ));
+            }
+            None => {
+                return Err((
+                    Reason::ForeignWorkload,
+                    format!(
+                        "{kind:?} {name} was not looked up, so Portcullis cannot tell whose it is; it is not restarted until it can"
+                    ),
+                ));
+            }
+        };
+        if cluster::runs_as_stage(
+            self.ctx.namespace,
+            self.ctx.pipeline,
+            self.spec,
+            service_account,
+        ) {
+            return Ok(());
+        }
+        let own = crate::plan::names::stage_object(
+            self.ctx.namespace,
+            self.ctx.pipeline,
+            &self.stage.name,
+        );
+        Err((
+            Reason::ForeignWorkload,
+            format!(
+                "{kind:?} {name} runs as ServiceAccount {service_account:?}, not as a stage of this pipeline; Portcullis restarts only the pipeline's own workloads. Run it as {own:?} or remove it from restartTargets"
+            ),
+        ))
     }
 
     /// Credential paths of the other stages, with the stage that declares them first.
@@ -689,6 +781,7 @@ impl Evaluator<'_, '_> {
         }
         self.other_tenant(path, true)?;
         self.foreign_secret(secret_name)?;
+        self.cluster_secret(secret_name)?;
         self.decide_ttl(ttl_seconds, "the credential lifetime")?;
         if self.scope.defaults {
             return Err((

@@ -14,6 +14,7 @@
 //! through the floor and the scope.
 
 pub mod claims;
+pub mod cluster;
 pub(crate) mod defaults;
 pub mod floor;
 pub(crate) mod vault_path;
@@ -23,6 +24,7 @@ mod evaluate;
 mod scope;
 
 pub use claims::{Claimant, CredentialClaims};
+pub use cluster::{ClusterFacts, SecretFact, WorkloadFact};
 pub use decision::{Decision, Item, Reason, Verdict, WithCidr};
 #[cfg(test)]
 pub(crate) use evaluate::evaluate_stage;

@@ -296,6 +296,9 @@ pub(crate) struct StageContext<'a> {
     /// Who owns which credential path cluster-wide; None when unknown (then only the pipeline's
     /// own stages are compared).
     pub claims: Option<&'a super::CredentialClaims>,
+    /// The Secrets and workloads the pipeline names, as the cluster has them; None offline
+    /// (then grants on them are allowed, and the plan marks them unverified).
+    pub cluster: Option<&'a super::ClusterFacts>,
 }
 
 /// A guardrail's Vault path pattern with `{namespace}`, `{pipeline}` and `{stage}` filled in,

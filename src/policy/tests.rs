@@ -39,6 +39,7 @@ fn decide(
         pipeline: "fraud",
         index,
         claims: None,
+        cluster: None,
     };
     evaluate_stage(ctx, &validate(p).expect("test pipeline is valid"), &scope)
         .into_iter()
@@ -342,6 +343,7 @@ fn several_guardrails_intersect_and_the_refusing_one_is_named() {
         pipeline: "fraud",
         index: 0,
         claims: None,
+        cluster: None,
     };
     let decisions = evaluate_stage(ctx, &validate(p).expect("test pipeline is valid"), &scope);
     let wide = decisions
@@ -488,6 +490,7 @@ fn placeholders_fill_in_as_three_replacements_would() {
         pipeline,
         index: 0,
         claims: None,
+        cluster: None,
     };
     let sequential = |pattern: &str, c: StageContext<'_>, stage: &str| {
         pattern
@@ -582,6 +585,7 @@ fn each_decision_names_the_guardrail_that_decided_it() {
         pipeline: "fraud",
         index: 0,
         claims: None,
+        cluster: None,
     };
     let decisions = evaluate_stage(ctx, &validate(&p).expect("valid"), &scope);
     let by_item = |item: &str| {
@@ -606,4 +610,176 @@ fn each_decision_names_the_guardrail_that_decided_it() {
             assert_eq!(d.guardrail, None, "{d:?}");
         }
     }
+}
+
+const RESTARTING: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AIPipeline
+metadata: {name: fraud, namespace: ml}
+spec:
+  stages:
+    - name: train
+      role: Training
+      permissions:
+        - {apiGroups: [""], resources: [secrets], resourceNames: [train-db], verbs: [get]}
+      vault:
+        credentials:
+          - name: db
+            path: database/creds/ml_fraud_train
+            ttl: 30m
+            secretName: train-db
+            restartTargets:
+              - {kind: Deployment, name: trainer}
+              - {kind: Deployment, name: scorer}
+              - {kind: StatefulSet, name: gone}
+"#;
+
+fn plan_with(p: &AIPipeline, facts: Option<&ClusterFacts>) -> crate::plan::Plan {
+    crate::plan::validate_and_build_with(
+        p,
+        "ml",
+        &labels("ml"),
+        &[guardrail(TRAINING_GUARDRAIL)],
+        crate::plan::PlanOptions {
+            cluster: facts,
+            ..crate::plan::PlanOptions::default()
+        },
+    )
+    .expect("valid")
+}
+
+fn facts(secret: SecretFact, trainer_runs_as: &str) -> ClusterFacts {
+    use crate::api::WorkloadKind;
+    ClusterFacts {
+        secrets: BTreeMap::from([("train-db".to_string(), secret)]),
+        workloads: BTreeMap::from([
+            (
+                (WorkloadKind::Deployment, "trainer".to_string()),
+                WorkloadFact::RunsAs(trainer_runs_as.into()),
+            ),
+            (
+                (WorkloadKind::Deployment, "scorer".to_string()),
+                WorkloadFact::RunsAs("other-serve".into()),
+            ),
+            (
+                (WorkloadKind::StatefulSet, "gone".to_string()),
+                WorkloadFact::Absent,
+            ),
+        ]),
+    }
+}
+
+#[test]
+fn a_secret_that_exists_and_is_not_the_pipelines_is_refused_with_its_owner_named() {
+    let p = pipeline(RESTARTING);
+    let foreign = SecretFact::Foreign("a Helm release Secret (release \"vault\")".into());
+    let plan = plan_with(&p, Some(&facts(foreign, "fraud-train")));
+    for item in [
+        "get secrets/train-db",
+        "credential db from database/creds/ml_fraud_train ttl 30m",
+    ] {
+        let d = plan
+            .decisions
+            .iter()
+            .find(|d| d.item.to_string() == item)
+            .unwrap_or_else(|| panic!("no decision for {item}"));
+        assert_eq!(d.reason, Reason::ForeignSecret, "{item}");
+        assert!(d.message.contains("Helm release"), "{}", d.message);
+    }
+    let rules = plan.objects.iter().any(|o| o.kind() == "Role");
+    assert!(!rules, "a Role was planned for a foreign Secret");
+    assert!(plan.vault.credentials.is_empty());
+
+    // The pipeline's own Secret, or none yet: granted, and verified.
+    for fact in [SecretFact::Owned, SecretFact::Absent] {
+        let plan = plan_with(&p, Some(&facts(fact, "fraud-train")));
+        let d = plan
+            .decisions
+            .iter()
+            .find(|d| d.item.to_string() == "get secrets/train-db")
+            .expect("decided");
+        assert!(d.is_allowed(), "{}", d.message);
+        assert_eq!(plan.unverified(d), None);
+    }
+    // A name the controller could not look up, or did not, is refused, not granted.
+    let forbidden = SecretFact::Unknown("the operator may not read Secrets in ml".into());
+    let mut missing = facts(SecretFact::Owned, "fraud-train");
+    missing.secrets.clear();
+    for unknown in [facts(forbidden, "fraud-train"), missing] {
+        let plan = plan_with(&p, Some(&unknown));
+        let secret_items: Vec<_> = plan
+            .decisions
+            .iter()
+            .filter(|d| matches!(d.item, Item::Kubernetes { .. } | Item::Credential { .. }))
+            .collect();
+        assert_eq!(secret_items.len(), 2);
+        assert!(
+            secret_items
+                .iter()
+                .all(|d| d.reason == Reason::ForeignSecret),
+            "{secret_items:?}"
+        );
+    }
+}
+
+#[test]
+fn restart_targets_are_decided_and_only_the_pipelines_own_are_planned() {
+    let p = pipeline(RESTARTING);
+    let plan = plan_with(&p, Some(&facts(SecretFact::Owned, "fraud-train")));
+    let reason = |item: &str| {
+        plan.decisions
+            .iter()
+            .find(|d| d.item.to_string() == item)
+            .map(|d| (d.reason, d.field.clone()))
+            .unwrap_or_else(|| panic!("no decision for {item}"))
+    };
+    assert_eq!(
+        reason("restart Deployment trainer for credential db"),
+        (
+            Reason::WithinGuardrail,
+            "spec.stages[0].vault.credentials[0].restartTargets[0]".into()
+        )
+    );
+    let (r, _) = reason("restart Deployment scorer for credential db");
+    assert_eq!(r, Reason::ForeignWorkload);
+    let (r, _) = reason("restart StatefulSet gone for credential db");
+    assert_eq!(r, Reason::WithinGuardrail);
+    let targets: Vec<&str> = plan.vault.credentials[0]
+        .restart_targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(targets, ["trainer", "gone"]);
+
+    // A workload running as `default` (anyone's) is not the pipeline's either.
+    let plan = plan_with(&p, Some(&facts(SecretFact::Owned, "default")));
+    assert!(
+        plan.vault.credentials[0]
+            .restart_targets
+            .iter()
+            .all(|t| t.name == "gone")
+    );
+}
+
+#[test]
+fn offline_grants_on_named_secrets_and_restart_targets_are_unverified() {
+    let p = pipeline(RESTARTING);
+    let plan = plan_with(&p, None);
+    let unverified: Vec<String> = plan
+        .decisions
+        .iter()
+        .filter(|d| plan.unverified(d).is_some())
+        .map(|d| d.item.to_string())
+        .collect();
+    assert_eq!(
+        unverified,
+        [
+            "get secrets/train-db",
+            "credential db from database/creds/ml_fraud_train ttl 30m",
+            "restart Deployment trainer for credential db",
+            "restart Deployment scorer for credential db",
+            "restart StatefulSet gone for credential db",
+        ]
+    );
+    assert!(plan.decisions.iter().all(|d| d.is_allowed()));
 }

@@ -158,7 +158,12 @@ pub(crate) async fn service_account_token_with(
 
 /// A Deployment `name` in `ns` that a credential's `restartTargets` can name (nothing runs its
 /// pods: the test control plane has no scheduler).
-pub(crate) async fn restart_target(client: &kube::Client, ns: &str, name: &str) {
+pub(crate) async fn restart_target(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    service_account: &str,
+) {
     let deployment: k8s_openapi::api::apps::v1::Deployment =
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
@@ -166,7 +171,12 @@ pub(crate) async fn restart_target(client: &kube::Client, ns: &str, name: &str) 
                 "selector": {"matchLabels": {"app": name}},
                 "template": {
                     "metadata": {"labels": {"app": name}},
-                    "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]},
+                    // The operator restarts only workloads that run as one of the pipeline's
+                    // stages (ForeignWorkload).
+                    "spec": {
+                        "serviceAccountName": service_account,
+                        "containers": [{"name": "app", "image": "example.invalid/app:1"}],
+                    },
                 },
             },
         }))

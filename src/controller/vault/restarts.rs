@@ -12,12 +12,9 @@ use tracing::{info, warn};
 
 use super::state::VaultState;
 use super::{VaultSide, Work, earliest, rfc3339};
-use crate::api::WorkloadKind;
+use crate::controller::ownership::{template_service_account, workload_api};
 use crate::controller::{Error, Result};
-use crate::k8s::{
-    Api, ApiResource, DaemonSet, Deployment, DynamicObject, Patch, PatchParams, StatefulSet,
-    is_not_found,
-};
+use crate::k8s::{Api, DynamicObject, Patch, PatchParams, is_not_found};
 use crate::plan::CredentialRequest;
 
 /// The pod-template annotation that restarts a workload.
@@ -84,7 +81,7 @@ pub(super) async fn converge(
         else {
             continue;
         };
-        match restart_targets(work, r).await? {
+        match restart_targets(work, side, r).await? {
             None => {
                 state.leases[i].restart_pending = false;
                 work.save(state).await?;
@@ -95,24 +92,35 @@ pub(super) async fn converge(
     Ok(wake)
 }
 
-/// Restarts a credential's restart targets, unless one was restarted less than the minimum
-/// interval ago or the minute's budget is spent: then `Some(when to try again)`. Missing
-/// targets are skipped.
-async fn restart_targets(work: &Work<'_>, r: &CredentialRequest) -> Result<Option<DateTime<Utc>>> {
+/// Whether `workload` is the pipeline's: its pod template runs as one of the stages'
+/// ServiceAccounts (`side`'s subjects). The plan decided each target so when it was made; this
+/// is checked again right before the patch, as the workload may have changed since.
+fn is_pipelines(side: &VaultSide, namespace: &str, workload: &DynamicObject) -> bool {
+    let user = format!(
+        "system:serviceaccount:{namespace}:{}",
+        template_service_account(workload)
+    );
+    side.subjects.values().any(|s| *s == user)
+}
+
+/// Restarts a credential's restart targets (those the plan decided are the pipeline's),
+/// unless one was restarted less than the minimum interval ago or the minute's budget is spent:
+/// then `Some(when to try again)`. Missing targets, and targets that no longer run as one of
+/// the pipeline's stages, are skipped.
+async fn restart_targets(
+    work: &Work<'_>,
+    side: &VaultSide,
+    r: &CredentialRequest,
+) -> Result<Option<DateTime<Utc>>> {
     let limits = &work.vault.restarts;
     let now = Utc::now();
     let apis: Vec<(String, Api<DynamicObject>)> = r
         .restart_targets
         .iter()
         .map(|t| {
-            let resource = match t.kind {
-                WorkloadKind::Deployment => ApiResource::erase::<Deployment>(&()),
-                WorkloadKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
-                WorkloadKind::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
-            };
             (
                 t.name.clone(),
-                Api::namespaced_with(work.ctx.client.clone(), &work.namespace, &resource),
+                workload_api(&work.ctx.client, &work.namespace, t.kind),
             )
         })
         .collect();
@@ -123,6 +131,10 @@ async fn restart_targets(work: &Work<'_>, r: &CredentialRequest) -> Result<Optio
             warn!(kind = ?target.kind, name, "a restart target does not exist; skipping it");
             continue;
         };
+        if !is_pipelines(side, &work.namespace, &object) {
+            warn!(kind = ?target.kind, name, service_account = %template_service_account(&object), "a restart target no longer runs as one of the pipeline's stages; not restarting it");
+            continue;
+        }
         let last = object.data["spec"]["template"]["metadata"]["annotations"][RESTARTED_AT]
             .as_str()
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
