@@ -199,6 +199,19 @@ pub struct VaultArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
     pub vault_request_timeout: std::time::Duration,
 
+    /// How many calls to Vault may be in flight at once, over all pipelines. A call that finds
+    /// no free slot for as long as one request may take (`--vault-request-timeout`) is not made:
+    /// its credential shows the problem `waiting for a Vault call slot` (reason `VaultBusy`) and
+    /// it is retried.
+    #[arg(long, value_name = "N", default_value_t = crate::vault::DEFAULT_MAX_CONCURRENT_REQUESTS)]
+    pub vault_max_concurrent_requests: usize,
+
+    /// Of `--vault-max-concurrent-requests`, how many slots only renewals, revocations and lease
+    /// lookups may take, so that slow issues and policy writes never hold up what keeps
+    /// delivered credentials alive.
+    #[arg(long, value_name = "N", default_value_t = crate::vault::DEFAULT_RESERVED_REQUESTS)]
+    pub vault_reserved_requests: usize,
+
     /// How long replaced credentials stay valid after their consumers restart, before their
     /// lease is revoked.
     #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = duration)]
@@ -264,6 +277,13 @@ pub fn run(args: &RunArgs) -> u8 {
         }
     };
     if let Err(e) = exclusive_flags(args, shard) {
+        eprintln!("error: {e}");
+        return super::EXIT_INVALID;
+    }
+    if let Err(e) = crate::vault::check_call_slots(
+        args.vault.vault_max_concurrent_requests,
+        args.vault.vault_reserved_requests,
+    ) {
         eprintln!("error: {e}");
         return super::EXIT_INVALID;
     }
@@ -333,6 +353,8 @@ pub fn run(args: &RunArgs) -> u8 {
                     auth_token_path: args.vault.vault_auth_token_path.clone(),
                     workload_auth_mount: args.vault.vault_workload_auth_mount.clone(),
                     request_timeout: args.vault.vault_request_timeout,
+                    max_concurrent_requests: args.vault.vault_max_concurrent_requests,
+                    reserved_requests: args.vault.vault_reserved_requests,
                 },
                 state_namespace: args
                     .vault

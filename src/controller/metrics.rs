@@ -103,6 +103,10 @@ pub struct Metrics {
     /// Runtime access records (`controller::access`).
     pub(crate) access: super::access::AccessMetrics,
     pub vault_request_duration: Family<OperationLabels, Histogram>,
+    /// How long Vault calls waited for one of the bounded call slots, by operation.
+    pub vault_slot_wait: Family<OperationLabels, Histogram>,
+    /// Vault calls waiting for a call slot now.
+    pub vault_slot_waiting: Gauge,
     pub pipeline_ready: Family<PipelineLabels, Gauge>,
     pub pipeline_denied: Family<PipelineLabels, Gauge>,
     pub lease_expiry: Family<CredentialLabels, Gauge>,
@@ -251,6 +255,8 @@ impl Default for Metrics {
             register_decision_log(&mut registry);
         let Later {
             vault_request_duration,
+            vault_slot_wait,
+            vault_slot_waiting,
             pipeline_ready,
             pipeline_denied,
             lease_expiry,
@@ -267,6 +273,8 @@ impl Default for Metrics {
             decision_log_deferred,
             shard,
             vault_request_duration,
+            vault_slot_wait,
+            vault_slot_waiting,
             pipeline_ready,
             pipeline_denied,
             lease_expiry,
@@ -319,6 +327,8 @@ fn register_decision_log(registry: &mut Registry) -> (Counter, Gauge, Gauge) {
 
 struct Later {
     vault_request_duration: Family<OperationLabels, Histogram>,
+    vault_slot_wait: Family<OperationLabels, Histogram>,
+    vault_slot_waiting: Gauge,
     pipeline_ready: Family<PipelineLabels, Gauge>,
     pipeline_denied: Family<PipelineLabels, Gauge>,
     lease_expiry: Family<CredentialLabels, Gauge>,
@@ -334,6 +344,20 @@ impl Later {
             "vault_request_duration_seconds",
             "Time one call to Vault takes, answered or failed, by operation",
             vault_request_duration.clone(),
+        );
+        let vault_slot_wait = Family::<OperationLabels, Histogram>::new_with_constructor(
+            vault_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "vault_slot_wait_seconds",
+            "Time a Vault call waited for one of the bounded call slots (--vault-max-concurrent-requests) before it was sent, or gave up, by operation",
+            vault_slot_wait.clone(),
+        );
+        let vault_slot_waiting = Gauge::default();
+        registry.register(
+            "vault_slot_waiting",
+            "Vault calls waiting for a call slot now (all the slots they may take are busy)",
+            vault_slot_waiting.clone(),
         );
         let pipeline_ready = Family::<PipelineLabels, Gauge>::default();
         registry.register(
@@ -366,6 +390,8 @@ impl Later {
             .set(1);
         Later {
             vault_request_duration,
+            vault_slot_wait,
+            vault_slot_waiting,
             pipeline_ready,
             pipeline_denied,
             lease_expiry,

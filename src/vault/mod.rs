@@ -50,6 +50,32 @@ pub struct VaultConfig {
     /// The Kubernetes auth mount on which the workloads' roles are written.
     pub workload_auth_mount: String,
     pub request_timeout: Duration,
+    /// How many calls to Vault may be in flight at once, across all pipelines
+    /// (`--vault-max-concurrent-requests`).
+    pub max_concurrent_requests: usize,
+    /// Of [`VaultConfig::max_concurrent_requests`], how many only renewals, revocations and
+    /// lease lookups may take (`--vault-reserved-requests`): however many slow policy writes,
+    /// issues or sweeps wait, what keeps delivered credentials alive (or ends them) gets through.
+    pub reserved_requests: usize,
+}
+
+/// The default of `--vault-max-concurrent-requests`.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 16;
+/// The default of `--vault-reserved-requests`.
+pub const DEFAULT_RESERVED_REQUESTS: usize = 4;
+
+/// Whether `max` concurrent Vault calls with `reserved` of them kept for renewals and
+/// revocations can work: at least one slot of each kind.
+pub fn check_call_slots(max: usize, reserved: usize) -> Result<(), String> {
+    if reserved == 0 {
+        return Err("--vault-reserved-requests is 0: renewals and revocations would have no slot of their own and could wait behind slow issues; set it to 1 or more".into());
+    }
+    if reserved >= max {
+        return Err(format!(
+            "--vault-reserved-requests ({reserved}) must be less than --vault-max-concurrent-requests ({max}): policy writes, issues and sweeps need at least one slot; raise --vault-max-concurrent-requests or lower --vault-reserved-requests"
+        ));
+    }
+    Ok(())
 }
 
 /// Where the operator's token is kept across restarts and leader changes, so that a new leader

@@ -14,6 +14,7 @@ use super::{VaultProblem, VaultSide, Work, earliest, rfc3339, secrets};
 use crate::api::CredentialStatus;
 use crate::audit::Action as AuditAction;
 use crate::controller::events::{self, EventReason};
+use crate::controller::record;
 use crate::controller::{Error, Result};
 use crate::k8s::OwnerReference;
 use crate::plan::CredentialRequest;
@@ -337,17 +338,35 @@ async fn issue(
             ),
         ),
     };
-    let mut e = work.entry(action, Some(&r.stage), object.clone(), message);
-    e.subject = side.subject(&r.stage);
-    work.record(e).await?;
-    let issued = work
+    // A retry of an issue whose last attempt failed is in the log already: it is counted, and
+    // recorded once more when it succeeds.
+    let intent = format!(
+        "{action:?} {object} {}",
+        replaces.as_deref().unwrap_or_default()
+    );
+    if !record::intent_retried(work.ctx, &work.uid, &intent) {
+        let mut e = work.entry(action, Some(&r.stage), object.clone(), message);
+        e.subject = side.subject(&r.stage);
+        work.record(e).await?;
+    }
+    let issued = match work
         .call(
             "issue",
             Some(&r.stage),
             &object,
             endpoints::read_credentials(client, &r.path),
         )
-        .await?;
+        .await
+    {
+        Ok(issued) => issued,
+        Err(e) => {
+            if matches!(e, Error::Vault(_)) {
+                record::intent_failed(work.ctx, &work.uid, &intent);
+            }
+            return Err(e);
+        }
+    };
+    let failed_before = record::intent_done(work.ctx, &work.uid, &intent);
     let now = Utc::now();
     let ttl = leases::seconds(r.ttl);
     let expires_at = leases::planned_expiry(now, leases::seconds(issued.lease_duration), ttl);
@@ -385,6 +404,25 @@ async fn issue(
         return Err(e);
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
+    if failed_before > 0 {
+        let mut e = work.entry(
+            action,
+            Some(&r.stage),
+            object.clone(),
+            record::retried_message(
+                &format!(
+                    "issued credentials from {} for stage {} into Secret {} (lease {})",
+                    r.path,
+                    r.stage,
+                    r.secret_name,
+                    leases::lease_hash(&issued.lease_id)
+                ),
+                failed_before,
+            ),
+        );
+        e.subject = side.subject(&r.stage);
+        work.record_keepalive(e).await?;
+    }
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
     let (reason, verb) = if replaces.is_some() || replaces_unknown {
         (EventReason::CredentialsRotated, "rotated")
@@ -429,10 +467,10 @@ async fn renew(
     );
     e.subject = side.subject(&r.stage);
     work.record_keepalive(e).await?;
-    let renewed = match work
-        .slotted("renew", endpoints::lease_renew(client, lease_id, r.ttl))
-        .await
-    {
+    let slot = work.slot("renew", Some(&r.stage), &object).await?;
+    let result = endpoints::lease_renew(client, lease_id, r.ttl).await;
+    drop(slot);
+    let renewed = match result {
         Ok(v) => {
             work.count("renew", "ok");
             work.succeeded("renew", &object);
