@@ -250,9 +250,12 @@ fn init_logging() {
         .try_init();
 }
 
-/// Runs the operator; returns the process exit code.
-/// Flags that exclude each other.
+/// Flags that exclude each other, or do not fit together.
 fn exclusive_flags(args: &RunArgs, shard: Shard) -> Result<(), String> {
+    crate::vault::check_call_slots(
+        args.vault.vault_max_concurrent_requests,
+        args.vault.vault_reserved_requests,
+    )?;
     if shard.is_sharded() && args.watch_namespace.is_some() {
         return Err(format!(
             "--watch-namespace and --shard-count {} exclude each other: one namespace is never split across shards",
@@ -268,6 +271,7 @@ fn exclusive_flags(args: &RunArgs, shard: Shard) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs the operator; returns the process exit code.
 pub fn run(args: &RunArgs) -> u8 {
     let shard = match Shard::new(args.shard_index, args.shard_count) {
         Ok(shard) => shard,
@@ -277,13 +281,6 @@ pub fn run(args: &RunArgs) -> u8 {
         }
     };
     if let Err(e) = exclusive_flags(args, shard) {
-        eprintln!("error: {e}");
-        return super::EXIT_INVALID;
-    }
-    if let Err(e) = crate::vault::check_call_slots(
-        args.vault.vault_max_concurrent_requests,
-        args.vault.vault_reserved_requests,
-    ) {
         eprintln!("error: {e}");
         return super::EXIT_INVALID;
     }

@@ -31,7 +31,8 @@ pub struct DecisionLabels {
 pub struct VaultLabels {
     /// `policy_write`, `role_write`, `issue`, `renew`, `revoke`, ...
     pub operation: String,
-    /// `ok`, `unavailable` or `refused`.
+    /// `ok`, `unavailable`, `refused`, `login_failed`, `kube_error`, or `busy` (no call slot
+    /// came free in time: the call was not made).
     pub result: String,
 }
 
@@ -103,10 +104,8 @@ pub struct Metrics {
     /// Runtime access records (`controller::access`).
     pub(crate) access: super::access::AccessMetrics,
     pub vault_request_duration: Family<OperationLabels, Histogram>,
-    /// How long Vault calls waited for one of the bounded call slots, by operation.
-    pub vault_slot_wait: Family<OperationLabels, Histogram>,
-    /// Vault calls waiting for a call slot now.
-    pub vault_slot_waiting: Gauge,
+    /// The waits for the bounded Vault call slots.
+    pub vault_slots: VaultSlotMetrics,
     pub pipeline_ready: Family<PipelineLabels, Gauge>,
     pub pipeline_denied: Family<PipelineLabels, Gauge>,
     pub lease_expiry: Family<CredentialLabels, Gauge>,
@@ -255,8 +254,6 @@ impl Default for Metrics {
             register_decision_log(&mut registry);
         let Later {
             vault_request_duration,
-            vault_slot_wait,
-            vault_slot_waiting,
             pipeline_ready,
             pipeline_denied,
             lease_expiry,
@@ -265,6 +262,7 @@ impl Default for Metrics {
         let admission = AdmissionMetrics::register(&mut registry);
         let access = super::access::AccessMetrics::register(&mut registry);
         Metrics {
+            vault_slots: VaultSlotMetrics::register(&mut registry),
             access,
             registry,
             admission,
@@ -273,8 +271,6 @@ impl Default for Metrics {
             decision_log_deferred,
             shard,
             vault_request_duration,
-            vault_slot_wait,
-            vault_slot_waiting,
             pipeline_ready,
             pipeline_denied,
             lease_expiry,
@@ -293,6 +289,34 @@ impl Default for Metrics {
             adoptions_refused,
             leader,
         }
+    }
+}
+
+/// The waits for the bounded Vault call slots (`--vault-max-concurrent-requests`).
+pub struct VaultSlotMetrics {
+    /// How long Vault calls waited for a slot, by operation.
+    pub wait: Family<OperationLabels, Histogram>,
+    /// Vault calls waiting for a slot now.
+    pub waiting: Gauge,
+}
+
+impl VaultSlotMetrics {
+    fn register(registry: &mut Registry) -> VaultSlotMetrics {
+        let wait = Family::<OperationLabels, Histogram>::new_with_constructor(
+            vault_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "vault_slot_wait_seconds",
+            "Time a Vault call waited for one of the bounded call slots (--vault-max-concurrent-requests) before it was sent, or gave up, by operation",
+            wait.clone(),
+        );
+        let waiting = Gauge::default();
+        registry.register(
+            "vault_slot_waiting",
+            "Vault calls waiting for a call slot now (all the slots they may take are busy)",
+            waiting.clone(),
+        );
+        VaultSlotMetrics { wait, waiting }
     }
 }
 
@@ -327,8 +351,6 @@ fn register_decision_log(registry: &mut Registry) -> (Counter, Gauge, Gauge) {
 
 struct Later {
     vault_request_duration: Family<OperationLabels, Histogram>,
-    vault_slot_wait: Family<OperationLabels, Histogram>,
-    vault_slot_waiting: Gauge,
     pipeline_ready: Family<PipelineLabels, Gauge>,
     pipeline_denied: Family<PipelineLabels, Gauge>,
     lease_expiry: Family<CredentialLabels, Gauge>,
@@ -344,20 +366,6 @@ impl Later {
             "vault_request_duration_seconds",
             "Time one call to Vault takes, answered or failed, by operation",
             vault_request_duration.clone(),
-        );
-        let vault_slot_wait = Family::<OperationLabels, Histogram>::new_with_constructor(
-            vault_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "vault_slot_wait_seconds",
-            "Time a Vault call waited for one of the bounded call slots (--vault-max-concurrent-requests) before it was sent, or gave up, by operation",
-            vault_slot_wait.clone(),
-        );
-        let vault_slot_waiting = Gauge::default();
-        registry.register(
-            "vault_slot_waiting",
-            "Vault calls waiting for a call slot now (all the slots they may take are busy)",
-            vault_slot_waiting.clone(),
         );
         let pipeline_ready = Family::<PipelineLabels, Gauge>::default();
         registry.register(
@@ -390,8 +398,6 @@ impl Later {
             .set(1);
         Later {
             vault_request_duration,
-            vault_slot_wait,
-            vault_slot_waiting,
             pipeline_ready,
             pipeline_denied,
             lease_expiry,

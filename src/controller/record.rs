@@ -341,3 +341,18 @@ fn change_entry(change: &Change, target: &Target, subject: &str) -> Entry {
         item: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retried_intent_closes_with_the_attempt_it_succeeded_at() {
+        assert_eq!(
+            retried_message("issued credentials from database/creds/x", 1),
+            "issued credentials from database/creds/x at attempt 2: the intent was recorded at the first attempt, and the 1 attempt after it failed (the failure recorded once, when it first happened)"
+        );
+        assert!(retried_message("issued", 4).contains("at attempt 5: "));
+        assert!(retried_message("issued", 4).contains("the 4 attempts after it failed"));
+    }
+}

@@ -86,3 +86,29 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Keeps `token`, replacing the one kept before.
     fn save(&self, token: &str) -> impl Future<Output = Result<(), TokenStoreError>> + Send;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_slots_need_one_of_each_kind_and_say_which_flag_to_change() {
+        assert_eq!(
+            check_call_slots(DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_RESERVED_REQUESTS),
+            Ok(())
+        );
+        assert_eq!(check_call_slots(2, 1), Ok(()));
+        let none_reserved = check_call_slots(16, 0).unwrap_err();
+        assert!(
+            none_reserved.starts_with("--vault-reserved-requests is 0"),
+            "{none_reserved}"
+        );
+        for (max, reserved) in [(4, 4), (1, 1), (4, 9)] {
+            let e = check_call_slots(max, reserved).unwrap_err();
+            assert!(
+                e.contains(&format!("--vault-reserved-requests ({reserved}) must be less than --vault-max-concurrent-requests ({max})")),
+                "{e}"
+            );
+        }
+    }
+}

@@ -239,7 +239,7 @@ async fn verify(
                 Some(&lease.stage),
                 object.clone(),
                 format!(
-                    "lease {} was issued under an operator token it no longer holds (its Secret was lost); it ends when that token does: issuing new credentials and restarting their consumers",
+                    "lease {} was issued under an operator token it no longer holds (revoked, or its Secret lost); it ends when that token does, if it has not already: issuing new credentials and restarting their consumers",
                     leases::lease_hash(&lease.lease_id)
                 ),
             );
@@ -405,23 +405,7 @@ async fn issue(
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
     if failed_before > 0 {
-        let mut e = work.entry(
-            action,
-            Some(&r.stage),
-            object.clone(),
-            record::retried_message(
-                &format!(
-                    "issued credentials from {} for stage {} into Secret {} (lease {})",
-                    r.path,
-                    r.stage,
-                    r.secret_name,
-                    leases::lease_hash(&issued.lease_id)
-                ),
-                failed_before,
-            ),
-        );
-        e.subject = side.subject(&r.stage);
-        work.record_keepalive(e).await?;
+        record_retried(work, side, r, action, &issued.lease_id, failed_before).await?;
     }
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
     let (reason, verb) = if replaces.is_some() || replaces_unknown {
@@ -444,6 +428,33 @@ async fn issue(
     )
     .await;
     Ok((record.lease_id, record.renew_at))
+}
+
+/// Records that an issue retried after `failed` failed attempts (its intent recorded once, at
+/// the first) succeeded.
+async fn record_retried(
+    work: &Work<'_>,
+    side: &VaultSide,
+    r: &CredentialRequest,
+    action: AuditAction,
+    lease_id: &str,
+    failed: u32,
+) -> Result<()> {
+    let done = format!(
+        "issued credentials from {} for stage {} into Secret {} (lease {})",
+        r.path,
+        r.stage,
+        r.secret_name,
+        leases::lease_hash(lease_id)
+    );
+    let mut e = work.entry(
+        action,
+        Some(&r.stage),
+        object(r),
+        record::retried_message(&done, failed),
+    );
+    e.subject = side.subject(&r.stage);
+    work.record_keepalive(e).await
 }
 
 /// Records, then renews a lease. A lease Vault no longer knows is marked for replacement.

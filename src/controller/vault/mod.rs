@@ -511,12 +511,13 @@ impl<'a> Work<'a> {
         let bound = self.vault.session.config().request_timeout;
         let metrics = &self.ctx.metrics;
         let started = std::time::Instant::now();
-        metrics.vault_slot_waiting.inc();
+        metrics.vault_slots.waiting.inc();
         let acquired = tokio::time::timeout(bound, slots.acquire(keepalive)).await;
-        metrics.vault_slot_waiting.dec();
+        metrics.vault_slots.waiting.dec();
         let waited = started.elapsed();
         metrics
-            .vault_slot_wait
+            .vault_slots
+            .wait
             .get_or_create(&super::metrics::OperationLabels {
                 operation: operation.into(),
             })
@@ -799,6 +800,43 @@ mod tests {
         assert_eq!(
             Error::Vault(call(403)).to_string(),
             format!("Vault: {}", call(403))
+        );
+    }
+
+    #[tokio::test]
+    async fn renewals_get_a_slot_while_other_calls_hold_every_shared_one() {
+        let slots = CallSlots::new(3, 1);
+        assert_eq!((slots.open_to(false), slots.open_to(true)), (2, 3));
+        let _issues = (slots.acquire(false).await, slots.acquire(false).await);
+        // A third issue waits; a renewal takes the reserved slot.
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), slots.acquire(false)).await;
+        assert!(waiting.is_err(), "no shared slot is free");
+        let renewal = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            slots.acquire(keeps_alive("renew")),
+        )
+        .await;
+        assert!(renewal.is_ok(), "the reserved slot is free for a renewal");
+        assert!(!keeps_alive("issue") && !keeps_alive("policy_write"));
+        // Flags out of range are kept sane: one slot of each kind at least.
+        let slots = CallSlots::new(1, 5);
+        assert_eq!((slots.shared, slots.reserved), (1, 1));
+    }
+
+    #[test]
+    fn a_call_without_a_slot_is_busy_and_retried_soon() {
+        let busy = VaultProblem::Call(VaultError::Busy {
+            operation: "issue".into(),
+            slots: 12,
+            waited: std::time::Duration::from_secs(10),
+        });
+        assert_eq!(busy.reason(), Reason::VaultBusy);
+        assert_eq!(busy.category(), Category::Transient);
+        assert!(
+            busy.to_string()
+                .starts_with("waiting for a Vault call slot: issue was not sent, all 12 slots it may take stayed busy for 10s"),
+            "{busy}"
         );
     }
 
