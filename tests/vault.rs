@@ -1764,12 +1764,22 @@ async fn rotate_now_rotates_once_per_value_with_events() {
         (hash != second_hash).then_some(())
     })
     .await;
-    // Each attempt is recorded before it is made; all of them say why.
+    // The second rotation's intent is recorded once, at its first attempt, and its outcome once
+    // more, with the attempt it took; all of them say why.
+    let rotated = setup.records("credential-rotated");
+    assert_eq!(rotated.len(), 3, "{rotated:#?}");
     assert!(
-        setup
-            .records("credential-rotated")
+        rotated[2]["message"]
+            .as_str()
+            .unwrap()
+            .contains(") at attempt "),
+        "{rotated:#?}"
+    );
+    assert!(
+        rotated
             .iter()
-            .all(|r| r["message"].as_str().unwrap().contains("asked for"))
+            .all(|r| r["message"].as_str().unwrap().contains("asked for")),
+        "{rotated:#?}"
     );
     setup.assert_conformant();
 }

@@ -119,7 +119,7 @@ pub(crate) fn vault_success(ctx: &Context, uid: &str, call: &str) -> Option<u32>
         .map(|(_, count)| count)
 }
 
-/// Whether the Vault intent `intent` (such as `issue credential ingest/db (database/creds/x)`)
+/// Whether the Vault intent `intent` (such as `renew <lease id>`)
 /// of pipeline `uid` is a retry of one whose last attempt failed: it is in the log already and
 /// is not recorded again.
 pub(crate) fn intent_retried(ctx: &Context, uid: &str, intent: &str) -> bool {

@@ -344,29 +344,19 @@ async fn issue(
         "{action:?} {object} {}",
         replaces.as_deref().unwrap_or_default()
     );
-    if !record::intent_retried(work.ctx, &work.uid, &intent) {
-        let mut e = work.entry(action, Some(&r.stage), object.clone(), message);
-        e.subject = side.subject(&r.stage);
-        work.record(e).await?;
-    }
-    let issued = match work
+    let mut e = work.entry(action, Some(&r.stage), object.clone(), message);
+    e.subject = side.subject(&r.stage);
+    work.record_intent(&intent, e, false).await?;
+    let issued = work
         .call(
             "issue",
             Some(&r.stage),
             &object,
             endpoints::read_credentials(client, &r.path),
         )
-        .await
-    {
-        Ok(issued) => issued,
-        Err(e) => {
-            if matches!(e, Error::Vault(_)) {
-                record::intent_failed(work.ctx, &work.uid, &intent);
-            }
-            return Err(e);
-        }
-    };
-    let failed_before = record::intent_done(work.ctx, &work.uid, &intent);
+        .await;
+    let failed_before = work.attempted(&intent, &issued);
+    let issued = issued?;
     let now = Utc::now();
     let ttl = leases::seconds(r.ttl);
     let expires_at = leases::planned_expiry(now, leases::seconds(issued.lease_duration), ttl);
@@ -405,7 +395,14 @@ async fn issue(
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
     if failed_before > 0 {
-        record_retried(work, side, r, action, &issued.lease_id, failed_before).await?;
+        let done = format!(
+            "issued credentials from {} for stage {} into Secret {} (lease {}; {why})",
+            r.path,
+            r.stage,
+            r.secret_name,
+            leases::lease_hash(&issued.lease_id)
+        );
+        record_retried(work, side, r, action, &done, failed_before).await?;
     }
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
     let (reason, verb) = if replaces.is_some() || replaces_unknown {
@@ -431,27 +428,20 @@ async fn issue(
 }
 
 /// Records that an issue retried after `failed` failed attempts (its intent recorded once, at
-/// the first) succeeded.
+/// the first) is `done`.
 async fn record_retried(
     work: &Work<'_>,
     side: &VaultSide,
     r: &CredentialRequest,
     action: AuditAction,
-    lease_id: &str,
+    done: &str,
     failed: u32,
 ) -> Result<()> {
-    let done = format!(
-        "issued credentials from {} for stage {} into Secret {} (lease {})",
-        r.path,
-        r.stage,
-        r.secret_name,
-        leases::lease_hash(lease_id)
-    );
     let mut e = work.entry(
         action,
         Some(&r.stage),
         object(r),
-        record::retried_message(&done, failed),
+        record::retried_message(done, failed),
     );
     e.subject = side.subject(&r.stage);
     work.record_keepalive(e).await
@@ -477,14 +467,32 @@ async fn renew(
         format!("renewing lease {hash} by {}s", r.ttl),
     );
     e.subject = side.subject(&r.stage);
-    work.record_keepalive(e).await?;
-    let slot = work.slot("renew", Some(&r.stage), &object).await?;
+    let intent = format!("renew {lease_id}");
+    work.record_intent(&intent, e, true).await?;
+    let slot = match work.slot("renew", Some(&r.stage), &object).await {
+        Ok(slot) => slot,
+        Err(e) => {
+            work.attempt_failed(&intent, &e);
+            return Err(e);
+        }
+    };
     let result = endpoints::lease_renew(client, lease_id, r.ttl).await;
     drop(slot);
     let renewed = match result {
         Ok(v) => {
             work.count("renew", "ok");
             work.succeeded("renew", &object);
+            let failed = work.attempt_answered(&intent);
+            if failed > 0 {
+                let mut e = work.entry(
+                    AuditAction::CredentialRenewed,
+                    Some(&r.stage),
+                    object.clone(),
+                    record::retried_message(&format!("renewed lease {hash}"), failed),
+                );
+                e.subject = side.subject(&r.stage);
+                work.record_keepalive(e).await?;
+            }
             Some(v)
         }
         Err(ClientError::APIError {
@@ -493,6 +501,7 @@ async fn renew(
         }) => {
             // The lease is gone (expired, revoked, or its token was): replace it.
             work.count("renew", "refused");
+            work.attempt_answered(&intent);
             work.record_keepalive(work.entry(
                 AuditAction::VaultFailed,
                 Some(&r.stage),
@@ -507,7 +516,9 @@ async fn renew(
         }
         Err(e) => {
             let e = VaultError::from_client("renew", e);
-            return Err(work.failed("renew", Some(&r.stage), object, e).await);
+            let e = work.failed("renew", Some(&r.stage), object, e).await;
+            work.attempt_failed(&intent, &e);
+            return Err(e);
         }
     };
     let now = Utc::now();
@@ -569,15 +580,30 @@ pub(super) async fn revoke(
         object.clone(),
         format!("revoking lease {}: {why}", leases::lease_hash(lease_id)),
     );
-    e.subject = subject;
-    work.record_keepalive(e).await?;
-    work.call(
-        "revoke",
-        Some(&lease.stage),
-        &object,
-        endpoints::lease_revoke(client, lease_id),
-    )
-    .await?;
+    e.subject = subject.clone();
+    let intent = format!("revoke {lease_id}");
+    work.record_intent(&intent, e, true).await?;
+    let revoked = work
+        .call(
+            "revoke",
+            Some(&lease.stage),
+            &object,
+            endpoints::lease_revoke(client, lease_id),
+        )
+        .await;
+    let failed = work.attempted(&intent, &revoked);
+    revoked?;
+    if failed > 0 {
+        let done = format!("revoked lease {}", leases::lease_hash(lease_id));
+        let mut e = work.entry(
+            AuditAction::CredentialRevoked,
+            Some(&lease.stage),
+            object,
+            record::retried_message(&done, failed),
+        );
+        e.subject = subject;
+        work.record_keepalive(e).await?;
+    }
     state.leases.retain(|l| l.lease_id != lease_id);
     work.save(state).await
 }

@@ -418,6 +418,46 @@ impl<'a> Work<'a> {
         self.ctx.record_keepalive(vec![entry]).await
     }
 
+    /// Records `entry`, the intent of a Vault action (such as `renew <lease>`), before it is
+    /// made, unless the action retries one whose last attempt failed: that is in the log
+    /// already, from its first attempt, and the attempt is counted instead (see
+    /// [`Work::attempted`]).
+    async fn record_intent(&self, intent: &str, entry: Entry, keepalive: bool) -> Result<()> {
+        if crate::controller::record::intent_retried(self.ctx, &self.uid, intent) {
+            return Ok(());
+        }
+        if keepalive {
+            self.record_keepalive(entry).await
+        } else {
+            self.record(entry).await
+        }
+    }
+
+    /// After an attempt at the action `intent`: a failed Vault call is counted (its retry not
+    /// recorded again); an answer after failed attempts returns how many failed, for the
+    /// record that closes the intent (0: none, nothing to record).
+    fn attempted<T>(&self, intent: &str, result: &Result<T>) -> u32 {
+        match result {
+            Err(e) => {
+                self.attempt_failed(intent, e);
+                0
+            }
+            Ok(_) => self.attempt_answered(intent),
+        }
+    }
+
+    /// An attempt at the action `intent` failed; a failed Vault call is counted.
+    fn attempt_failed(&self, intent: &str, e: &Error) {
+        if matches!(e, Error::Vault(_)) {
+            crate::controller::record::intent_failed(self.ctx, &self.uid, intent);
+        }
+    }
+
+    /// Vault answered an attempt at the action `intent`: how many attempts failed before.
+    fn attempt_answered(&self, intent: &str) -> u32 {
+        crate::controller::record::intent_done(self.ctx, &self.uid, intent)
+    }
+
     /// Makes one Vault call: counted, and when it fails, recorded and returned as
     /// [`Error::Vault`].
     async fn call<T>(
