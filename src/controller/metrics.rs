@@ -578,6 +578,12 @@ mod tests {
                 result: "ok".into(),
             })
             .inc();
+        m.vault_slots
+            .wait
+            .get_or_create(&OperationLabels {
+                operation: "issue".into(),
+            })
+            .observe(0.001);
         m.set_shard(crate::shard::Shard::new(0, 1).unwrap());
         m.admission
             .refusals
