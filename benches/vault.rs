@@ -2,7 +2,7 @@
 //! engine issuing real roles), with the operator logged in through the fault proxy, whose
 //! request log counts every call it makes.
 //!
-//! Prints three figures (nothing is asserted; `make bench-vault`):
+//! Prints these figures (nothing is asserted; `make bench-vault`):
 //! - **issue to Secret**: p50/p99 of the time from creating a pipeline with one credential to its
 //!   Secret holding the credentials (`portcullis.dev/lease-hash` set), pipelines created one at a
 //!   time while the earlier ones are managed;
@@ -12,7 +12,9 @@
 //!   schedule asks, and how many leases had to be re-issued because a renewal came too late;
 //! - **Vault calls per credential per hour in steady state**: every call the operator makes
 //!   (renewals, lookups, policy and role reads at each `--vault-resync`, sweeps) over a window of
-//!   two resync intervals, for credentials with a 1 h TTL.
+//!   two resync intervals, for credentials with a 1 h TTL;
+//! - and, from the operator's metrics, how long its calls waited for a call slot
+//!   (`--vault-max-concurrent-requests`) and how many were not made for want of one.
 //!
 //! Settings (environment): `PORTCULLIS_BENCH_VAULT_ISSUES` (default 50),
 //! `PORTCULLIS_BENCH_VAULT_CREDENTIALS` (default 1000), `PORTCULLIS_BENCH_VAULT_TTL` (seconds,
@@ -276,6 +278,25 @@ async fn main() {
         "renewals ({credentials} credentials, ttl {ttl}s, {}s): {:.1} renewals/s done, the schedule asks about {asked:.0}/s; {reissued} leases re-issued in the window",
         window.as_secs(),
         renewed as f64 / window.as_secs_f64(),
+    );
+    let waits = operator
+        .metric("portcullis_vault_slot_wait_seconds_count")
+        .await;
+    let waited = operator
+        .metric("portcullis_vault_slot_wait_seconds_sum")
+        .await;
+    let busy: f64 = operator
+        .http_get("/metrics")
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("portcullis_vault_operations_total{") && l.contains(r#"result="busy""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    println!(
+        "call slots (16, 4 kept for renewals) over the whole run: {waits} calls waited {waited:.1} s for a slot in all ({:.2} ms a call); {busy} calls not made for want of a slot (VaultBusy)",
+        waited * 1e3 / waits.max(1.0)
     );
     drop(operator);
 }

@@ -385,6 +385,8 @@ async fn vault_scene(client: &Client, work: &Path) {
                 auth_token_path: jwt_path,
                 workload_auth_mount: "kubernetes".into(),
                 request_timeout: Duration::from_secs(5),
+                max_concurrent_requests: portcullis::vault::DEFAULT_MAX_CONCURRENT_REQUESTS,
+                reserved_requests: portcullis::vault::DEFAULT_RESERVED_REQUESTS,
             },
             state_namespace: "default".into(),
             revoke_grace: Duration::from_secs(1),

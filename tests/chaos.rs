@@ -52,6 +52,8 @@ struct Chaos {
     operator: Option<Operator>,
     jwt_path: PathBuf,
     _jwt_dir: tempfile::TempDir,
+    /// Flags of the operator's besides the common ones (which they replace).
+    extra_args: Vec<String>,
 }
 
 impl Drop for Chaos {
@@ -66,6 +68,12 @@ impl Drop for Chaos {
 
 impl Chaos {
     async fn new() -> Chaos {
+        Chaos::with_args(&[], "8s", "40s").await
+    }
+
+    /// With these operator flags added, or replacing the common ones of the same name, and the
+    /// database roles' default and max TTL.
+    async fn with_args(extra_args: &[&str], database_ttl: &str, database_max_ttl: &str) -> Chaos {
         let (client, ns, _) = guarded_namespace("chaos").await;
         let ops = temp_namespace(&client, "chaos-ops", &[]).await;
         let (jwt_dir, jwt_path) = support::openbao::operator_identity(&client, &ops).await;
@@ -81,8 +89,8 @@ impl Chaos {
                 audience: None,
                 period: "1h",
                 database_roles: &roles,
-                database_ttl: "8s",
-                database_max_ttl: "40s",
+                database_ttl,
+                database_max_ttl,
             },
         )
         .await;
@@ -103,6 +111,7 @@ impl Chaos {
             operator: None,
             jwt_path,
             _jwt_dir: jwt_dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         chaos.start(tempfile::tempdir().unwrap());
         chaos
@@ -113,25 +122,24 @@ impl Chaos {
     }
 
     fn launch(&self, name: &'static str, lease: Option<&str>, dir: tempfile::TempDir) -> Operator {
-        let args: Vec<String> = [
-            "--vault-address",
-            &self.bao.address(),
-            "--vault-auth-token-path",
-            &self.jwt_path.display().to_string(),
-            "--vault-state-namespace",
-            &self.ops,
-            "--vault-request-timeout",
-            "2s",
-            "--credential-revoke-grace",
-            "1s",
-            "--restart-min-interval",
-            "1s",
-            "--vault-resync",
-            "5s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let common = [
+            ("--vault-address", self.bao.address()),
+            (
+                "--vault-auth-token-path",
+                self.jwt_path.display().to_string(),
+            ),
+            ("--vault-state-namespace", self.ops.clone()),
+            ("--vault-request-timeout", "2s".into()),
+            ("--credential-revoke-grace", "1s".into()),
+            ("--restart-min-interval", "1s".into()),
+            ("--vault-resync", "5s".into()),
+        ];
+        let mut args: Vec<String> = common
+            .into_iter()
+            .filter(|(flag, _)| !self.extra_args.iter().any(|a| a == flag))
+            .flat_map(|(flag, value)| [flag.to_string(), value])
+            .collect();
+        args.extend(self.extra_args.iter().cloned());
         Operator::start_with(name, &self.ns, lease, dir, &args)
     }
 
@@ -248,6 +256,99 @@ impl Chaos {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         (samples, past_revocation, undelivered_seen)
+    }
+
+    /// Creates pipelines `p<i>` for each `i` in `range`, with `ttl` credentials; their names
+    /// and Secret names.
+    async fn create_pipelines(
+        &self,
+        range: std::ops::Range<usize>,
+        ttl: &str,
+    ) -> BTreeMap<String, String> {
+        let mut created = BTreeMap::new();
+        for i in range {
+            let name = format!("p{i}");
+            let secret = format!("{name}-db");
+            self.api()
+                .create(&PostParams::default(), &self.pipeline(&name, ttl, &secret))
+                .await
+                .unwrap();
+            created.insert(name, secret);
+        }
+        created
+    }
+
+    /// The `db` credential of pipeline `name` as its status shows it: whether it is delivered
+    /// (its lease not expired) and its lease hash.
+    async fn delivered(&self, name: &str) -> (bool, Option<String>) {
+        let p = self.api().get(name).await.unwrap();
+        let credential = p
+            .status
+            .as_ref()
+            .and_then(|s| s.stages.first())
+            .and_then(|s| s.credentials.iter().find(|c| c.name == "db"))
+            .cloned();
+        let delivered = credential
+            .as_ref()
+            .and_then(|c| c.lease_expires_at.clone())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+            .is_some_and(|t| t > chrono::Utc::now());
+        (delivered, credential.and_then(|c| c.lease_hash))
+    }
+
+    /// Whether the credentials in Secret `secret_name` log into PostgreSQL (`None`: no Secret).
+    async fn logs_in(&self, secret_name: &str) -> Option<bool> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let secret = secrets.get_opt(secret_name).await.unwrap()?;
+        let data = secret.data.as_ref().unwrap();
+        let user = String::from_utf8(data["username"].0.clone()).unwrap();
+        let password = String::from_utf8(data["password"].0.clone()).unwrap();
+        Some(postgres().log_in(&user, &password).is_ok())
+    }
+
+    /// Samples every pipeline twice a second for `period` after the leases `revoked` (lease
+    /// hash per pipeline) were revoked behind the operator's back: how many samples; how many
+    /// of them a credential the status calls delivered whose credentials no longer log in,
+    /// after the status had moved off the revoked lease or naming another lease (served past
+    /// revocation); and how many showed the revoked lease still delivered before the status
+    /// moved off it (the operator cannot know before its next Vault call); and when the status
+    /// of every pipeline had moved off its revoked lease.
+    async fn sample_revoked(
+        &self,
+        live: &BTreeMap<String, String>,
+        revoked: &BTreeMap<String, String>,
+        period: Duration,
+    ) -> (usize, usize, usize, Option<Duration>) {
+        let (mut samples, mut past_revocation, mut not_yet_known) = (0, 0, 0);
+        let mut moved_on: BTreeSet<&str> = BTreeSet::new();
+        let mut all_moved_on = None;
+        let start = std::time::Instant::now();
+        while start.elapsed() < period {
+            for (name, secret_name) in live {
+                // The status first: the Secret is written before it.
+                let (delivered, hash) = self.delivered(name).await;
+                let Some(works) = self.logs_in(secret_name).await else {
+                    continue;
+                };
+                samples += 1;
+                let shows_revoked = hash.as_ref() == revoked.get(name);
+                if delivered && !works {
+                    if shows_revoked && !moved_on.contains(name.as_str()) {
+                        not_yet_known += 1;
+                    } else {
+                        past_revocation += 1;
+                    }
+                }
+                if !delivered || !shows_revoked {
+                    moved_on.insert(name);
+                }
+            }
+            if all_moved_on.is_none() && moved_on.len() == live.len() {
+                all_moved_on = Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        (samples, past_revocation, not_yet_known, all_moved_on)
     }
 
     /// Whatever is wrong with the converged state; empty when nothing is.
@@ -609,4 +710,226 @@ async fn a_leader_handover_under_load_serves_nothing_past_revocation() {
         let (ok, out) = op.verify();
         assert!(ok, "the decision log verifies: {out}");
     }
+}
+
+/// A lost operator token, mid-run: an administrator revokes the running operator's Vault token
+/// (`auth/token/revoke-accessor`), and OpenBao revokes every lease it created (their PostgreSQL
+/// roles dropped). The operator learns it at its next Vault call (a refused renewal): it checks
+/// its token, logs in again, looks its leases up, finds them gone and, in the same reconcile,
+/// issues new credentials, delivers them and restarts their consumers. Sampled throughout:
+/// credentials served past revocation (a delivered credential that no longer logs in, once the
+/// status has moved off the revoked lease) 0. Before the operator's next Vault call nothing can
+/// tell it the token died: those samples are printed, not hidden. The decision log tells what
+/// happened, and verifies.
+#[tokio::test]
+async fn a_lost_operator_token_mid_run_is_noticed_and_nothing_served_past_revocation() {
+    let chaos = Chaos::new().await;
+    let live = chaos.create_pipelines(0..3, "8s").await;
+    let none = BTreeSet::new();
+    wait_for("converged", Duration::from_secs(60), || async {
+        chaos.problems(&live, &none).await.is_empty().then_some(())
+    })
+    .await;
+    // Once every lease has been renewed, the operator's own token renewal is half an hour
+    // away: what tells it the token died is a refused call (a renewal, a policy comparison).
+    wait_for("every lease renewed", Duration::from_secs(30), || async {
+        let records = chaos.operator.as_ref().unwrap().records();
+        live.keys()
+            .all(|name| {
+                records
+                    .iter()
+                    .any(|r| r["pipeline"] == name.as_str() && r["action"] == "credential-renewed")
+            })
+            .then_some(())
+    })
+    .await;
+    let tokens = chaos.bao.login_tokens("portcullis-operator").await;
+    assert_eq!(tokens.len(), 1, "one operator token: {tokens:#?}");
+    let accessor = tokens[0]["accessor"].as_str().unwrap().to_string();
+    let mut revoked = BTreeMap::new();
+    let mut revoked_users = Vec::new();
+    let secrets: Api<Secret> = Api::namespaced(chaos.client.clone(), &chaos.ns);
+    for (name, secret) in &live {
+        let (delivered, hash) = chaos.delivered(name).await;
+        assert!(delivered, "{name} is delivered before the revocation");
+        revoked.insert(name.clone(), hash.unwrap());
+        let data = secrets.get(secret).await.unwrap().data.unwrap();
+        revoked_users.push(String::from_utf8(data["username"].0.clone()).unwrap());
+    }
+    chaos.bao.revoke_accessor(&accessor).await;
+
+    let (samples, past_revocation, not_yet_known, moved_on) = chaos
+        .sample_revoked(&live, &revoked, Duration::from_secs(20))
+        .await;
+    println!(
+        "operator token revoked mid-run ({} pipelines, 8 s leases): {samples} samples; before the operator's next Vault call, samples still showing the revoked lease: {not_yet_known}; every status off the revoked leases after {}; credentials served past revocation: {past_revocation}",
+        live.len(),
+        moved_on.map_or("(not within 20 s)".to_string(), |d| format!(
+            "{:.1} s",
+            d.as_secs_f64()
+        ))
+    );
+    assert_eq!(past_revocation, 0);
+    wait_for(
+        "converged after the token was lost",
+        Duration::from_secs(90),
+        || async { chaos.problems(&live, &none).await.is_empty().then_some(()) },
+    )
+    .await;
+    for user in &revoked_users {
+        assert!(
+            postgres().role(user).is_none(),
+            "the PostgreSQL role {user} went with the revoked token"
+        );
+    }
+
+    // The running operator logged in again (no restart); the revoked token is gone.
+    let tokens = chaos.bao.login_tokens("portcullis-operator").await;
+    assert_eq!(tokens.len(), 1, "one live operator token: {tokens:#?}");
+    assert_ne!(tokens[0]["accessor"].as_str(), Some(accessor.as_str()));
+    let operator = chaos.operator.as_ref().unwrap();
+    let records = operator.records();
+    let about = |name: &str, action: &str, text: &str| {
+        records.iter().any(|r| {
+            r["pipeline"] == name
+                && r["action"] == action
+                && r["message"].as_str().is_some_and(|m| m.contains(text))
+        })
+    };
+    for (name, hash) in &revoked {
+        let (delivered, now) = chaos.delivered(name).await;
+        assert!(
+            delivered && now.as_ref() != Some(hash),
+            "{name}: a new lease is delivered"
+        );
+        // Gone; or, when OpenBao had not yet revoked it as the operator looked it up (it
+        // revokes a token's leases in the background), issued under a token it no longer holds.
+        let gone = format!("lease {hash} is gone from Vault");
+        let orphaned =
+            format!("lease {hash} was issued under an operator token it no longer holds");
+        assert!(
+            about(name, "vault-failed", &gone) || about(name, "vault-failed", &orphaned),
+            "{name}: the revoked lease is recorded"
+        );
+        assert!(
+            about(name, "credential-rotated", &format!("lease {hash}")),
+            "{name}: its replacement is recorded"
+        );
+    }
+    assert!(
+        records.iter().any(|r| r["action"] == "vault-failed"
+            && r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("HTTP 403"))),
+        "the refused call that told the operator is recorded"
+    );
+    let (ok, out) = operator.verify();
+    assert!(ok, "the decision log verifies: {out}");
+}
+
+/// Overload: a slow Vault (the proxy adds 1.5 s to every call) and few call slots
+/// (`--vault-max-concurrent-requests 2 --vault-reserved-requests 1`: one shared, one for
+/// renewals and revocations). A burst of new pipelines queues for the shared slot; a call that
+/// finds no slot for as long as one request may take is not made, and its pipeline says so
+/// (reason `VaultBusy`, `waiting for a Vault call slot`), the waits in the metrics. Meanwhile
+/// the running pipeline's renewals go through on the reserved slot: its credentials are
+/// delivered and log in at every sample. Once Vault is fast again, everything converges.
+#[tokio::test]
+async fn a_slow_vault_with_few_call_slots_shows_the_wait_and_renewals_go_through() {
+    let chaos = Chaos::with_args(
+        &[
+            "--vault-max-concurrent-requests",
+            "2",
+            "--vault-reserved-requests",
+            "1",
+        ],
+        // Renewed at two thirds of 24 s: a third of the TTL (8 s) is more than a reconcile of the
+        // running pipeline can be held up by its own calls waiting for the shared slot (2 s) and
+        // made (1.5 s), before its next renewal's (1.5 s).
+        "24s",
+        "2m",
+    )
+    .await;
+    let mut live = chaos.create_pipelines(0..1, "24s").await;
+    let none = BTreeSet::new();
+    wait_for(
+        "the first pipeline converged",
+        Duration::from_secs(60),
+        || async { chaos.problems(&live, &none).await.is_empty().then_some(()) },
+    )
+    .await;
+    let operator = chaos.operator.as_ref().unwrap();
+    let renewals =
+        || operator.metric(r#"portcullis_vault_operations_total{operation="renew",result="ok"}"#);
+    let renewed_before = renewals().await;
+
+    chaos.bao.faults().set_latency(Duration::from_millis(1500));
+    let burst = chaos.create_pipelines(1..PIPELINES, "24s").await;
+    let (mut samples, mut undelivered, mut busy_seen) = (0, 0, BTreeSet::new());
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(25) {
+        let (delivered, _) = chaos.delivered("p0").await;
+        let works = chaos.logs_in("p0-db").await == Some(true);
+        samples += 1;
+        undelivered += usize::from(!(delivered && works));
+        for name in burst.keys() {
+            let p = chaos.api().get(name).await.unwrap();
+            let Some(status) = p.status.as_ref() else {
+                continue;
+            };
+            let busy = status.conditions.iter().any(|c| c.reason == "VaultBusy")
+                && status.stages.iter().flat_map(|s| &s.credentials).all(|c| {
+                    c.problem
+                        .as_ref()
+                        .is_none_or(|m| m.starts_with("waiting for a Vault call slot"))
+                });
+            if busy {
+                busy_seen.insert(name.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let renewed = renewals().await - renewed_before;
+    let waited = operator
+        .metric("portcullis_vault_slot_wait_seconds_sum")
+        .await;
+    let gave_up = operator
+        .metric(r#"portcullis_vault_operations_total{operation="#)
+        .await;
+    let busy_calls: f64 = operator
+        .http_get("/metrics")
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("portcullis_vault_operations_total{") && l.contains(r#"result="busy""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    println!(
+        "slow Vault (1.5 s a call), 2 slots (1 reserved), a burst of {} pipelines: {} said VaultBusy; calls not made for want of a slot: {busy_calls} of {gave_up}; slot waits {waited:.1} s in all; the running pipeline renewed {renewed} times, undelivered in {undelivered} of {samples} samples",
+        burst.len(),
+        busy_seen.len()
+    );
+    assert!(
+        !busy_seen.is_empty(),
+        "a waiting pipeline says so in its status"
+    );
+    assert!(busy_calls > 0.0, "the calls not made are counted");
+    assert!(waited > 0.0, "the slot waits are measured");
+    assert!(renewed >= 1.0, "renewals go through on the reserved slot");
+    assert_eq!(
+        undelivered, 0,
+        "the running pipeline's credentials stay delivered"
+    );
+
+    chaos.bao.faults().set_latency(Duration::ZERO);
+    live.extend(burst);
+    wait_for(
+        "everything converged once Vault is fast again",
+        Duration::from_secs(150),
+        || async { chaos.problems(&live, &none).await.is_empty().then_some(()) },
+    )
+    .await;
+    let (ok, out) = chaos.operator.as_ref().unwrap().verify();
+    assert!(ok, "the decision log verifies: {out}");
 }

@@ -559,6 +559,17 @@ fn expected_vault_args(values: &Value) -> Vec<String> {
                 .to_string(),
         ),
         ("--vault-resync", get("resync", "5m")),
+        (
+            "--vault-max-concurrent-requests",
+            vault["maxConcurrentRequests"]
+                .as_u64()
+                .unwrap_or(16)
+                .to_string(),
+        ),
+        (
+            "--vault-reserved-requests",
+            vault["reservedRequests"].as_u64().unwrap_or(4).to_string(),
+        ),
     ] {
         args.extend([flag.to_string(), value]);
     }
@@ -1141,6 +1152,8 @@ async fn chart_renders_and_the_api_server_accepts_every_object() {
                     "revokeGrace": "30s",
                     "restartMinInterval": "5m",
                     "maxRestartsPerMinute": 3,
+                    "maxConcurrentRequests": 8,
+                    "reservedRequests": 2,
                     "resync": "1h",
                     "requestTimeout": "3s",
                 },

@@ -1770,12 +1770,113 @@ async fn rotate_now_rotates_once_per_value_with_events() {
         (hash != second_hash).then_some(())
     })
     .await;
-    // Each attempt is recorded before it is made; all of them say why.
+    // The second rotation's intent is recorded once, at its first attempt, and its outcome once
+    // more, with the attempt it took; all of them say why.
+    let rotated = setup.records("credential-rotated");
+    assert_eq!(rotated.len(), 3, "{rotated:#?}");
     assert!(
-        setup
-            .records("credential-rotated")
-            .iter()
-            .all(|r| r["message"].as_str().unwrap().contains("asked for"))
+        rotated[2]["message"]
+            .as_str()
+            .unwrap()
+            .contains(") at attempt "),
+        "{rotated:#?}"
     );
+    assert!(
+        rotated
+            .iter()
+            .all(|r| r["message"].as_str().unwrap().contains("asked for")),
+        "{rotated:#?}"
+    );
+    setup.assert_conformant();
+}
+
+/// Issue 10, hole 8, for issues: while issuing a credential keeps failing (its credentials path
+/// answers 503), every retry is a new attempt but not a new record. The intent is recorded
+/// once, at the first attempt, the failure once; when the path answers again, one record says
+/// the credentials were issued, at which attempt. The first decision is never lost, and the
+/// log verifies.
+#[tokio::test]
+async fn a_failing_issue_is_recorded_once_then_counted_not_once_per_retry() {
+    let setup = Setup::new("vault-issue-repeats", &SLOW).await;
+    let path = format!("/v1/database/creds/{}", db_role(&setup.ns));
+    setup.bao.faults().fault_path(&path, PathFault::Fail(503));
+    setup.create(SLOW.credential_ttl).await;
+    let failed_attempts = || async {
+        setup
+            .operator()
+            .metric(r#"portcullis_vault_operations_total{operation="issue",result="unavailable"}"#)
+            .await
+    };
+    wait_for("five failed attempts", Duration::from_secs(120), || async {
+        (failed_attempts().await >= 5.0).then_some(())
+    })
+    .await;
+    let refused_requests = setup
+        .bao
+        .faults()
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with(&path) && r.status == Some(503))
+        .count();
+    assert!(
+        refused_requests >= 5,
+        "each attempt reached the credentials path: {refused_requests}"
+    );
+    let object = format!(
+        "credential ingest/feature-db (database/creds/{})",
+        db_role(&setup.ns)
+    );
+    let about = |action: &str| -> Vec<Value> {
+        setup
+            .records(action)
+            .into_iter()
+            .filter(|r| r["object"] == object.as_str())
+            .collect()
+    };
+    assert_eq!(
+        about("credential-issued").len(),
+        1,
+        "the intent is recorded once, not per retry: {:#?}",
+        about("credential-issued")
+    );
+    assert_eq!(
+        about("vault-failed").len(),
+        1,
+        "the failure is recorded once: {:#?}",
+        about("vault-failed")
+    );
+
+    setup.bao.faults().clear_path_faults();
+    setup.wait_for_secret().await;
+    let failed = failed_attempts().await;
+    let issued = about("credential-issued");
+    assert_eq!(issued.len(), 2, "the intent, then its outcome: {issued:#?}");
+    assert!(
+        issued[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("issuing credentials"),
+        "the first decision is kept: {issued:#?}"
+    );
+    let outcome = issued[1]["message"].as_str().unwrap();
+    assert!(
+        outcome.contains(&format!("at attempt {}", failed + 1.0)),
+        "the outcome counts the attempts ({failed} failed): {outcome}"
+    );
+    // In the log: the intent before the failure, the failure before the outcome.
+    let records = setup.operator().records();
+    let position = |action: &str, nth: usize| {
+        records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r["action"] == action && r["object"] == object.as_str())
+            .nth(nth)
+            .map(|(i, _)| i)
+            .unwrap()
+    };
+    assert!(position("credential-issued", 0) < position("vault-failed", 0));
+    assert!(position("vault-failed", 0) < position("credential-issued", 1));
+    let (user, password) = credentials(&setup.secret().await.unwrap());
+    assert_eq!(postgres().log_in(&user, &password), Ok(user.clone()));
     setup.assert_conformant();
 }

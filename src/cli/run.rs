@@ -199,6 +199,19 @@ pub struct VaultArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
     pub vault_request_timeout: std::time::Duration,
 
+    /// How many calls to Vault may be in flight at once, over all pipelines. A call that finds
+    /// no free slot for as long as one request may take (`--vault-request-timeout`) is not made:
+    /// its credential shows the problem `waiting for a Vault call slot` (reason `VaultBusy`) and
+    /// it is retried.
+    #[arg(long, value_name = "N", default_value_t = crate::vault::DEFAULT_MAX_CONCURRENT_REQUESTS)]
+    pub vault_max_concurrent_requests: usize,
+
+    /// Of `--vault-max-concurrent-requests`, how many slots only renewals, revocations and lease
+    /// lookups may take, so that slow issues and policy writes never hold up what keeps
+    /// delivered credentials alive.
+    #[arg(long, value_name = "N", default_value_t = crate::vault::DEFAULT_RESERVED_REQUESTS)]
+    pub vault_reserved_requests: usize,
+
     /// How long replaced credentials stay valid after their consumers restart, before their
     /// lease is revoked.
     #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = duration)]
@@ -237,9 +250,12 @@ fn init_logging() {
         .try_init();
 }
 
-/// Runs the operator; returns the process exit code.
-/// Flags that exclude each other.
+/// Flags that exclude each other, or do not fit together.
 fn exclusive_flags(args: &RunArgs, shard: Shard) -> Result<(), String> {
+    crate::vault::check_call_slots(
+        args.vault.vault_max_concurrent_requests,
+        args.vault.vault_reserved_requests,
+    )?;
     if shard.is_sharded() && args.watch_namespace.is_some() {
         return Err(format!(
             "--watch-namespace and --shard-count {} exclude each other: one namespace is never split across shards",
@@ -255,6 +271,7 @@ fn exclusive_flags(args: &RunArgs, shard: Shard) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs the operator; returns the process exit code.
 pub fn run(args: &RunArgs) -> u8 {
     let shard = match Shard::new(args.shard_index, args.shard_count) {
         Ok(shard) => shard,
@@ -333,6 +350,8 @@ pub fn run(args: &RunArgs) -> u8 {
                     auth_token_path: args.vault.vault_auth_token_path.clone(),
                     workload_auth_mount: args.vault.vault_workload_auth_mount.clone(),
                     request_timeout: args.vault.vault_request_timeout,
+                    max_concurrent_requests: args.vault.vault_max_concurrent_requests,
+                    reserved_requests: args.vault.vault_reserved_requests,
                 },
                 state_namespace: args
                     .vault

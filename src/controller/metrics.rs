@@ -31,7 +31,8 @@ pub struct DecisionLabels {
 pub struct VaultLabels {
     /// `policy_write`, `role_write`, `issue`, `renew`, `revoke`, ...
     pub operation: String,
-    /// `ok`, `unavailable` or `refused`.
+    /// `ok`, `unavailable`, `refused`, `login_failed`, `kube_error`, or `busy` (no call slot
+    /// came free in time: the call was not made).
     pub result: String,
 }
 
@@ -103,6 +104,8 @@ pub struct Metrics {
     /// Runtime access records (`controller::access`).
     pub(crate) access: super::access::AccessMetrics,
     pub vault_request_duration: Family<OperationLabels, Histogram>,
+    /// The waits for the bounded Vault call slots.
+    pub vault_slots: VaultSlotMetrics,
     pub pipeline_ready: Family<PipelineLabels, Gauge>,
     pub pipeline_denied: Family<PipelineLabels, Gauge>,
     pub lease_expiry: Family<CredentialLabels, Gauge>,
@@ -262,6 +265,7 @@ impl Default for Metrics {
         let access = super::access::AccessMetrics::register(&mut registry);
         Metrics {
             guardrails: super::guardrails::GuardrailMetrics::register(&mut registry),
+            vault_slots: VaultSlotMetrics::register(&mut registry),
             access,
             registry,
             admission,
@@ -288,6 +292,34 @@ impl Default for Metrics {
             adoptions_refused,
             leader,
         }
+    }
+}
+
+/// The waits for the bounded Vault call slots (`--vault-max-concurrent-requests`).
+pub struct VaultSlotMetrics {
+    /// How long Vault calls waited for a slot, by operation.
+    pub wait: Family<OperationLabels, Histogram>,
+    /// Vault calls waiting for a slot now.
+    pub waiting: Gauge,
+}
+
+impl VaultSlotMetrics {
+    fn register(registry: &mut Registry) -> VaultSlotMetrics {
+        let wait = Family::<OperationLabels, Histogram>::new_with_constructor(
+            vault_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "vault_slot_wait_seconds",
+            "Time a Vault call waited for one of the bounded call slots (--vault-max-concurrent-requests) before it was sent, or gave up, by operation",
+            wait.clone(),
+        );
+        let waiting = Gauge::default();
+        registry.register(
+            "vault_slot_waiting",
+            "Vault calls waiting for a call slot now (all the slots they may take are busy)",
+            waiting.clone(),
+        );
+        VaultSlotMetrics { wait, waiting }
     }
 }
 
@@ -549,6 +581,12 @@ mod tests {
                 result: "ok".into(),
             })
             .inc();
+        m.vault_slots
+            .wait
+            .get_or_create(&OperationLabels {
+                operation: "issue".into(),
+            })
+            .observe(0.001);
         m.set_shard(crate::shard::Shard::new(0, 1).unwrap());
         m.admission
             .refusals

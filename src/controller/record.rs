@@ -27,6 +27,10 @@ pub(crate) struct Repeats {
     vault: HashMap<String, (String, u32)>,
     /// The value of the `portcullis.dev/reconcile` annotation last recorded.
     reconcile_request: Option<String>,
+    /// Per Vault intent (such as issuing one credential) whose last attempt failed, how many
+    /// attempts failed: the intent is in the log from its first attempt, and its retries are
+    /// counted, not recorded again.
+    intents: HashMap<String, u32>,
 }
 
 /// Records a reconcile asked for with the [`RECONCILE_ANNOTATION`], once per value of the
@@ -113,6 +117,50 @@ pub(crate) fn vault_success(ctx: &Context, uid: &str, call: &str) -> Option<u32>
         .get_mut(uid)
         .and_then(|seen| seen.vault.remove(call))
         .map(|(_, count)| count)
+}
+
+/// Whether the Vault intent `intent` (such as `renew <lease id>`)
+/// of pipeline `uid` is a retry of one whose last attempt failed: it is in the log already and
+/// is not recorded again.
+pub(crate) fn intent_retried(ctx: &Context, uid: &str, intent: &str) -> bool {
+    ctx.repeats
+        .lock()
+        .expect("repeats lock")
+        .get(uid)
+        .is_some_and(|seen| seen.intents.contains_key(intent))
+}
+
+/// An attempt at the Vault intent `intent` failed: its retries are not recorded again.
+pub(crate) fn intent_failed(ctx: &Context, uid: &str, intent: &str) {
+    *ctx.repeats
+        .lock()
+        .expect("repeats lock")
+        .entry(uid.to_string())
+        .or_default()
+        .intents
+        .entry(intent.to_string())
+        .or_default() += 1;
+}
+
+/// An attempt at the Vault intent `intent` succeeded: how many attempts failed before it (0:
+/// none). Its next attempt, if any, is recorded again.
+pub(crate) fn intent_done(ctx: &Context, uid: &str, intent: &str) -> u32 {
+    ctx.repeats
+        .lock()
+        .expect("repeats lock")
+        .get_mut(uid)
+        .and_then(|seen| seen.intents.remove(intent))
+        .unwrap_or_default()
+}
+
+/// The message of the record that closes a Vault intent retried after failures: the intent
+/// was recorded once, at its first attempt, and the attempts in between were counted.
+pub(crate) fn retried_message(done: &str, failed: u32) -> String {
+    format!(
+        "{done} at attempt {}: the intent was recorded at the first attempt, and the {failed} attempt{} after it failed (the failure recorded once, when it first happened)",
+        failed + 1,
+        if failed == 1 { "" } else { "s" }
+    )
 }
 
 /// After the apply step: whether `changes` failed, so that retrying the same changes is not
@@ -291,5 +339,20 @@ fn change_entry(change: &Change, target: &Target, subject: &str) -> Entry {
         pipeline_uid: Some(target.uid.clone()),
         guardrail: None,
         item: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retried_intent_closes_with_the_attempt_it_succeeded_at() {
+        assert_eq!(
+            retried_message("issued credentials from database/creds/x", 1),
+            "issued credentials from database/creds/x at attempt 2: the intent was recorded at the first attempt, and the 1 attempt after it failed (the failure recorded once, when it first happened)"
+        );
+        assert!(retried_message("issued", 4).contains("at attempt 5: "));
+        assert!(retried_message("issued", 4).contains("the 4 attempts after it failed"));
     }
 }

@@ -61,6 +61,19 @@ pub enum VaultError {
     /// Keeping the operator's token in its [`TokenStore`](super::TokenStore) failed.
     #[error("keeping the operator's Vault token: {0}")]
     TokenStore(#[source] TokenStoreError),
+    /// The call was not made: every slot it may take (of `--vault-max-concurrent-requests`)
+    /// stayed busy with other, slow calls for as long as one call may take.
+    #[error(
+        "waiting for a Vault call slot: {operation} was not sent, all {slots} slots it may take stayed busy for {}s (Vault answers slowly); it is retried. If Vault can take more at once, raise --vault-max-concurrent-requests",
+        waited.as_secs()
+    )]
+    Busy {
+        operation: String,
+        /// How many slots the call could have taken.
+        slots: usize,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
 }
 
 /// What a [`VaultError`] means for the caller.
@@ -74,6 +87,8 @@ pub enum VaultErrorKind {
     Login,
     /// The token store failed.
     TokenStore,
+    /// The call waited for a free slot for too long and was not made.
+    Busy,
 }
 
 impl VaultError {
@@ -106,6 +121,7 @@ impl VaultError {
             VaultError::Refused { .. } => VaultErrorKind::Refused,
             VaultError::TokenFile { .. } | VaultError::LoginRefused { .. } => VaultErrorKind::Login,
             VaultError::TokenStore(_) => VaultErrorKind::TokenStore,
+            VaultError::Busy { .. } => VaultErrorKind::Busy,
         }
     }
 
@@ -117,6 +133,7 @@ impl VaultError {
             VaultErrorKind::Login => "login_failed",
             // The token store is a Kubernetes Secret; the label predates the trait.
             VaultErrorKind::TokenStore => "kube_error",
+            VaultErrorKind::Busy => "busy",
         }
     }
 }

@@ -50,6 +50,32 @@ pub struct VaultConfig {
     /// The Kubernetes auth mount on which the workloads' roles are written.
     pub workload_auth_mount: String,
     pub request_timeout: Duration,
+    /// How many calls to Vault may be in flight at once, across all pipelines
+    /// (`--vault-max-concurrent-requests`).
+    pub max_concurrent_requests: usize,
+    /// Of [`VaultConfig::max_concurrent_requests`], how many only renewals, revocations and
+    /// lease lookups may take (`--vault-reserved-requests`): however many slow policy writes,
+    /// issues or sweeps wait, what keeps delivered credentials alive (or ends them) gets through.
+    pub reserved_requests: usize,
+}
+
+/// The default of `--vault-max-concurrent-requests`.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 16;
+/// The default of `--vault-reserved-requests`.
+pub const DEFAULT_RESERVED_REQUESTS: usize = 4;
+
+/// Whether `max` concurrent Vault calls with `reserved` of them kept for renewals and
+/// revocations can work: at least one slot of each kind.
+pub fn check_call_slots(max: usize, reserved: usize) -> Result<(), String> {
+    if reserved == 0 {
+        return Err("--vault-reserved-requests is 0: renewals and revocations would have no slot of their own and could wait behind slow issues; set it to 1 or more".into());
+    }
+    if reserved >= max {
+        return Err(format!(
+            "--vault-reserved-requests ({reserved}) must be less than --vault-max-concurrent-requests ({max}): policy writes, issues and sweeps need at least one slot; raise --vault-max-concurrent-requests or lower --vault-reserved-requests"
+        ));
+    }
+    Ok(())
 }
 
 /// Where the operator's token is kept across restarts and leader changes, so that a new leader
@@ -59,4 +85,30 @@ pub trait TokenStore: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<Option<String>, TokenStoreError>> + Send;
     /// Keeps `token`, replacing the one kept before.
     fn save(&self, token: &str) -> impl Future<Output = Result<(), TokenStoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_slots_need_one_of_each_kind_and_say_which_flag_to_change() {
+        assert_eq!(
+            check_call_slots(DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_RESERVED_REQUESTS),
+            Ok(())
+        );
+        assert_eq!(check_call_slots(2, 1), Ok(()));
+        let none_reserved = check_call_slots(16, 0).unwrap_err();
+        assert!(
+            none_reserved.starts_with("--vault-reserved-requests is 0"),
+            "{none_reserved}"
+        );
+        for (max, reserved) in [(4, 4), (1, 1), (4, 9)] {
+            let e = check_call_slots(max, reserved).unwrap_err();
+            assert!(
+                e.contains(&format!("--vault-reserved-requests ({reserved}) must be less than --vault-max-concurrent-requests ({max})")),
+                "{e}"
+            );
+        }
+    }
 }

@@ -80,21 +80,25 @@ impl<S: TokenStore> Session<S> {
         Ok(self.client.read().await)
     }
 
-    /// Forgets the token when Vault no longer knows it (the next call logs in again).
-    pub async fn check_token(&self) {
+    /// Forgets the token when Vault no longer knows it (the next call logs in again). Whether
+    /// the caller's token is gone: Vault said so now, or another caller already dropped it.
+    pub async fn check_token(&self) -> bool {
         let invalid = {
             let guard = self.client.read().await;
-            endpoints::has_token(&guard)
-                && matches!(
-                    endpoints::token_lookup_self(&guard).await,
-                    Err(ClientError::APIError { code: 403, .. })
-                )
+            if !endpoints::has_token(&guard) {
+                return true;
+            }
+            matches!(
+                endpoints::token_lookup_self(&guard).await,
+                Err(ClientError::APIError { code: 403, .. })
+            )
         };
         if invalid {
             warn!("the operator's Vault token is no longer valid; logging in again");
             let mut guard = self.client.write().await;
             vaultrs::client::Client::set_token(&mut *guard, "");
         }
+        invalid
     }
 
     async fn establish(&self, client: &mut VaultClient) -> Result<(), VaultError> {

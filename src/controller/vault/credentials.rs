@@ -14,6 +14,7 @@ use super::{VaultProblem, VaultSide, Work, earliest, rfc3339, secrets};
 use crate::api::CredentialStatus;
 use crate::audit::Action as AuditAction;
 use crate::controller::events::{self, EventReason};
+use crate::controller::record;
 use crate::controller::{Error, Result};
 use crate::k8s::OwnerReference;
 use crate::plan::CredentialRequest;
@@ -238,7 +239,7 @@ async fn verify(
                 Some(&lease.stage),
                 object.clone(),
                 format!(
-                    "lease {} was issued under an operator token it no longer holds (its Secret was lost); it ends when that token does: issuing new credentials and restarting their consumers",
+                    "lease {} was issued under an operator token it no longer holds (revoked, or its Secret lost); it ends when that token does, if it has not already: issuing new credentials and restarting their consumers",
                     leases::lease_hash(&lease.lease_id)
                 ),
             );
@@ -337,9 +338,15 @@ async fn issue(
             ),
         ),
     };
+    // A retry of an issue whose last attempt failed is in the log already: it is counted, and
+    // recorded once more when it succeeds.
+    let intent = format!(
+        "{action:?} {object} {}",
+        replaces.as_deref().unwrap_or_default()
+    );
     let mut e = work.entry(action, Some(&r.stage), object.clone(), message);
     e.subject = side.subject(&r.stage);
-    work.record(e).await?;
+    work.record_intent(&intent, e, false).await?;
     let issued = work
         .call(
             "issue",
@@ -347,7 +354,9 @@ async fn issue(
             &object,
             endpoints::read_credentials(client, &r.path),
         )
-        .await?;
+        .await;
+    let failed_before = work.attempted(&intent, &issued);
+    let issued = issued?;
     let now = Utc::now();
     let ttl = leases::seconds(r.ttl);
     let expires_at = leases::planned_expiry(now, leases::seconds(issued.lease_duration), ttl);
@@ -385,6 +394,16 @@ async fn issue(
         return Err(e);
     }
     secrets::write(work, r, &record, Some(&issued.data), owner).await?;
+    if failed_before > 0 {
+        let done = format!(
+            "issued credentials from {} for stage {} into Secret {} (lease {}; {why})",
+            r.path,
+            r.stage,
+            r.secret_name,
+            leases::lease_hash(&issued.lease_id)
+        );
+        record_retried(work, side, r, action, &done, failed_before).await?;
+    }
     info!(stage = %r.stage, credential = %r.name, secret = %r.secret_name, lease = %leases::lease_hash(&issued.lease_id), "issued credentials");
     let (reason, verb) = if replaces.is_some() || replaces_unknown {
         (EventReason::CredentialsRotated, "rotated")
@@ -408,6 +427,26 @@ async fn issue(
     Ok((record.lease_id, record.renew_at))
 }
 
+/// Records that an issue retried after `failed` failed attempts (its intent recorded once, at
+/// the first) is `done`.
+async fn record_retried(
+    work: &Work<'_>,
+    side: &VaultSide,
+    r: &CredentialRequest,
+    action: AuditAction,
+    done: &str,
+    failed: u32,
+) -> Result<()> {
+    let mut e = work.entry(
+        action,
+        Some(&r.stage),
+        object(r),
+        record::retried_message(done, failed),
+    );
+    e.subject = side.subject(&r.stage);
+    work.record_keepalive(e).await
+}
+
 /// Records, then renews a lease. A lease Vault no longer knows is marked for replacement.
 /// Returns when to look at it again.
 async fn renew(
@@ -428,14 +467,32 @@ async fn renew(
         format!("renewing lease {hash} by {}s", r.ttl),
     );
     e.subject = side.subject(&r.stage);
-    work.record_keepalive(e).await?;
-    let renewed = match work
-        .slotted("renew", endpoints::lease_renew(client, lease_id, r.ttl))
-        .await
-    {
+    let intent = format!("renew {lease_id}");
+    work.record_intent(&intent, e, true).await?;
+    let slot = match work.slot("renew", Some(&r.stage), &object).await {
+        Ok(slot) => slot,
+        Err(e) => {
+            work.attempt_failed(&intent, &e);
+            return Err(e);
+        }
+    };
+    let result = endpoints::lease_renew(client, lease_id, r.ttl).await;
+    drop(slot);
+    let renewed = match result {
         Ok(v) => {
             work.count("renew", "ok");
             work.succeeded("renew", &object);
+            let failed = work.attempt_answered(&intent);
+            if failed > 0 {
+                let mut e = work.entry(
+                    AuditAction::CredentialRenewed,
+                    Some(&r.stage),
+                    object.clone(),
+                    record::retried_message(&format!("renewed lease {hash}"), failed),
+                );
+                e.subject = side.subject(&r.stage);
+                work.record_keepalive(e).await?;
+            }
             Some(v)
         }
         Err(ClientError::APIError {
@@ -444,6 +501,7 @@ async fn renew(
         }) => {
             // The lease is gone (expired, revoked, or its token was): replace it.
             work.count("renew", "refused");
+            work.attempt_answered(&intent);
             work.record_keepalive(work.entry(
                 AuditAction::VaultFailed,
                 Some(&r.stage),
@@ -458,7 +516,9 @@ async fn renew(
         }
         Err(e) => {
             let e = VaultError::from_client("renew", e);
-            return Err(work.failed("renew", Some(&r.stage), object, e).await);
+            let e = work.failed("renew", Some(&r.stage), object, e).await;
+            work.attempt_failed(&intent, &e);
+            return Err(e);
         }
     };
     let now = Utc::now();
@@ -520,15 +580,30 @@ pub(super) async fn revoke(
         object.clone(),
         format!("revoking lease {}: {why}", leases::lease_hash(lease_id)),
     );
-    e.subject = subject;
-    work.record_keepalive(e).await?;
-    work.call(
-        "revoke",
-        Some(&lease.stage),
-        &object,
-        endpoints::lease_revoke(client, lease_id),
-    )
-    .await?;
+    e.subject = subject.clone();
+    let intent = format!("revoke {lease_id}");
+    work.record_intent(&intent, e, true).await?;
+    let revoked = work
+        .call(
+            "revoke",
+            Some(&lease.stage),
+            &object,
+            endpoints::lease_revoke(client, lease_id),
+        )
+        .await;
+    let failed = work.attempted(&intent, &revoked);
+    revoked?;
+    if failed > 0 {
+        let done = format!("revoked lease {}", leases::lease_hash(lease_id));
+        let mut e = work.entry(
+            AuditAction::CredentialRevoked,
+            Some(&lease.stage),
+            object,
+            record::retried_message(&done, failed),
+        );
+        e.subject = subject;
+        work.record_keepalive(e).await?;
+    }
     state.leases.retain(|l| l.lease_id != lease_id);
     work.save(state).await
 }

@@ -48,26 +48,36 @@ use token::SecretTokenStore;
 /// The operator's Vault session, its token kept in a Secret.
 pub(crate) type VaultSession = Session<SecretTokenStore>;
 
-/// How many Vault calls the operator has in flight at once, across all pipelines. Each call is
-/// bounded by `--vault-request-timeout`, so a slow or silent Vault holds a slot for at most that
-/// long.
-pub(crate) const MAX_CONCURRENT_CALLS: usize = 16;
-/// Of [`MAX_CONCURRENT_CALLS`], the slots only renewals, revocations and lease lookups may take:
-/// however many slow policy writes, issues or sweeps are waiting, what keeps delivered
-/// credentials alive (or ends them) gets through.
-pub(crate) const KEEPALIVE_SLOTS: usize = 4;
-
-/// The bounded slots for Vault calls, with some kept for renewals and revocations.
+/// The bounded slots for Vault calls (`--vault-max-concurrent-requests`), with some kept for
+/// renewals, revocations and lease lookups (`--vault-reserved-requests`). Each call is bounded
+/// by `--vault-request-timeout`, so a slow or silent Vault holds a slot for at most that long;
+/// a call that waits that long for a slot is not made (see [`Work::slot`]).
 struct CallSlots {
     any: tokio::sync::Semaphore,
     keepalive: tokio::sync::Semaphore,
+    shared: usize,
+    reserved: usize,
 }
 
 impl CallSlots {
-    fn new() -> CallSlots {
+    fn new(max: usize, reserved: usize) -> CallSlots {
+        // The flags are checked at start (`vault::check_call_slots`); here only kept sane.
+        let reserved = reserved.clamp(1, max.max(2) - 1);
+        let shared = max.max(2) - reserved;
         CallSlots {
-            any: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS - KEEPALIVE_SLOTS),
-            keepalive: tokio::sync::Semaphore::new(KEEPALIVE_SLOTS),
+            any: tokio::sync::Semaphore::new(shared),
+            keepalive: tokio::sync::Semaphore::new(reserved),
+            shared,
+            reserved,
+        }
+    }
+
+    /// How many slots a call of this kind may take.
+    fn open_to(&self, keepalive: bool) -> usize {
+        if keepalive {
+            self.shared + self.reserved
+        } else {
+            self.shared
         }
     }
 
@@ -131,6 +141,10 @@ impl VaultCtx {
         resync: std::time::Duration,
         secrets: Store<PartialObjectMeta<Secret>>,
     ) -> VaultCtx {
+        let slots = CallSlots::new(
+            session.config().max_concurrent_requests,
+            session.config().reserved_requests,
+        );
         VaultCtx {
             session,
             state_namespace,
@@ -139,7 +153,7 @@ impl VaultCtx {
             secrets,
             name_prefix: crate::plan::names::DEFAULT_VAULT_NAME_PREFIX.to_string(),
             restarts: restarts::Restarts::new(restart_min_interval, max_restarts_per_minute),
-            slots: CallSlots::new(),
+            slots,
             states: tokio::sync::Mutex::default(),
             pipelines: std::sync::OnceLock::new(),
             sweep: true,
@@ -235,6 +249,7 @@ impl VaultProblem {
                 VaultErrorKind::Refused => Reason::VaultRefused,
                 VaultErrorKind::Login => Reason::VaultLoginFailed,
                 VaultErrorKind::TokenStore => Reason::KubernetesError,
+                VaultErrorKind::Busy => Reason::VaultBusy,
             },
             VaultProblem::SecretNotOwned { .. } => Reason::SecretNotOwned,
             VaultProblem::ObjectNotOwned { .. } => Reason::VaultRefused,
@@ -249,6 +264,8 @@ impl VaultProblem {
             VaultProblem::Call(e) => match e.kind() {
                 VaultErrorKind::Unavailable | VaultErrorKind::TokenStore => Category::Unavailable,
                 VaultErrorKind::Refused | VaultErrorKind::Login => Category::Refused,
+                // Nothing failed: the queue was long. Retried soon, not backed off to minutes.
+                VaultErrorKind::Busy => Category::Transient,
             },
             VaultProblem::SecretNotOwned { .. } | VaultProblem::ObjectNotOwned { .. } => {
                 Category::Refused
@@ -401,6 +418,46 @@ impl<'a> Work<'a> {
         self.ctx.record_keepalive(vec![entry]).await
     }
 
+    /// Records `entry`, the intent of a Vault action (such as `renew <lease>`), before it is
+    /// made, unless the action retries one whose last attempt failed: that is in the log
+    /// already, from its first attempt, and the attempt is counted instead (see
+    /// [`Work::attempted`]).
+    async fn record_intent(&self, intent: &str, entry: Entry, keepalive: bool) -> Result<()> {
+        if crate::controller::record::intent_retried(self.ctx, &self.uid, intent) {
+            return Ok(());
+        }
+        if keepalive {
+            self.record_keepalive(entry).await
+        } else {
+            self.record(entry).await
+        }
+    }
+
+    /// After an attempt at the action `intent`: a failed Vault call is counted (its retry not
+    /// recorded again); an answer after failed attempts returns how many failed, for the
+    /// record that closes the intent (0: none, nothing to record).
+    fn attempted<T>(&self, intent: &str, result: &Result<T>) -> u32 {
+        match result {
+            Err(e) => {
+                self.attempt_failed(intent, e);
+                0
+            }
+            Ok(_) => self.attempt_answered(intent),
+        }
+    }
+
+    /// An attempt at the action `intent` failed; a failed Vault call is counted.
+    fn attempt_failed(&self, intent: &str, e: &Error) {
+        if matches!(e, Error::Vault(_)) {
+            crate::controller::record::intent_failed(self.ctx, &self.uid, intent);
+        }
+    }
+
+    /// Vault answered an attempt at the action `intent`: how many attempts failed before.
+    fn attempt_answered(&self, intent: &str) -> u32 {
+        crate::controller::record::intent_done(self.ctx, &self.uid, intent)
+    }
+
     /// Makes one Vault call: counted, and when it fails, recorded and returned as
     /// [`Error::Vault`].
     async fn call<T>(
@@ -410,7 +467,7 @@ impl<'a> Work<'a> {
         object: &str,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T> {
-        let slot = self.vault.slots.acquire(keeps_alive(operation)).await;
+        let slot = self.slot(operation, stage, object).await?;
         let started = std::time::Instant::now();
         let result = call.await;
         drop(slot);
@@ -478,8 +535,51 @@ impl<'a> Work<'a> {
         }
     }
 
-    /// Makes one Vault call in a bounded slot (see [`MAX_CONCURRENT_CALLS`]), without the
-    /// counting and recording of [`Work::call`].
+    /// A slot for one Vault call (see [`CallSlots`]), waited for at most as long as one call
+    /// may take: if every slot the call may take stays busy that long, Vault is slow and the
+    /// queue long, and the call is not made. That is a failure of the call (recorded once,
+    /// counted with the result `busy`), shown as the problem of its credential or pipeline
+    /// (reason `VaultBusy`) and retried, so a pipeline that waits says so.
+    async fn slot(
+        &self,
+        operation: &str,
+        stage: Option<&str>,
+        object: &str,
+    ) -> Result<tokio::sync::SemaphorePermit<'a>> {
+        let keepalive = keeps_alive(operation);
+        let slots: &'a CallSlots = &self.vault.slots;
+        let bound = self.vault.session.config().request_timeout;
+        let metrics = &self.ctx.metrics;
+        let started = std::time::Instant::now();
+        metrics.vault_slots.waiting.inc();
+        let acquired = tokio::time::timeout(bound, slots.acquire(keepalive)).await;
+        metrics.vault_slots.waiting.dec();
+        let waited = started.elapsed();
+        metrics
+            .vault_slots
+            .wait
+            .get_or_create(&super::metrics::OperationLabels {
+                operation: operation.into(),
+            })
+            .observe(waited.as_secs_f64());
+        match acquired {
+            Ok(permit) => Ok(permit),
+            Err(_) => {
+                let busy = VaultError::Busy {
+                    operation: operation.to_string(),
+                    slots: slots.open_to(keepalive),
+                    waited,
+                };
+                Err(self
+                    .failed(operation, stage, object.to_string(), busy)
+                    .await)
+            }
+        }
+    }
+
+    /// Makes one Vault call in a slot, however long it waits for one, without the counting and
+    /// recording of [`Work::call`]: for the revocation of a lease that could not be kept, which
+    /// must not be skipped.
     async fn slotted<T>(&self, operation: &str, call: impl Future<Output = T>) -> T {
         let _slot = self.vault.slots.acquire(keeps_alive(operation)).await;
         call.await
@@ -529,7 +629,16 @@ pub(crate) async fn reconcile(
     }
     let mut held = secrets::held(&work, side);
     let mut problems = credentials::CredentialProblems::default();
-    match converge(&work, side, owner, &mut state, &mut held, &mut problems).await {
+    let mut converged = converge(&work, side, owner, &mut state, &mut held, &mut problems).await;
+    if token_lost(vault, &converged).await {
+        // The operator's token died while it ran (revoked, or expired), and with it every lease
+        // it created: the refused calls said so. Go again at once with a new login, so that
+        // the leases are looked up, found gone and replaced now, and the status never reports
+        // them delivered.
+        problems = credentials::CredentialProblems::default();
+        converged = converge(&work, side, owner, &mut state, &mut held, &mut problems).await;
+    }
+    match converged {
         Ok((wake, None)) => outcome.wake = wake,
         Ok((wake, Some(problem))) => {
             // Retried with backoff, but the other credentials' schedule is kept.
@@ -544,11 +653,6 @@ pub(crate) async fn reconcile(
             outcome.wake = wake;
         }
         Err(Error::Vault(problem)) => {
-            if problem.reason() == Reason::VaultRefused {
-                // A refused call may mean the operator's token is gone; check it outside the
-                // call.
-                vault.session.check_token().await;
-            }
             outcome.problem = Some(problem);
             outcome.wake = Some(Utc::now() + chrono::Duration::seconds(5));
         }
@@ -556,6 +660,22 @@ pub(crate) async fn reconcile(
     }
     (outcome.credentials, outcome.live) = credentials::delivered(side, &state, &held, &problems);
     Ok(outcome)
+}
+
+/// Whether a Vault call of `converged` was refused because the operator's token is gone: a
+/// refused call may mean that, so the token is checked (outside the call) and dropped if Vault
+/// no longer knows it; the next call logs in again.
+async fn token_lost(
+    vault: &VaultCtx,
+    converged: &Result<(Option<DateTime<Utc>>, Option<VaultProblem>)>,
+) -> bool {
+    let refused = match converged {
+        Ok((_, Some(problem))) | Err(Error::Vault(problem)) => {
+            problem.reason() == Reason::VaultRefused
+        }
+        _ => false,
+    };
+    refused && vault.session.check_token().await
 }
 
 /// The pipeline holds Vault state (its finalizer says so) but its state Secret is gone
@@ -720,6 +840,43 @@ mod tests {
         assert_eq!(
             Error::Vault(call(403)).to_string(),
             format!("Vault: {}", call(403))
+        );
+    }
+
+    #[tokio::test]
+    async fn renewals_get_a_slot_while_other_calls_hold_every_shared_one() {
+        let slots = CallSlots::new(3, 1);
+        assert_eq!((slots.open_to(false), slots.open_to(true)), (2, 3));
+        let _issues = (slots.acquire(false).await, slots.acquire(false).await);
+        // A third issue waits; a renewal takes the reserved slot.
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), slots.acquire(false)).await;
+        assert!(waiting.is_err(), "no shared slot is free");
+        let renewal = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            slots.acquire(keeps_alive("renew")),
+        )
+        .await;
+        assert!(renewal.is_ok(), "the reserved slot is free for a renewal");
+        assert!(!keeps_alive("issue") && !keeps_alive("policy_write"));
+        // Flags out of range are kept sane: one slot of each kind at least.
+        let slots = CallSlots::new(1, 5);
+        assert_eq!((slots.shared, slots.reserved), (1, 1));
+    }
+
+    #[test]
+    fn a_call_without_a_slot_is_busy_and_retried_soon() {
+        let busy = VaultProblem::Call(VaultError::Busy {
+            operation: "issue".into(),
+            slots: 12,
+            waited: std::time::Duration::from_secs(10),
+        });
+        assert_eq!(busy.reason(), Reason::VaultBusy);
+        assert_eq!(busy.category(), Category::Transient);
+        assert!(
+            busy.to_string()
+                .starts_with("waiting for a Vault call slot: issue was not sent, all 12 slots it may take stayed busy for 10s"),
+            "{busy}"
         );
     }
 
