@@ -246,12 +246,7 @@ impl Default for Metrics {
             "Restart targets restarted because their credentials changed",
             workload_restarts.clone(),
         );
-        let shard = Family::<ShardLabels, Gauge>::default();
-        registry.register(
-            "shard_info",
-            "1, labelled with this operator's --shard-index and --shard-count",
-            shard.clone(),
-        );
+        let shard = register_shard(&mut registry);
         let (decision_log_write_failures, decision_log_writable, decision_log_deferred) =
             register_decision_log(&mut registry);
         let Later {
@@ -293,6 +288,17 @@ impl Default for Metrics {
             leader,
         }
     }
+}
+
+/// `portcullis_shard_info`.
+fn register_shard(registry: &mut Registry) -> Family<ShardLabels, Gauge> {
+    let shard = Family::<ShardLabels, Gauge>::default();
+    registry.register(
+        "shard_info",
+        "1, labelled with this operator's --shard-index and --shard-count",
+        shard.clone(),
+    );
+    shard
 }
 
 /// The waits for the bounded Vault call slots (`--vault-max-concurrent-requests`).
