@@ -38,6 +38,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::{Client, Resource};
 use portcullis::api::{AIPipeline, AccessGuardrail};
+use portcullis::controller::status;
 use portcullis::plan::{self, Object};
 use serde_json::json;
 
@@ -55,12 +56,26 @@ fn root() -> &'static Path {
 
 /// Write requests (create, update, patch, apply, delete) by "VERB resource", from /metrics.
 async fn writes(cp: &support::ControlPlane) -> BTreeMap<String, f64> {
-    let text = cp.apiserver_metrics().await;
+    write_series(
+        &cp.apiserver_metrics().await,
+        "apiserver_request_total{",
+        false,
+    )
+}
+
+/// Seconds the API server spent answering write requests, by "VERB resource[/subresource]".
+async fn write_seconds(cp: &support::ControlPlane) -> BTreeMap<String, f64> {
+    write_series(
+        &cp.apiserver_metrics().await,
+        "apiserver_request_duration_seconds_sum{",
+        true,
+    )
+}
+
+/// A series of write requests summed by verb and resource (and subresource, if asked).
+fn write_series(text: &str, series: &str, subresource: bool) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
+    for line in text.lines().filter(|l| l.starts_with(series)) {
         let label = |name: &str| {
             line.split(&format!("{name}=\""))
                 .nth(1)
@@ -87,8 +102,13 @@ async fn writes(cp: &support::ControlPlane) -> BTreeMap<String, f64> {
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or_default();
-        *out.entry(format!("{verb} {}", label("resource")))
-            .or_default() += value;
+        let sub = label("subresource");
+        let key = if subresource && !sub.is_empty() {
+            format!("{verb} {}/{sub}", label("resource"))
+        } else {
+            format!("{verb} {}", label("resource"))
+        };
+        *out.entry(key).or_default() += value;
     }
     out
 }
@@ -258,6 +278,60 @@ async fn floor(
     (start.elapsed(), count)
 }
 
+/// Writes to each of `owners` the status the operator would (server-side apply, 16 in flight):
+/// how long that took.
+async fn statuses(
+    client: &Client,
+    namespace: &str,
+    guardrails: &[AccessGuardrail],
+    owners: &[AIPipeline],
+) -> Duration {
+    let labels = BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_string(),
+        namespace.to_string(),
+    )]);
+    let api: Api<AIPipeline> = Api::namespaced(client.clone(), namespace);
+    let patches: Vec<(String, serde_json::Value)> = owners
+        .iter()
+        .map(|p| {
+            let plan = plan::validate_and_build(p, namespace, &labels, guardrails).expect("plans");
+            let status = status::for_plan(
+                &plan,
+                &status::Outcome::default(),
+                p.metadata.generation,
+                None,
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ),
+            );
+            let patch = json!({
+                "apiVersion": "portcullis.dev/v1alpha1",
+                "kind": "AIPipeline",
+                "status": status,
+            });
+            (p.metadata.name.clone().unwrap_or_default(), patch)
+        })
+        .collect();
+    let start = Instant::now();
+    futures::stream::iter(patches)
+        .map(|(name, patch)| {
+            let api = api.clone();
+            async move {
+                api.patch_status(
+                    &name,
+                    &PatchParams::apply("floor").force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+                .expect("status applied");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    start.elapsed()
+}
+
 /// The CPU time the control plane (this run's kube-apiserver and etcd, found by the run's
 /// directory in their command lines) has used so far.
 fn control_plane_cpu(cp: &support::ControlPlane) -> Duration {
@@ -331,6 +405,7 @@ async fn main() {
         let owners = owners(&client, &floor_ns, count).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = writes(cp).await;
+        let seconds_before = write_seconds(cp).await;
         let cp_cpu = control_plane_cpu(cp);
         let (floor_time, objects) = floor(&client, &floor_ns, &guardrails, &owners).await;
         println!(
@@ -342,6 +417,17 @@ async fn main() {
         println!(
             "floor: {objects} objects by concurrent server-side apply in {floor_time:.2?}; {} API writes",
             total(&floor_writes)
+        );
+        println!("API server time answering the floor's writes, by request:");
+        for (request, seconds) in delta(&write_seconds(cp).await, &seconds_before) {
+            println!("    {request}: {seconds:.2} s");
+        }
+        // Not part of the floor, for the accounting: what the pipelines' statuses alone cost.
+        let cp_cpu = control_plane_cpu(cp);
+        let statuses = statuses(&client, &floor_ns, &guardrails, &owners).await;
+        println!(
+            "beside the floor, the {count} pipelines' statuses alone: {statuses:.2?}, control plane CPU {:.2?}",
+            control_plane_cpu(cp) - cp_cpu
         );
         Some(floor_time)
     } else {
@@ -369,6 +455,7 @@ async fn main() {
         setting("PORTCULLIS_BENCH_CONCURRENCY", 8).to_string(),
     ];
     let before = writes(cp).await;
+    let seconds_before = write_seconds(cp).await;
     let cp_cpu = control_plane_cpu(cp);
     let start = Instant::now();
     let watched = if setting("PORTCULLIS_BENCH_ALL_NAMESPACES", 0) == 1 {
@@ -421,6 +508,10 @@ async fn main() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let converge_writes = delta(&writes(cp).await, &before);
+    println!("API server time answering the writes while converging, by request:");
+    for (request, seconds) in delta(&write_seconds(cp).await, &seconds_before) {
+        println!("    {request}: {seconds:.2} s");
+    }
     println!(
         "operator: {count} pipelines × 3 stages converged in {converge_time:.2?} from process start ({synced:.2?} of start-up and cache sync, {:.2?} after); {} API writes, {} of them by the operator",
         converge_time - synced,
