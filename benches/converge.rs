@@ -13,7 +13,8 @@
 //! (`0` skips the floor, for sizes where only memory and latency matter), `PORTCULLIS_BENCH_NEW`
 //! (new pipelines timed one at a time after convergence, default 50) and
 //! `PORTCULLIS_BENCH_STEADY` (seconds of steady state, default 60) and
-//! `PORTCULLIS_BENCH_CONCURRENCY` (the operator's `--concurrency`, default 8 as the operator's own)
+//! `PORTCULLIS_BENCH_CONCURRENCY` (the operator's `--concurrency`, default 8 as the operator's own),
+//! `PORTCULLIS_BENCH_STATUS_PATCH` (`merge`: the statuses beside the floor as merge patches)
 //! and `PORTCULLIS_BENCH_ALL_NAMESPACES` (`1`: the operator watches every namespace, so it also
 //! keeps the AccessGuardrails' statuses, and reconciles the floor's pipelines as well).
 //!
@@ -312,18 +313,26 @@ async fn statuses(
             (p.metadata.name.clone().unwrap_or_default(), patch)
         })
         .collect();
+    // `PORTCULLIS_BENCH_STATUS_PATCH=merge` writes them as JSON merge patches instead, to
+    // compare what the field manager's apply costs.
+    let merge = std::env::var("PORTCULLIS_BENCH_STATUS_PATCH").is_ok_and(|v| v == "merge");
     let start = Instant::now();
     futures::stream::iter(patches)
         .map(|(name, patch)| {
             let api = api.clone();
             async move {
-                api.patch_status(
-                    &name,
-                    &PatchParams::apply("floor").force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-                .expect("status applied");
+                if merge {
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                } else {
+                    api.patch_status(
+                        &name,
+                        &PatchParams::apply("floor").force(),
+                        &Patch::Apply(&patch),
+                    )
+                    .await
+                }
+                .expect("status written");
             }
         })
         .buffer_unordered(16)
