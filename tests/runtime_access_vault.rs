@@ -12,18 +12,11 @@ use portcullis::api::AIPipeline;
 use serde_json::{Value, json};
 use support::openbao::{OpenBao, OperatorSetup};
 use support::{
-    Operator, WAIT, control_plane, create_pipeline, guarded_namespace, service_account_token,
-    temp_namespace, wait_for, wait_ready,
+    Operator, WAIT, control_plane, create_pipeline, free_port, guarded_namespace,
+    service_account_token, temp_namespace, wait_for, wait_ready,
 };
 
 const PIPELINE: &str = "vault-reader";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn records_where(op: &Operator, f: impl Fn(&Value) -> bool) -> Vec<Value> {
     op.records().into_iter().filter(|r| f(r)).collect()

@@ -17,39 +17,12 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use portcullis::api::{AIPipeline, StageStatus};
 use serde_json::{Value, json};
 use support::{
-    AuditWebhook, Operator, WAIT, control_plane, create_pipeline, guarded_namespace, root,
-    service_account_token, wait_for, wait_ready, with_audit_webhook,
+    AuditWebhook, Operator, WAIT, control_plane, create_pipeline, free_port, guarded_namespace,
+    root, service_account_token, serving_certificate, wait_for, wait_ready, with_audit_webhook,
 };
 
 const PIPELINE: &str = "learner";
 const LEARNING_SECONDS: i64 = 8;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A self-signed serving certificate for 127.0.0.1: (certificate, key).
-fn serving_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("webhook.crt"), dir.join("webhook.key"));
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=portcullis-audit-webhook"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("run openssl req");
-    assert!(status.success(), "openssl req failed");
-    (cert, key)
-}
 
 /// Records of `op`'s log from line `from` on that `f` accepts.
 fn records_from(op: &Operator, from: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> {

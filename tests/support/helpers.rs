@@ -196,3 +196,25 @@ pub(crate) fn root() -> std::path::PathBuf {
 pub(crate) fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
 }
+
+/// A self-signed serving certificate for 127.0.0.1: (certificate, key).
+pub(crate) fn serving_certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("webhook.crt"), dir.join("webhook.key"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=portcullis-audit-webhook"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl req");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}

@@ -57,7 +57,7 @@ pub(crate) use fixture::{
 #[allow(unused_imports)]
 pub(crate) use helpers::{
     can_i, read, restart_target, root, service_account_token, service_account_token_with,
-    temp_namespace, wait_for,
+    serving_certificate, temp_namespace, wait_for,
 };
 #[allow(unused_imports)]
-pub(crate) use operator::{Operator, create_guardrails, guardrails_for};
+pub(crate) use operator::{Operator, create_guardrails, free_port, guardrails_for};

@@ -32,7 +32,8 @@ pub(crate) struct Operator {
     audit_file: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1.
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
