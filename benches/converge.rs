@@ -15,8 +15,10 @@
 //! `PORTCULLIS_BENCH_STEADY` (seconds of steady state, default 60) and
 //! `PORTCULLIS_BENCH_CONCURRENCY` (the operator's `--concurrency`, default 8 as the operator's own),
 //! `PORTCULLIS_BENCH_STATUS_PATCH` (`merge`: the statuses beside the floor as merge patches)
-//! and `PORTCULLIS_BENCH_ALL_NAMESPACES` (`1`: the operator watches every namespace, so it also
-//! keeps the AccessGuardrails' statuses, and reconciles the floor's pipelines as well).
+//! `PORTCULLIS_BENCH_ALL_NAMESPACES` (`1`: the operator watches every namespace, so it also
+//! keeps the AccessGuardrails' statuses, and reconciles the floor's pipelines as well) and
+//! `PORTCULLIS_BENCH_NO_CEL` (`1`: the AIPipeline CRD without its `x-kubernetes-validations`, to
+//! measure what the CEL rules cost each write).
 //!
 //! Writes are counted cluster-wide, so both windows include what kube-controller-manager does
 //! in reaction (on 1.20 a token Secret per new ServiceAccount; not since 1.24); both windows create the same
@@ -341,6 +343,35 @@ async fn statuses(
     start.elapsed()
 }
 
+/// Removes every CEL rule (`x-kubernetes-validations`) from the AIPipeline CRD, for
+/// `PORTCULLIS_BENCH_NO_CEL`.
+async fn without_cel(client: &Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove("x-kubernetes-validations");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = crds
+        .get("aipipelines.portcullis.dev")
+        .await
+        .expect("the CRD");
+    let mut value = serde_json::to_value(&crd).expect("JSON");
+    strip(&mut value["spec"]);
+    let crd: CustomResourceDefinition = serde_json::from_value(value).expect("a CRD");
+    crds.replace("aipipelines.portcullis.dev", &PostParams::default(), &crd)
+        .await
+        .expect("the CRD without CEL rules");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("the AIPipeline CRD without its CEL rules (PORTCULLIS_BENCH_NO_CEL)");
+}
+
 /// The CPU time the control plane (this run's kube-apiserver and etcd, found by the run's
 /// directory in their command lines) has used so far.
 fn control_plane_cpu(cp: &support::ControlPlane) -> Duration {
@@ -399,6 +430,9 @@ async fn main() {
         "control plane up in {:.1?}; {count} pipelines",
         cp.startup_time()
     );
+    if setting("PORTCULLIS_BENCH_NO_CEL", 0) == 1 {
+        without_cel(&client).await;
+    }
     let floor_ns = support::temp_namespace(&client, "bench-floor", &[]).await;
     let op_ns = support::temp_namespace(&client, "bench-operator", &[]).await;
     let guardrails = guardrails(&[&floor_ns, &op_ns]);

@@ -644,6 +644,64 @@ fn the_tree_has_one_tls_crypto_provider() {
     }
 }
 
+/// Policies and roles are compared with Vault when the plan changes or `--vault-resync` has
+/// passed, not at every reconcile: renewals every few seconds reconcile the pipeline, yet its
+/// policies are read about once per resync (Vault's load does not grow with the reconciles).
+/// A policy changed by hand in Vault is put back at the next resync, with no spec change.
+#[tokio::test]
+async fn policies_are_compared_at_each_resync_not_each_reconcile_and_drift_is_put_back() {
+    let options = Options {
+        resync: "20s",
+        ..FAST
+    };
+    let setup = Setup::new("vault-resync", &options).await;
+    setup.create(FAST.credential_ttl).await;
+    setup.wait_for_secret().await;
+    let policy = portcullis::plan::names::vault_object(
+        portcullis::plan::names::DEFAULT_VAULT_NAME_PREFIX,
+        &setup.ns,
+        PIPELINE,
+        "train",
+    );
+    let planned = wait_for("the train policy", WAIT, || setup.bao.policy(&policy)).await;
+    let reads = |from: usize| {
+        setup.bao.faults().requests()[from..]
+            .iter()
+            .filter(|r| {
+                r.method == "GET" && r.path.ends_with(&format!("/sys/policies/acl/{policy}"))
+            })
+            .count()
+    };
+    let renewals = || {
+        setup
+            .operator()
+            .metric(r#"portcullis_vault_operations_total{operation="renew",result="ok"}"#)
+    };
+    let (from, renewed_before) = (setup.bao.faults().requests().len(), renewals().await);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (read, renewed) = (reads(from), renewals().await - renewed_before);
+    println!("in 15 s with a 20 s resync: {renewed} renewals, {read} reads of the policy");
+    assert!(renewed >= 2.0, "the 6 s lease is renewed every few seconds");
+    assert!(
+        read <= 1,
+        "the policy is read once per resync, not at each of the {renewed} renewals' reconciles: {read} reads"
+    );
+
+    let written_before = setup.records("policy-written").len();
+    setup
+        .bao
+        .put_policy(&policy, r#"path "*" { capabilities = ["sudo", "read"] }"#)
+        .await;
+    wait_for("the hand-edited policy put back", WAIT, || async {
+        (setup.bao.policy(&policy).await? == planned).then_some(())
+    })
+    .await;
+    let written = setup.records("policy-written");
+    assert_eq!(written.len(), written_before + 1, "{written:#?}");
+    let message = written.last().unwrap()["message"].as_str().unwrap();
+    assert!(message.contains("changed outside Portcullis"), "{message}");
+}
+
 #[tokio::test]
 async fn credentials_are_renewed_then_rotated_with_a_restart_and_the_old_lease_revoked() {
     let setup = Setup::new("vault-rotate", &FAST).await;

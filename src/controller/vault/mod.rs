@@ -29,7 +29,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vaultrs::error::ClientError;
 
 use super::metrics::VaultLabels;
@@ -126,6 +126,10 @@ pub(crate) struct VaultCtx {
     swept: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Per pipeline uid, the session generation under which its leases were last looked up.
     verified: std::sync::Mutex<HashMap<String, u64>>,
+    /// Per pipeline uid, what its policies and roles were last found in Vault as planned
+    /// (a digest of the planned objects and the recorded names) and when: they are read again
+    /// when that changes or `resync` has passed, not on every reconcile.
+    checked: std::sync::Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// Per pipeline uid whose last reconcile ended with a Vault problem, when its next renewal
     /// (or revocation) is due: the retry's backoff never waits past it.
     due: std::sync::Mutex<HashMap<String, DateTime<Utc>>>,
@@ -159,6 +163,7 @@ impl VaultCtx {
             sweep: true,
             swept: std::sync::Mutex::default(),
             verified: std::sync::Mutex::default(),
+            checked: std::sync::Mutex::default(),
             due: std::sync::Mutex::default(),
         }
     }
@@ -198,6 +203,10 @@ impl VaultCtx {
         self.verified
             .lock()
             .expect("verified lock")
+            .retain(|uid, _| live.contains(uid));
+        self.checked
+            .lock()
+            .expect("checked lock")
             .retain(|uid, _| live.contains(uid));
         self.due
             .lock()
@@ -377,6 +386,21 @@ struct Work<'a> {
 }
 
 impl<'a> Work<'a> {
+    /// Whether one more Vault call (a wait for a slot, then the call, each bounded by the
+    /// request timeout) could run into the next renewal of the pipeline's leases. Checks that
+    /// can wait (policies and roles of an unchanged plan, the sweep) do not start then, so a
+    /// renewal is never held up behind them: it goes first, and the check follows right after.
+    /// A renewal already overdue (failing) holds nothing up, nor one of a lease whose last
+    /// third is shorter than the bound (there would be no time left for checks at all).
+    fn renewal_near(&self, state: &state::VaultState) -> bool {
+        let bound = chrono::Duration::from_std(self.vault.session.config().request_timeout * 2)
+            .unwrap_or_default();
+        let now = Utc::now();
+        state.leases.iter().filter(|l| l.is_current()).any(|l| {
+            now < l.renew_at && l.renew_at <= now + bound && l.expires_at - l.renew_at > bound
+        })
+    }
+
     fn new(ctx: &'a Context, vault: &'a VaultCtx, pipeline: &AIPipeline) -> Work<'a> {
         Work {
             ctx,
@@ -468,6 +492,39 @@ impl<'a> Work<'a> {
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T> {
         let slot = self.slot(operation, stage, object).await?;
+        self.made(operation, stage, object, slot, call).await
+    }
+
+    /// A check that can wait (a policy or role of an unchanged plan, read again at resync):
+    /// made as [`Work::call`] when a slot comes free within the request timeout. When none
+    /// does, it is postponed and `None` returned: counted with the result `busy`, but not a
+    /// failure of the pipeline, for what the last check found in place stands until the next.
+    async fn check<T>(
+        &self,
+        operation: &str,
+        stage: Option<&str>,
+        object: &str,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<Option<T>> {
+        let Some(slot) = self.wait_for_slot(operation).await else {
+            self.count(operation, "busy");
+            debug!(pipeline = %self.name, namespace = %self.namespace, operation, object, "a check of Vault was postponed: no call slot came free");
+            return Ok(None);
+        };
+        self.made(operation, stage, object, slot, call)
+            .await
+            .map(Some)
+    }
+
+    /// Makes a call in the slot it was given: counted, and when it fails, recorded.
+    async fn made<T>(
+        &self,
+        operation: &str,
+        stage: Option<&str>,
+        object: &str,
+        slot: tokio::sync::SemaphorePermit<'a>,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T> {
         let started = std::time::Instant::now();
         let result = call.await;
         drop(slot);
@@ -546,35 +603,41 @@ impl<'a> Work<'a> {
         stage: Option<&str>,
         object: &str,
     ) -> Result<tokio::sync::SemaphorePermit<'a>> {
-        let keepalive = keeps_alive(operation);
-        let slots: &'a CallSlots = &self.vault.slots;
-        let bound = self.vault.session.config().request_timeout;
-        let metrics = &self.ctx.metrics;
         let started = std::time::Instant::now();
-        metrics.vault_slots.waiting.inc();
-        let acquired = tokio::time::timeout(bound, slots.acquire(keepalive)).await;
-        metrics.vault_slots.waiting.dec();
-        let waited = started.elapsed();
-        metrics
-            .vault_slots
-            .wait
-            .get_or_create(&super::metrics::OperationLabels {
-                operation: operation.into(),
-            })
-            .observe(waited.as_secs_f64());
-        match acquired {
-            Ok(permit) => Ok(permit),
-            Err(_) => {
+        match self.wait_for_slot(operation).await {
+            Some(permit) => Ok(permit),
+            None => {
+                let keepalive = keeps_alive(operation);
                 let busy = VaultError::Busy {
                     operation: operation.to_string(),
-                    slots: slots.open_to(keepalive),
-                    waited,
+                    slots: self.vault.slots.open_to(keepalive),
+                    waited: started.elapsed(),
                 };
                 Err(self
                     .failed(operation, stage, object.to_string(), busy)
                     .await)
             }
         }
+    }
+
+    /// Waits for a slot for `operation` at most as long as one call may take (measured);
+    /// `None` if none came free.
+    async fn wait_for_slot(&self, operation: &str) -> Option<tokio::sync::SemaphorePermit<'a>> {
+        let slots: &'a CallSlots = &self.vault.slots;
+        let bound = self.vault.session.config().request_timeout;
+        let metrics = &self.ctx.metrics;
+        let started = std::time::Instant::now();
+        metrics.vault_slots.waiting.inc();
+        let acquired = tokio::time::timeout(bound, slots.acquire(keeps_alive(operation))).await;
+        metrics.vault_slots.waiting.dec();
+        metrics
+            .vault_slots
+            .wait
+            .get_or_create(&super::metrics::OperationLabels {
+                operation: operation.into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        acquired.ok()
     }
 
     /// Makes one Vault call in a slot, however long it waits for one, without the counting and
@@ -629,14 +692,33 @@ pub(crate) async fn reconcile(
     }
     let mut held = secrets::held(&work, side);
     let mut problems = credentials::CredentialProblems::default();
-    let mut converged = converge(&work, side, owner, &mut state, &mut held, &mut problems).await;
+    let settled = settled(pipeline, side);
+    let mut converged = converge(
+        &work,
+        side,
+        owner,
+        &mut state,
+        &mut held,
+        &mut problems,
+        settled,
+    )
+    .await;
     if token_lost(vault, &converged).await {
         // The operator's token died while it ran (revoked, or expired), and with it every lease
         // it created: the refused calls said so. Go again at once with a new login, so that
         // the leases are looked up, found gone and replaced now, and the status never reports
         // them delivered.
         problems = credentials::CredentialProblems::default();
-        converged = converge(&work, side, owner, &mut state, &mut held, &mut problems).await;
+        converged = converge(
+            &work,
+            side,
+            owner,
+            &mut state,
+            &mut held,
+            &mut problems,
+            false,
+        )
+        .await;
     }
     match converged {
         Ok((wake, None)) => outcome.wake = wake,
@@ -709,10 +791,38 @@ async fn lost_state(work: &Work<'_>, side: &VaultSide) -> Result<()> {
     Ok(())
 }
 
+/// Whether the pipeline's status says that its last reconcile, of this generation, had every
+/// credential delivered and no Vault problem: then a status that only moves the renewed
+/// expiries is as true as a full reconcile's.
+fn settled(pipeline: &AIPipeline, side: &VaultSide) -> bool {
+    use super::status::types;
+    let Some(status) = pipeline.status.as_ref() else {
+        return false;
+    };
+    let credentials: Vec<&CredentialStatus> =
+        status.stages.iter().flat_map(|s| &s.credentials).collect();
+    let condition = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.status.as_str())
+    };
+    status.observed_generation == pipeline.metadata.generation
+        && credentials.len() == side.vault.credentials.len()
+        && credentials
+            .iter()
+            .all(|c| c.problem.is_none() && c.lease_hash.is_some())
+        && condition(types::VAULT_SYNCED) == Some("True")
+        && condition(types::CREDENTIALS_READY) == Some("True")
+}
+
 /// The Vault steps in order: renewals first (they keep what is delivered alive), then policies
 /// and roles, then the other credential steps, the Secrets, the sweep and the restarts. A
 /// failed Vault call of one step, or of one credential (in `problems`), does not stop the
-/// others; the first such problem is returned with when to come back.
+/// others; the first such problem is returned with when to come back. When the pipeline was
+/// `settled` and a lease was renewed, it stops after the renewals: the status shows the new
+/// expiry at once, and the rest follows in the next reconcile, right after.
 async fn converge(
     work: &Work<'_>,
     side: &VaultSide,
@@ -720,11 +830,13 @@ async fn converge(
     state: &mut VaultState,
     held: &mut secrets::Held,
     problems: &mut credentials::CredentialProblems,
+    settled: bool,
 ) -> Result<(Option<DateTime<Utc>>, Option<VaultProblem>)> {
     let client = match work.vault.session.client().await {
         Ok(client) => client,
         Err(e) => return Err(work.failed("login", None, "Vault session".into(), e).await),
     };
+    let before: Vec<DateTime<Utc>> = state.leases.iter().map(|l| l.expires_at).collect();
     credentials::converge(
         work,
         &client,
@@ -736,6 +848,14 @@ async fn converge(
         problems,
     )
     .await?;
+    let renewed = state
+        .leases
+        .iter()
+        .zip(&before)
+        .any(|(l, was)| l.expires_at > *was);
+    if settled && renewed && problems.first.is_none() {
+        return Ok((Some(Utc::now()), None));
+    }
     let mut problem = vault_problem(policies::converge(work, &client, side, state).await)?;
     let wake = credentials::converge(
         work,
@@ -750,7 +870,7 @@ async fn converge(
     .await?;
     secrets::prune(work, side).await?;
     if problem.is_none() {
-        problem = vault_problem(sweep::converge(work, &client, side).await)?;
+        problem = vault_problem(sweep::converge(work, &client, side, state).await)?;
     }
     let wake = restarts::converge(work, side, state, wake).await?;
     // A sweep brought forward (after a lost state) is due before the resync.

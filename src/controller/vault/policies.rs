@@ -19,6 +19,21 @@ pub(super) async fn converge(
     state: &mut VaultState,
 ) -> Result<()> {
     let mount = work.vault.session.config().workload_auth_mount.clone();
+    let digest = digest(side, state, &mount);
+    let last = work
+        .vault
+        .checked
+        .lock()
+        .expect("checked lock")
+        .get(&work.uid)
+        .copied();
+    // Found as planned, and the plan is the same: read again once `resync` has passed, as a
+    // check that can wait (not while a renewal is near, and postponed when Vault is too busy
+    // to take it). A changed plan is put in place now.
+    let unchanged = last.is_some_and(|(d, _)| d == digest);
+    if unchanged && last.is_some_and(|(_, at)| at.elapsed() < work.vault.resync) {
+        return Ok(());
+    }
     let names_new = side
         .vault
         .policies
@@ -42,43 +57,41 @@ pub(super) async fn converge(
     for policy in &side.vault.policies {
         let object = format!("Vault policy {}", policy.name);
         let stage = Some(policy.stage.as_str());
-        let hcl = policy.hcl();
-        let current = work
-            .call(
-                "policy_read",
-                stage,
-                &object,
-                endpoints::policy_read(client, &policy.name),
-            )
-            .await?;
-        if current.as_deref() == Some(hcl.as_str()) {
-            continue;
-        }
-        let why = if current.is_some() {
-            "it was changed outside Portcullis or the plan changed; writing the planned rules"
-        } else {
-            "writing the stage's allowed paths"
+        let read = endpoints::policy_read(client, &policy.name);
+        let Some(current) =
+            read_or_postpone(work, state, unchanged, "policy_read", stage, &object, read).await?
+        else {
+            return Ok(());
         };
-        let mut e = work.entry(
-            AuditAction::PolicyWritten,
-            stage,
-            object.clone(),
-            format!("{object}: {why}"),
-        );
-        e.subject = side.subject(&policy.stage);
-        work.record(e).await?;
-        work.call(
-            "policy_write",
-            stage,
-            &object,
-            endpoints::policy_write(client, &policy.name, &hcl),
-        )
-        .await?;
-        info!(policy = %policy.name, "wrote a Vault policy");
+        let hcl = policy.hcl();
+        if current.as_deref() != Some(hcl.as_str()) {
+            let why = if current.is_some() {
+                "it was changed outside Portcullis or the plan changed; writing the planned rules"
+            } else {
+                "writing the stage's allowed paths"
+            };
+            let mut e = work.entry(
+                AuditAction::PolicyWritten,
+                stage,
+                object.clone(),
+                format!("{object}: {why}"),
+            );
+            e.subject = side.subject(&policy.stage);
+            work.record(e).await?;
+            let write = endpoints::policy_write(client, &policy.name, &hcl);
+            work.call("policy_write", stage, &object, write).await?;
+            info!(policy = %policy.name, "wrote a Vault policy");
+        }
     }
     for role in &side.vault.roles {
         let object = format!("Vault role auth/{mount}/role/{}", role.name);
         let stage = Some(role.stage.as_str());
+        let read = endpoints::role_read(client, &mount, &role.name);
+        let Some(current) =
+            read_or_postpone(work, state, unchanged, "role_read", stage, &object, read).await?
+        else {
+            return Ok(());
+        };
         let want = KubernetesRole {
             bound_service_account_names: role.bound_service_account_names.clone(),
             bound_service_account_namespaces: role.bound_service_account_namespaces.clone(),
@@ -87,47 +100,75 @@ pub(super) async fn converge(
             token_max_ttl: role.token_max_ttl,
             token_no_default_policy: true,
         };
-        let current = work
-            .call(
-                "role_read",
+        if current.as_ref() != Some(&want) {
+            let why = if current.is_some() {
+                "it was changed outside Portcullis or the plan changed; writing the planned binding"
+            } else {
+                "binding it to the stage's ServiceAccount"
+            };
+            let mut e = work.entry(
+                AuditAction::RoleWritten,
                 stage,
-                &object,
-                endpoints::role_read(client, &mount, &role.name),
-            )
-            .await?;
-        if current.as_ref() == Some(&want) {
-            continue;
+                object.clone(),
+                format!(
+                    "{object}: {why} (bound to {}/{}, policy {}, token TTL {}s, max {}s)",
+                    work.namespace,
+                    role.bound_service_account_names.join(","),
+                    role.token_policies.join(","),
+                    role.token_ttl,
+                    role.token_max_ttl
+                ),
+            );
+            e.subject = side.subject(&role.stage);
+            work.record(e).await?;
+            let write = endpoints::role_write(client, &mount, &role.name, &want);
+            work.call("role_write", stage, &object, write).await?;
+            info!(role = %role.name, "wrote a Vault Kubernetes-auth role");
         }
-        let why = if current.is_some() {
-            "it was changed outside Portcullis or the plan changed; writing the planned binding"
-        } else {
-            "binding it to the stage's ServiceAccount"
-        };
-        let mut e = work.entry(
-            AuditAction::RoleWritten,
-            stage,
-            object.clone(),
-            format!(
-                "{object}: {why} (bound to {}/{}, policy {}, token TTL {}s, max {}s)",
-                work.namespace,
-                role.bound_service_account_names.join(","),
-                role.token_policies.join(","),
-                role.token_ttl,
-                role.token_max_ttl
-            ),
-        );
-        e.subject = side.subject(&role.stage);
-        work.record(e).await?;
-        work.call(
-            "role_write",
-            stage,
-            &object,
-            endpoints::role_write(client, &mount, &role.name, &want),
-        )
-        .await?;
-        info!(role = %role.name, "wrote a Vault Kubernetes-auth role");
     }
-    delete_unplanned(work, client, state, side, "no longer planned").await
+    delete_unplanned(work, client, state, side, "no longer planned").await?;
+    let digest = self::digest(side, state, &mount);
+    work.vault
+        .checked
+        .lock()
+        .expect("checked lock")
+        .insert(work.uid.clone(), (digest, std::time::Instant::now()));
+    Ok(())
+}
+
+/// Reads a policy or role. For a plan unchanged since the last check that is a check that can
+/// wait: `None` (postponed, not marked as checked) when a renewal of the pipeline is near or no
+/// call slot comes free.
+async fn read_or_postpone<T>(
+    work: &Work<'_>,
+    state: &VaultState,
+    unchanged: bool,
+    operation: &str,
+    stage: Option<&str>,
+    object: &str,
+    read: impl std::future::Future<Output = Result<T, vaultrs::error::ClientError>>,
+) -> Result<Option<T>> {
+    if !unchanged {
+        return work.call(operation, stage, object, read).await.map(Some);
+    }
+    if work.renewal_near(state) {
+        return Ok(None);
+    }
+    work.check(operation, stage, object, read).await
+}
+
+/// A digest of what [`converge`] puts in place: the planned policies and roles and the names
+/// recorded as the pipeline's (the ones to delete when no longer planned).
+fn digest(side: &VaultSide, state: &VaultState, mount: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    mount.hash(&mut h);
+    for p in &side.vault.policies {
+        (&p.name, p.hcl()).hash(&mut h);
+    }
+    format!("{:?}", side.vault.roles).hash(&mut h);
+    (&state.policies, &state.roles).hash(&mut h);
+    h.finish()
 }
 
 /// Before the operator records a policy or role name as its own, the object of that name must

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 use vaultrs::client::VaultClient;
 
+use super::state::VaultState;
 use super::{VaultSide, Work};
 use crate::audit::Action as AuditAction;
 use crate::controller::Result;
@@ -62,14 +63,20 @@ pub(super) fn next_due(work: &Work<'_>, side: &VaultSide) -> Option<DateTime<Utc
         .min()
 }
 
-/// Sweeps the paths `side` issues from whose last sweep is older than the resync interval.
+/// Sweeps the paths `side` issues from whose last sweep is older than the resync interval. A
+/// check that can wait: not while a renewal of this pipeline is near (the renewal goes first),
+/// and postponed when Vault is too busy to take the listing.
 pub(super) async fn converge(
     work: &Work<'_>,
     client: &VaultClient,
     side: &VaultSide,
+    state: &VaultState,
 ) -> Result<()> {
     let vault = work.vault;
     if !vault.sweep || !work.ctx.synced.load(Ordering::Acquire) || vault.pipelines.get().is_none() {
+        return Ok(());
+    }
+    if work.renewal_near(state) {
         return Ok(());
     }
     let now = std::time::Instant::now();
@@ -99,10 +106,15 @@ pub(super) async fn converge(
 }
 
 async fn sweep(work: &Work<'_>, client: &VaultClient, path: &str) -> Result<()> {
-    let listed = match work
-        .slotted("sweep_list", endpoints::lease_list(client, path))
-        .await
-    {
+    let Some(slot) = work.wait_for_slot("sweep_list").await else {
+        work.count("sweep_list", "busy");
+        // Postponed: the next reconcile of a pipeline issuing from `path` sweeps it.
+        work.vault.swept.lock().expect("sweep lock").remove(path);
+        return Ok(());
+    };
+    let listed = endpoints::lease_list(client, path).await;
+    drop(slot);
+    let listed = match listed {
         Ok(listed) => {
             work.count("sweep_list", "ok");
             listed
