@@ -18,7 +18,6 @@
 //! apply, field manager `portcullis-coverage`), so the steady state makes no API writes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -250,13 +249,13 @@ pub(crate) async fn watch(
     }
     info!("checking that every pod labelled {PIPELINE_LABEL} is covered by a stage");
     let mut state = Coverage::default();
-    let mut last: Option<u64> = None;
+    let mut last: Option<[u64; 4]> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if !ctx.synced.load(Ordering::Acquire) {
             continue;
         }
-        let fingerprint = fingerprint(changes.load(Ordering::Relaxed), &pipelines);
+        let fingerprint = fingerprint(changes.load(Ordering::Relaxed), &ctx);
         if last == Some(fingerprint) {
             continue;
         }
@@ -268,21 +267,12 @@ pub(crate) async fn watch(
     }
 }
 
-/// What a round depends on: the pod events seen, and each pipeline's uid and resourceVersion
-/// (a new spec, and also a status someone else changed).
-fn fingerprint(pod_changes: u64, pipelines: &Store<AIPipeline>) -> u64 {
-    let mut versions: Vec<(String, String)> = pipelines
-        .state()
-        .iter()
-        .map(|p| {
-            (
-                p.uid().unwrap_or_default(),
-                p.resource_version().unwrap_or_default(),
-            )
-        })
-        .collect();
-    versions.sort_unstable();
-    BuildHasherDefault::<DefaultHasher>::default().hash_one((pod_changes, versions))
+/// What a round depends on: the pod events seen, and the pipeline, guardrail and namespace
+/// caches' events (a new spec, and also a status someone else changed). Taken every second, so
+/// it is a few counters, not a walk over every pipeline.
+fn fingerprint(pod_changes: u64, ctx: &Context) -> [u64; 4] {
+    let [pipelines, guardrails, namespaces] = ctx.events.snapshot();
+    [pod_changes, pipelines, guardrails, namespaces]
 }
 
 /// What the check remembers per pipeline uid.

@@ -124,6 +124,8 @@ pub struct Context {
     pub pipelines: Store<AIPipeline>,
     /// Which watched pipelines name each credential path and Secret (kept by the pipeline watch).
     claims: Arc<claims::ClaimIndex>,
+    /// How many watch events the pipeline, guardrail and namespace caches have taken.
+    events: Arc<run::caches::CacheEvents>,
     pub guardrails: Store<AccessGuardrail>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Every managed object of the watched namespaces, compactly.

@@ -13,8 +13,12 @@ use super::helpers::root;
 use super::process::Server;
 
 /// The `portcullis` binary: cargo names it for tests and benchmarks; other users of the
-/// harness (the demo example) never start an operator process.
+/// harness (the demo example) never start an operator process. `PORTCULLIS_OPERATOR_BIN`
+/// runs another build instead, such as the image's static musl binary in a benchmark.
 fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("PORTCULLIS_OPERATOR_BIN") {
+        return PathBuf::from(path);
+    }
     match option_env!("CARGO_BIN_EXE_portcullis") {
         Some(path) => PathBuf::from(path),
         None => root().join("target/debug/portcullis"),

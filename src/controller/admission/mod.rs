@@ -47,6 +47,7 @@ pub(crate) async fn keep_policies(
     owns: impl Fn(&str) -> bool + Send + 'static,
 ) {
     let mut applied: HashMap<String, u64> = HashMap::new();
+    let mut last_seen: Option<[u64; 3]> = None;
     let mut listed = false;
     // A second between rounds; doubled after a round with a failure (the API server refusing,
     // or the operator lacking the RBAC for these objects), up to a minute, so that a lasting
@@ -72,6 +73,12 @@ pub(crate) async fn keep_policies(
                     continue;
                 }
             }
+        }
+        // No cache took an event since the last round without a failure: nothing changed.
+        let seen = ctx.events.snapshot();
+        if last_seen == Some(seen) {
+            pause = PAUSE;
+            continue;
         }
         let mut failed = 0;
         let wanted = fingerprints(&ctx, &pipelines, &operator_namespace);
@@ -112,6 +119,7 @@ pub(crate) async fn keep_policies(
         }
         if failed == 0 {
             pause = PAUSE;
+            last_seen = Some(seen);
         }
         ctx.metrics
             .admission

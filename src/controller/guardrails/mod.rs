@@ -119,6 +119,8 @@ struct State {
     /// Namespaces where an object of the name is someone else's, and when that was found: not
     /// looked at again for a minute (a lasting refusal must not slow the other namespaces).
     refused: HashMap<String, Instant>,
+    /// The caches' event counts at the last round that worked.
+    seen: Option<[u64; 3]>,
 }
 
 /// Keeps the guardrails' statuses and the namespace isolation until the process ends.
@@ -152,10 +154,15 @@ async fn round(
     settings: &Settings,
     state: &mut State,
 ) -> bool {
+    let resync = state.resync_at.is_none_or(|at| at.elapsed() >= RESYNC);
+    // No cache took an event since the last round that worked: nothing to work out.
+    let seen = ctx.events.snapshot();
+    if state.seen == Some(seen) && !resync {
+        return keep_isolation(ctx, settings, state).await;
+    }
     let guardrails = ctx.guardrails.state();
     let all = pipelines.state();
     let fingerprint = fingerprint(&guardrails, &ctx.namespaces.state(), &all);
-    let resync = state.resync_at.is_none_or(|at| at.elapsed() >= RESYNC);
     let mut ok = true;
     if state.fingerprint != Some(fingerprint) || resync {
         if resync {
@@ -195,6 +202,9 @@ async fn round(
         }
     }
     ok &= keep_isolation(ctx, settings, state).await;
+    if ok {
+        state.seen = Some(seen);
+    }
     ok
 }
 

@@ -5,6 +5,7 @@
 //! [`WatchScope`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::future::Ready;
 use futures::stream::BoxStream;
@@ -24,6 +25,38 @@ use crate::shard::Shard;
 /// What a watcher yields.
 type Event<K> = Result<watcher::Event<K>, watcher::Error>;
 
+/// How many watch events the shared caches have taken, per cache. The loops that look at every
+/// pipeline each second (the coverage check, guardrail statuses and isolation, the admission
+/// policies) compare these first, so an idle operator does no work per pipeline.
+#[derive(Debug, Default)]
+pub(crate) struct CacheEvents {
+    pub pipelines: AtomicU64,
+    pub guardrails: AtomicU64,
+    pub namespaces: AtomicU64,
+}
+
+impl CacheEvents {
+    /// The counts now: equal to an earlier snapshot when no cache has changed since.
+    pub(crate) fn snapshot(&self) -> [u64; 3] {
+        [
+            self.pipelines.load(Ordering::Acquire),
+            self.guardrails.load(Ordering::Acquire),
+            self.namespaces.load(Ordering::Acquire),
+        ]
+    }
+
+    /// Counts the events of a watch stream into the counter `which` picks.
+    pub(crate) fn counting<T, E>(
+        events: &Arc<CacheEvents>,
+        which: fn(&CacheEvents) -> &AtomicU64,
+    ) -> impl FnMut(&Result<T, E>) + Send + 'static {
+        let events = events.clone();
+        move |_| {
+            which(&events).fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
 /// A stream of changed objects that should trigger reconciles.
 pub(crate) type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
 
@@ -39,6 +72,9 @@ pub(crate) struct Caches {
     /// Empty and never synced without Vault.
     pub secrets: Store<PartialObjectMeta<Secret>>,
     vault: bool,
+    /// How many events the guardrail and namespace caches (and the pipelines', counted by the
+    /// pipeline watch) have taken.
+    pub events: Arc<CacheEvents>,
 }
 
 /// The streams behind [`Caches`], one per managed kind and one per other cache.
@@ -60,6 +96,7 @@ impl Caches {
         vault: bool,
         applied: &Arc<AppliedState>,
     ) -> (Caches, Streams) {
+        let events = &Arc::new(CacheEvents::default());
         let namespace_config = match &scope.namespace {
             Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
             None => watcher::Config::default(),
@@ -72,6 +109,8 @@ impl Caches {
                 watcher::Config::default(),
             ),
         )
+        // Counted once the cache holds the event, so a count never runs ahead of the cache.
+        .inspect(CacheEvents::counting(events, |e| &e.guardrails))
         .default_backoff()
         .filter_map(spec_changes())
         .boxed();
@@ -84,6 +123,7 @@ impl Caches {
             )
             .filter(scope.keep(|ns: &PartialObjectMeta<Namespace>| Some(ns.name_any()))),
         )
+        .inspect(CacheEvents::counting(events, |e| &e.namespaces))
         .default_backoff()
         .touched_objects()
         .boxed();
@@ -134,6 +174,7 @@ impl Caches {
             children_synced,
             secrets,
             vault,
+            events: events.clone(),
         };
         let streams = Streams {
             guardrails: guardrail_events,

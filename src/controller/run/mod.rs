@@ -2,7 +2,7 @@
 //! ([`leader`]), the caches and watches that feed the controller ([`caches`], [`mappers`]), the
 //! housekeeping that forgets deleted pipelines ([`housekeeping`]), and shutdown.
 
-mod caches;
+pub(crate) mod caches;
 mod housekeeping;
 mod leader;
 mod mappers;
@@ -30,7 +30,7 @@ use crate::k8s::{
 };
 use crate::plan::names::RECONCILE_ANNOTATION;
 use crate::shard::Shard;
-use caches::{Caches, Streams, WatchScope};
+use caches::{CacheEvents, Caches, Streams, WatchScope};
 use leader::Elected;
 
 /// Runs the operator until SIGTERM or SIGINT, or until this replica loses the leader Lease.
@@ -55,7 +55,8 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), RunError> {
         shard: config.shard,
     };
     let (caches, streams) = Caches::start(&client, &scope, config.vault.is_some(), &applied);
-    let (pipelines, claims, controller) = pipeline_controller(&client, &scope, config.concurrency);
+    let (pipelines, claims, controller) =
+        pipeline_controller(&client, &scope, config.concurrency, &caches.events);
     let ctx = context(
         &client,
         &config,
@@ -274,6 +275,7 @@ fn context(
         client: client.clone(),
         pipelines,
         claims,
+        events: caches.events.clone(),
         guardrails: caches.guardrails.clone(),
         namespaces: caches.namespaces.clone(),
         children: caches.children.clone(),
@@ -340,6 +342,7 @@ fn pipeline_controller(
     client: &Client,
     scope: &WatchScope,
     concurrency: u16,
+    events: &Arc<CacheEvents>,
 ) -> (Store<AIPipeline>, Arc<ClaimIndex>, Controller<AIPipeline>) {
     let (pipelines, pipeline_writer) = reflector::store::<AIPipeline>();
     let claims = Arc::new(ClaimIndex::default());
@@ -358,6 +361,8 @@ fn pipeline_controller(
             })
             .inspect_ok(move |event| claim_writer.apply(event)),
     )
+    // Counted once the cache holds the event, so a count never runs ahead of the cache.
+    .inspect(CacheEvents::counting(events, |e| &e.pipelines))
     .default_backoff()
     .applied_objects()
     .predicate_filter(generation_or_request, Default::default());
