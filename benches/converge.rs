@@ -18,7 +18,9 @@
 //! `PORTCULLIS_BENCH_ALL_NAMESPACES` (`1`: the operator watches every namespace, so it also
 //! keeps the AccessGuardrails' statuses, and reconciles the floor's pipelines as well) and
 //! `PORTCULLIS_BENCH_NO_CEL` (`1`: the AIPipeline CRD without its `x-kubernetes-validations`, to
-//! measure what the CEL rules cost each write).
+//! measure what the CEL rules cost each write). `PORTCULLIS_OPERATOR_BIN` runs another build of
+//! the operator (the image's static musl binary, for example), `PORTCULLIS_OPERATOR_WRAPPER` runs
+//! it under a profiler (`heaptrack -o /tmp/op`).
 //!
 //! Writes are counted cluster-wide, so both windows include what kube-controller-manager does
 //! in reaction (on 1.20 a token Secret per new ServiceAccount; not since 1.24); both windows create the same
