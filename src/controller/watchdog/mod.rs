@@ -12,7 +12,7 @@ pub(crate) mod grants;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -43,7 +43,9 @@ struct Caches {
     cluster_roles: Store<ClusterRole>,
 }
 
-fn cache<K>(api: Api<K>) -> Store<K>
+/// A cache of `api`'s objects; each event it takes (once the cache holds it) is counted in
+/// `events`.
+fn cache<K>(api: Api<K>, events: &Arc<AtomicU64>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -60,7 +62,9 @@ where
     )
     .default_backoff()
     .touched_objects();
-    tokio::spawn(stream.for_each(|event| {
+    let events = events.clone();
+    tokio::spawn(stream.for_each(move |event| {
+        events.fetch_add(1, Ordering::Release);
         if let Err(error) = event {
             // Retried with backoff; lacking RBAC to list the kind is the usual cause.
             warn!(%error, kind = K::kind(&()).as_ref(), "the foreign-grant watchdog cannot watch this kind");
@@ -86,11 +90,12 @@ pub(crate) async fn watch(
         None => (Api::all(c.clone()), Api::all(c.clone())),
     };
     let (rb_api, role_api): (Api<RoleBinding>, Api<Role>) = namespaced(client);
+    let rbac_events = Arc::new(AtomicU64::new(0));
     let caches = Caches {
-        role_bindings: cache(rb_api),
-        cluster_role_bindings: cache(Api::all(client.clone())),
-        roles: cache(role_api),
-        cluster_roles: cache(Api::all(client.clone())),
+        role_bindings: cache(rb_api, &rbac_events),
+        cluster_role_bindings: cache(Api::all(client.clone()), &rbac_events),
+        roles: cache(role_api, &rbac_events),
+        cluster_roles: cache(Api::all(client.clone()), &rbac_events),
     };
     for ready in [
         caches.role_bindings.wait_until_ready().await,
@@ -104,21 +109,31 @@ pub(crate) async fn watch(
     }
     info!("watching RoleBindings and ClusterRoleBindings for foreign grants to stages");
     let mut seen: HashMap<String, BTreeSet<(String, ForeignGrant)>> = HashMap::new();
+    // The RBAC and pipeline caches' event counts at the last round that wrote all it had to:
+    // while they stand, nothing can have changed, and no pipeline is looked at.
+    let mut last: Option<(u64, [u64; 3])> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if ctx.synced.load(Ordering::Acquire) {
-            round(&ctx, &pipelines, &caches, &mut seen).await;
+        if !ctx.synced.load(Ordering::Acquire) {
+            continue;
         }
+        let now = (rbac_events.load(Ordering::Acquire), ctx.events.snapshot());
+        if last == Some(now) {
+            continue;
+        }
+        let done = round(&ctx, &pipelines, &caches, &mut seen).await;
+        last = done.then_some(now);
     }
 }
 
-/// One check of every pipeline.
+/// One check of every pipeline; whether every report and condition it had to write was
+/// written.
 async fn round(
     ctx: &Context,
     pipelines: &Store<AIPipeline>,
     caches: &Caches,
     seen: &mut HashMap<String, BTreeSet<(String, ForeignGrant)>>,
-) {
+) -> bool {
     let (rb, crb, roles, crs) = (
         caches.role_bindings.state(),
         caches.cluster_role_bindings.state(),
@@ -133,6 +148,7 @@ async fn round(
     };
     let index = Index::new(&rbac);
     let mut total = 0usize;
+    let mut done = true;
     let mut live = BTreeSet::new();
     for pipeline in pipelines.state() {
         let (Some(uid), Some(namespace)) = (pipeline.uid(), pipeline.namespace()) else {
@@ -162,11 +178,12 @@ async fn round(
         }
         let new: Vec<&(String, ForeignGrant)> = now_found.difference(&before).collect();
         if !report(ctx, &pipeline, &namespace, &name, &new).await {
+            done = false;
             continue;
         }
         // A condition that could not be written is stale in the cache next round, and
         // written again then; the grants are not reported again.
-        write_condition(ctx, &pipeline, &namespace, &name, &now_found).await;
+        done &= write_condition(ctx, &pipeline, &namespace, &name, &now_found).await;
         seen.insert(uid, now_found);
     }
     seen.retain(|uid, _| live.contains(uid));
@@ -174,6 +191,7 @@ async fn round(
         .admission
         .foreign_grants
         .set(i64::try_from(total).unwrap_or(i64::MAX));
+    done
 }
 
 /// Whether the pipeline's `ExclusiveAccess` condition says otherwise than `found` (after a
@@ -257,7 +275,7 @@ async fn write_condition(
     namespace: &str,
     name: &str,
     found: &BTreeSet<(String, ForeignGrant)>,
-) {
+) -> bool {
     let old = pipeline
         .status
         .as_ref()
@@ -279,5 +297,7 @@ async fn write_condition(
         .await
     {
         warn!(%error, %namespace, pipeline = %name, "cannot set ExclusiveAccess; retrying");
+        return false;
     }
+    true
 }
