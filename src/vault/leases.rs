@@ -92,6 +92,19 @@ pub fn renew_at(from: DateTime<Utc>, duration: Duration, lease_id: &str) -> Date
     from + Duration::milliseconds(ms * 2 / 3 - jitter)
 }
 
+/// Whether a call that may take up to `bound` (waiting for a slot, then the call) could run
+/// into the next renewal of one of `leases`: a current lease whose renewal is due within
+/// `bound`. Work that can wait does not start then. A renewal already overdue (it is failing,
+/// and retried anyway) holds nothing up, nor one of a lease whose last stretch (renewal to
+/// expiry) is no longer than `bound`: such a lease is always near a renewal, and waiting for
+/// it would starve the work for good.
+pub fn renewal_near(leases: &[LeaseRecord], now: DateTime<Utc>, bound: Duration) -> bool {
+    leases
+        .iter()
+        .filter(|l| l.is_current())
+        .any(|l| now < l.renew_at && l.renew_at <= now + bound && l.expires_at - l.renew_at > bound)
+}
+
 /// What a credential's Secret holds, compared with the current lease (its
 /// `portcullis.dev/lease-hash` annotation against [`lease_hash`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +279,51 @@ mod tests {
             token_accessor: None,
             orphaned: false,
             rotate_requested: false,
+        }
+    }
+
+    #[test]
+    fn work_that_can_wait_yields_only_to_an_upcoming_renewal_it_could_delay() {
+        let bound = Duration::seconds(20);
+        // Renewal at 600 s, expiry at 900 s.
+        let leases = [lease("db", "a")];
+        assert!(!renewal_near(&leases, t(500), bound), "far off");
+        assert!(renewal_near(&leases, t(580), bound), "within the bound");
+        assert!(renewal_near(&leases, t(599), bound));
+        assert!(!renewal_near(&leases, t(600), bound), "due now: overdue");
+        assert!(!renewal_near(&leases, t(700), bound), "overdue, failing");
+        // A retired lease is not renewed.
+        let mut retired = lease("db", "a");
+        retired.retire_at = Some(t(650));
+        assert!(!renewal_near(&[retired], t(590), bound));
+        // A lease whose last stretch is no longer than the bound never holds work up.
+        let mut short = lease("db", "a");
+        short.expires_at = t(615);
+        assert!(!renewal_near(&[short], t(590), bound));
+    }
+
+    proptest::proptest! {
+        /// Work that yields to a renewal waits at most the bound (the renewal is due within
+        /// it, not overdue); it never yields to a lease with no time for it at all (which would
+        /// starve it); and it always yields when a renewal it could delay is near.
+        #[test]
+        fn a_wait_for_a_renewal_is_bounded_and_never_starves_the_work(
+            renew in 0i64..2_000, stretch in 0i64..1_000, now in 0i64..3_000, bound in 1i64..120,
+        ) {
+            let mut l = lease("db", "a");
+            l.renew_at = t(renew);
+            l.expires_at = t(renew + stretch);
+            let near = renewal_near(&[l], t(now), Duration::seconds(bound));
+            let due_in = renew - now;
+            if near {
+                proptest::prop_assert!(0 < due_in && due_in <= bound, "waits {due_in}s");
+            }
+            if stretch <= bound {
+                proptest::prop_assert!(!near, "no time for the work: it must not wait");
+            }
+            if 0 < due_in && due_in <= bound && stretch > bound {
+                proptest::prop_assert!(near, "a renewal it could delay is {due_in}s away");
+            }
         }
     }
 

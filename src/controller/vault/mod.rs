@@ -387,18 +387,14 @@ struct Work<'a> {
 
 impl<'a> Work<'a> {
     /// Whether one more Vault call (a wait for a slot, then the call, each bounded by the
-    /// request timeout) could run into the next renewal of the pipeline's leases. Checks that
-    /// can wait (policies and roles of an unchanged plan, the sweep) do not start then, so a
-    /// renewal is never held up behind them: it goes first, and the check follows right after.
-    /// A renewal already overdue (failing) holds nothing up, nor one of a lease whose last
-    /// third is shorter than the bound (there would be no time left for checks at all).
+    /// request timeout) could run into the next renewal of the pipeline's leases
+    /// ([`crate::vault::leases::renewal_near`]). Checks that can wait (policies and roles of an
+    /// unchanged plan, the sweep) do not start then, so a renewal is never held up behind
+    /// them: it goes first, and the check follows right after.
     fn renewal_near(&self, state: &state::VaultState) -> bool {
         let bound = chrono::Duration::from_std(self.vault.session.config().request_timeout * 2)
             .unwrap_or_default();
-        let now = Utc::now();
-        state.leases.iter().filter(|l| l.is_current()).any(|l| {
-            now < l.renew_at && l.renew_at <= now + bound && l.expires_at - l.renew_at > bound
-        })
+        crate::vault::leases::renewal_near(&state.leases, Utc::now(), bound)
     }
 
     fn new(ctx: &'a Context, vault: &'a VaultCtx, pipeline: &AIPipeline) -> Work<'a> {
