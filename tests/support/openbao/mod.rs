@@ -117,19 +117,30 @@ pub(crate) struct OpenBao {
     _tempdir: tempfile::TempDir,
 }
 
+/// Which OpenBao server [`OpenBao::launch`] starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `bao server -dev` (in-memory storage).
+    Dev,
+    /// Raft storage, initialised and unsealed.
+    Persistent,
+    /// A dev server with a `socket` audit device at the address and a `file` one.
+    DevWithAudit(SocketAddr),
+}
+
 impl OpenBao {
     /// `bao server -dev` on a free loopback port (in-memory storage).
     pub(crate) async fn start() -> OpenBao {
-        Self::launch(false).await
+        Self::launch(Kind::Dev).await
     }
 
     /// OpenBao with persistent storage (a one-node Raft cluster: OpenBao 2 has no `file`
     /// backend), initialised (one key share) and unsealed.
     pub(crate) async fn start_persistent() -> OpenBao {
-        Self::launch(true).await
+        Self::launch(Kind::Persistent).await
     }
 
-    async fn launch(persistent: bool) -> OpenBao {
+    async fn launch(kind: Kind) -> OpenBao {
         let begin = Instant::now();
         let (bao, _) = bao_binary();
         let tempdir = tempfile::Builder::new()
@@ -138,12 +149,18 @@ impl OpenBao {
             .expect("a temp dir for OpenBao");
         let dir = tempdir.path().to_path_buf();
         spawn_reaper(&dir).expect("the OpenBao folder's reaper");
+        let mut stand_in = None;
+        if let Kind::DevWithAudit(audit) = kind {
+            std::fs::write(dir.join("audit.hcl"), audit_config(&dir, audit))
+                .expect("write audit.hcl");
+            stand_in = Some(StandIn::listen(audit));
+        }
         let mut failures = Vec::new();
         for _ in 0..3 {
             let port = free_port().expect("a free port");
             let direct = SocketAddr::from(([127, 0, 0, 1], port));
             let root_token = format!("root-{}", random_hex(12).expect("random"));
-            let (args, config) = if persistent {
+            let (args, config) = if kind == Kind::Persistent {
                 let config = dir.join("openbao.hcl");
                 std::fs::create_dir_all(dir.join("data")).expect("mkdir data");
                 let cluster_port = free_port().expect("a free port");
@@ -154,20 +171,25 @@ impl OpenBao {
                     Some(config),
                 )
             } else {
-                (
-                    vec![
-                        "server".into(),
-                        "-dev".into(),
-                        format!("-dev-root-token-id={root_token}"),
-                        format!("-dev-listen-address={direct}"),
-                        "-dev-no-store-token".into(),
-                    ],
-                    None,
-                )
+                let mut args = vec![
+                    "server".into(),
+                    "-dev".into(),
+                    format!("-dev-root-token-id={root_token}"),
+                    format!("-dev-listen-address={direct}"),
+                    "-dev-no-store-token".into(),
+                ];
+                if stand_in.is_some() {
+                    args.push(format!("-config={}", dir.join("audit.hcl").display()));
+                }
+                (args, None)
             };
             let mut server = spawn_bao(&dir, bao, &args);
             match wait_health(&mut server, direct).await {
                 Ok(_) => {
+                    if let Some(stand_in) = stand_in.take() {
+                        std::fs::write(dir.join("audit-test-line.json"), stand_in.close())
+                            .expect("keep the test line");
+                    }
                     let proxy = FaultProxy::start(direct);
                     let (storage, root_token) = match config {
                         None => (Storage::Dev, root_token),
@@ -180,10 +202,11 @@ impl OpenBao {
                     let startup = begin.elapsed();
                     eprintln!(
                         "openbao: {} at {direct} (proxy {}) up in {:.1}s; log in {}",
-                        if persistent {
-                            "raft storage"
-                        } else {
-                            "dev server"
+                        match kind {
+                            Kind::Persistent => "raft storage".to_string(),
+                            Kind::Dev => "dev server".to_string(),
+                            Kind::DevWithAudit(audit) =>
+                                format!("dev server with audit devices (socket {audit})"),
                         },
                         proxy.address(),
                         startup.as_secs_f64(),
@@ -662,66 +685,7 @@ impl OpenBao {
     /// nothing listens at `audit`. The socket device connects again at its next entry after
     /// the connection is lost (the entry in flight is lost with it).
     pub(crate) async fn start_with_audit_socket(audit: SocketAddr) -> OpenBao {
-        let begin = Instant::now();
-        let (bao, _) = bao_binary();
-        let tempdir = tempfile::Builder::new()
-            .prefix("portcullis-openbao-")
-            .tempdir()
-            .expect("a temp dir for OpenBao");
-        let dir = tempdir.path().to_path_buf();
-        spawn_reaper(&dir).expect("the OpenBao folder's reaper");
-        let config = dir.join("audit.hcl");
-        std::fs::write(&config, audit_config(&dir, audit)).expect("write audit.hcl");
-        let stand_in = StandIn::listen(audit);
-        let mut failures = Vec::new();
-        for _ in 0..3 {
-            let port = free_port().expect("a free port");
-            let direct = SocketAddr::from(([127, 0, 0, 1], port));
-            let root_token = format!("root-{}", random_hex(12).expect("random"));
-            let args = vec![
-                "server".into(),
-                "-dev".into(),
-                format!("-dev-root-token-id={root_token}"),
-                format!("-dev-listen-address={direct}"),
-                "-dev-no-store-token".into(),
-                format!("-config={}", config.display()),
-            ];
-            let mut server = spawn_bao(&dir, bao, &args);
-            match wait_health(&mut server, direct).await {
-                Ok(_) => {
-                    let test_line = stand_in.close();
-                    std::fs::write(dir.join("audit-test-line.json"), &test_line)
-                        .expect("keep the test line");
-                    let proxy = FaultProxy::start(direct);
-                    let startup = begin.elapsed();
-                    eprintln!(
-                        "openbao: dev server with audit devices (socket {audit}) at {direct} (proxy {}) up in {:.1}s; log in {}",
-                        proxy.address(),
-                        startup.as_secs_f64(),
-                        server.log.display()
-                    );
-                    return OpenBao {
-                        server,
-                        direct,
-                        root_token,
-                        proxy,
-                        storage: Storage::Dev,
-                        dir,
-                        startup,
-                        _tempdir: tempdir,
-                    };
-                }
-                Err(log) => {
-                    let retry = log.contains("address already in use");
-                    failures.push(format!("port {port}:\n{log}"));
-                    server.stop();
-                    if !retry {
-                        break;
-                    }
-                }
-            }
-        }
-        panic!("openbao did not start:\n{}", failures.join("\n"));
+        Self::launch(Kind::DevWithAudit(audit)).await
     }
 
     /// The socket device's first entry, sent while the server started (to the stand-in of
